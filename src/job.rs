@@ -1,0 +1,120 @@
+//! A validated generation request: everything the pipeline needs, nothing it must guess.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// Sampling method (`--sampling-method`, names as in stable-diffusion.cpp).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SamplerKind {
+    Euler,
+    EulerA,
+    DpmPp2m,
+    Ddim,
+    Lcm,
+}
+
+/// Noise schedule (`--scheduler`). `Karras` only changes the sigma-based samplers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleKind {
+    Discrete,
+    Karras,
+}
+
+/// Source of random numbers (`--rng`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RngKind {
+    /// PyTorch's CPU generator (mt19937 + its AVX2 randn kernel), as diffusers uses on a CPU.
+    Cpu,
+}
+
+macro_rules! named_enum {
+    ($ty:ident, $what:literal, $($variant:ident => $name:literal),+ $(,)?) => {
+        impl $ty {
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+            pub fn name(self) -> &'static str {
+                match self { $($ty::$variant => $name),+ }
+            }
+        }
+        impl FromStr for $ty {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(Error::BadRequest(format!(
+                        "unknown {} `{}` (expected one of: {})", $what, s, Self::NAMES.join(", ")
+                    ))),
+                }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result { f.write_str(self.name()) }
+        }
+    };
+}
+
+named_enum!(SamplerKind, "sampling method",
+    Euler => "euler", EulerA => "euler_a", DpmPp2m => "dpm++2m", Ddim => "ddim", Lcm => "lcm");
+named_enum!(ScheduleKind, "scheduler", Discrete => "discrete", Karras => "karras");
+named_enum!(RngKind, "rng", Cpu => "cpu");
+
+/// Bounds on the image side in pixels. 64 is the smallest latent the UNet's two downsamplings accept
+/// cleanly; 2048 keeps the activation arithmetic far from overflow.
+pub const MIN_SIDE: u32 = 64;
+pub const MAX_SIDE: u32 = 2048;
+
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// Single-file checkpoint (.safetensors) or diffusers folder.
+    pub model: PathBuf,
+    /// Separate VAE file replacing the model's own.
+    pub vae: Option<PathBuf>,
+    pub prompt: String,
+    pub negative: String,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub cfg_scale: f32,
+    pub sampler: SamplerKind,
+    pub scheduler: ScheduleKind,
+    pub seed: u64,
+    /// 1 = last CLIP layer, 2 = penultimate (A1111 convention).
+    pub clip_skip: u32,
+    pub rng: RngKind,
+}
+
+impl Job {
+    /// Checks everything that can be checked without opening the model.
+    pub fn validate(&self) -> Result<()> {
+        for (what, v) in [("width", self.width), ("height", self.height)] {
+            if v % 8 != 0 {
+                return Err(Error::BadRequest(format!("{what} {v} is not a multiple of 8")));
+            }
+            if !(MIN_SIDE..=MAX_SIDE).contains(&v) {
+                return Err(Error::BadRequest(format!(
+                    "{what} {v} is out of range ({MIN_SIDE}..={MAX_SIDE})"
+                )));
+            }
+        }
+        if self.steps == 0 {
+            return Err(Error::BadRequest("steps must be at least 1".into()));
+        }
+        if self.steps > 1000 {
+            return Err(Error::BadRequest(format!(
+                "steps {} is more than the 1000 training timesteps",
+                self.steps
+            )));
+        }
+        if !self.cfg_scale.is_finite() {
+            return Err(Error::BadRequest("cfg-scale must be a finite number".into()));
+        }
+        if self.clip_skip == 0 {
+            return Err(Error::BadRequest(
+                "clip-skip must be at least 1 (1 = last layer)".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,18 @@
+//! sdcap: CPU-only Stable Diffusion that stays under its RAM cap.
+//!
+//! Data flows one way: job → load (weights) → encode (tokenizer, CLIP) → denoise (sampling, UNet)
+//! → decode (VAE) → write (output). See ARCHITECTURE.md.
+
+pub mod error;
+pub mod job;
+pub mod kernels;
+pub mod nn;
+pub mod output;
+pub mod pipeline;
+pub mod sampling;
+pub mod tensor;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use tensor::Tensor;

@@ -1,0 +1,1 @@
+//! txt2img orchestration.

@@ -1,0 +1,3 @@
+//! Noise schedules, samplers and the PyTorch-compatible RNG.
+
+pub mod rng;

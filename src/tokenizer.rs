@@ -1,0 +1,1 @@
+//! CLIP BPE tokenizer (filled in by the tokenizer work).
