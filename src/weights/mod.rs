@@ -1,1 +1,279 @@
-//! Model files to tensor views.
+//! Model files → a `TensorStore` of zero-copy tensor views over memory-mapped files.
+//!
+//! Every network finds its weights by LDM key name (`model.diffusion_model.…`, `first_stage_model.…`,
+//! `cond_stage_model.transformer.text_model.…`), whatever layout the file on disk used.
+
+mod safetensors_file;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// Element type of a stored tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+    /// A type we can list but not compute with (e.g. F8, U8 in a checkpoint's extras).
+    Other,
+}
+
+impl DType {
+    /// Bytes per element, None for `Other`.
+    pub fn size_bytes(self) -> Option<usize> {
+        match self {
+            DType::F32 | DType::I32 => Some(4),
+            DType::F16 | DType::BF16 => Some(2),
+            DType::I64 => Some(8),
+            DType::Other => None,
+        }
+    }
+}
+
+/// Where one tensor lives: which mapped file, which byte range.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    source: usize,
+    start: usize,
+    len: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+struct Source {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// All tensors of a model, mapped, addressed by LDM key name.
+pub struct TensorStore {
+    sources: Vec<Source>,
+    tensors: Vec<TensorInfo>,
+    index: HashMap<String, usize>,
+}
+
+impl TensorStore {
+    /// Opens a single-file `.safetensors` checkpoint.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut store = TensorStore {
+            sources: Vec::new(),
+            tensors: Vec::new(),
+            index: HashMap::new(),
+        };
+        store.add_safetensors(path, &|name| Some(name.to_string()))?;
+        Ok(store)
+    }
+
+    /// Maps `path` and adds its tensors under the names `rename` gives (None = skip the tensor).
+    /// A later tensor with the same name replaces an earlier one (used by `--vae`).
+    fn add_safetensors(&mut self, path: &Path, rename: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+        let (map, infos) = safetensors_file::map(path)?;
+        let source = self.sources.len();
+        self.sources.push(Source {
+            path: path.to_path_buf(),
+            map,
+        });
+        for raw in infos {
+            let Some(name) = rename(&raw.name) else { continue };
+            let info = TensorInfo {
+                name: name.clone(),
+                dtype: raw.dtype,
+                shape: raw.shape,
+                source,
+                start: raw.start,
+                len: raw.len,
+            };
+            match self.index.get(&name) {
+                Some(&i) => self.tensors[i] = info,
+                None => {
+                    self.index.insert(name, self.tensors.len());
+                    self.tensors.push(info);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The raw little-endian bytes of a tensor, straight from the mapping.
+    pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.sources[info.source].map[info.start..info.start + info.len]
+    }
+
+    /// The file a tensor came from (for error messages).
+    pub fn path_of(&self, info: &TensorInfo) -> &Path {
+        &self.sources[info.source].path
+    }
+
+    /// Converts a tensor to f32 into `out` (len = numel). Integer tensors are converted by value.
+    pub fn read_f32(&self, info: &TensorInfo, out: &mut [f32]) -> Result<()> {
+        assert_eq!(out.len(), info.numel());
+        let bytes = self.bytes(info);
+        match info.dtype {
+            DType::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            DType::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            DType::BF16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            DType::I64 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                    *o = i64::from_le_bytes(c.try_into().expect("8-byte chunk")) as f32;
+                }
+            }
+            DType::I32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = i32::from_le_bytes(c.try_into().expect("4-byte chunk")) as f32;
+                }
+            }
+            DType::Other => {
+                return Err(Error::bad_file(
+                    self.path_of(info),
+                    format!("tensor `{}` has an element type sdcap cannot compute with", info.name),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One weight tensor of a network: a handle into the shared store, checked for shape when built.
+#[derive(Clone)]
+pub struct Param {
+    store: Arc<TensorStore>,
+    index: usize,
+}
+
+impl Param {
+    pub fn info(&self) -> &TensorInfo {
+        &self.store.tensors[self.index]
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.info().shape
+    }
+
+    /// The weight as f32 values (a transient copy; the mapping stays the only resident form).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let info = self.info();
+        let mut out = vec![0.0; info.numel()];
+        // Params are only built for computable dtypes (checked in `Weights::param`).
+        self.store
+            .read_f32(info, &mut out)
+            .expect("param dtype checked at build time");
+        out
+    }
+}
+
+/// A key prefix into the store, like a path: `weights.pp("norm1").param("weight", &[c])`.
+#[derive(Clone)]
+pub struct Weights {
+    store: Arc<TensorStore>,
+    prefix: String,
+}
+
+impl Weights {
+    pub fn new(store: Arc<TensorStore>, prefix: &str) -> Self {
+        Weights {
+            store,
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// The sub-prefix `self.prefix + "." + name` (no dot for an empty prefix).
+    pub fn pp(&self, name: impl AsRef<str>) -> Weights {
+        Weights {
+            store: self.store.clone(),
+            prefix: self.key(name.as_ref()),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.store.contains(&self.key(name))
+    }
+
+    pub fn store(&self) -> &Arc<TensorStore> {
+        &self.store
+    }
+
+    /// The tensor `name` under this prefix, which must have exactly `shape`.
+    pub fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {
+        let param = self.param_any(name)?;
+        if param.shape() != shape {
+            // A 1x1 conv stored as a linear weight (or the reverse) holds the same numbers.
+            let same_numel = param.info().numel() == shape.iter().product::<usize>();
+            let squeezed = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+            if !(same_numel && squeezed(param.shape()) == squeezed(shape)) {
+                return Err(Error::BadShape {
+                    name: self.key(name),
+                    found: param.shape().to_vec(),
+                    expected: shape.to_vec(),
+                });
+            }
+        }
+        Ok(param)
+    }
+
+    /// The tensor `name` under this prefix, any shape (the caller reads the shape).
+    pub fn param_any(&self, name: &str) -> Result<Param> {
+        let key = self.key(name);
+        let index = *self
+            .store
+            .index
+            .get(&key)
+            .ok_or_else(|| Error::MissingTensor(key.clone()))?;
+        let info = &self.store.tensors[index];
+        if !matches!(info.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::bad_file(
+                self.store.path_of(info),
+                format!("weight `{key}` has type {:?}; expected f32, f16 or bf16", info.dtype),
+            ));
+        }
+        Ok(Param {
+            store: self.store.clone(),
+            index,
+        })
+    }
+}
