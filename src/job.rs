@@ -90,7 +90,9 @@ impl Job {
     pub fn validate(&self) -> Result<()> {
         for (what, v) in [("width", self.width), ("height", self.height)] {
             if v % 8 != 0 {
-                return Err(Error::BadRequest(format!("{what} {v} is not a multiple of 8")));
+                return Err(Error::BadRequest(format!(
+                    "{what} {v} is not a multiple of 8"
+                )));
             }
             if !(MIN_SIDE..=MAX_SIDE).contains(&v) {
                 return Err(Error::BadRequest(format!(
@@ -108,7 +110,9 @@ impl Job {
             )));
         }
         if !self.cfg_scale.is_finite() {
-            return Err(Error::BadRequest("cfg-scale must be a finite number".into()));
+            return Err(Error::BadRequest(
+                "cfg-scale must be a finite number".into(),
+            ));
         }
         if self.clip_skip == 0 {
             return Err(Error::BadRequest(

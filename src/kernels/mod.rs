@@ -1,1 +1,15 @@
-//! Compute kernels.
+//! Compute kernels over plain f32 slices: GEMM, tiled convolution, norms, attention, activations.
+//!
+//! Layout: activations are NCHW (images) or [batch, tokens, channels] (sequences), row-major.
+
+mod activation;
+mod attention;
+mod conv;
+mod matmul;
+mod norm;
+
+pub use activation::{geglu, gelu, quick_gelu, silu};
+pub use attention::attention;
+pub use conv::{conv2d, Conv2dGeometry};
+pub use matmul::{matmul, Transpose};
+pub use norm::{group_norm, layer_norm};

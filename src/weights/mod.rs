@@ -80,7 +80,11 @@ impl TensorStore {
 
     /// Maps `path` and adds its tensors under the names `rename` gives (None = skip the tensor).
     /// A later tensor with the same name replaces an earlier one (used by `--vae`).
-    fn add_safetensors(&mut self, path: &Path, rename: &dyn Fn(&str) -> Option<String>) -> Result<()> {
+    fn add_safetensors(
+        &mut self,
+        path: &Path,
+        rename: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<()> {
         let (map, infos) = safetensors_file::map(path)?;
         let source = self.sources.len();
         self.sources.push(Source {
@@ -88,7 +92,9 @@ impl TensorStore {
             map,
         });
         for raw in infos {
-            let Some(name) = rename(&raw.name) else { continue };
+            let Some(name) = rename(&raw.name) else {
+                continue;
+            };
             let info = TensorInfo {
                 name: name.clone(),
                 dtype: raw.dtype,
@@ -163,7 +169,10 @@ impl TensorStore {
             DType::Other => {
                 return Err(Error::bad_file(
                     self.path_of(info),
-                    format!("tensor `{}` has an element type sdcap cannot compute with", info.name),
+                    format!(
+                        "tensor `{}` has an element type sdcap cannot compute with",
+                        info.name
+                    ),
                 ))
             }
         }
@@ -268,7 +277,10 @@ impl Weights {
         if !matches!(info.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::bad_file(
                 self.store.path_of(info),
-                format!("weight `{key}` has type {:?}; expected f32, f16 or bf16", info.dtype),
+                format!(
+                    "weight `{key}` has type {:?}; expected f32, f16 or bf16",
+                    info.dtype
+                ),
             ));
         }
         Ok(Param {

@@ -21,11 +21,15 @@ pub(super) struct RawTensor {
 pub(super) fn map(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
     let file = File::open(path).map_err(|e| Error::bad_file(path, format!("cannot open: {e}")))?;
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(Error::bad_file(path, "is a directory, not a .safetensors file"));
+        return Err(Error::bad_file(
+            path,
+            "is a directory, not a .safetensors file",
+        ));
     }
     // SAFETY: the mapping is read-only and lives as long as the store; a model file modified while
     // we run is outside what we can defend against (same contract as every mmap-based loader).
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::bad_file(path, format!("cannot map: {e}")))?;
+    let map = unsafe { Mmap::map(&file) }
+        .map_err(|e| Error::bad_file(path, format!("cannot map: {e}")))?;
     let (header_len, metadata) = SafeTensors::read_metadata(&map)
         .map_err(|e| Error::bad_file(path, format!("not a valid .safetensors file ({e})")))?;
     let data_start = 8 + header_len;
