@@ -243,6 +243,10 @@ impl Weights {
         self.store.contains(&self.key(name))
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn store(&self) -> &Arc<TensorStore> {
         &self.store
     }
