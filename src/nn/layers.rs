@@ -17,7 +17,11 @@ impl Linear {
     pub fn new(w: &Weights, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         Ok(Linear {
             weight: w.param("weight", &[out_dim, in_dim])?,
-            bias: if bias { Some(w.param("bias", &[out_dim])?) } else { None },
+            bias: if bias {
+                Some(w.param("bias", &[out_dim])?)
+            } else {
+                None
+            },
             in_dim,
             out_dim,
         })
@@ -35,7 +39,16 @@ impl Linear {
         assert_eq!(rows * self.in_dim, x.len(), "linear input width");
         let mut y = vec![0.0; rows * self.out_dim];
         let w = self.weight.to_f32();
-        kernels::matmul(x, &w, &mut y, rows, self.in_dim, self.out_dim, Transpose::Yes, false);
+        kernels::matmul(
+            x,
+            &w,
+            &mut y,
+            rows,
+            self.in_dim,
+            self.out_dim,
+            Transpose::Yes,
+            false,
+        );
         if let Some(b) = &self.bias {
             let b = b.to_f32();
             for row in y.chunks_mut(self.out_dim) {
@@ -56,11 +69,22 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn new(w: &Weights, in_ch: usize, out_ch: usize, kernel: usize, stride: usize, pad: usize) -> Result<Self> {
+    pub fn new(
+        w: &Weights,
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
         Ok(Conv2d {
             weight: w.param("weight", &[out_ch, in_ch, kernel, kernel])?,
             bias: w.param("bias", &[out_ch])?,
-            geo: Conv2dGeometry { kernel, stride, pad },
+            geo: Conv2dGeometry {
+                kernel,
+                stride,
+                pad,
+            },
             in_ch,
             out_ch,
         })
@@ -81,7 +105,12 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         assert_eq!(x.shape[1], self.in_ch, "conv input channels");
-        kernels::conv2d(x, &self.weight.to_f32(), Some(&self.bias.to_f32()), self.geo)
+        kernels::conv2d(
+            x,
+            &self.weight.to_f32(),
+            Some(&self.bias.to_f32()),
+            self.geo,
+        )
     }
 }
 
@@ -105,7 +134,14 @@ impl GroupNorm {
 
     /// Normalises `x` in place, optionally applying SiLU after.
     pub fn forward(&self, x: &mut Tensor, then_silu: bool) {
-        kernels::group_norm(x, self.groups, &self.gamma.to_f32(), &self.beta.to_f32(), self.eps, then_silu);
+        kernels::group_norm(
+            x,
+            self.groups,
+            &self.gamma.to_f32(),
+            &self.beta.to_f32(),
+            self.eps,
+            then_silu,
+        );
     }
 }
 
@@ -128,7 +164,13 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &mut [f32]) {
-        kernels::layer_norm(x, self.dim, &self.gamma.to_f32(), &self.beta.to_f32(), self.eps);
+        kernels::layer_norm(
+            x,
+            self.dim,
+            &self.gamma.to_f32(),
+            &self.beta.to_f32(),
+            self.eps,
+        );
     }
 }
 

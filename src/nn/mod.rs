@@ -1,1 +1,6 @@
-//! The networks.
+//! The networks as plain structs with `forward`; weights are found by LDM key prefix.
+
+pub mod layers;
+pub mod resnet;
+pub mod transformer;
+pub mod unet;

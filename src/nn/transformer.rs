@@ -1,0 +1,126 @@
+//! The SD1.x spatial transformer: GroupNorm, proj_in, transformer blocks (self-attention,
+//! cross-attention to the text, GEGLU feed-forward), proj_out, residual.
+
+use super::layers::{add_assign, from_tokens, to_tokens, GroupNorm, LayerNorm, Linear};
+use crate::error::Result;
+use crate::kernels;
+use crate::tensor::Tensor;
+use crate::weights::Weights;
+
+/// Multi-head attention with q from `x` and k/v from `context` (or `x` itself).
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    /// LDM naming: `to_q`, `to_k`, `to_v` (no bias), `to_out.0`.
+    pub fn new(w: &Weights, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        Ok(Attention {
+            to_q: Linear::new(&w.pp("to_q"), dim, dim, false)?,
+            to_k: Linear::new(&w.pp("to_k"), context_dim, dim, false)?,
+            to_v: Linear::new(&w.pp("to_v"), context_dim, dim, false)?,
+            to_out: Linear::new(&w.pp("to_out.0"), dim, dim, true)?,
+            heads,
+        })
+    }
+
+    /// `x` [n, lq, dim], `context` [n, lk, context_dim] (None = self-attention).
+    pub fn forward(&self, x: &[f32], n: usize, context: Option<(&[f32], usize)>) -> Vec<f32> {
+        let dim = self.to_q.out_dim;
+        let lq = x.len() / (n * dim);
+        let (ctx, lk) = context.unwrap_or((x, lq));
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(ctx);
+        let v = self.to_v.forward(ctx);
+        let o = kernels::attention(&q, &k, &v, n, lq, lk, dim, self.heads, false);
+        self.to_out.forward(&o)
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Linear,
+    ff_out: Linear,
+}
+
+impl TransformerBlock {
+    fn new(w: &Weights, dim: usize, context_dim: usize, heads: usize) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(TransformerBlock {
+            norm1: LayerNorm::new(&w.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(&w.pp("attn1"), dim, dim, heads)?,
+            norm2: LayerNorm::new(&w.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(&w.pp("attn2"), dim, context_dim, heads)?,
+            norm3: LayerNorm::new(&w.pp("norm3"), dim, 1e-5)?,
+            ff_in: Linear::new(&w.pp("ff.net.0.proj"), dim, 2 * inner, true)?,
+            ff_out: Linear::new(&w.pp("ff.net.2"), inner, dim, true)?,
+        })
+    }
+
+    fn forward(&self, x: &mut [f32], n: usize, context: (&[f32], usize)) {
+        let mut h = x.to_vec();
+        self.norm1.forward(&mut h);
+        add_assign(x, &self.attn1.forward(&h, n, None));
+        h.copy_from_slice(x);
+        self.norm2.forward(&mut h);
+        add_assign(x, &self.attn2.forward(&h, n, Some(context)));
+        h.copy_from_slice(x);
+        self.norm3.forward(&mut h);
+        let gated = kernels::geglu(&self.ff_in.forward(&h), self.ff_out.in_dim);
+        add_assign(x, &self.ff_out.forward(&gated));
+    }
+}
+
+/// LDM `SpatialTransformer` (diffusers `Transformer2DModel`).
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Linear,
+    context_dim: usize,
+}
+
+impl SpatialTransformer {
+    /// `proj_in`/`proj_out` may be 1×1 convs (SD1) or linears (SD2); both act per token.
+    pub fn new(w: &Weights, channels: usize, heads: usize, groups: usize) -> Result<Self> {
+        let context_dim = w
+            .pp("transformer_blocks.0.attn2.to_k")
+            .param_any("weight")?
+            .shape()[1];
+        let mut blocks = Vec::new();
+        while w.contains(&format!("transformer_blocks.{}.norm1.weight", blocks.len())) {
+            let bw = w.pp(format!("transformer_blocks.{}", blocks.len()));
+            blocks.push(TransformerBlock::new(&bw, channels, context_dim, heads)?);
+        }
+        Ok(SpatialTransformer {
+            norm: GroupNorm::new(&w.pp("norm"), channels, groups, 1e-6)?,
+            proj_in: Linear::new(&w.pp("proj_in"), channels, channels, true)?,
+            blocks,
+            proj_out: Linear::new(&w.pp("proj_out"), channels, channels, true)?,
+            context_dim,
+        })
+    }
+
+    /// `context` [n, tokens, context_dim].
+    pub fn forward(&self, x: &Tensor, context: &[f32]) -> Tensor {
+        let (n, c, h, w) = x.nchw();
+        let ctx_tokens = context.len() / (n * self.context_dim);
+        let mut normed = x.clone();
+        self.norm.forward(&mut normed, false);
+        let mut tokens = self.proj_in.forward(&to_tokens(&normed));
+        for block in &self.blocks {
+            block.forward(&mut tokens, n, (context, ctx_tokens));
+        }
+        let mut out = from_tokens(&self.proj_out.forward(&tokens), n, c, h, w);
+        add_assign(&mut out.data, &x.data);
+        out
+    }
+}

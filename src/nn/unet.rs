@@ -1,0 +1,204 @@
+//! The SD1.x UNet, built by walking the checkpoint's LDM keys (`model.diffusion_model.*`), so the
+//! same code runs SD1.5 and smaller models of the same architecture.
+
+use super::layers::{concat_channels, upsample_nearest2x, Conv2d, GroupNorm, Linear};
+use super::resnet::ResnetBlock;
+use super::transformer::SpatialTransformer;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::tensor::Tensor;
+use crate::weights::Weights;
+
+/// SD1.x uses 8 attention heads at every level (head width = channels / 8).
+const HEADS: usize = 8;
+const GROUPS: usize = 32;
+const EPS: f32 = 1e-5;
+
+enum Layer {
+    Res(ResnetBlock),
+    Attn(SpatialTransformer),
+    Down(Conv2d),
+    Up(Conv2d),
+}
+
+/// One LDM block (`input_blocks.N`, `middle_block`, `output_blocks.N`): layers applied in order.
+struct Block {
+    name: String,
+    layers: Vec<Layer>,
+}
+
+impl Block {
+    fn forward(&self, mut x: Tensor, silu_temb: &[f32], context: &[f32]) -> Tensor {
+        for layer in &self.layers {
+            x = match layer {
+                Layer::Res(r) => r.forward(&x, Some(silu_temb)),
+                Layer::Attn(a) => a.forward(&x, context),
+                Layer::Down(conv) => conv.forward(&x),
+                Layer::Up(conv) => conv.forward(&upsample_nearest2x(&x)),
+            };
+        }
+        x
+    }
+}
+
+pub struct UNet {
+    model_channels: usize,
+    time_embed: (Linear, Linear),
+    conv_in: Conv2d,
+    input_blocks: Vec<Block>,
+    middle_block: Block,
+    output_blocks: Vec<Block>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet {
+    /// `w` is the UNet prefix (`model.diffusion_model`).
+    pub fn new(w: &Weights) -> Result<Self> {
+        let conv_in = Conv2d::from_weights(&w.pp("input_blocks.0.0"), 1, 1)?;
+        let model_channels = conv_in.out_ch;
+        let time_embed_0 = Linear::from_weights(&w.pp("time_embed.0"), true)?;
+        if time_embed_0.in_dim != model_channels {
+            return Err(Error::UnsupportedModel(format!(
+                "time embedding input {} differs from model channels {}",
+                time_embed_0.in_dim, model_channels
+            )));
+        }
+        let temb_dim = time_embed_0.out_dim;
+        let time_embed_2 = Linear::new(&w.pp("time_embed.2"), temb_dim, temb_dim, true)?;
+
+        let block = |name: String| -> Result<Block> {
+            let bw = w.pp(&name);
+            let mut layers = Vec::new();
+            let mut i = 0;
+            loop {
+                let lw = bw.pp(i.to_string());
+                if lw.contains("in_layers.0.weight") {
+                    layers.push(Layer::Res(ResnetBlock::unet(&lw, temb_dim, GROUPS, EPS)?));
+                } else if lw.contains("proj_in.weight") {
+                    let channels = lw.param_any("proj_in.weight")?.shape()[0];
+                    layers.push(Layer::Attn(SpatialTransformer::new(
+                        &lw, channels, HEADS, GROUPS,
+                    )?));
+                } else if lw.contains("op.weight") {
+                    layers.push(Layer::Down(Conv2d::from_weights(&lw.pp("op"), 2, 1)?));
+                } else if lw.contains("conv.weight") {
+                    layers.push(Layer::Up(Conv2d::from_weights(&lw.pp("conv"), 1, 1)?));
+                } else {
+                    break;
+                }
+                i += 1;
+            }
+            Ok(Block { name, layers })
+        };
+        let blocks_under = |kind: &str, first: usize| -> Result<Vec<Block>> {
+            let mut out = Vec::new();
+            for i in first.. {
+                if !w.contains(&format!("{kind}.{i}.0.in_layers.0.weight"))
+                    && !w.contains(&format!("{kind}.{i}.0.op.weight"))
+                {
+                    break;
+                }
+                out.push(block(format!("{kind}.{i}"))?);
+            }
+            Ok(out)
+        };
+        let input_blocks = blocks_under("input_blocks", 1)?;
+        let output_blocks = blocks_under("output_blocks", 0)?;
+        let middle_block = block("middle_block".to_string())?;
+        if input_blocks.is_empty()
+            || output_blocks.len() != input_blocks.len() + 1
+            || middle_block.layers.is_empty()
+        {
+            return Err(Error::UnsupportedModel(format!(
+                "UNet has {} input, {} output and {} middle layers; not an SD1.x UNet",
+                input_blocks.len(),
+                output_blocks.len(),
+                middle_block.layers.len()
+            )));
+        }
+        Ok(UNet {
+            model_channels,
+            time_embed: (time_embed_0, time_embed_2),
+            conv_in,
+            input_blocks,
+            middle_block,
+            output_blocks,
+            norm_out: GroupNorm::new(&w.pp("out.0"), model_channels, GROUPS, EPS)?,
+            conv_out: Conv2d::from_weights(&w.pp("out.2"), 1, 1)?,
+        })
+    }
+
+    /// Latent channels the UNet takes (4 for SD1.x).
+    pub fn in_channels(&self) -> usize {
+        self.conv_in.in_ch
+    }
+
+    /// Predicts noise for `x` [n, 4, h, w] at `timesteps` [n] given `context` [n, tokens, ctx_dim].
+    pub fn forward(&self, x: &Tensor, timesteps: &[f32], context: &[f32]) -> Tensor {
+        self.forward_traced(x, timesteps, context, &mut |_, _| {})
+    }
+
+    /// As `forward`, reporting intermediate activations by LDM block name ("time_proj", "time_emb",
+    /// "input_blocks.0", …, "middle_block", "output_blocks.N").
+    pub fn forward_traced(
+        &self,
+        x: &Tensor,
+        timesteps: &[f32],
+        context: &[f32],
+        trace: &mut dyn FnMut(&str, &Tensor),
+    ) -> Tensor {
+        let n = x.shape[0];
+        assert_eq!(timesteps.len(), n, "one timestep per batch item");
+        let t_proj = Tensor::new(
+            vec![n, self.model_channels],
+            timestep_embedding(timesteps, self.model_channels),
+        );
+        trace("time_proj", &t_proj);
+        let mut temb = self.time_embed.0.forward(&t_proj.data);
+        kernels::silu(&mut temb);
+        let temb = self.time_embed.1.forward(&temb);
+        trace(
+            "time_emb",
+            &Tensor::new(vec![n, temb.len() / n], temb.clone()),
+        );
+        let mut silu_temb = temb;
+        kernels::silu(&mut silu_temb);
+
+        let mut h = self.conv_in.forward(x);
+        trace("input_blocks.0", &h);
+        let mut skips = vec![h.clone()];
+        for block in &self.input_blocks {
+            h = block.forward(h, &silu_temb, context);
+            trace(&block.name, &h);
+            skips.push(h.clone());
+        }
+        h = self.middle_block.forward(h, &silu_temb, context);
+        trace(&self.middle_block.name, &h);
+        for block in &self.output_blocks {
+            let skip = skips
+                .pop()
+                .expect("one skip per output block (checked in new)");
+            h = block.forward(concat_channels(&h, &skip), &silu_temb, context);
+            trace(&block.name, &h);
+        }
+        self.norm_out.forward(&mut h, true);
+        self.conv_out.forward(&h)
+    }
+}
+
+/// Sinusoidal timestep embedding, cos half first (diffusers `flip_sin_to_cos=True`, shift 0),
+/// in f32 arithmetic as torch computes it so large timesteps round the same way.
+pub fn timestep_embedding(timesteps: &[f32], dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let neg_log_period = -(10000f64.ln() as f32);
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (neg_log_period * i as f32 / half as f32).exp())
+        .collect();
+    let mut out = Vec::with_capacity(timesteps.len() * dim);
+    for &t in timesteps {
+        out.extend(freqs.iter().map(|&f| (t * f).cos()));
+        out.extend(freqs.iter().map(|&f| (t * f).sin()));
+    }
+    out
+}

@@ -1,0 +1,72 @@
+//! Shared helpers for the integration tests: fixture paths and reading reference tensors.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use safetensors::{Dtype, SafeTensors};
+use sdcap::weights::{TensorStore, Weights};
+use sdcap::Tensor;
+
+/// `$SDCAP_FIXTURES`, else `shared/fixtures` in the crate folder or one of its parents.
+pub fn fixtures() -> PathBuf {
+    if let Ok(dir) = std::env::var("SDCAP_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    loop {
+        let candidate = dir.join("shared/fixtures");
+        if candidate.is_dir() {
+            return candidate;
+        }
+        assert!(dir.pop(), "fixtures not found: set SDCAP_FIXTURES");
+    }
+}
+
+pub fn tiny(rel: &str) -> PathBuf {
+    fixtures().join("tiny-sd").join(rel)
+}
+
+/// Every float32 / int64 tensor of a reference file, as f32.
+pub fn read_tensors(path: &std::path::Path) -> HashMap<String, Tensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes).expect("reference file parses");
+    st.tensors()
+        .into_iter()
+        .filter_map(|(name, view)| {
+            let data: Vec<f32> = match view.dtype() {
+                Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                Dtype::I64 => view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+                    .collect(),
+                Dtype::U8 => view.data().iter().map(|&b| b as f32).collect(),
+                _ => return None,
+            };
+            Some((name, Tensor::new(view.shape().to_vec(), data)))
+        })
+        .collect()
+}
+
+pub fn tiny_weights(prefix: &str) -> Weights {
+    let store = TensorStore::open(&tiny("tiny-sd-fp32.safetensors")).expect("tiny model opens");
+    Weights::new(Arc::new(store), prefix)
+}
+
+/// Asserts max|got - want| ≤ rel · max|want| (the 1e-4 relative criterion).
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rel: f32) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let err = got.max_abs_diff(want);
+    let scale = want.max_abs();
+    assert!(
+        err <= rel * scale,
+        "{what}: max abs error {err:e} > {rel:e} × {scale}"
+    );
+    eprintln!("{what}: max abs error {err:e} (≤ {rel:e} × {scale})");
+}
