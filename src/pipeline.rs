@@ -1,9 +1,17 @@
 //! txt2img orchestration: job → load → encode → denoise → decode.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::job::Job;
+use crate::nn::clip::TextEncoder;
+use crate::nn::unet::UNet;
+use crate::nn::vae::{Decoder, SCALING_FACTOR};
 use crate::output::RgbImage;
+use crate::sampling::{self, rng::TorchRng, NoiseSource};
 use crate::tensor::Tensor;
+use crate::tokenizer::{Tokenizer, CONTEXT_LEN};
+use crate::weights::{TensorStore, Weights};
 
 /// What the pipeline reports while it runs (the CLI turns these into a progress display).
 #[derive(Clone, Debug)]
@@ -21,9 +29,148 @@ pub struct Generated {
     pub latent: Tensor,
 }
 
+/// The three networks of an SD1.x model, over one mapped store.
+pub struct Models {
+    pub text_encoder: TextEncoder,
+    pub unet: UNet,
+    pub decoder: Decoder,
+}
+
+impl Models {
+    /// Opens the model (file or diffusers folder), optionally replacing its VAE, and checks that it
+    /// is an SD1.x model with every tensor the networks need.
+    pub fn load(job: &Job) -> Result<Self> {
+        let mut store = TensorStore::open(&job.model)?;
+        if let Some(vae) = &job.vae {
+            store = store.with_vae(vae)?;
+        }
+        crate::weights::detect_family(&store)?;
+        let store = Arc::new(store);
+        Ok(Models {
+            text_encoder: TextEncoder::new(&Weights::new(store.clone(), "cond_stage_model.transformer.text_model"))?,
+            unet: UNet::new(&Weights::new(store.clone(), "model.diffusion_model"))?,
+            decoder: Decoder::new(&Weights::new(store, "first_stage_model"))?,
+        })
+    }
+}
+
 /// Runs one text-to-image job.
 pub fn txt2img(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Generated> {
     job.validate()?;
     on_event(Event::Stage("load"));
-    Err(Error::BadRequest("pipeline not wired yet".into()))
+    let models = Models::load(job)?;
+    generate(&models, job, on_event)
+}
+
+/// Runs one job on already-loaded models (a batch keeps the models between jobs). All noise comes
+/// from one torch-compatible CPU generator seeded with `job.seed`, as in diffusers.
+pub fn generate(models: &Models, job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Generated> {
+    let shape = latent_shape(models, job);
+    let mut rng = TorchRng::new(job.seed);
+    let initial = rng.randn(&shape);
+    let mut noise = LatentNoise { rng: &mut rng, shape: &shape };
+    generate_from_noise(models, job, initial, &mut noise, on_event)
+}
+
+/// [1, 4, H/8, W/8].
+pub fn latent_shape(models: &Models, job: &Job) -> Vec<usize> {
+    vec![1, models.unet.in_channels(), job.height as usize / 8, job.width as usize / 8]
+}
+
+/// As `generate`, with the unit-normal initial latent and the step noise given (tests feed
+/// recorded diffusers noise here).
+pub fn generate_from_noise(
+    models: &Models,
+    job: &Job,
+    initial: Vec<f32>,
+    noise: &mut dyn NoiseSource,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Generated> {
+    job.validate()?;
+    let clip_skip = job.clip_skip as usize;
+    if clip_skip > models.text_encoder.num_layers() {
+        return Err(Error::BadRequest(format!(
+            "clip-skip {clip_skip} is more than the text encoder's {} layers",
+            models.text_encoder.num_layers()
+        )));
+    }
+    let schedule = sampling::schedule(job.sampler, job.scheduler, job.steps as usize)?;
+    let shape = latent_shape(models, job);
+    assert_eq!(initial.len(), shape.iter().product::<usize>(), "initial noise size");
+
+    on_event(Event::Stage("encode"));
+    // diffusers applies classifier-free guidance only when the scale is above 1.
+    let guided = job.cfg_scale > 1.0;
+    let tokenizer = Tokenizer::clip();
+    let mut ids = Vec::with_capacity(2 * CONTEXT_LEN);
+    if guided {
+        ids.extend(tokenizer.encode_padded(&job.negative, CONTEXT_LEN));
+    }
+    ids.extend(tokenizer.encode_padded(&job.prompt, CONTEXT_LEN));
+    let batch = ids.len() / CONTEXT_LEN;
+    let context = models.text_encoder.forward(&ids, batch, clip_skip);
+
+    on_event(Event::Stage("denoise"));
+    let mut model = |input: &[f32], t: f32| -> Result<Vec<f32>> {
+        let x = Tensor::new(shape.clone(), input.to_vec());
+        Ok(predict_noise(&models.unet, &x, t, &context, batch, job.cfg_scale))
+    };
+    let total = schedule.timesteps.len();
+    let mut on_step = |i: usize, _n: usize| on_event(Event::Step { index: i + 1, total });
+    let latent = sampling::sample(job.sampler, &schedule, initial, &mut model, noise, &mut on_step)?;
+    let latent = Tensor::new(shape.clone(), latent);
+
+    on_event(Event::Stage("decode"));
+    let image = decode(&models.decoder, &latent);
+    Ok(Generated { image, latent })
+}
+
+/// The UNet's epsilon for `x`, guided: with a [uncond, cond] context the batch is run twice over
+/// and combined as `u + scale·(c − u)`.
+fn predict_noise(unet: &UNet, x: &Tensor, t: f32, context: &[f32], batch: usize, scale: f32) -> Vec<f32> {
+    if batch == 1 {
+        return unet.forward(x, &[t], context).data;
+    }
+    let mut shape = x.shape.clone();
+    shape[0] = 2;
+    let doubled = Tensor::new(shape, [x.data.as_slice(), x.data.as_slice()].concat());
+    let eps = unet.forward(&doubled, &[t, t], context).data;
+    let (uncond, cond) = eps.split_at(x.numel());
+    uncond.iter().zip(cond).map(|(u, c)| u + scale * (c - u)).collect()
+}
+
+/// Decodes a sampler latent to 8-bit RGB the way diffusers post-processes:
+/// `round(clamp(x / 2 + 0.5, 0, 1) · 255)`.
+pub fn decode(decoder: &Decoder, latent: &Tensor) -> RgbImage {
+    let z = Tensor::new(latent.shape.clone(), latent.data.iter().map(|v| v / SCALING_FACTOR).collect());
+    to_rgb(&decoder.forward(&z))
+}
+
+fn to_rgb(image: &Tensor) -> RgbImage {
+    let (_, c, h, w) = image.nchw();
+    assert_eq!(c, 3, "VAE output must be RGB");
+    let mut pixels = vec![0u8; h * w * 3];
+    for (ch, plane) in image.data.chunks(h * w).take(3).enumerate() {
+        for (p, &v) in plane.iter().enumerate() {
+            pixels[p * 3 + ch] = ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+        }
+    }
+    RgbImage {
+        width: w as u32,
+        height: h as u32,
+        pixels,
+    }
+}
+
+/// Step noise drawn from the same generator as the initial latent, as diffusers does on a CPU.
+struct LatentNoise<'a> {
+    rng: &'a mut TorchRng,
+    shape: &'a [usize],
+}
+
+impl NoiseSource for LatentNoise<'_> {
+    fn noise(&mut self, len: usize) -> Vec<f32> {
+        debug_assert_eq!(len, self.shape.iter().product::<usize>());
+        self.rng.randn(self.shape)
+    }
 }
