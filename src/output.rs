@@ -1,4 +1,16 @@
 //! PNG output with generation parameters.
+//!
+//! The image is written to a temporary file in the target's own directory, synced, then renamed over
+//! the target: a reader never sees a partial PNG, and a failed write leaves the old file (if any) as it
+//! was and no temporary file behind.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::{Error, Result};
+use crate::job::{Job, SamplerKind, ScheduleKind};
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Clone, Debug, PartialEq)]
@@ -6,4 +18,200 @@ pub struct RgbImage {
     pub width: u32,
     pub height: u32,
     pub pixels: Vec<u8>,
+}
+
+/// Writes `image` as an 8-bit RGB PNG with a `parameters` text chunk (A1111 format, see
+/// [`parameters_text`]): tEXt, or iTXt when the text is not Latin-1. Atomic: either `path` holds the complete new image, or it is untouched.
+pub fn write_png(path: &Path, image: &RgbImage, parameters: &str) -> Result<()> {
+    let expected = image.width as usize * image.height as usize * 3;
+    if image.width == 0 || image.height == 0 || image.pixels.len() != expected {
+        return Err(Error::BadRequest(format!(
+            "image buffer holds {} bytes, expected {expected} for {}x{} RGB",
+            image.pixels.len(),
+            image.width,
+            image.height
+        )));
+    }
+    let io_err = |source: io::Error| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        io_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "output path has no file name",
+        ))
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(io_err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("directory {} does not exist", dir.display()),
+        )));
+    }
+
+    // Unique per process and per call, so concurrent writers (batch runs) never share a temp file.
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| {
+            io_err(io::Error::new(
+                e.kind(),
+                format!("cannot create temporary file {}: {e}", tmp.display()),
+            ))
+        })?;
+    let guard = TempGuard(Some(tmp));
+
+    encode(file, image, parameters).map_err(io_err)?;
+    let tmp = guard.path();
+    fs::rename(tmp, path).map_err(|e| {
+        io_err(io::Error::new(
+            e.kind(),
+            format!("cannot rename {} into place: {e}", tmp.display()),
+        ))
+    })?;
+    guard.disarm();
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Encodes into `file` and syncs it to disk.
+fn encode(file: File, image: &RgbImage, parameters: &str) -> io::Result<()> {
+    let mut encoder = png::Encoder::new(BufWriter::new(&file), image.width, image.height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    // tEXt is Latin-1 only; a prompt beyond that goes in an iTXt chunk (UTF-8), as A1111 does.
+    if parameters.chars().all(|c| (c as u32) <= 0xff) {
+        encoder.add_text_chunk("parameters".to_string(), parameters.to_string())
+    } else {
+        encoder.add_itxt_chunk("parameters".to_string(), parameters.to_string())
+    }
+    .map_err(png_err)?;
+    let mut writer = encoder.write_header().map_err(png_err)?;
+    writer.write_image_data(&image.pixels).map_err(png_err)?;
+    // `finish` writes IEND and flushes the buffer into the file.
+    writer.finish().map_err(png_err)?;
+    file.sync_all()
+}
+
+fn png_err(e: png::EncodingError) -> io::Error {
+    match e {
+        png::EncodingError::IoError(e) => e,
+        other => io::Error::other(other.to_string()),
+    }
+}
+
+/// Makes the rename durable. Best effort: some filesystems refuse to sync a directory.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Removes the temporary file unless disarmed (i.e. on every error path, and on panic).
+struct TempGuard(Option<PathBuf>);
+
+impl TempGuard {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("guard is armed")
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// The generation parameters in the AUTOMATIC1111 infotext format, so tools that read A1111 PNGs
+/// (the web UI's "PNG Info", image hosts) show them:
+///
+/// ```text
+/// a lighthouse at dusk
+/// Negative prompt: blurry
+/// Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly, RNG: CPU, Version: sdcap 0.1.0
+/// ```
+///
+/// The negative line is left out when empty and `Clip skip` when it is 1. The Karras schedule is
+/// written the legacy way, as a suffix of the sampler name (`DPM++ 2M Karras`): older A1111 versions
+/// only understand that form, and newer ones split the suffix back into their `Schedule type`.
+pub fn parameters_text(job: &Job) -> String {
+    let mut text = job.prompt.clone();
+    if !job.negative.is_empty() {
+        text.push_str("\nNegative prompt: ");
+        text.push_str(&job.negative);
+    }
+    let mut fields = vec![
+        format!("Steps: {}", job.steps),
+        format!(
+            "Sampler: {}",
+            a1111_sampler_name(job.sampler, job.scheduler)
+        ),
+        format!("CFG scale: {}", job.cfg_scale),
+        format!("Seed: {}", job.seed),
+        format!("Size: {}x{}", job.width, job.height),
+        format!("Model: {}", model_name(&job.model)),
+    ];
+    if let Some(vae) = &job.vae {
+        fields.push(format!("VAE: {}", file_label(vae)));
+    }
+    if job.clip_skip > 1 {
+        fields.push(format!("Clip skip: {}", job.clip_skip));
+    }
+    // A1111's key for "initial noise from torch's CPU generator", which is what `--rng cpu` reproduces.
+    fields.push("RNG: CPU".to_string());
+    fields.push(format!("Version: sdcap {}", env!("CARGO_PKG_VERSION")));
+    text.push('\n');
+    text.push_str(&fields.join(", "));
+    text
+}
+
+/// The sampler as A1111 names it. The Karras suffix only goes on the sigma-based samplers, the ones
+/// the schedule changes.
+fn a1111_sampler_name(sampler: SamplerKind, scheduler: ScheduleKind) -> String {
+    let (name, sigma_based) = match sampler {
+        SamplerKind::Euler => ("Euler", true),
+        SamplerKind::EulerA => ("Euler a", true),
+        SamplerKind::DpmPp2m => ("DPM++ 2M", true),
+        SamplerKind::Ddim => ("DDIM", false),
+        SamplerKind::Lcm => ("LCM", false),
+    };
+    match scheduler {
+        ScheduleKind::Karras if sigma_based => format!("{name} Karras"),
+        _ => name.to_string(),
+    }
+}
+
+/// `models/v1-5-pruned-emaonly.safetensors` → `v1-5-pruned-emaonly`; a diffusers folder → its name.
+fn model_name(path: &Path) -> String {
+    if path.is_dir() {
+        file_label(path)
+    } else {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string())
+    }
+}
+
+fn file_label(path: &Path) -> String {
+    path.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
 }

@@ -1,0 +1,144 @@
+//! `sdcap generate`: flags → `Job` → `pipeline::txt2img` → PNG.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use sdcap::job::{Job, ScheduleKind};
+use sdcap::weights::TensorStore;
+use sdcap::{output, pipeline, Error};
+
+use super::progress::Progress;
+use super::threads::default_threads;
+use super::{GenerateArgs, DEFAULT_MODEL};
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let default_model = args.model.is_none();
+    let job = Job {
+        model: args.model.unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL)),
+        vae: args.vae,
+        prompt: args.prompt,
+        negative: args.negative_prompt,
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        cfg_scale: args.cfg_scale,
+        sampler: args.sampling_method,
+        scheduler: args.scheduler,
+        seed: resolve_seed(args.seed),
+        clip_skip: args.clip_skip,
+        rng: args.rng,
+    };
+
+    // Everything that can be refused is refused before any work starts, so a bad request costs
+    // nothing and leaves no file.
+    job.validate()?;
+    check_output(&args.output)?;
+    check_model_file(&job.model, "model")?;
+    if let Some(vae) = &job.vae {
+        check_model_file(vae, "VAE")?;
+    }
+    if default_model {
+        eprintln!(
+            "sdcap: no --model given; using the shipped demo model {DEFAULT_MODEL} \
+             (random weights: the image will be noise)"
+        );
+    }
+
+    let threads = args.threads.unwrap_or_else(default_threads);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot start the compute thread pool")?;
+
+    let mut progress = Progress::new(std::io::stderr().is_terminal());
+    let generated = pipeline::txt2img(&job, &mut |event| progress.on_event(event))?;
+    drop(progress);
+
+    output::write_png(
+        &args.output,
+        &generated.image,
+        &output::parameters_text(&job),
+    )?;
+    eprintln!(
+        "sdcap: wrote {} ({}x{}, {} steps, {}, seed {}) in {:.1} s",
+        args.output.display(),
+        job.width,
+        job.height,
+        job.steps,
+        sampler_label(&job),
+        job.seed,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// stable-diffusion.cpp's convention: a negative seed asks for a random one. Kept below 2^32 so it
+/// is easy to type back in (and A1111 accepts it).
+fn resolve_seed(seed: i64) -> u64 {
+    if seed >= 0 {
+        return seed as u64;
+    }
+    // RandomState is seeded from the OS per process; no extra dependency needed.
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish() & 0xffff_ffff
+}
+
+fn sampler_label(job: &Job) -> String {
+    match job.scheduler {
+        ScheduleKind::Discrete => job.sampler.to_string(),
+        ScheduleKind::Karras => format!("{} {}", job.sampler, job.scheduler),
+    }
+}
+
+/// The output's directory must exist now: finding out after a long run would waste it.
+fn check_output(path: &Path) -> sdcap::Result<()> {
+    if path.is_dir() {
+        return Err(Error::BadRequest(format!(
+            "output {} is a directory; give a file name such as {}",
+            path.display(),
+            path.join("output.png").display()
+        )));
+    }
+    if path.file_name().is_none() {
+        return Err(Error::BadRequest(format!(
+            "output {} has no file name",
+            path.display()
+        )));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(Error::BadRequest(format!(
+            "output directory {} does not exist (create it first)",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A missing or malformed model file is reported here, before the thread pool starts. A file must
+/// open as .safetensors (header only: the tensors stay unread); a folder is a diffusers layout that
+/// the loader checks. When the loader learns more single-file formats (GGUF), this should call its
+/// format dispatch instead.
+fn check_model_file(path: &Path, what: &str) -> sdcap::Result<()> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::bad_file(path, format!("{what} file not found")))
+        }
+        Err(e) => Err(Error::bad_file(path, format!("cannot read {what}: {e}"))),
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => TensorStore::open(path).map(drop),
+    }
+}

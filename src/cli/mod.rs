@@ -1,0 +1,206 @@
+//! Command-line front end: argument parsing, dispatch, error lines and exit codes.
+//!
+//! Thin by design: each subcommand turns its flags into a library request, calls the library, and
+//! reports. Flag names follow stable-diffusion.cpp where a flag means the same.
+
+mod generate;
+mod progress;
+mod threads;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::{Args, Parser, Subcommand};
+use sdcap::job::{RngKind, SamplerKind, ScheduleKind};
+
+/// The demo model shipped with the crate: tiny, random weights, so its images are noise.
+pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-sd.safetensors");
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sdcap",
+    version,
+    about = "CPU-only Stable Diffusion runner that stays under its RAM cap",
+    arg_required_else_help = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate one image from a text prompt (txt2img) and write it as PNG.
+    Generate(GenerateArgs),
+}
+
+// Numeric flags take negative numbers as values, so `-W -512` is reported as a bad width rather than
+// as an unknown flag `-5`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Model: single-file .safetensors checkpoint (LDM layout) or diffusers folder.
+    /// Default: the shipped tiny demo model (random weights, the image is noise).
+    #[arg(short = 'm', long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// Separate VAE file replacing the model's own.
+    #[arg(long, value_name = "PATH")]
+    pub vae: Option<PathBuf>,
+
+    /// The prompt.
+    #[arg(short = 'p', long, value_name = "TEXT")]
+    pub prompt: String,
+
+    /// The negative prompt.
+    #[arg(short = 'n', long, value_name = "TEXT", default_value = "")]
+    pub negative_prompt: String,
+
+    /// Image width in pixels (multiple of 8, 64..=2048).
+    #[arg(
+        short = 'W',
+        long,
+        value_name = "PX",
+        default_value_t = 512,
+        allow_negative_numbers = true
+    )]
+    pub width: u32,
+
+    /// Image height in pixels (multiple of 8, 64..=2048).
+    #[arg(
+        short = 'H',
+        long,
+        value_name = "PX",
+        default_value_t = 512,
+        allow_negative_numbers = true
+    )]
+    pub height: u32,
+
+    /// Number of sampling steps.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        allow_negative_numbers = true
+    )]
+    pub steps: u32,
+
+    /// Classifier-free guidance scale.
+    #[arg(
+        long,
+        value_name = "SCALE",
+        default_value_t = 7.0,
+        allow_negative_numbers = true
+    )]
+    pub cfg_scale: f32,
+
+    #[arg(long, value_name = "NAME", default_value = "euler_a", help = names_help("Sampling method", SamplerKind::NAMES))]
+    pub sampling_method: SamplerKind,
+
+    #[arg(long, value_name = "NAME", default_value = "discrete", help = names_help("Noise schedule", ScheduleKind::NAMES))]
+    pub scheduler: ScheduleKind,
+
+    /// Seed; a negative value picks a random seed (printed in the summary).
+    #[arg(
+        short = 's',
+        long,
+        value_name = "N",
+        default_value_t = 42,
+        allow_negative_numbers = true
+    )]
+    pub seed: i64,
+
+    /// Which CLIP layer conditions the UNet: 1 = last, 2 = penultimate (A1111 convention).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
+    pub clip_skip: u32,
+
+    #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Random number generator (cpu = PyTorch's CPU generator, as diffusers uses it)", RngKind::NAMES))]
+    pub rng: RngKind,
+
+    /// Compute threads [default: physical cores, at most the CPUs this process may use].
+    #[arg(short = 't', long, value_name = "N", value_parser = parse_threads, allow_negative_numbers = true)]
+    pub threads: Option<usize>,
+
+    /// Output PNG; written only once the image is complete, replacing any file there.
+    #[arg(short = 'o', long, value_name = "PATH", default_value = "output.png")]
+    pub output: PathBuf,
+}
+
+fn names_help(what: &str, names: &[&str]) -> String {
+    format!("{what}: {}", names.join(", "))
+}
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("threads must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a thread count: {e}")),
+    }
+}
+
+/// Parses the command line, runs the subcommand, and turns the outcome into an exit code.
+/// Every failure prints exactly one line: `sdcap: error: <message>`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_exit(e),
+    };
+    let outcome = match cli.command {
+        Command::Generate(args) => generate::run(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sdcap: error: {}", one_line(&format!("{e:#}")));
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// DESIGN.md exit codes: library errors carry their own (2 bad input, 3 RAM cap, 130 interrupted);
+/// anything else reaching here is unexpected (1).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<sdcap::Error>())
+        .map(|e| u8::try_from(e.exit_code()).unwrap_or(1))
+        .unwrap_or(1)
+}
+
+/// Help and version go to stdout with exit 0 as clap prints them; usage errors become one line and
+/// exit 2.
+fn clap_exit(e: clap::Error) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+        }
+        _ => {
+            let rendered = e.render().to_string();
+            let kept: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("Usage:")
+                        && !l.starts_with("For more information")
+                })
+                .collect();
+            let msg = kept.join(" ");
+            let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+            eprintln!("sdcap: error: {} (see --help)", one_line(msg));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Error messages may quote user text or wrap multi-line causes; the contract is one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
