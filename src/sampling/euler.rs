@@ -1,0 +1,22 @@
+//! Euler (Karras et al. 2022, Algorithm 2 without churn), as diffusers' EulerDiscreteScheduler.
+
+use super::{scale_by_sigma, sigmas, Schedule, Steps};
+use crate::Result;
+
+pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Result<Vec<f32>> {
+    let sigmas = sigmas(schedule)?;
+    let n = schedule.steps();
+    for (i, &t) in schedule.timesteps.iter().enumerate() {
+        let sigma = sigmas[i];
+        let eps = steps.eps(&scale_by_sigma(&x, sigma), t)?;
+        let dt = sigmas[i + 1] - sigma;
+        // diffusers' operation order in float32: x0 = x - sigma*eps, d = (x - x0)/sigma, x += d*dt.
+        for (v, e) in x.iter_mut().zip(&eps) {
+            let denoised = *v - sigma * e;
+            let derivative = (*v - denoised) / sigma;
+            *v += derivative * dt;
+        }
+        steps.done(i, n);
+    }
+    Ok(x)
+}

@@ -1,0 +1,283 @@
+//! Timesteps and sigmas for one run: the SD1.x training noise schedule and the inference spacings that
+//! diffusers' schedulers derive from it (SD1.5's scheduler config: `scaled_linear` betas 0.00085..0.012,
+//! 1000 training steps, `timestep_spacing="leading"`, `steps_offset=1`, `set_alpha_to_one=False`).
+//!
+//! Precision follows diffusers: the training tables are float32 tensors (`alphas_cumprod` accumulated in
+//! float64 by torch's cumprod, stored as float32), the Karras and timestep arithmetic is numpy float64,
+//! and the resulting sigmas are rounded to float32.
+
+use crate::job::{SamplerKind, ScheduleKind};
+use crate::{Error, Result};
+
+/// Timesteps of the training schedule (`num_train_timesteps`).
+pub const TRAIN_STEPS: usize = 1000;
+const BETA_START: f64 = 0.00085;
+const BETA_END: f64 = 0.012;
+/// `steps_offset` of the SD1.x config: "leading" timesteps end at 1, not 0.
+const STEPS_OFFSET: usize = 1;
+/// LCM's distillation schedule (`original_inference_steps`); inference timesteps are a subset of it.
+pub const LCM_ORIGINAL_STEPS: usize = 50;
+/// Karras et al. (2022) use rho = 7.
+const KARRAS_RHO: f64 = 7.0;
+
+/// Timesteps and sigmas for one run, SD1.x training schedule.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    /// The timestep the UNet sees at each step, as diffusers passes it (integers except Euler with Karras).
+    pub timesteps: Vec<f32>,
+    /// One per step plus a final 0 (Euler, Euler a, DPM++ 2M); `None` for DDIM and LCM.
+    pub sigmas: Option<Vec<f32>>,
+    /// The unit-normal initial noise is multiplied by this before the first step.
+    pub init_noise_sigma: f32,
+    pub(crate) sampler: SamplerKind,
+    pub(crate) alphas_cumprod: Vec<f32>,
+}
+
+impl Schedule {
+    /// The sampler this schedule was made for.
+    pub fn sampler(&self) -> SamplerKind {
+        self.sampler
+    }
+
+    /// The 1000 cumulative alpha products of the training schedule (float32, as diffusers holds them).
+    pub fn alphas_cumprod(&self) -> &[f32] {
+        &self.alphas_cumprod
+    }
+
+    pub fn steps(&self) -> usize {
+        self.timesteps.len()
+    }
+}
+
+/// Builds the schedule `sampler` uses for `steps` steps, as diffusers' `set_timesteps(steps)` does.
+pub fn schedule(sampler: SamplerKind, scheduler: ScheduleKind, steps: usize) -> Result<Schedule> {
+    if steps == 0 {
+        return Err(Error::BadRequest("steps must be at least 1".into()));
+    }
+    if steps > TRAIN_STEPS {
+        return Err(Error::BadRequest(format!(
+            "steps {steps} is more than the {TRAIN_STEPS} training timesteps"
+        )));
+    }
+    let karras = scheduler == ScheduleKind::Karras;
+    if karras && matches!(sampler, SamplerKind::Ddim | SamplerKind::Lcm) {
+        return Err(Error::BadRequest(format!(
+            "scheduler karras does not apply to {sampler} (it has no sigmas); use --scheduler discrete"
+        )));
+    }
+    let alphas_cumprod = alphas_cumprod();
+    let train_sigmas = train_sigmas(&alphas_cumprod);
+    let (timesteps, sigmas) = match sampler {
+        SamplerKind::Euler | SamplerKind::EulerA => {
+            euler_schedule(&train_sigmas, in_range(leading(steps))?, karras)
+        }
+        // With Karras the "leading" timesteps are replaced, never used to index the table.
+        SamplerKind::DpmPp2m if karras => dpm_solver_karras(&train_sigmas, steps),
+        SamplerKind::DpmPp2m => dpm_solver_schedule(&train_sigmas, in_range(dpm_leading(steps))?),
+        SamplerKind::Ddim => (to_f32(&in_range(leading(steps))?), None),
+        SamplerKind::Lcm => (to_f32(&lcm_timesteps(steps)?), None),
+    };
+    let init_noise_sigma = match (sampler, &sigmas) {
+        // Euler-type with "leading" spacing: the first latent is a VE sample at sigma_max, whose std is
+        // sqrt(sigma_max^2 + 1) because the UNet input is later divided by that.
+        (SamplerKind::Euler | SamplerKind::EulerA, Some(s)) => {
+            let max = s.iter().copied().fold(f32::MIN, f32::max);
+            (max * max + 1.0).sqrt()
+        }
+        // DPM-Solver, DDIM and LCM work on the VP-scaled latent: unit variance.
+        _ => 1.0,
+    };
+    Ok(Schedule {
+        timesteps,
+        sigmas,
+        init_noise_sigma,
+        sampler,
+        alphas_cumprod,
+    })
+}
+
+/// `cumprod(1 - linspace(sqrt(0.00085), sqrt(0.012), 1000, float32) ** 2)`, reproducing torch's float32
+/// linspace (first half counted up from the start, second half down from the end, each a fused
+/// multiply-add as torch's AVX2 build compiles it) and its cumprod (float64 accumulator, each output
+/// rounded to float32): bit-identical to the golden `scheduler_tables.json`. Without the fused multiply-add 121
+/// of the 1000 values are 1 ulp off.
+pub fn alphas_cumprod() -> Vec<f32> {
+    let n = TRAIN_STEPS;
+    let start = BETA_START.sqrt() as f32;
+    let end = BETA_END.sqrt() as f32;
+    let step = (end - start) / (n - 1) as f32;
+    let mut product = 1.0f64;
+    (0..n)
+        .map(|i| {
+            let root = if i < n / 2 {
+                step.mul_add(i as f32, start)
+            } else {
+                (-step).mul_add((n - 1 - i) as f32, end)
+            };
+            let alpha = 1.0f32 - root * root;
+            product *= f64::from(alpha);
+            product as f32
+        })
+        .collect()
+}
+
+/// Training sigmas `sqrt((1 - a) / a)`, one per training timestep, computed in float32 as torch does.
+fn train_sigmas(alphas_cumprod: &[f32]) -> Vec<f32> {
+    alphas_cumprod
+        .iter()
+        .map(|&a| ((1.0 - a) / a).sqrt())
+        .collect()
+}
+
+/// "leading" spacing: `arange(steps) * (1000 // steps)`, reversed, plus `steps_offset`.
+fn leading(steps: usize) -> Vec<usize> {
+    let ratio = TRAIN_STEPS / steps;
+    (0..steps).rev().map(|i| i * ratio + STEPS_OFFSET).collect()
+}
+
+/// DPMSolverMultistepScheduler's own "leading" variant: `1000 // (steps + 1)` apart, plus `steps_offset`.
+fn dpm_leading(steps: usize) -> Vec<usize> {
+    let ratio = TRAIN_STEPS / (steps + 1);
+    (1..=steps)
+        .rev()
+        .map(|i| i * ratio + STEPS_OFFSET)
+        .collect()
+}
+
+/// "leading" spacing breaks down near 1000 steps: with `steps_offset` 1 a timestep lands on 1000, past
+/// the training table (diffusers then fails or clamps), or DPM's stride becomes 0 and every timestep is
+/// 1. Refuse those step counts instead.
+fn in_range(timesteps: Vec<usize>) -> Result<Vec<usize>> {
+    let ordered = timesteps.windows(2).all(|w| w[0] > w[1]);
+    match timesteps.first() {
+        Some(&first) if first >= TRAIN_STEPS || !ordered => Err(Error::BadRequest(format!(
+            "steps {} is too many for this sampler's leading timestep spacing over {TRAIN_STEPS} training timesteps",
+            timesteps.len()
+        ))),
+        _ => Ok(timesteps),
+    }
+}
+
+/// EulerDiscreteScheduler: "leading" timesteps, sigmas read off the training table at them; with Karras
+/// the sigmas are re-spaced between the first and last of those and the timesteps interpolated back.
+fn euler_schedule(
+    train: &[f32],
+    timesteps: Vec<usize>,
+    karras: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let steps = timesteps.len();
+    let picked: Vec<f64> = timesteps.iter().map(|&t| f64::from(train[t])).collect();
+    if !karras {
+        return (to_f32(&timesteps), Some(with_final_zero(&picked)));
+    }
+    let sigmas = karras_sigmas(picked[picked.len() - 1], picked[0], steps);
+    let log_sigmas = log_sigmas(train);
+    let t: Vec<f32> = sigmas
+        .iter()
+        .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
+        .collect();
+    (t, Some(with_final_zero(&sigmas)))
+}
+
+/// DPMSolverMultistepScheduler: sigmas read off the training table at its "leading" timesteps.
+fn dpm_solver_schedule(train: &[f32], timesteps: Vec<usize>) -> (Vec<f32>, Option<Vec<f32>>) {
+    let sigmas: Vec<f64> = timesteps.iter().map(|&t| f64::from(train[t])).collect();
+    (to_f32(&timesteps), Some(with_final_zero(&sigmas)))
+}
+
+/// DPMSolverMultistepScheduler with Karras sigmas: they span the whole training range and the timesteps
+/// are their interpolated training timesteps, rounded to integers.
+fn dpm_solver_karras(train: &[f32], steps: usize) -> (Vec<f32>, Option<Vec<f32>>) {
+    let sigmas = karras_sigmas(
+        f64::from(train[0]),
+        f64::from(train[TRAIN_STEPS - 1]),
+        steps,
+    );
+    let log_sigmas = log_sigmas(train);
+    let timesteps = sigmas
+        .iter()
+        .map(|&s| sigma_to_t(s, &log_sigmas).round_ties_even() as f32)
+        .collect();
+    (timesteps, Some(with_final_zero(&sigmas)))
+}
+
+/// LCMScheduler: `steps` timesteps picked evenly (by index) from the 50-step distillation schedule
+/// 999, 979, …, 19.
+fn lcm_timesteps(steps: usize) -> Result<Vec<usize>> {
+    if steps > LCM_ORIGINAL_STEPS {
+        return Err(Error::BadRequest(format!(
+            "lcm takes at most {LCM_ORIGINAL_STEPS} steps (its distillation schedule has {LCM_ORIGINAL_STEPS}), got {steps}"
+        )));
+    }
+    let k = TRAIN_STEPS / LCM_ORIGINAL_STEPS;
+    // numpy: floor(linspace(0, 50, steps, endpoint=False)), i.e. floor(i * (50 / steps)) in float64.
+    let spacing = LCM_ORIGINAL_STEPS as f64 / steps as f64;
+    Ok((0..steps)
+        .map(|i| {
+            let index = (i as f64 * spacing).floor() as usize;
+            (LCM_ORIGINAL_STEPS - index) * k - 1
+        })
+        .collect())
+}
+
+/// Karras et al. (2022) sigmas: evenly spaced in sigma^(1/rho), from `sigma_max` down to `sigma_min`.
+fn karras_sigmas(sigma_min: f64, sigma_max: f64, steps: usize) -> Vec<f64> {
+    let min_inv_rho = sigma_min.powf(1.0 / KARRAS_RHO);
+    let max_inv_rho = sigma_max.powf(1.0 / KARRAS_RHO);
+    // numpy's linspace(0, 1, steps): i * (1 / (steps - 1)), the last element exactly 1, a lone element 0.
+    let ramp = |i: usize| {
+        if steps == 1 {
+            0.0
+        } else if i == steps - 1 {
+            1.0
+        } else {
+            i as f64 * (1.0 / (steps - 1) as f64)
+        }
+    };
+    (0..steps)
+        .map(|i| (max_inv_rho + ramp(i) * (min_inv_rho - max_inv_rho)).powf(KARRAS_RHO))
+        .collect()
+}
+
+/// `np.log` of the float32 training sigmas: float32 results.
+fn log_sigmas(train: &[f32]) -> Vec<f32> {
+    train.iter().map(|s| s.ln()).collect()
+}
+
+/// The (fractional) training timestep whose sigma is `sigma`, by linear interpolation in log sigma
+/// between the two neighbouring training sigmas (diffusers' `_sigma_to_t`).
+fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    // `cumsum(dists >= 0).argmax()`: the first index where the running count of training sigmas at or
+    // below `sigma` reaches its maximum, i.e. the last such index (0 if there is none).
+    let mut count = 0usize;
+    let mut best = 0usize;
+    let mut low = 0usize;
+    for (i, &ls) in log_sigmas.iter().enumerate() {
+        if log_sigma - f64::from(ls) >= 0.0 {
+            count += 1;
+        }
+        if count > best {
+            best = count;
+            low = i;
+        }
+    }
+    let low = low.min(log_sigmas.len() - 2);
+    let high = low + 1;
+    let (l, h) = (log_sigmas[low], log_sigmas[high]);
+    // `low - high` is float32 minus float32 in numpy; the rest is float64.
+    let w = ((f64::from(l) - log_sigma) / f64::from(l - h)).clamp(0.0, 1.0);
+    (1.0 - w) * low as f64 + w * high as f64
+}
+
+fn with_final_zero(sigmas: &[f64]) -> Vec<f32> {
+    sigmas
+        .iter()
+        .map(|&s| s as f32)
+        .chain(std::iter::once(0.0))
+        .collect()
+}
+
+fn to_f32(timesteps: &[usize]) -> Vec<f32> {
+    timesteps.iter().map(|&t| t as f32).collect()
+}
