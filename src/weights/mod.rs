@@ -289,6 +289,10 @@ impl Weights {
         self.store.contains(&self.key(name))
     }
 
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub fn store(&self) -> &Arc<TensorStore> {
         &self.store
     }
