@@ -20,6 +20,8 @@ use serde::Deserialize;
 use super::DType;
 use crate::error::{Error, Result};
 
+/// How every container error starts, after the file name.
+const NOT_SAFETENSORS: &str = "not a valid .safetensors file";
 /// The largest header we read (the same limit as the `safetensors` crate; SD1.5's is ~150 KB).
 const MAX_HEADER_BYTES: usize = 100_000_000;
 /// More dimensions than any real weight has; bounds what a hostile shape list can make us allocate.
@@ -52,14 +54,15 @@ pub(super) fn map(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
     if meta.len() == 0 {
         return Err(Error::bad_file(
             path,
-            "is empty (0 bytes), not a .safetensors file",
+            format!("{NOT_SAFETENSORS}: the file is empty"),
         ));
     }
     // SAFETY: the mapping is read-only and lives as long as the store; a model file modified while
     // we run is outside what we can defend against (same contract as every mmap-based loader).
     let map = unsafe { Mmap::map(&file) }
         .map_err(|e| Error::bad_file(path, format!("cannot map: {e}")))?;
-    let tensors = parse(&map).map_err(|msg| Error::bad_file(path, msg))?;
+    let tensors = parse(&map)
+        .map_err(|reason| Error::bad_file(path, format!("{NOT_SAFETENSORS}: {reason}")))?;
     Ok((map, tensors))
 }
 
@@ -78,7 +81,7 @@ fn parse(bytes: &[u8]) -> std::result::Result<Vec<RawTensor>, String> {
     let looks_like = || sniff(bytes);
     if file_len < 8 {
         return Err(looks_like().unwrap_or_else(|| {
-            format!("is {file_len} bytes long, too short to be a .safetensors file (8-byte header length missing)")
+            format!("the file is only {file_len} bytes long (the 8-byte header length is missing)")
         }));
     }
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
@@ -91,8 +94,8 @@ fn parse(bytes: &[u8]) -> std::result::Result<Vec<RawTensor>, String> {
     }
     if header_len > (file_len - 8) as u64 {
         return Err(format!(
-            "not a valid .safetensors file: header length {header_len} points past the end of the file \
-             ({file_len} bytes); the file is truncated or not a .safetensors file"
+            "header length {header_len} points past the end of the file \
+             ({file_len} bytes): the file is truncated, or not a .safetensors file at all"
         ));
     }
     if implausible {
@@ -102,13 +105,13 @@ fn parse(bytes: &[u8]) -> std::result::Result<Vec<RawTensor>, String> {
     }
     let header_end = 8 + header_len as usize;
     if bytes[8..header_end].first() != Some(&b'{') {
-        return Err(looks_like().unwrap_or_else(|| {
-            "not a valid .safetensors file: the header does not start with `{`".to_string()
-        }));
+        return Err(
+            looks_like().unwrap_or_else(|| "the header does not start with `{`".to_string())
+        );
     }
     let header = std::str::from_utf8(&bytes[8..header_end]).map_err(|e| {
         format!(
-            "not a valid .safetensors file: header is not valid UTF-8 (bad byte at header offset {})",
+            "header is not valid UTF-8 (bad byte at header offset {})",
             e.valid_up_to()
         )
     })?;
@@ -117,12 +120,12 @@ fn parse(bytes: &[u8]) -> std::result::Result<Vec<RawTensor>, String> {
         .deserialize_map(HeaderVisitor { current: &current })
         .map_err(|e| match (e.classify(), current.borrow().as_deref()) {
             (serde_json::error::Category::Data, Some(name)) => {
-                format!("not a valid .safetensors file: bad header entry for tensor `{name}` ({e})")
+                format!("bad header entry for tensor `{name}` ({e})")
             }
             (serde_json::error::Category::Data, None) => {
-                format!("not a valid .safetensors file: bad header ({e})")
+                format!("bad header ({e})")
             }
-            _ => format!("not a valid .safetensors file: header is not valid JSON ({e})"),
+            _ => format!("header is not valid JSON ({e})"),
         })?;
     let entries = raw_entries
         .into_iter()
@@ -354,7 +357,7 @@ fn sniff(bytes: &[u8]) -> Option<String> {
     let (_, what, hint) = MAGIC
         .iter()
         .find(|(magic, _, _)| bytes.starts_with(magic))?;
-    Some(format!("is {what}, not a .safetensors file{hint}"))
+    Some(format!("it is {what}{hint}"))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ fn missing_empty_short_and_foreign_files() {
         (
             "seven.safetensors",
             b"\x10\0\0\0\0\0\0".to_vec(),
-            &["7 bytes", "too short"],
+            &["only 7 bytes long", "header length is missing"],
         ),
         (
             "image.safetensors",
@@ -40,7 +40,8 @@ fn missing_empty_short_and_foreign_files() {
     ];
     for (name, bytes, needles) in cases {
         std::fs::write(dir.join(name), bytes).unwrap();
-        assert_open_error(&dir.join(name), &[&[name][..], needles].concat());
+        let common = [name, "not a valid .safetensors file"];
+        assert_open_error(&dir.join(name), &[&common[..], needles].concat());
     }
     // Pseudo-random bytes (a fixed LCG): no panic, and a message about the header.
     let mut x = 0x2545F4914F6CDD1Du64;
@@ -177,7 +178,7 @@ fn bad_headers_name_the_problem() {
         let path = dir.join(&file_name);
         write_raw(&path, &header, data_len);
         let mut needles: Vec<&str> = needles;
-        needles.push(&file_name);
+        needles.extend([file_name.as_str(), "not a valid .safetensors file"]);
         assert_open_error(&path, &needles);
     }
     // End offsets summing past u64: safetensors' own check would overflow here.
