@@ -3,13 +3,20 @@
 //! Every network finds its weights by LDM key name (`model.diffusion_model.…`, `first_stage_model.…`,
 //! `cond_stage_model.transformer.text_model.…`), whatever layout the file on disk used.
 
+mod diffusers;
+mod family;
+pub mod key_map;
 mod safetensors_file;
+mod vae_file;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
+
+pub use family::{detect_family, sd1_dims, Family, Sd1Dims};
+use safetensors_file::RawTensor;
 
 use crate::error::{Error, Result};
 
@@ -67,34 +74,48 @@ pub struct TensorStore {
 }
 
 impl TensorStore {
-    /// Opens a single-file `.safetensors` checkpoint.
+    /// Opens a model: a single-file `.safetensors` checkpoint in the LDM layout, or a diffusers
+    /// pipeline folder (`unet/`, `vae/`, `text_encoder/`) whose names are mapped to the LDM ones.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut store = TensorStore {
-            sources: Vec::new(),
-            tensors: Vec::new(),
-            index: HashMap::new(),
-        };
-        store.add_safetensors(path, &|name| Some(name.to_string()))?;
+        if path.is_dir() {
+            return diffusers::open(path);
+        }
+        let (map, raws) = safetensors_file::map(path)?;
+        let entries = rename_all(path, raws, |name| Ok(Some(key_map::ldm_key(name))))?;
+        let mut store = TensorStore::empty();
+        store.add_source(path, map, entries)?;
         Ok(store)
     }
 
-    /// Maps `path` and adds its tensors under the names `rename` gives (None = skip the tensor).
-    /// A later tensor with the same name replaces an earlier one (used by `--vae`).
-    fn add_safetensors(
+    /// Replaces the model's VAE (`first_stage_model.*`) with the one in `path`: a standalone VAE file
+    /// (LDM keys `encoder.*`/`decoder.*`/`quant_conv.*`/`post_quant_conv.*`, as users download them),
+    /// a checkpoint's `first_stage_model.*` tensors, or a diffusers VAE (file, `vae/` folder or pipeline folder).
+    pub fn with_vae(self, path: &Path) -> Result<Self> {
+        vae_file::replace_vae(self, path)
+    }
+
+    fn empty() -> Self {
+        TensorStore {
+            sources: Vec::new(),
+            tensors: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+
+    /// Adds the tensors of one mapped file under the given names. Two tensors of one file may not share a
+    /// name; a tensor from a later file replaces an earlier file's tensor of the same name.
+    fn add_source(
         &mut self,
         path: &Path,
-        rename: &dyn Fn(&str) -> Option<String>,
+        map: Mmap,
+        entries: Vec<(String, RawTensor)>,
     ) -> Result<()> {
-        let (map, infos) = safetensors_file::map(path)?;
         let source = self.sources.len();
         self.sources.push(Source {
             path: path.to_path_buf(),
             map,
         });
-        for raw in infos {
-            let Some(name) = rename(&raw.name) else {
-                continue;
-            };
+        for (name, raw) in entries {
             let info = TensorInfo {
                 name: name.clone(),
                 dtype: raw.dtype,
@@ -104,6 +125,15 @@ impl TensorStore {
                 len: raw.len,
             };
             match self.index.get(&name) {
+                Some(&i) if self.tensors[i].source == source => {
+                    return Err(Error::bad_file(
+                        path,
+                        format!(
+                            "two tensors both stand for `{name}` (one is `{}`)",
+                            raw.name
+                        ),
+                    ))
+                }
                 Some(&i) => self.tensors[i] = info,
                 None => {
                     self.index.insert(name, self.tensors.len());
@@ -112,6 +142,17 @@ impl TensorStore {
             }
         }
         Ok(())
+    }
+
+    /// Drops every tensor whose name satisfies `drop` (the mapping stays; its pages are never touched).
+    fn remove_where(&mut self, drop: impl Fn(&str) -> bool) {
+        self.tensors.retain(|t| !drop(&t.name));
+        self.index = self
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorInfo> {
@@ -129,6 +170,11 @@ impl TensorStore {
     /// The raw little-endian bytes of a tensor, straight from the mapping.
     pub fn bytes(&self, info: &TensorInfo) -> &[u8] {
         &self.sources[info.source].map[info.start..info.start + info.len]
+    }
+
+    /// The files this store maps, in the order they were added.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.sources.iter().map(|s| s.path.as_path())
     }
 
     /// The file a tensor came from (for error messages).
@@ -292,4 +338,21 @@ impl Weights {
             index,
         })
     }
+}
+
+/// Pairs each raw tensor with the name the store will know it by (`rename` → None skips the tensor).
+fn rename_all(
+    path: &Path,
+    raws: Vec<RawTensor>,
+    mut rename: impl FnMut(&str) -> std::result::Result<Option<String>, String>,
+) -> Result<Vec<(String, RawTensor)>> {
+    let mut out = Vec::with_capacity(raws.len());
+    for raw in raws {
+        match rename(&raw.name) {
+            Ok(Some(name)) => out.push((name, raw)),
+            Ok(None) => {}
+            Err(msg) => return Err(Error::bad_file(path, msg)),
+        }
+    }
+    Ok(out)
 }

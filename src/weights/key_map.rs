@@ -1,0 +1,447 @@
+//! Diffusers tensor names → the original LDM (CompVis) names the networks look up.
+//!
+//! The block indices are derived, not tabulated: an LDM UNet numbers its `input_blocks` as conv_in, then
+//! per level `layers_per_block` × (resnet [+ transformer]) and a downsampler; `output_blocks` as
+//! `layers_per_block + 1` × (resnet [+ transformer]) per level, the upsampler riding in the level's last
+//! block. So the same code maps SD1.5 (4 levels, 2 layers) and the tiny test model (2 levels, 1 layer).
+//! The VAE numbers its decoder levels in reverse of diffusers' `up_blocks`. Reference: diffusers'
+//! `scripts/convert_diffusers_to_original_stable_diffusion.py`, whose fixed SD1.5 tables these reproduce.
+
+/// LDM prefix of each SD1.x component.
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+pub const VAE_PREFIX: &str = "first_stage_model.";
+pub const TEXT_PREFIX: &str = "cond_stage_model.transformer.";
+
+/// A single-file checkpoint's name as the networks expect it. Checkpoints saved with transformers < 4.20
+/// lack the `text_model.` level in the CLIP names (`cond_stage_model.transformer.embeddings.…`).
+pub fn ldm_key(name: &str) -> String {
+    match name.strip_prefix(TEXT_PREFIX) {
+        Some(rest) if !rest.starts_with("text_model.") => format!("{TEXT_PREFIX}text_model.{rest}"),
+        _ => name.to_string(),
+    }
+}
+
+/// The block structure of a diffusers UNet, which the LDM indices depend on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnetLayout {
+    /// Resnets per down block (`layers_per_block` in diffusers' config, `num_res_blocks` in LDM's).
+    pub layers_per_block: usize,
+    /// Number of resolution levels (`len(block_out_channels)`).
+    pub levels: usize,
+    /// Whether `up_blocks.{i}` has attentions (it moves the upsampler from slot 1 to slot 2).
+    pub up_has_attention: Vec<bool>,
+}
+
+impl UnetLayout {
+    /// Reads the layout off the tensor names themselves.
+    pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut max_down_resnet = None;
+        let mut levels = 0;
+        let mut up_attention = Vec::new();
+        for name in names {
+            let parts: Vec<&str> = name.split('.').collect();
+            let index = |k: usize| parts.get(k).and_then(|p| p.parse::<usize>().ok());
+            match (
+                parts.first().copied(),
+                index(1),
+                parts.get(2).copied(),
+                index(3),
+            ) {
+                (Some("down_blocks"), Some(i), Some(kind), j) => {
+                    levels = levels.max(i + 1);
+                    if kind == "resnets" {
+                        max_down_resnet = max_down_resnet.max(j);
+                    }
+                }
+                (Some("up_blocks"), Some(i), Some(kind), _) => {
+                    levels = levels.max(i + 1);
+                    if up_attention.len() <= i {
+                        up_attention.resize(i + 1, false);
+                    }
+                    up_attention[i] |= kind == "attentions";
+                }
+                _ => {}
+            }
+        }
+        up_attention.resize(levels, false);
+        UnetLayout {
+            layers_per_block: max_down_resnet.map_or(0, |j| j + 1),
+            levels,
+            up_has_attention: up_attention,
+        }
+    }
+}
+
+/// A diffusers UNet tensor name → its LDM name (with `model.diffusion_model.`), None if not SD1.x UNet.
+pub fn unet_key(name: &str, layout: &UnetLayout) -> Option<String> {
+    let layers = layout.layers_per_block;
+    let per_level = layers + 1;
+    let (head, rest) = split_block(name)?;
+    let ldm = match head {
+        Block::Plain(first) => {
+            let mapped = match first {
+                "time_embedding.linear_1" => "time_embed.0",
+                "time_embedding.linear_2" => "time_embed.2",
+                "conv_in" => "input_blocks.0.0",
+                "conv_norm_out" => "out.0",
+                "conv_out" => "out.2",
+                _ => return None,
+            };
+            format!("{mapped}.{}", param_name(rest)?)
+        }
+        Block::Indexed { block, i, kind, j } => {
+            let level_ok = i < layout.levels;
+            match (block, kind) {
+                ("down_blocks", "resnets") if level_ok && j < layers => {
+                    format!(
+                        "input_blocks.{}.0.{}",
+                        per_level * i + j + 1,
+                        unet_resnet(rest)?
+                    )
+                }
+                ("down_blocks", "attentions") if level_ok && j < layers => {
+                    format!(
+                        "input_blocks.{}.1.{}",
+                        per_level * i + j + 1,
+                        transformer(rest)?
+                    )
+                }
+                ("down_blocks", "downsamplers") if level_ok && j == 0 => {
+                    format!(
+                        "input_blocks.{}.0.op.{}",
+                        per_level * (i + 1),
+                        conv_param(rest)?
+                    )
+                }
+                ("up_blocks", "resnets") if level_ok && j <= layers => {
+                    format!(
+                        "output_blocks.{}.0.{}",
+                        per_level * i + j,
+                        unet_resnet(rest)?
+                    )
+                }
+                ("up_blocks", "attentions") if level_ok && j <= layers => {
+                    format!(
+                        "output_blocks.{}.1.{}",
+                        per_level * i + j,
+                        transformer(rest)?
+                    )
+                }
+                ("up_blocks", "upsamplers") if level_ok && j == 0 => {
+                    let slot =
+                        1 + usize::from(layout.up_has_attention.get(i).copied().unwrap_or(false));
+                    format!(
+                        "output_blocks.{}.{slot}.conv.{}",
+                        per_level * i + layers,
+                        conv_param(rest)?
+                    )
+                }
+                ("mid_block", "resnets") if j < 2 => {
+                    format!("middle_block.{}.{}", 2 * j, unet_resnet(rest)?)
+                }
+                ("mid_block", "attentions") if j == 0 => {
+                    format!("middle_block.1.{}", transformer(rest)?)
+                }
+                _ => return None,
+            }
+        }
+    };
+    Some(format!("{UNET_PREFIX}{ldm}"))
+}
+
+/// A diffusers VAE tensor name → its LDM name (with `first_stage_model.`), None if not an SD VAE name.
+/// `levels` is the number of decoder `up_blocks` (`len(block_out_channels)`), needed to reverse them.
+pub fn vae_key(name: &str, levels: usize) -> Option<String> {
+    if let Some(rest) = name
+        .strip_prefix("quant_conv.")
+        .or_else(|| name.strip_prefix("post_quant_conv."))
+    {
+        param_name(rest)?;
+        return Some(format!("{VAE_PREFIX}{name}"));
+    }
+    let (coder, inner) = name.split_once('.')?;
+    if coder != "encoder" && coder != "decoder" {
+        return None;
+    }
+    let (head, rest) = split_block(inner)?;
+    let ldm = match head {
+        Block::Plain(first) => {
+            let mapped = match first {
+                "conv_in" | "conv_out" => first,
+                "conv_norm_out" => "norm_out",
+                _ => return None,
+            };
+            format!("{mapped}.{}", param_name(rest)?)
+        }
+        Block::Indexed { block, i, kind, j } => match (coder, block, kind) {
+            ("encoder", "down_blocks", "resnets") if i < levels => {
+                format!("down.{i}.block.{j}.{}", vae_resnet(rest)?)
+            }
+            ("encoder", "down_blocks", "downsamplers") if i < levels && j == 0 => {
+                format!("down.{i}.downsample.conv.{}", conv_param(rest)?)
+            }
+            ("decoder", "up_blocks", "resnets") if i < levels => {
+                format!("up.{}.block.{j}.{}", levels - 1 - i, vae_resnet(rest)?)
+            }
+            ("decoder", "up_blocks", "upsamplers") if i < levels && j == 0 => {
+                format!("up.{}.upsample.conv.{}", levels - 1 - i, conv_param(rest)?)
+            }
+            (_, "mid_block", "resnets") if j < 2 => {
+                format!("mid.block_{}.{}", j + 1, vae_resnet(rest)?)
+            }
+            (_, "mid_block", "attentions") if j == 0 => {
+                format!("mid.attn_1.{}", vae_attention(rest)?)
+            }
+            _ => return None,
+        },
+    };
+    Some(format!("{VAE_PREFIX}{coder}.{ldm}"))
+}
+
+/// A transformers `CLIPTextModel` tensor name → its LDM name, None for names SD1.x does not use.
+pub fn text_encoder_key(name: &str) -> Option<String> {
+    name.starts_with("text_model.")
+        .then(|| format!("{TEXT_PREFIX}{name}"))
+}
+
+/// The number of VAE levels read off diffusers VAE names (`up_blocks`/`down_blocks` count).
+pub fn vae_levels<'a>(names: impl IntoIterator<Item = &'a str>) -> usize {
+    names
+        .into_iter()
+        .filter_map(|n| {
+            let mut parts = n.split('.');
+            let _coder = parts.next()?;
+            matches!(parts.next()?, "up_blocks" | "down_blocks").then_some(())?;
+            parts.next()?.parse::<usize>().ok()
+        })
+        .max()
+        .map_or(0, |i| i + 1)
+}
+
+/// A name split at its block: `down_blocks.1.resnets.0.conv1.weight` → (down_blocks 1 resnets 0, `conv1.weight`).
+enum Block<'a> {
+    /// A top-level layer such as `conv_in` or `time_embedding.linear_1`.
+    Plain(&'a str),
+    Indexed {
+        block: &'a str,
+        i: usize,
+        kind: &'a str,
+        j: usize,
+    },
+}
+
+fn split_block(name: &str) -> Option<(Block<'_>, &str)> {
+    if let Some(rest) = name.strip_prefix("mid_block.") {
+        let (kind, rest) = rest.split_once('.')?;
+        let (j, rest) = rest.split_once('.')?;
+        return Some((
+            Block::Indexed {
+                block: "mid_block",
+                i: 0,
+                kind,
+                j: j.parse().ok()?,
+            },
+            rest,
+        ));
+    }
+    if name.starts_with("down_blocks.") || name.starts_with("up_blocks.") {
+        let mut parts = name.splitn(5, '.');
+        let block = parts.next()?;
+        let i = parts.next()?.parse().ok()?;
+        let kind = parts.next()?;
+        let j = parts.next()?.parse().ok()?;
+        return Some((Block::Indexed { block, i, kind, j }, parts.next()?));
+    }
+    // Two-part heads first (`time_embedding.linear_1.weight`), then one-part (`conv_in.weight`).
+    let (param_start, _) = name.rmatch_indices('.').next()?;
+    Some((Block::Plain(&name[..param_start]), &name[param_start + 1..]))
+}
+
+/// `weight` / `bias`: the only leaves a plain layer has.
+fn param_name(rest: &str) -> Option<&str> {
+    matches!(rest, "weight" | "bias").then_some(rest)
+}
+
+fn conv_param(rest: &str) -> Option<&str> {
+    param_name(rest.strip_prefix("conv.")?)
+}
+
+fn unet_resnet(rest: &str) -> Option<String> {
+    let (layer, param) = rest.split_once('.')?;
+    let ldm = match layer {
+        "norm1" => "in_layers.0",
+        "conv1" => "in_layers.2",
+        "norm2" => "out_layers.0",
+        "conv2" => "out_layers.3",
+        "time_emb_proj" => "emb_layers.1",
+        "conv_shortcut" => "skip_connection",
+        _ => return None,
+    };
+    Some(format!("{ldm}.{}", param_name(param)?))
+}
+
+fn vae_resnet(rest: &str) -> Option<String> {
+    let (layer, param) = rest.split_once('.')?;
+    let ldm = match layer {
+        "norm1" | "conv1" | "norm2" | "conv2" => layer,
+        "conv_shortcut" => "nin_shortcut",
+        _ => return None,
+    };
+    Some(format!("{ldm}.{}", param_name(param)?))
+}
+
+/// VAE mid attention: current (`to_q`, `to_out.0`) and pre-0.14 (`query`, `proj_attn`) diffusers names.
+fn vae_attention(rest: &str) -> Option<String> {
+    let (layer, param) = rest.rsplit_once('.')?;
+    let ldm = match layer {
+        "group_norm" => "norm",
+        "to_q" | "query" => "q",
+        "to_k" | "key" => "k",
+        "to_v" | "value" => "v",
+        "to_out.0" | "proj_attn" => "proj_out",
+        _ => return None,
+    };
+    Some(format!("{ldm}.{}", param_name(param)?))
+}
+
+/// A spatial transformer's insides have the same names in both layouts; accept only those.
+fn transformer(rest: &str) -> Option<&str> {
+    let first = rest.split('.').next()?;
+    matches!(
+        first,
+        "norm" | "proj_in" | "proj_out" | "transformer_blocks"
+    )
+    .then_some(rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd15() -> UnetLayout {
+        UnetLayout {
+            layers_per_block: 2,
+            levels: 4,
+            up_has_attention: vec![false, true, true, true],
+        }
+    }
+
+    #[test]
+    fn sd15_unet_blocks_match_the_reference_tables() {
+        let l = sd15();
+        let cases = [
+            ("conv_in.weight", "input_blocks.0.0.weight"),
+            ("time_embedding.linear_2.bias", "time_embed.2.bias"),
+            ("conv_norm_out.weight", "out.0.weight"),
+            (
+                "down_blocks.0.resnets.1.norm1.weight",
+                "input_blocks.2.0.in_layers.0.weight",
+            ),
+            (
+                "down_blocks.1.attentions.0.proj_in.weight",
+                "input_blocks.4.1.proj_in.weight",
+            ),
+            (
+                "down_blocks.2.downsamplers.0.conv.bias",
+                "input_blocks.9.0.op.bias",
+            ),
+            (
+                "down_blocks.3.resnets.1.conv2.weight",
+                "input_blocks.11.0.out_layers.3.weight",
+            ),
+            (
+                "mid_block.resnets.1.time_emb_proj.weight",
+                "middle_block.2.emb_layers.1.weight",
+            ),
+            (
+                "mid_block.attentions.0.norm.bias",
+                "middle_block.1.norm.bias",
+            ),
+            (
+                "up_blocks.0.resnets.2.conv_shortcut.weight",
+                "output_blocks.2.0.skip_connection.weight",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.1.conv.weight",
+            ),
+            (
+                "up_blocks.1.upsamplers.0.conv.weight",
+                "output_blocks.5.2.conv.weight",
+            ),
+            (
+                "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight",
+                "output_blocks.11.1.transformer_blocks.0.attn2.to_k.weight",
+            ),
+        ];
+        for (hf, ldm) in cases {
+            assert_eq!(
+                unet_key(hf, &l),
+                Some(format!("{UNET_PREFIX}{ldm}")),
+                "{hf}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_outside_the_sd1_unet_map_to_none() {
+        let l = sd15();
+        for hf in [
+            "add_embedding.linear_1.weight",
+            "down_blocks.4.resnets.0.conv1.weight",
+            "down_blocks.0.resnets.2.conv1.weight",
+            "down_blocks.0.resnets.0.conv9.weight",
+            "mid_block.resnets.2.conv1.weight",
+            "conv_in.weight.extra",
+            "weight",
+        ] {
+            assert_eq!(unet_key(hf, &l), None, "{hf}");
+        }
+    }
+
+    #[test]
+    fn vae_decoder_levels_are_reversed() {
+        assert_eq!(
+            vae_key("decoder.up_blocks.0.resnets.2.conv1.weight", 4).unwrap(),
+            "first_stage_model.decoder.up.3.block.2.conv1.weight"
+        );
+        assert_eq!(
+            vae_key("decoder.up_blocks.2.upsamplers.0.conv.bias", 4).unwrap(),
+            "first_stage_model.decoder.up.1.upsample.conv.bias"
+        );
+        assert_eq!(
+            vae_key("encoder.mid_block.attentions.0.to_out.0.weight", 4).unwrap(),
+            "first_stage_model.encoder.mid.attn_1.proj_out.weight"
+        );
+        assert_eq!(
+            vae_key("encoder.mid_block.attentions.0.key.bias", 4).unwrap(),
+            "first_stage_model.encoder.mid.attn_1.k.bias"
+        );
+        assert_eq!(
+            vae_key("decoder.conv_norm_out.weight", 4).unwrap(),
+            "first_stage_model.decoder.norm_out.weight"
+        );
+        assert_eq!(
+            vae_key("decoder.up_blocks.4.resnets.0.conv1.weight", 4),
+            None
+        );
+    }
+
+    #[test]
+    fn layout_is_read_from_names() {
+        let names = [
+            "down_blocks.0.resnets.1.conv1.weight",
+            "down_blocks.1.resnets.0.conv1.weight",
+            "up_blocks.1.attentions.0.norm.weight",
+        ];
+        let l = UnetLayout::from_names(names);
+        assert_eq!(
+            l,
+            UnetLayout {
+                layers_per_block: 2,
+                levels: 2,
+                up_has_attention: vec![false, true]
+            }
+        );
+    }
+}
