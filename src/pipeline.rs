@@ -47,7 +47,10 @@ impl Models {
         crate::weights::detect_family(&store)?;
         let store = Arc::new(store);
         Ok(Models {
-            text_encoder: TextEncoder::new(&Weights::new(store.clone(), "cond_stage_model.transformer.text_model"))?,
+            text_encoder: TextEncoder::new(&Weights::new(
+                store.clone(),
+                "cond_stage_model.transformer.text_model",
+            ))?,
             unet: UNet::new(&Weights::new(store.clone(), "model.diffusion_model"))?,
             decoder: Decoder::new(&Weights::new(store, "first_stage_model"))?,
         })
@@ -68,13 +71,21 @@ pub fn generate(models: &Models, job: &Job, on_event: &mut dyn FnMut(Event)) -> 
     let shape = latent_shape(models, job);
     let mut rng = TorchRng::new(job.seed);
     let initial = rng.randn(&shape);
-    let mut noise = LatentNoise { rng: &mut rng, shape: &shape };
+    let mut noise = LatentNoise {
+        rng: &mut rng,
+        shape: &shape,
+    };
     generate_from_noise(models, job, initial, &mut noise, on_event)
 }
 
 /// [1, 4, H/8, W/8].
 pub fn latent_shape(models: &Models, job: &Job) -> Vec<usize> {
-    vec![1, models.unet.in_channels(), job.height as usize / 8, job.width as usize / 8]
+    vec![
+        1,
+        models.unet.in_channels(),
+        job.height as usize / 8,
+        job.width as usize / 8,
+    ]
 }
 
 /// As `generate`, with the unit-normal initial latent and the step noise given (tests feed
@@ -96,7 +107,11 @@ pub fn generate_from_noise(
     }
     let schedule = sampling::schedule(job.sampler, job.scheduler, job.steps as usize)?;
     let shape = latent_shape(models, job);
-    assert_eq!(initial.len(), shape.iter().product::<usize>(), "initial noise size");
+    assert_eq!(
+        initial.len(),
+        shape.iter().product::<usize>(),
+        "initial noise size"
+    );
 
     on_event(Event::Stage("encode"));
     // diffusers applies classifier-free guidance only when the scale is above 1.
@@ -113,11 +128,30 @@ pub fn generate_from_noise(
     on_event(Event::Stage("denoise"));
     let mut model = |input: &[f32], t: f32| -> Result<Vec<f32>> {
         let x = Tensor::new(shape.clone(), input.to_vec());
-        Ok(predict_noise(&models.unet, &x, t, &context, batch, job.cfg_scale))
+        Ok(predict_noise(
+            &models.unet,
+            &x,
+            t,
+            &context,
+            batch,
+            job.cfg_scale,
+        ))
     };
     let total = schedule.timesteps.len();
-    let mut on_step = |i: usize, _n: usize| on_event(Event::Step { index: i + 1, total });
-    let latent = sampling::sample(job.sampler, &schedule, initial, &mut model, noise, &mut on_step)?;
+    let mut on_step = |i: usize, _n: usize| {
+        on_event(Event::Step {
+            index: i + 1,
+            total,
+        })
+    };
+    let latent = sampling::sample(
+        job.sampler,
+        &schedule,
+        initial,
+        &mut model,
+        noise,
+        &mut on_step,
+    )?;
     let latent = Tensor::new(shape.clone(), latent);
 
     on_event(Event::Stage("decode"));
@@ -127,7 +161,14 @@ pub fn generate_from_noise(
 
 /// The UNet's epsilon for `x`, guided: with a [uncond, cond] context the batch is run twice over
 /// and combined as `u + scale·(c − u)`.
-fn predict_noise(unet: &UNet, x: &Tensor, t: f32, context: &[f32], batch: usize, scale: f32) -> Vec<f32> {
+fn predict_noise(
+    unet: &UNet,
+    x: &Tensor,
+    t: f32,
+    context: &[f32],
+    batch: usize,
+    scale: f32,
+) -> Vec<f32> {
     if batch == 1 {
         return unet.forward(x, &[t], context).data;
     }
@@ -136,13 +177,20 @@ fn predict_noise(unet: &UNet, x: &Tensor, t: f32, context: &[f32], batch: usize,
     let doubled = Tensor::new(shape, [x.data.as_slice(), x.data.as_slice()].concat());
     let eps = unet.forward(&doubled, &[t, t], context).data;
     let (uncond, cond) = eps.split_at(x.numel());
-    uncond.iter().zip(cond).map(|(u, c)| u + scale * (c - u)).collect()
+    uncond
+        .iter()
+        .zip(cond)
+        .map(|(u, c)| u + scale * (c - u))
+        .collect()
 }
 
 /// Decodes a sampler latent to 8-bit RGB the way diffusers post-processes:
 /// `round(clamp(x / 2 + 0.5, 0, 1) · 255)`.
 pub fn decode(decoder: &Decoder, latent: &Tensor) -> RgbImage {
-    let z = Tensor::new(latent.shape.clone(), latent.data.iter().map(|v| v / SCALING_FACTOR).collect());
+    let z = Tensor::new(
+        latent.shape.clone(),
+        latent.data.iter().map(|v| v / SCALING_FACTOR).collect(),
+    );
     to_rgb(&decoder.forward(&z))
 }
 

@@ -46,11 +46,24 @@ fn job(model: PathBuf, prompt: &str, sampler: &str, cfg: f32, seed: u64) -> Job 
 /// a value that sits at a rounding boundary may round the other way).
 fn assert_matches(what: &str, got: &Generated, refs: &HashMap<String, Tensor>) {
     let err = got.latent.max_abs_diff(&refs["final_latents"]);
-    assert!(err <= LATENT_TOL, "{what}: final latent max abs error {err:e}");
+    assert!(
+        err <= LATENT_TOL,
+        "{what}: final latent max abs error {err:e}"
+    );
     let want = &refs["image_uint8"].data;
     assert_eq!(got.image.pixels.len(), want.len(), "{what}: image size");
-    let off = got.image.pixels.iter().zip(want).filter(|(a, b)| (**a as f32 - **b).abs() > 1.0).count();
-    assert!(off as f64 <= 0.001 * want.len() as f64, "{what}: {off} of {} values differ by more than 1", want.len());
+    let off = got
+        .image
+        .pixels
+        .iter()
+        .zip(want)
+        .filter(|(a, b)| (**a as f32 - **b).abs() > 1.0)
+        .count();
+    assert!(
+        off as f64 <= 0.001 * want.len() as f64,
+        "{what}: {off} of {} values differ by more than 1",
+        want.len()
+    );
     eprintln!("{what}: latent error {err:e}, {off} pixel values off by > 1");
 }
 
@@ -58,7 +71,10 @@ struct Recorded(VecDeque<Vec<f32>>);
 
 impl NoiseSource for Recorded {
     fn noise(&mut self, len: usize) -> Vec<f32> {
-        let n = self.0.pop_front().expect("sampler drew more noise than diffusers did");
+        let n = self
+            .0
+            .pop_front()
+            .expect("sampler drew more noise than diffusers did");
         assert_eq!(n.len(), len);
         n
     }
@@ -66,32 +82,34 @@ impl NoiseSource for Recorded {
 
 #[test]
 fn golden_runs_match_diffusers() {
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny("golden/manifest.json")).unwrap()).unwrap();
+    let manifest = common::read_manifest(&tiny("golden/manifest.json"));
     let prompt = manifest["prompts"][0].as_str().unwrap();
-    let runs = manifest["runs"].as_array().unwrap();
+    let runs = manifest["runs"].as_object().unwrap();
     assert_eq!(runs.len(), 5);
     let model = tiny("tiny-sd-fp32.safetensors");
     let models = Models::load(&job(model.clone(), prompt, "euler", 7.5, 0)).unwrap();
-    for run in runs {
-        let name = run.as_str().unwrap();
+    for (name, run) in runs {
         let refs = read_tensors(&tiny(&format!("golden/txt2img_{name}.safetensors")));
         let cfg = refs["guidance_scale"].data[0];
         let job = job(model.clone(), prompt, name, cfg, 0);
-        let steps: Vec<Vec<f32>> =
-            (0..).map_while(|i| refs.get(&format!("step_noise.{i}")).map(|t| t.data.clone())).collect();
+        let steps: Vec<Vec<f32>> = (0..)
+            .map_while(|i| refs.get(&format!("step_noise.{i}")).map(|t| t.data.clone()))
+            .collect();
         let mut noise = Recorded(steps.into());
         let initial = refs["initial_noise"].data.clone();
-        let got = pipeline::generate_from_noise(&models, &job, initial, &mut noise, &mut |_| {}).unwrap();
-        assert!(noise.0.is_empty(), "{name}: sampler drew less noise than diffusers did");
+        let got =
+            pipeline::generate_from_noise(&models, &job, initial, &mut noise, &mut |_| {}).unwrap();
+        assert!(
+            noise.0.is_empty(),
+            "{name}: sampler drew less noise than diffusers did"
+        );
         assert_matches(name, &got, &refs);
     }
 }
 
 #[test]
 fn seeded_runs_match_diffusers_end_to_end() {
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny("e2e/manifest.json")).unwrap()).unwrap();
+    let manifest = common::read_manifest(&tiny("e2e/manifest.json"));
     let cases = manifest["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 5);
     for case in cases {
@@ -107,13 +125,23 @@ fn seeded_runs_match_diffusers_end_to_end() {
         job.steps = case["steps"].as_u64().unwrap() as u32;
         job.clip_skip = case["clip_skip"].as_u64().unwrap() as u32;
         let got = pipeline::txt2img(&job, &mut |_| {}).unwrap();
-        assert_matches(name, &got, &read_tensors(&tiny(&format!("e2e/{name}.safetensors"))));
+        assert_matches(
+            name,
+            &got,
+            &read_tensors(&tiny(&format!("e2e/{name}.safetensors"))),
+        );
     }
 }
 
 #[test]
 fn diffusers_folder_gives_identical_output() {
-    let single = job(tiny("tiny-sd-fp32.safetensors"), "a photo of a cat", "euler_a", 7.5, 42);
+    let single = job(
+        tiny("tiny-sd-fp32.safetensors"),
+        "a photo of a cat",
+        "euler_a",
+        7.5,
+        42,
+    );
     let folder = Job {
         model: tiny("diffusers"),
         ..single.clone()

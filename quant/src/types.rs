@@ -32,7 +32,13 @@ pub struct TypeInfo {
     pub block_bytes: usize,
 }
 
-const fn row(ty: GgmlType, id: u32, name: &'static str, block_elems: usize, block_bytes: usize) -> TypeInfo {
+const fn row(
+    ty: GgmlType,
+    id: u32,
+    name: &'static str,
+    block_elems: usize,
+    block_bytes: usize,
+) -> TypeInfo {
     TypeInfo {
         ty,
         id,
@@ -60,7 +66,10 @@ pub(crate) static TABLE: &[TypeInfo] = &[
 
 impl GgmlType {
     pub fn info(self) -> &'static TypeInfo {
-        TABLE.iter().find(|r| r.ty == self).expect("every type has a table row")
+        TABLE
+            .iter()
+            .find(|r| r.ty == self)
+            .expect("every type has a table row")
     }
 
     pub fn from_id(id: u32) -> Option<GgmlType> {
@@ -69,7 +78,10 @@ impl GgmlType {
 
     /// Parses a name as `--type` takes it (case-insensitive: `q4_k` = `q4_K`).
     pub fn from_name(name: &str) -> Option<GgmlType> {
-        TABLE.iter().find(|r| r.name.eq_ignore_ascii_case(name)).map(|r| r.ty)
+        TABLE
+            .iter()
+            .find(|r| r.name.eq_ignore_ascii_case(name))
+            .map(|r| r.ty)
     }
 
     pub fn name(self) -> &'static str {

@@ -70,3 +70,14 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, rel: f32) {
     );
     eprintln!("{what}: max abs error {err:e} (≤ {rel:e} × {scale})");
 }
+
+/// A fixture manifest. Python's json writes `-Infinity`/`Infinity`/`NaN`, which JSON (and
+/// serde_json) does not have; they only appear in scheduler configs we do not read, so they become null.
+pub fn read_manifest(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let text = text
+        .replace("-Infinity", "null")
+        .replace("Infinity", "null")
+        .replace("NaN", "null");
+    serde_json::from_str(&text).expect("manifest parses")
+}
