@@ -95,6 +95,8 @@ fn golden_runs_match_diffusers() {
         let steps: Vec<Vec<f32>> = (0..)
             .map_while(|i| refs.get(&format!("step_noise.{i}")).map(|t| t.data.clone()))
             .collect();
+        let recorded = run["recorded_noises"].as_u64().unwrap();
+        assert_eq!(steps.len() as u64, recorded, "{name}: step noise count");
         let mut noise = Recorded(steps.into());
         let initial = refs["initial_noise"].data.clone();
         let got =

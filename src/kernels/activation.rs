@@ -83,6 +83,6 @@ mod tests {
     #[test]
     fn geglu_multiplies_by_gelu_of_gate() {
         let out = geglu(&[2.0, 1.0], 1);
-        assert!((out[0] - 2.0 * 0.841344746).abs() < 1e-6);
+        assert!((out[0] - 2.0 * 0.841_344_7).abs() < 1e-6);
     }
 }

@@ -5,26 +5,28 @@ use super::matmul::{matmul, Transpose};
 /// Upper bound on one chunk's score matrix [queries, keys], in f32 values (16 MiB).
 const SCORE_BUDGET: usize = 4 << 20;
 
-/// `q` [b, lq, c], `k`/`v` [b, lk, c] with c = heads·d → [b, lq, c].
-/// `causal` masks keys after the query position (CLIP's text encoder).
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    b: usize,
-    lq: usize,
-    lk: usize,
-    c: usize,
-    heads: usize,
-    causal: bool,
-) -> Vec<f32> {
+/// Sizes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    /// heads · head width
+    pub channels: usize,
+    pub heads: usize,
+    /// Mask keys after the query position (CLIP's text encoder).
+    pub causal: bool,
+}
+
+/// `q` [batch, q_len, channels], `k`/`v` [batch, kv_len, channels] → [batch, q_len, channels].
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32> {
     attention_chunked(
         q,
         k,
         v,
-        (b, lq, lk, c, heads),
-        causal,
-        (SCORE_BUDGET / lk.max(1)).max(1),
+        (s.batch, s.q_len, s.kv_len, s.channels, s.heads),
+        s.causal,
+        (SCORE_BUDGET / s.kv_len.max(1)).max(1),
     )
 }
 

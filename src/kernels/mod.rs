@@ -9,7 +9,7 @@ mod matmul;
 mod norm;
 
 pub use activation::{geglu, gelu, quick_gelu, silu};
-pub use attention::attention;
+pub use attention::{attention, AttentionShape};
 pub use conv::{conv2d, Conv2dGeometry};
 pub use matmul::{matmul, Transpose};
 pub use norm::{group_norm, layer_norm};

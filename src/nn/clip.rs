@@ -2,7 +2,7 @@
 
 use super::layers::{add_assign, LayerNorm, Linear};
 use crate::error::Result;
-use crate::kernels;
+use crate::kernels::{self, AttentionShape};
 use crate::weights::Weights;
 
 struct EncoderLayer {
@@ -37,7 +37,19 @@ impl EncoderLayer {
         let mut h = x.to_vec();
         self.layer_norm1.forward(&mut h);
         let (q, k, v) = (self.q.forward(&h), self.k.forward(&h), self.v.forward(&h));
-        let attended = kernels::attention(&q, &k, &v, n, tokens, tokens, dim, heads, true);
+        let attended = kernels::attention(
+            &q,
+            &k,
+            &v,
+            AttentionShape {
+                batch: n,
+                q_len: tokens,
+                kv_len: tokens,
+                channels: dim,
+                heads,
+                causal: true,
+            },
+        );
         add_assign(x, &self.out.forward(&attended));
         h.copy_from_slice(x);
         self.layer_norm2.forward(&mut h);
@@ -123,7 +135,7 @@ impl TextEncoder {
 /// Attention heads are not stored in the checkpoint. CLIP text models use 64-wide heads
 /// (ViT-L/14: 768 → 12); test-sized models (width < 64) use 8-wide heads (tiny: 32 → 4).
 fn heads_for_width(dim: usize) -> usize {
-    if dim >= 64 && dim % 64 == 0 {
+    if dim >= 64 && dim.is_multiple_of(64) {
         dim / 64
     } else {
         (dim / 8).max(1)

@@ -3,7 +3,7 @@
 
 use super::layers::{add_assign, from_tokens, to_tokens, GroupNorm, LayerNorm, Linear};
 use crate::error::Result;
-use crate::kernels;
+use crate::kernels::{self, AttentionShape};
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -36,7 +36,19 @@ impl Attention {
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(ctx);
         let v = self.to_v.forward(ctx);
-        let o = kernels::attention(&q, &k, &v, n, lq, lk, dim, self.heads, false);
+        let o = kernels::attention(
+            &q,
+            &k,
+            &v,
+            AttentionShape {
+                batch: n,
+                q_len: lq,
+                kv_len: lk,
+                channels: dim,
+                heads: self.heads,
+                causal: false,
+            },
+        );
         self.to_out.forward(&o)
     }
 }

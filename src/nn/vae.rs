@@ -5,7 +5,7 @@ use super::layers::{
 };
 use super::resnet::ResnetBlock;
 use crate::error::{Error, Result};
-use crate::kernels;
+use crate::kernels::{self, AttentionShape};
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -45,7 +45,19 @@ impl AttnBlock {
             self.k.forward(&tokens),
             self.v.forward(&tokens),
         );
-        let attended = kernels::attention(&q, &k, &v, n, h * w, h * w, c, 1, false);
+        let attended = kernels::attention(
+            &q,
+            &k,
+            &v,
+            AttentionShape {
+                batch: n,
+                q_len: h * w,
+                kv_len: h * w,
+                channels: c,
+                heads: 1,
+                causal: false,
+            },
+        );
         let mut out = from_tokens(&self.proj_out.forward(&attended), n, c, h, w);
         add_assign(&mut out.data, &x.data);
         out
