@@ -28,18 +28,57 @@ pub enum DType {
     BF16,
     I64,
     I32,
+    /// A GGML block type (q8_0, q4_0, q4_K, …) from a GGUF file: values come in blocks with scales.
+    Quant(quant::GgmlType),
     /// A type we can list but not compute with (e.g. F8, U8 in a checkpoint's extras).
     Other,
 }
 
 impl DType {
-    /// Bytes per element, None for `Other`.
+    /// Bytes per element, None for block types and `Other`.
     pub fn size_bytes(self) -> Option<usize> {
         match self {
             DType::F32 | DType::I32 => Some(4),
             DType::F16 | DType::BF16 => Some(2),
             DType::I64 => Some(8),
-            DType::Other => None,
+            DType::Quant(_) | DType::Other => None,
+        }
+    }
+
+    /// Bytes of `n` consecutive values (whole blocks for block types), None if not representable.
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        match self {
+            DType::Quant(ty) => ty.bytes_for(n as u64).and_then(|b| usize::try_from(b).ok()),
+            other => other.size_bytes().and_then(|s| s.checked_mul(n)),
+        }
+    }
+
+    /// Values that must be read together (the block size; 1 for plain types).
+    pub fn block_elems(self) -> usize {
+        match self {
+            DType::Quant(ty) => ty.info().block_elems,
+            _ => 1,
+        }
+    }
+
+    /// Whether networks can take weights of this type.
+    pub fn is_float(self) -> bool {
+        matches!(
+            self,
+            DType::F32 | DType::F16 | DType::BF16 | DType::Quant(_)
+        )
+    }
+
+    /// Short name as users see it (`f16`, `q4_0`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::Quant(ty) => ty.name(),
+            DType::Other => "other",
         }
     }
 }
@@ -185,8 +224,31 @@ impl TensorStore {
     /// Converts a tensor to f32 into `out` (len = numel). Integer tensors are converted by value.
     pub fn read_f32(&self, info: &TensorInfo, out: &mut [f32]) -> Result<()> {
         assert_eq!(out.len(), info.numel());
-        let bytes = self.bytes(info);
+        self.read_f32_range(info, 0, out)
+    }
+
+    /// Converts values `first .. first + out.len()` (C order) of a tensor to f32. For block types
+    /// both ends must fall on block boundaries.
+    pub fn read_f32_range(&self, info: &TensorInfo, first: usize, out: &mut [f32]) -> Result<()> {
+        assert!(
+            first + out.len() <= info.numel(),
+            "range past the end of `{}`",
+            info.name
+        );
+        let block = info.dtype.block_elems();
+        assert!(
+            first % block == 0 && out.len() % block == 0,
+            "`{}`: range not on {block}-value block boundaries",
+            info.name
+        );
+        let all = self.bytes(info);
+        let (start, len) = match (info.dtype.bytes_for(first), info.dtype.bytes_for(out.len())) {
+            (Some(s), Some(l)) => (s, l),
+            _ => (0, 0),
+        };
+        let bytes = &all[start..start + len];
         match info.dtype {
+            DType::Quant(ty) => quant::dequantize(ty, bytes, out),
             DType::F32 => {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
@@ -242,7 +304,28 @@ impl Param {
         &self.info().shape
     }
 
-    /// The weight as f32 values (a transient copy; the mapping stays the only resident form).
+    /// Outer rows (the first dimension: output features or output channels).
+    pub fn rows(&self) -> usize {
+        self.shape().first().copied().unwrap_or(1)
+    }
+
+    /// Values per outer row.
+    pub fn row_len(&self) -> usize {
+        self.info().numel() / self.rows().max(1)
+    }
+
+    /// Rows `first .. first + count` as f32 into `out` (count · row_len values): the panel read that
+    /// lets matmul consume quantized weights without ever expanding a whole tensor.
+    pub fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+        let row_len = self.row_len();
+        assert_eq!(out.len(), count * row_len);
+        self.store
+            .read_f32_range(self.info(), first * row_len, out)
+            .expect("param dtype checked at build time");
+    }
+
+    /// The weight as f32 values (a transient copy; the mapping stays the only resident form). For
+    /// small tensors (biases, norms); matrices are read in panels with `read_rows`.
     pub fn to_f32(&self) -> Vec<f32> {
         let info = self.info();
         let mut out = vec![0.0; info.numel()];
@@ -324,12 +407,26 @@ impl Weights {
             .get(&key)
             .ok_or_else(|| Error::MissingTensor(key.clone()))?;
         let info = &self.store.tensors[index];
-        if !matches!(info.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        if !info.dtype.is_float() {
             return Err(Error::bad_file(
                 self.store.path_of(info),
                 format!(
-                    "weight `{key}` has type {:?}; expected f32, f16 or bf16",
-                    info.dtype
+                    "weight `{key}` has type {}; expected a float or GGML block type",
+                    info.dtype.name()
+                ),
+            ));
+        }
+        // Panels are read by outer row, so each row of a block type must be whole blocks (a 1-D
+        // tensor is read whole).
+        let row_len = info.numel() / info.shape.first().copied().unwrap_or(1).max(1);
+        if info.shape.len() > 1 && row_len % info.dtype.block_elems() != 0 {
+            return Err(Error::bad_file(
+                self.store.path_of(info),
+                format!(
+                    "weight `{key}` {:?} has rows of {row_len} values, not whole {}-value {} blocks",
+                    info.shape,
+                    info.dtype.block_elems(),
+                    info.dtype.name()
                 ),
             ));
         }
