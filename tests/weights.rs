@@ -200,7 +200,7 @@ fn f16_bf16_f32_and_integers_read_as_f32_exactly() {
     ));
     assert_one_line(
         &weights.param("i", &[2]).err().unwrap(),
-        &["`i`", "I64", "expected f32, f16 or bf16"],
+        &["`i`", "i64", "expected a float or GGML block type"],
     );
 }
 
