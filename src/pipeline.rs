@@ -1,5 +1,6 @@
 //! txt2img orchestration: job → load → encode → denoise → decode.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -78,6 +79,24 @@ pub fn generate(models: &Models, job: &Job, on_event: &mut dyn FnMut(Event)) -> 
     generate_from_noise(models, job, initial, &mut noise, on_event)
 }
 
+/// As `generate`, but abandons the run with `Error::Interrupted` once `cancel` is set: checked before
+/// each UNet evaluation and before the VAE decode, so a signal costs at most one step's wait.
+pub fn generate_with_cancel(
+    models: &Models,
+    job: &Job,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Generated> {
+    let shape = latent_shape(models, job);
+    let mut rng = TorchRng::new(job.seed);
+    let initial = rng.randn(&shape);
+    let mut noise = LatentNoise {
+        rng: &mut rng,
+        shape: &shape,
+    };
+    run(models, job, initial, &mut noise, Some(cancel), on_event)
+}
+
 /// [1, 4, H/8, W/8].
 pub fn latent_shape(models: &Models, job: &Job) -> Vec<usize> {
     vec![
@@ -97,6 +116,18 @@ pub fn generate_from_noise(
     noise: &mut dyn NoiseSource,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Generated> {
+    run(models, job, initial, noise, None, on_event)
+}
+
+fn run(
+    models: &Models,
+    job: &Job,
+    initial: Vec<f32>,
+    noise: &mut dyn NoiseSource,
+    cancel: Option<&AtomicBool>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Generated> {
+    let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     job.validate()?;
     let clip_skip = job.clip_skip as usize;
     if clip_skip > models.text_encoder.num_layers() {
@@ -127,6 +158,9 @@ pub fn generate_from_noise(
 
     on_event(Event::Stage("denoise"));
     let mut model = |input: &[f32], t: f32| -> Result<Vec<f32>> {
+        if cancelled() {
+            return Err(Error::Interrupted);
+        }
         let x = Tensor::new(shape.clone(), input.to_vec());
         Ok(predict_noise(
             &models.unet,
@@ -153,6 +187,9 @@ pub fn generate_from_noise(
         &mut on_step,
     )?;
     let latent = Tensor::new(shape.clone(), latent);
+    if cancelled() {
+        return Err(Error::Interrupted);
+    }
 
     on_event(Event::Stage("decode"));
     let image = decode(&models.decoder, &latent);

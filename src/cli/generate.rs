@@ -2,7 +2,6 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -11,7 +10,8 @@ use sdcap::job::{Job, ScheduleKind};
 use sdcap::weights::TensorStore;
 use sdcap::{output, pipeline, Error};
 
-use super::progress::Progress;
+use super::batch::cancel_on_signals;
+use super::progress::{round3, Progress};
 use super::threads::default_threads;
 use super::{GenerateArgs, DEFAULT_MODEL};
 
@@ -42,11 +42,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(vae) = &job.vae {
         check_model_file(vae, "VAE")?;
     }
+    let mut progress = Progress::new(args.progress);
     if default_model {
-        eprintln!(
+        progress.message(&format!(
             "sdcap: no --model given; using the shipped demo model {DEFAULT_MODEL} \
              (random weights: the image will be noise)"
-        );
+        ));
     }
 
     let threads = args.threads.unwrap_or_else(default_threads);
@@ -55,24 +56,33 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .build_global()
         .context("cannot start the compute thread pool")?;
 
-    let mut progress = Progress::new(std::io::stderr().is_terminal());
-    let generated = pipeline::txt2img(&job, &mut |event| progress.on_event(event))?;
-    drop(progress);
+    // SIGINT/SIGTERM abandon the run at the next step: no file is written, exit 130.
+    let cancel = cancel_on_signals()?;
+    let mut on_event = |event| progress.on_event(event);
+    on_event(pipeline::Event::Stage("load"));
+    let models = pipeline::Models::load(&job)?;
+    let generated = pipeline::generate_with_cancel(&models, &job, &cancel, &mut on_event)?;
+    drop(models);
 
     output::write_png(
         &args.output,
         &generated.image,
         &output::parameters_text(&job),
     )?;
-    eprintln!(
-        "sdcap: wrote {} ({}x{}, {} steps, {}, seed {}) in {:.1} s",
-        args.output.display(),
-        job.width,
-        job.height,
-        job.steps,
-        sampler_label(&job),
-        job.seed,
-        started.elapsed().as_secs_f64()
+    let seconds = started.elapsed().as_secs_f64();
+    progress.summary(
+        serde_json::json!({ "output": args.output.display().to_string(), "width": job.width,
+            "height": job.height, "steps": job.steps, "sampler": sampler_label(&job),
+            "seed": job.seed, "seconds": round3(seconds) }),
+        &format!(
+            "sdcap: wrote {} ({}x{}, {} steps, {}, seed {}) in {seconds:.1} s",
+            args.output.display(),
+            job.width,
+            job.height,
+            job.steps,
+            sampler_label(&job),
+            job.seed,
+        ),
     );
     Ok(())
 }
@@ -132,7 +142,7 @@ fn check_output(path: &Path) -> sdcap::Result<()> {
 /// open as .safetensors (header only: the tensors stay unread); a folder is a diffusers layout that
 /// the loader checks. When the loader learns more single-file formats (GGUF), this should call its
 /// format dispatch instead.
-fn check_model_file(path: &Path, what: &str) -> sdcap::Result<()> {
+pub(super) fn check_model_file(path: &Path, what: &str) -> sdcap::Result<()> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Err(Error::bad_file(path, format!("{what} file not found")))

@@ -3,6 +3,7 @@
 //! Thin by design: each subcommand turns its flags into a library request, calls the library, and
 //! reports. Flag names follow stable-diffusion.cpp where a flag means the same.
 
+mod batch;
 mod generate;
 mod progress;
 mod threads;
@@ -33,6 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image from a text prompt (txt2img) and write it as PNG.
     Generate(GenerateArgs),
+    /// Run a JSON Lines file of jobs into a directory: resumable, shardable, one model load.
+    Batch(batch::BatchArgs),
 }
 
 // Numeric flags take negative numbers as values, so `-W -512` is reported as a bad width rather than
@@ -129,6 +132,10 @@ pub struct GenerateArgs {
     /// Output PNG; written only once the image is complete, replacing any file there.
     #[arg(short = 'o', long, value_name = "PATH", default_value = "output.png")]
     pub output: PathBuf,
+
+    /// Progress display: auto = a bar on a terminal, JSON lines on stderr otherwise.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = progress::ProgressMode::Auto)]
+    pub progress: progress::ProgressMode,
 }
 
 fn names_help(what: &str, names: &[&str]) -> String {
@@ -151,10 +158,11 @@ pub fn main() -> ExitCode {
         Err(e) => return clap_exit(e),
     };
     let outcome = match cli.command {
-        Command::Generate(args) => generate::run(args),
+        Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Batch(args) => batch::run(args),
     };
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("sdcap: error: {}", one_line(&format!("{e:#}")));
             ExitCode::from(exit_code(&e))

@@ -1,0 +1,75 @@
+//! Output names: `{index:06}-{hash:012x}.png`, e.g. `000007-3fa95c01d2b4.png`.
+//!
+//! The index keeps a directory listing in job-file order; the hash is of the job's canonical form
+//! (every setting that changes the pixels or the PNG's parameters text), so the name is the same on
+//! every run and every machine, and a job whose settings were edited gets a new name and runs
+//! again. The model and VAE enter by file name only, not by full path: the same model mounted at
+//! another path (a container, another node) keeps the names. Threads do not enter: they do not
+//! change the output.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::job::Job;
+
+/// Bump when the canonical form changes meaning, so old outputs are not taken as done.
+const CANONICAL_VERSION: u32 = 1;
+
+#[derive(Serialize)]
+struct Canonical<'a> {
+    v: u32,
+    model: String,
+    vae: Option<String>,
+    prompt: &'a str,
+    negative: &'a str,
+    width: u32,
+    height: u32,
+    steps: u32,
+    cfg: f32,
+    sampler: &'static str,
+    scheduler: &'static str,
+    seed: u64,
+    clip_skip: u32,
+    rng: &'static str,
+}
+
+/// The job as one line of JSON with a fixed field order.
+pub fn canonical(job: &Job) -> String {
+    let c = Canonical {
+        v: CANONICAL_VERSION,
+        model: file_name(&job.model),
+        vae: job.vae.as_deref().map(file_name),
+        prompt: &job.prompt,
+        negative: &job.negative,
+        width: job.width,
+        height: job.height,
+        steps: job.steps,
+        cfg: job.cfg_scale,
+        sampler: job.sampler.name(),
+        scheduler: job.scheduler.name(),
+        seed: job.seed,
+        clip_skip: job.clip_skip,
+        rng: job.rng.name(),
+    };
+    serde_json::to_string(&c).expect("a job always serialises")
+}
+
+/// 64-bit FNV-1a of the canonical form: fixed by definition (unlike `std`'s hasher), so names
+/// survive a compiler upgrade. Naming needs no cryptographic strength, the index separates jobs.
+pub fn job_hash(job: &Job) -> u64 {
+    canonical(job).bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The output file name of job `index`.
+pub fn output_name(index: usize, job: &Job) -> String {
+    format!("{index:06}-{:012x}.png", job_hash(job) >> 16)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}

@@ -1,0 +1,140 @@
+//! `DIR/results.jsonl`: one JSON line per job per run, appended.
+//!
+//! ```text
+//! {"job":3,"line":4,"shard":"0/1","status":"ok","output":"out/000003-3fa95c01d2b4.png","seconds":41.2,"peak_mib":3391.5,"rss_mib":2210.3,"error":null,"unix_time":1767000000}
+//! ```
+//!
+//! The file is a log, never rewritten: a rerun appends `skipped` lines for outputs already there, so
+//! a job's current state is its last line. All shards of a batch append to the same file; each line
+//! goes in under an exclusive `flock` on the file, opened `O_APPEND`, so lines from concurrent
+//! shards never interleave, on a local disk or NFS alike.
+//!
+//! Memory figures come from `/proc/self/status`: `peak_mib` is `VmHWM`, the peak resident set,
+//! reset before each job by writing `5` to `/proc/self/clear_refs` so that it is this job's peak
+//! (model loading included for the first job of a model). Where the kernel refuses the reset it is
+//! the peak since the batch started. `rss_mib` is `VmRSS` once the job's buffers are freed: the
+//! memory the process carries into the next job.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const RESULTS_FILE: &str = "results.jsonl";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Generated and written.
+    Ok,
+    /// Not run or not finished because of this job (bad line, bad model, write error).
+    Failed,
+    /// Its output was already there (an earlier run finished it).
+    Skipped,
+    /// Abandoned by SIGTERM/SIGINT; no file was written, the next run does it.
+    Interrupted,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    /// The job's 0-based index among the job file's jobs.
+    pub job: usize,
+    /// Its 1-based line in the job file.
+    pub line: usize,
+    /// `I/N` of the shard that ran it.
+    pub shard: String,
+    pub status: Status,
+    /// The PNG's path (`DIR/name`); `null` when the line is not a valid job.
+    pub output: Option<String>,
+    /// Wall time of the job: generation and writing, the model load for the first job of a model.
+    pub seconds: f64,
+    pub peak_mib: Option<f64>,
+    pub rss_mib: Option<f64>,
+    pub error: Option<String>,
+    /// When the line was written, seconds since 1970.
+    pub unix_time: u64,
+}
+
+/// The results file, open for appending.
+pub struct ResultsLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl ResultsLog {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(RESULTS_FILE);
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(ResultsLog { file, path })
+    }
+
+    pub fn append(&mut self, record: &Record) -> Result<()> {
+        let mut line = serde_json::to_string(record).expect("a record always serialises");
+        line.push('\n');
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        self.file.lock().map_err(io)?;
+        let written = self.file.write_all(line.as_bytes());
+        let unlocked = self.file.unlock();
+        written.map_err(io)?;
+        unlocked.map_err(io)
+    }
+}
+
+/// Reads a results file back (for tests and tools); lines that do not parse are skipped.
+pub fn read_results(path: &Path) -> Result<Vec<Record>> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Resets the process's peak RSS (`VmHWM`); false where the kernel does not allow it.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// `VmHWM` in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    status_kib("VmHWM").map(kib_to_mib)
+}
+
+/// `VmRSS` in MiB.
+pub fn rss_mib() -> Option<f64> {
+    status_kib("VmRSS").map(kib_to_mib)
+}
+
+/// To MiB with one decimal (0.1 MiB is far below any difference that matters here).
+fn kib_to_mib(kib: u64) -> f64 {
+    (kib as f64 / 102.4).round() / 10.0
+}
+
+fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        rest.trim().strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
+pub fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,248 @@
+//! Runs this shard's jobs: skip what is done, load each model once, generate, write, record.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::jobfile::Entry;
+use super::lock::lock_dir;
+use super::naming::output_name;
+use super::results::{self, Record, ResultsLog, Status};
+use super::shard::Shard;
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::output;
+use crate::pipeline::{self, Event, Models};
+
+/// What the runner reports as it goes (the CLI shows it as a bar or JSON lines).
+#[derive(Debug)]
+pub enum BatchEvent<'a> {
+    /// After planning: jobs in the file, jobs of this shard, and how many of those will run (the
+    /// rest failed to parse or are already done, and have been reported with `JobDone`).
+    Start {
+        jobs: usize,
+        mine: usize,
+        to_run: usize,
+        shard: Shard,
+    },
+    /// A model is being opened, for the `jobs` that use it.
+    Loading { model: &'a Path, jobs: usize },
+    JobStart {
+        index: usize,
+        name: &'a str,
+        job: &'a Job,
+    },
+    /// A pipeline stage or step of job `index`.
+    Pipeline { index: usize, event: Event },
+    /// A job's result line, as appended to `results.jsonl`.
+    JobDone(&'a Record),
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    pub ok: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    /// A signal stopped the batch; `not_run` jobs are left for the next run.
+    pub interrupted: bool,
+    pub not_run: usize,
+    pub seconds: f64,
+}
+
+/// A job that will run.
+struct Todo<'a> {
+    entry: &'a Entry,
+    job: &'a Job,
+    name: String,
+}
+
+/// Runs the jobs of `shard` into `dir` (created if missing), under the directory lock. Fails only
+/// when the batch cannot start (lock held, `dir` or the results file not writable) or the results
+/// file cannot be written; a job's own failure is recorded and the batch goes on. Once `cancel` is
+/// set, the current job is abandoned at its next step (recorded `interrupted`, no file written)
+/// and no further job starts.
+pub fn run(
+    entries: &[Entry],
+    dir: &Path,
+    shard: Shard,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(BatchEvent),
+) -> Result<Summary> {
+    let started = Instant::now();
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let _lock = lock_dir(dir, shard)?;
+    let mut log = ResultsLog::open(dir)?;
+    let mut summary = Summary::default();
+    let mut done = |rec: Record, s: &mut Summary, on_event: &mut dyn FnMut(BatchEvent)| {
+        match rec.status {
+            Status::Ok => s.ok += 1,
+            Status::Failed => s.failed += 1,
+            Status::Skipped => s.skipped += 1,
+            Status::Interrupted => {}
+        }
+        log.append(&rec)?;
+        on_event(BatchEvent::JobDone(&rec));
+        Ok::<(), Error>(())
+    };
+
+    // Plan: bad lines fail and finished outputs are skipped before any model is touched.
+    let mine: Vec<&Entry> = entries.iter().filter(|e| shard.owns(e.index)).collect();
+    let mut todo = Vec::new();
+    let mut early = Vec::new();
+    for entry in &mine {
+        match &entry.job {
+            Err(msg) => early.push(record(entry, shard, Status::Failed, None, 0.0, Some(msg))),
+            Ok(job) => {
+                let name = output_name(entry.index, job);
+                if dir.join(&name).is_file() {
+                    let out = Some(dir.join(&name));
+                    early.push(record(entry, shard, Status::Skipped, out, 0.0, None));
+                } else {
+                    todo.push(Todo { entry, job, name });
+                }
+            }
+        }
+    }
+    on_event(BatchEvent::Start {
+        jobs: entries.len(),
+        mine: mine.len(),
+        to_run: todo.len(),
+        shard,
+    });
+    for rec in early {
+        done(rec, &mut summary, on_event)?;
+    }
+
+    let mut remaining = todo.len();
+    'groups: for group in group_by_model(todo) {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        on_event(BatchEvent::Loading {
+            model: &group[0].job.model,
+            jobs: group.len(),
+        });
+        results::reset_peak_rss();
+        let load_started = Instant::now();
+        let models = match Models::load(group[0].job) {
+            Ok(m) => m,
+            Err(e) => {
+                let seconds = load_started.elapsed().as_secs_f64();
+                for t in &group {
+                    let msg = format!("cannot load the model: {e}");
+                    let out = Some(dir.join(&t.name));
+                    let rec = record(t.entry, shard, Status::Failed, out, seconds, Some(&msg));
+                    done(rec, &mut summary, on_event)?;
+                    remaining -= 1;
+                }
+                continue;
+            }
+        };
+        for (k, t) in group.iter().enumerate() {
+            if cancel.load(Ordering::Relaxed) {
+                break 'groups;
+            }
+            let job_started = if k == 0 {
+                load_started
+            } else {
+                results::reset_peak_rss();
+                Instant::now()
+            };
+            let rec = run_one(&models, t, dir, shard, cancel, job_started, on_event);
+            let interrupted = rec.status == Status::Interrupted;
+            done(rec, &mut summary, on_event)?;
+            remaining -= 1;
+            if interrupted {
+                summary.interrupted = true;
+                break 'groups;
+            }
+        }
+    }
+    summary.interrupted |= cancel.load(Ordering::Relaxed) && remaining > 0;
+    summary.not_run = remaining;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn run_one(
+    models: &Models,
+    t: &Todo,
+    dir: &Path,
+    shard: Shard,
+    cancel: &AtomicBool,
+    started: Instant,
+    on_event: &mut dyn FnMut(BatchEvent),
+) -> Record {
+    let index = t.entry.index;
+    on_event(BatchEvent::JobStart {
+        index,
+        name: &t.name,
+        job: t.job,
+    });
+    let path = dir.join(&t.name);
+    let generated = pipeline::generate_with_cancel(models, t.job, cancel, &mut |event| {
+        on_event(BatchEvent::Pipeline { index, event })
+    });
+    let outcome = generated.and_then(|g| {
+        output::write_png(&path, &g.image, &output::parameters_text(t.job))
+        // `g` is dropped here, before the RSS reading below.
+    });
+    let seconds = started.elapsed().as_secs_f64();
+    let (status, error) = match outcome {
+        Ok(()) => (Status::Ok, None),
+        Err(Error::Interrupted) => (
+            Status::Interrupted,
+            Some("interrupted by a signal; no file written".to_string()),
+        ),
+        Err(e) => (Status::Failed, Some(e.to_string())),
+    };
+    record(
+        t.entry,
+        shard,
+        status,
+        Some(path),
+        seconds,
+        error.as_deref(),
+    )
+}
+
+/// Jobs grouped by (model, VAE), groups in order of first appearance, jobs in file order within
+/// a group: each model is loaded once, and only one is in memory at a time.
+fn group_by_model(todo: Vec<Todo<'_>>) -> Vec<Vec<Todo<'_>>> {
+    let mut groups: Vec<Vec<Todo>> = Vec::new();
+    for t in todo {
+        let key = |x: &Todo| (x.job.model.clone(), x.job.vae.clone());
+        match groups.iter_mut().find(|g| key(&g[0]) == key(&t)) {
+            Some(g) => g.push(t),
+            None => groups.push(vec![t]),
+        }
+    }
+    groups
+}
+
+fn record(
+    entry: &Entry,
+    shard: Shard,
+    status: Status,
+    output: Option<PathBuf>,
+    seconds: f64,
+    error: Option<&str>,
+) -> Record {
+    let measured =
+        matches!(status, Status::Ok | Status::Failed | Status::Interrupted) && seconds > 0.0;
+    Record {
+        job: entry.index,
+        line: entry.line,
+        shard: shard.to_string(),
+        status,
+        output: output.map(|p| p.display().to_string()),
+        seconds: (seconds * 1000.0).round() / 1000.0,
+        peak_mib: measured.then(results::peak_rss_mib).flatten(),
+        rss_mib: measured.then(results::rss_mib).flatten(),
+        error: error.map(str::to_string),
+        unix_time: results::unix_time(),
+    }
+}

@@ -1,0 +1,279 @@
+//! `sdcap batch JOBS --out DIR`: flags → default `Job` → `batch::run` → exit code.
+//!
+//! Exit codes: 0 every job of this shard is ok or was already done; 4 some failed (see
+//! `results.jsonl`); 2 the batch could not start (bad flags, unreadable job file, missing model,
+//! directory locked by another run); 130 interrupted (finished outputs kept, the current one
+//! abandoned without a file; rerun to resume).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use sdcap::batch::{self, shard, BatchEvent, Shard, Status};
+use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::Error;
+use serde_json::json;
+
+use super::generate::check_model_file;
+use super::progress::{round3, Progress, ProgressMode};
+use super::threads::default_threads;
+use super::{names_help, parse_threads, DEFAULT_MODEL};
+
+/// Exit code when some jobs failed and the others were done.
+const EXIT_SOME_FAILED: u8 = 4;
+const EXIT_INTERRUPTED: u8 = 130;
+
+// The job defaults mirror `generate`'s flags (same names, same defaults).
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// Job file: JSON Lines, one job per line, e.g. {"prompt": "a lighthouse", "seed": 1};
+    /// `-` reads standard input. Fields: prompt, negative, seed, width, height, steps, cfg,
+    /// sampler, scheduler, clip_skip, rng, model, vae; a field left out takes the flag's value.
+    #[arg(value_name = "JOBS")]
+    pub jobs: PathBuf,
+
+    /// Output directory (created if missing): one PNG per job, results.jsonl, the lock file.
+    #[arg(short = 'o', long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Run only shard I of N: the jobs whose 0-based index i has i mod N = I. Without it,
+    /// JOB_COMPLETION_INDEX (Kubernetes) or SLURM_ARRAY_TASK_ID (Slurm) choose the shard.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<Shard>,
+
+    /// Number of shards when JOB_COMPLETION_INDEX gives the index (or set SDCAP_SHARD_COUNT).
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub shard_count: Option<usize>,
+
+    /// Progress display: auto = a bar on a terminal, JSON lines on stderr otherwise.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = ProgressMode::Auto)]
+    pub progress: ProgressMode,
+
+    /// Default model: single-file .safetensors checkpoint (LDM layout) or diffusers folder.
+    /// Default: the shipped tiny demo model (random weights, the images are noise).
+    #[arg(short = 'm', long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+
+    /// Default separate VAE file replacing the model's own.
+    #[arg(long, value_name = "PATH")]
+    pub vae: Option<PathBuf>,
+
+    /// Default prompt, for jobs without one.
+    #[arg(short = 'p', long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+
+    /// Default negative prompt.
+    #[arg(short = 'n', long, value_name = "TEXT", default_value = "")]
+    pub negative_prompt: String,
+
+    /// Default image width in pixels (multiple of 8, 64..=2048).
+    #[arg(short = 'W', long, value_name = "PX", default_value_t = 512)]
+    pub width: u32,
+
+    /// Default image height in pixels (multiple of 8, 64..=2048).
+    #[arg(short = 'H', long, value_name = "PX", default_value_t = 512)]
+    pub height: u32,
+
+    /// Default number of sampling steps.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub steps: u32,
+
+    /// Default classifier-free guidance scale.
+    #[arg(long, value_name = "SCALE", default_value_t = 7.0)]
+    pub cfg_scale: f32,
+
+    #[arg(long, value_name = "NAME", default_value = "euler_a", help = names_help("Default sampling method", SamplerKind::NAMES))]
+    pub sampling_method: SamplerKind,
+
+    #[arg(long, value_name = "NAME", default_value = "discrete", help = names_help("Default noise schedule", ScheduleKind::NAMES))]
+    pub scheduler: ScheduleKind,
+
+    /// Default seed (a batch needs fixed seeds, so that a rerun finds its outputs).
+    #[arg(short = 's', long, value_name = "N", default_value_t = 42)]
+    pub seed: u64,
+
+    /// Default CLIP layer: 1 = last, 2 = penultimate.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub clip_skip: u32,
+
+    #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Default random number generator", RngKind::NAMES))]
+    pub rng: RngKind,
+
+    /// Compute threads [default: physical cores, at most the CPUs this process may use].
+    #[arg(short = 't', long, value_name = "N", value_parser = parse_threads)]
+    pub threads: Option<usize>,
+}
+
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("shard count must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a shard count: {e}")),
+    }
+}
+
+pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
+    let default_model = args.model.is_none();
+    let defaults = Job {
+        model: args.model.unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL)),
+        vae: args.vae,
+        prompt: args.prompt.unwrap_or_default(),
+        negative: args.negative_prompt,
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        cfg_scale: args.cfg_scale,
+        sampler: args.sampling_method,
+        scheduler: args.scheduler,
+        seed: args.seed,
+        clip_skip: args.clip_skip,
+        rng: args.rng,
+    };
+    // Defaults that no job could use are refused before anything starts.
+    defaults.validate()?;
+    let env = |name: &str| std::env::var(name).ok();
+    let (shard, source) = shard::resolve(args.shard, args.shard_count, &env)?;
+    let entries = batch::read_jobs(&args.jobs, &defaults)?;
+
+    // The flag-given model and VAE are checked now, when this shard has a job that uses them: a
+    // typo should stop the batch (exit 2), not fail every job. A job's own `model` that is bad
+    // fails that model's jobs only.
+    let mine = || {
+        entries
+            .iter()
+            .filter(|e| shard.owns(e.index))
+            .filter_map(|e| e.job.as_ref().ok())
+    };
+    if mine().any(|j| j.model == defaults.model) {
+        check_model_file(&defaults.model, "model")?;
+    }
+    if let Some(vae) = &defaults.vae {
+        if mine().any(|j| j.vae.as_ref() == Some(vae)) {
+            check_model_file(vae, "VAE")?;
+        }
+    }
+
+    let threads = args.threads.unwrap_or_else(default_threads);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .context("cannot start the compute thread pool")?;
+    let cancel = cancel_on_signals()?;
+
+    let mut progress = Progress::new(args.progress);
+    let demo_notice = default_model && mine().any(|j| j.model == defaults.model);
+    let mut running = false;
+    let summary = batch::run(
+        &entries,
+        &args.out,
+        shard,
+        &cancel,
+        &mut |event| match event {
+            BatchEvent::Start {
+                jobs,
+                mine,
+                to_run,
+                shard,
+            } => {
+                // Only now, under the lock: a run refused for a held lock prints its one error line.
+                if demo_notice {
+                    progress.message(&format!(
+                        "sdcap: no --model given; jobs without `model` use the shipped demo model \
+                     {DEFAULT_MODEL} (random weights: the images will be noise)"
+                    ));
+                }
+                progress.batch_start(
+                    json!({ "jobs": jobs, "shard": shard.to_string(),
+                        "shard_from": source.to_string(), "mine": mine, "to_run": to_run,
+                        "out": args.out.display().to_string() }),
+                    to_run,
+                );
+            }
+            BatchEvent::Loading { model, jobs } => {
+                running = true;
+                progress.loading(
+                    json!({ "model": model.display().to_string(), "jobs": jobs }),
+                    &format!("sdcap: loading {} for {jobs} job(s)", model.display()),
+                );
+            }
+            BatchEvent::JobStart { index, name, job } => progress.job_start(
+                index,
+                json!({ "name": name, "width": job.width, "height": job.height,
+                    "steps": job.steps, "seed": job.seed }),
+            ),
+            BatchEvent::Pipeline { event, .. } => progress.on_event(event),
+            BatchEvent::JobDone(rec) => {
+                if matches!(rec.status, Status::Failed | Status::Interrupted) && !progress.is_json()
+                {
+                    let what = rec.error.as_deref().unwrap_or("no reason given");
+                    progress.message(&format!(
+                        "sdcap: job {} (line {}) {}: {what}",
+                        rec.job,
+                        rec.line,
+                        if rec.status == Status::Failed {
+                            "failed"
+                        } else {
+                            "interrupted"
+                        }
+                    ));
+                }
+                let fields = serde_json::to_value(rec).unwrap_or_default();
+                progress.job_done(fields, running);
+            }
+        },
+    )?;
+
+    let results = args.out.join(batch::results::RESULTS_FILE);
+    let verdict = if summary.interrupted {
+        format!(
+            "interrupted; {} job(s) left for the next run",
+            summary.not_run
+        )
+    } else {
+        "done".to_string()
+    };
+    progress.summary(
+        json!({ "ok": summary.ok, "failed": summary.failed, "skipped": summary.skipped,
+                "interrupted": summary.interrupted, "not_run": summary.not_run,
+                "seconds": round3(summary.seconds), "shard": shard.to_string(),
+                "results": results.display().to_string() }),
+        &format!(
+            "sdcap: batch {verdict}: {} ok, {} failed, {} skipped in {:.1} s (shard {shard}); \
+             results in {}",
+            summary.ok,
+            summary.failed,
+            summary.skipped,
+            summary.seconds,
+            results.display()
+        ),
+    );
+    Ok(ExitCode::from(if summary.interrupted {
+        EXIT_INTERRUPTED
+    } else if summary.failed > 0 {
+        EXIT_SOME_FAILED
+    } else {
+        0
+    }))
+}
+
+/// SIGINT and SIGTERM set the returned flag: the run stops at the next step boundary and cleans
+/// up. A second signal, while the first is being handled, exits at once with 130 (a PNG being
+/// written at that instant may leave its hidden temporary file).
+pub fn cancel_on_signals() -> Result<Arc<AtomicBool>, Error> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = Arc::new(AtomicBool::new(false));
+    let io = |source| Error::Io {
+        path: PathBuf::from("<signal handler>"),
+        source,
+    };
+    for signal in [SIGINT, SIGTERM] {
+        // Order matters: the shutdown check must see the flag as it was before this signal.
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&flag))
+            .map_err(io)?;
+        signal_hook::flag::register(signal, Arc::clone(&flag)).map_err(io)?;
+    }
+    Ok(flag)
+}

@@ -1,0 +1,1 @@
+//! The swap-guide example files parse.
