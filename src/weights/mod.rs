@@ -237,7 +237,7 @@ impl TensorStore {
         );
         let block = info.dtype.block_elems();
         assert!(
-            first % block == 0 && out.len() % block == 0,
+            first.is_multiple_of(block) && out.len().is_multiple_of(block),
             "`{}`: range not on {block}-value block boundaries",
             info.name
         );
