@@ -4,6 +4,7 @@
 //! → decode (VAE) → write (output). See ARCHITECTURE.md.
 
 pub mod error;
+pub mod governor;
 pub mod job;
 pub mod kernels;
 pub mod nn;
