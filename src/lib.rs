@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod error;
+pub mod governor;
 pub mod job;
 pub mod kernels;
 pub mod nn;

@@ -153,3 +153,29 @@ fn diffusers_folder_gives_identical_output() {
     assert_eq!(a.latent, b.latent);
     assert_eq!(a.image, b.image);
 }
+
+#[test]
+fn output_bits_do_not_depend_on_thread_count() {
+    let job = job(
+        tiny("tiny-sd-fp32.safetensors"),
+        "a photo of a cat",
+        "euler_a",
+        7.5,
+        7,
+    );
+    let job = Job {
+        width: 128,
+        height: 96,
+        ..job
+    };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| pipeline::txt2img(&job, &mut |_| {}).unwrap())
+    };
+    let (one, two) = (run(1), run(2));
+    assert_eq!(one.latent, two.latent);
+    assert_eq!(one.image, two.image);
+}

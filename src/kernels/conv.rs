@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{matmul_strided, Transpose};
+use super::panel::{LhsPanels, WeightRows};
 use crate::tensor::Tensor;
 
 /// Upper bound on the gathered patch of one tile, in f32 values (16 MiB).
@@ -28,22 +28,29 @@ impl Conv2dGeometry {
     }
 }
 
-/// `x` [n, ci, h, w] ⊛ `weight` [co, ci, k, k] (+ `bias` [co]) → [n, co, oh, ow].
-pub fn conv2d(x: &Tensor, weight: &[f32], bias: Option<&[f32]>, geo: Conv2dGeometry) -> Tensor {
+/// `x` [n, ci, h, w] ⊛ `weight` [co, ci·k·k] (+ `bias` [co]) → [n, co, oh, ow]. The weight is
+/// read in row panels (see `panel`), so it may be stored in any format.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &dyn WeightRows,
+    bias: Option<&[f32]>,
+    geo: Conv2dGeometry,
+) -> Tensor {
     conv2d_tiled(x, weight, bias, geo, PATCH_BUDGET)
 }
 
 fn conv2d_tiled(
     x: &Tensor,
-    weight: &[f32],
+    weight: &dyn WeightRows,
     bias: Option<&[f32]>,
     geo: Conv2dGeometry,
     patch_budget: usize,
 ) -> Tensor {
     let (n, ci, h, w) = x.nchw();
     let kk = geo.kernel * geo.kernel;
-    let co = weight.len() / (ci * kk);
-    assert_eq!(weight.len(), co * ci * kk, "conv weight size");
+    let co = weight.rows();
+    assert_eq!(weight.row_len(), ci * kk, "conv weight size");
+    let filters = LhsPanels::new(weight);
     let (oh, ow) = geo.out_size(h, w);
     let mut out = Tensor::zeros(vec![n, co, oh, ow]);
     let pointwise = geo.kernel == 1 && geo.stride == 1 && geo.pad == 0;
@@ -58,17 +65,7 @@ fn conv2d_tiled(
         let input = &x.data[b * ci * h * w..(b + 1) * ci * h * w];
         let output = &mut out.data[b * co * oh * ow..(b + 1) * co * oh * ow];
         if pointwise {
-            matmul_strided(
-                weight,
-                input,
-                output,
-                oh * ow,
-                co,
-                ci,
-                oh * ow,
-                Transpose::No,
-                false,
-            );
+            filters.multiply(input, oh * ow, output, oh * ow);
         } else {
             for row0 in (0..oh).step_by(rows_per_tile) {
                 let rows = rows_per_tile.min(oh - row0);
@@ -76,17 +73,7 @@ fn conv2d_tiled(
                 let patch = &mut patch[..k_dim * cols];
                 gather_patch(input, (h, w), geo, row0, rows, ow, patch);
                 let dst = &mut output[row0 * ow..];
-                matmul_strided(
-                    weight,
-                    patch,
-                    dst,
-                    oh * ow,
-                    co,
-                    k_dim,
-                    cols,
-                    Transpose::No,
-                    false,
-                );
+                filters.multiply(patch, cols, dst, oh * ow);
             }
         }
         if let Some(bias) = bias {
@@ -144,6 +131,7 @@ fn gather_patch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::DenseRows;
 
     fn naive(x: &Tensor, wt: &[f32], bias: &[f32], geo: Conv2dGeometry) -> Tensor {
         let (n, ci, h, w) = x.nchw();
@@ -218,7 +206,11 @@ mod tests {
             let want = naive(&x, &wt, &bias, geo);
             // Budgets: whole image in one tile, and one output row per tile (the tiling path).
             for budget in [PATCH_BUDGET, 1] {
-                let got = conv2d_tiled(&x, &wt, Some(&bias), geo, budget);
+                let rows = DenseRows {
+                    data: &wt,
+                    rows: co,
+                };
+                let got = conv2d_tiled(&x, &rows, Some(&bias), geo, budget);
                 // Sums of ≤ 45 products of magnitude ≤ 1: f32 reordering error is ~1e-6; 1e-4
                 // still catches any indexing mistake.
                 assert!(got.max_abs_diff(&want) < 1e-4, "{geo:?} budget {budget}");

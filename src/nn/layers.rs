@@ -1,7 +1,7 @@
 //! The basic layers, each built from its weights by key prefix and checked for shape up front.
 
 use crate::error::Result;
-use crate::kernels::{self, Conv2dGeometry, Transpose};
+use crate::kernels::{self, Conv2dGeometry, WeightRows};
 use crate::tensor::Tensor;
 use crate::weights::{Param, Weights};
 
@@ -38,17 +38,7 @@ impl Linear {
         let rows = x.len() / self.in_dim;
         assert_eq!(rows * self.in_dim, x.len(), "linear input width");
         let mut y = vec![0.0; rows * self.out_dim];
-        let w = self.weight.to_f32();
-        kernels::matmul(
-            x,
-            &w,
-            &mut y,
-            rows,
-            self.in_dim,
-            self.out_dim,
-            Transpose::Yes,
-            false,
-        );
+        kernels::matmul_weight_t(x, &self.weight, &mut y);
         if let Some(b) = &self.bias {
             let b = b.to_f32();
             for row in y.chunks_mut(self.out_dim) {
@@ -105,12 +95,7 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         assert_eq!(x.shape[1], self.in_ch, "conv input channels");
-        kernels::conv2d(
-            x,
-            &self.weight.to_f32(),
-            Some(&self.bias.to_f32()),
-            self.geo,
-        )
+        kernels::conv2d(x, &self.weight, Some(&self.bias.to_f32()), self.geo)
     }
 }
 
@@ -238,4 +223,17 @@ pub fn concat_channels(a: &Tensor, b: &Tensor) -> Tensor {
 pub fn add_assign(a: &mut [f32], b: &[f32]) {
     assert_eq!(a.len(), b.len());
     a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+}
+
+/// Weights are read by the kernels one panel of output rows at a time.
+impl WeightRows for Param {
+    fn rows(&self) -> usize {
+        Param::rows(self)
+    }
+    fn row_len(&self) -> usize {
+        Param::row_len(self)
+    }
+    fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+        Param::read_rows(self, first, count, out)
+    }
 }

@@ -237,7 +237,7 @@ impl TensorStore {
         );
         let block = info.dtype.block_elems();
         assert!(
-            first % block == 0 && out.len() % block == 0,
+            first.is_multiple_of(block) && out.len().is_multiple_of(block),
             "`{}`: range not on {block}-value block boundaries",
             info.name
         );
@@ -419,7 +419,7 @@ impl Weights {
         // Panels are read by outer row, so each row of a block type must be whole blocks (a 1-D
         // tensor is read whole).
         let row_len = info.numel() / info.shape.first().copied().unwrap_or(1).max(1);
-        if info.shape.len() > 1 && row_len % info.dtype.block_elems() != 0 {
+        if info.shape.len() > 1 && !row_len.is_multiple_of(info.dtype.block_elems()) {
             return Err(Error::bad_file(
                 self.store.path_of(info),
                 format!(

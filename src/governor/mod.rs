@@ -1,0 +1,7 @@
+//! The memory governor: learns the budget, predicts every stage's peak from shapes, picks settings
+//! that fit (or refuses up front), and watches real memory while the job runs.
+
+pub mod budget;
+pub mod memory;
+
+pub use budget::{parse_size, Budget, BudgetSource};

@@ -1,0 +1,156 @@
+//! Matmul against weights read in row panels: the weight (f32, f16, bf16 or a GGML block type)
+//! is converted a panel of rows at a time into a reused f32 buffer and multiplied by `gemm`,
+//! so no weight is ever expanded whole (measured faster than a direct int8 kernel for M ≥ 77 on
+//! this CPU, DESIGN.md).
+
+use super::matmul::{matmul_strided, Transpose};
+
+/// Upper bound on one panel, in f32 values (16 MiB). Measured on full-size SD1.5 (one UNet call
+/// + one 512² VAE decode, CPU seconds): 55.4 s at 16 MiB = 55.5 s with no panelling, 63.7 s at 4 MiB
+/// (smaller panels give gemm too few rows to split across threads at the 1280-channel levels).
+const PANEL_BUDGET: usize = 1 << 22;
+
+/// A weight matrix [rows, row_len] that can hand out f32 copies of consecutive rows.
+pub trait WeightRows: Sync {
+    fn rows(&self) -> usize;
+    fn row_len(&self) -> usize;
+    /// Rows `first .. first + count` into `out` (count · row_len values).
+    fn read_rows(&self, first: usize, count: usize, out: &mut [f32]);
+}
+
+/// A plain f32 matrix as `WeightRows` (tests, and weights already in memory).
+pub struct DenseRows<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+}
+
+impl WeightRows for DenseRows<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn row_len(&self) -> usize {
+        self.data.len() / self.rows
+    }
+    fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+        let k = self.row_len();
+        out.copy_from_slice(&self.data[first * k..(first + count) * k]);
+    }
+}
+
+fn panel_rows(w: &dyn WeightRows, budget: usize) -> usize {
+    (budget / w.row_len().max(1)).clamp(1, w.rows().max(1))
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ` with W [n, k] (a linear layer).
+pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32]) {
+    matmul_weight_t_budget(x, w, y, PANEL_BUDGET)
+}
+
+fn matmul_weight_t_budget(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usize) {
+    let (n, k) = (w.rows(), w.row_len());
+    let m = x.len() / k;
+    assert_eq!(m * k, x.len(), "input width");
+    assert_eq!(y.len(), m * n, "output size");
+    let step = panel_rows(w, budget);
+    let mut panel = vec![0.0f32; step * k];
+    for r0 in (0..n).step_by(step) {
+        let rows = step.min(n - r0);
+        let panel = &mut panel[..rows * k];
+        w.read_rows(r0, rows, panel);
+        matmul_strided(x, panel, &mut y[r0..], n, m, k, rows, Transpose::Yes, false);
+    }
+}
+
+/// Left-multiplies column blocks by a weight read in row panels: `dst[n, cols] = W[n, k] · b[k, cols]`,
+/// row `i` of `dst` starting at `i · ldc`. Used by convolution (W = filters, b = gathered patch).
+/// Call `for_each_panel` once per weight and reuse it across many `b` (one per spatial tile).
+pub struct LhsPanels<'w> {
+    w: &'w dyn WeightRows,
+    step: usize,
+    /// The whole weight when it fits in one panel (read once, reused for every tile).
+    resident: Option<Vec<f32>>,
+}
+
+impl<'w> LhsPanels<'w> {
+    pub fn new(w: &'w dyn WeightRows) -> Self {
+        Self::with_budget(w, PANEL_BUDGET)
+    }
+
+    fn with_budget(w: &'w dyn WeightRows, budget: usize) -> Self {
+        let step = panel_rows(w, budget);
+        let resident = (step >= w.rows()).then(|| {
+            let mut all = vec![0.0f32; w.rows() * w.row_len()];
+            w.read_rows(0, w.rows(), &mut all);
+            all
+        });
+        LhsPanels { w, step, resident }
+    }
+
+    /// `dst[i * ldc + j] = Σ_p W[i, p] · b[p * cols + j]` for i < rows, j < cols.
+    pub fn multiply(&self, b: &[f32], cols: usize, dst: &mut [f32], ldc: usize) {
+        let (n, k) = (self.w.rows(), self.w.row_len());
+        if let Some(all) = &self.resident {
+            matmul_strided(all, b, dst, ldc, n, k, cols, Transpose::No, false);
+            return;
+        }
+        let mut panel = vec![0.0f32; self.step * k];
+        for r0 in (0..n).step_by(self.step) {
+            let rows = self.step.min(n - r0);
+            let panel = &mut panel[..rows * k];
+            self.w.read_rows(r0, rows, panel);
+            matmul_strided(
+                panel,
+                b,
+                &mut dst[r0 * ldc..],
+                ldc,
+                rows,
+                k,
+                cols,
+                Transpose::No,
+                false,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::matmul::matmul;
+
+    fn data(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * seed % 23) as f32 - 11.0) / 7.0)
+            .collect()
+    }
+
+    #[test]
+    fn panels_equal_one_matmul() {
+        let (m, k, n) = (13, 40, 29);
+        let x = data(m * k, 7);
+        let wdata = data(n * k, 5);
+        let w = DenseRows {
+            data: &wdata,
+            rows: n,
+        };
+        let mut want = vec![0.0; m * n];
+        matmul(&x, &wdata, &mut want, m, k, n, Transpose::Yes, false);
+        // Budgets: everything in one panel, 3 rows per panel, 1 row per panel. gemm picks its
+        // k-blocking from the problem shape, so a split may round differently: sums of 40 products
+        // of size ≤ 2.6 differ by a few f32 ulps (~1e-5); an indexing error would be of order 1.
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+        for budget in [PANEL_BUDGET, 3 * k, 1] {
+            let mut y = vec![0.0; m * n];
+            matmul_weight_t_budget(&x, &w, &mut y, budget);
+            assert!(close(&y, &want), "linear, budget {budget}");
+        }
+        let b = data(k * m, 3);
+        let mut want = vec![0.0; n * m];
+        matmul(&wdata, &b, &mut want, n, k, m, Transpose::No, false);
+        for budget in [PANEL_BUDGET, 3 * k, 1] {
+            let mut dst = vec![0.0; n * m];
+            LhsPanels::with_budget(&w, budget).multiply(&b, m, &mut dst, m);
+            assert!(close(&dst, &want), "lhs, budget {budget}");
+        }
+    }
+}
