@@ -9,11 +9,12 @@
 //! goes in under an exclusive `flock` on the file, opened `O_APPEND`, so lines from concurrent
 //! shards never interleave, on a local disk or NFS alike.
 //!
-//! Memory figures come from `/proc/self/status`: `peak_mib` is `VmHWM`, the peak resident set,
-//! reset before each job by writing `5` to `/proc/self/clear_refs` so that it is this job's peak
-//! (model loading included for the first job of a model). Where the kernel refuses the reset it is
-//! the peak since the batch started. `rss_mib` is `VmRSS` once the job's buffers are freed: the
-//! memory the process carries into the next job.
+//! Memory figures: `peak_mib` is `VmHWM` from `/proc/self/status`, the peak resident set, reset
+//! before each job by writing `5` to `/proc/self/clear_refs` so that it is this job's peak (model
+//! loading included for the first job of a model); where the kernel refuses the reset it is the
+//! peak since the batch started. `rss_mib` is the resident set (`/proc/self/statm`) once the job's
+//! buffers are freed and handed back (`malloc_trim`): what the process carries into the next job.
+//! Both count the mapped model pages that are resident, as `ps` and `top` do.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::governor::memory;
 
 pub const RESULTS_FILE: &str = "results.jsonl";
 
@@ -112,25 +114,17 @@ pub fn reset_peak_rss() -> bool {
 
 /// `VmHWM` in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
-    status_kib("VmHWM").map(kib_to_mib)
+    memory::peak_rss_bytes().map(to_mib)
 }
 
 /// `VmRSS` in MiB.
 pub fn rss_mib() -> Option<f64> {
-    status_kib("VmRSS").map(kib_to_mib)
+    memory::rss_bytes().map(to_mib)
 }
 
 /// To MiB with one decimal (0.1 MiB is far below any difference that matters here).
-fn kib_to_mib(kib: u64) -> f64 {
-    (kib as f64 / 102.4).round() / 10.0
-}
-
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|l| {
-        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-        rest.trim().strip_suffix("kB")?.trim().parse().ok()
-    })
+fn to_mib(bytes: u64) -> f64 {
+    (bytes as f64 / (1024.0 * 102.4)).round() / 10.0
 }
 
 pub fn unix_time() -> u64 {

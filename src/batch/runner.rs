@@ -191,6 +191,8 @@ fn run_one(
         // `g` is dropped here, before the RSS reading below.
     });
     let seconds = started.elapsed().as_secs_f64();
+    // Freed job buffers go back to the system, so the next job starts from the same footprint.
+    crate::governor::memory::release_free_memory();
     let (status, error) = match outcome {
         Ok(()) => (Status::Ok, None),
         Err(Error::Interrupted) => (

@@ -121,6 +121,8 @@ fn output_names_are_pinned() {
     );
 }
 
+type Change = Box<dyn Fn(&mut Job)>;
+
 #[test]
 fn names_follow_settings_not_paths() {
     let mut job = defaults();
@@ -133,7 +135,7 @@ fn names_follow_settings_not_paths() {
         name,
         "same model file at another mount"
     );
-    let variants: Vec<Box<dyn Fn(&mut Job)>> = vec![
+    let variants: Vec<Change> = vec![
         Box::new(|j| j.prompt.push('!')),
         Box::new(|j| j.negative = "n".into()),
         Box::new(|j| j.seed += 1),
