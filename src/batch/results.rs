@@ -1,7 +1,7 @@
 //! `DIR/results.jsonl`: one JSON line per job per run, appended.
 //!
 //! ```text
-//! {"job":3,"line":4,"shard":"0/1","status":"ok","output":"out/000003-3fa95c01d2b4.png","seconds":41.2,"peak_mib":3391.5,"rss_mib":2210.3,"error":null,"unix_time":1767000000}
+//! {"job":1,"line":2,"shard":"0/1","status":"ok","output":"out/000001-aa8b3d4b8cb2.png","seconds":33.863,"peak_mib":2428.0,"rss_mib":2204.2,"error":null,"unix_time":1795375955}
 //! ```
 //!
 //! The file is a log, never rewritten: a rerun appends `skipped` lines for outputs already there, so

@@ -69,12 +69,19 @@ pub fn run(
     on_event: &mut dyn FnMut(BatchEvent),
 ) -> Result<Summary> {
     let started = Instant::now();
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let _lock = lock_dir(dir, shard)?;
-    let mut log = ResultsLog::open(dir)?;
+    // An output directory that cannot be made or written is bad input (exit 2), not a crash.
+    let unusable = |e: Error| match e {
+        Error::Io { path, source } => Error::bad_file(path, format!("cannot use it: {source}")),
+        e => e,
+    };
+    std::fs::create_dir_all(dir)
+        .map_err(|source| Error::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+        .map_err(unusable)?;
+    let _lock = lock_dir(dir, shard).map_err(unusable)?;
+    let mut log = ResultsLog::open(dir).map_err(unusable)?;
     let mut summary = Summary::default();
     let mut done = |rec: Record, s: &mut Summary, on_event: &mut dyn FnMut(BatchEvent)| {
         match rec.status {

@@ -130,3 +130,12 @@ fn a_locked_directory_is_refused_with_one_line() {
     let out = batch(&jobs, &out_dir, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+#[test]
+fn an_output_path_that_is_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = write_jobs(dir.path(), "jobs.jsonl", &simple_jobs(1));
+    let file = dir.path().join("taken");
+    fs::write(&file, "x").unwrap();
+    assert_cannot_start(&batch(&jobs, &file, &[]), &["taken", "cannot use it"]);
+}

@@ -115,7 +115,10 @@ fn crontab_lines_are_well_formed() {
                 "time field {f:?} in {line}"
             );
         }
-        assert!(!fields[5].contains('%'), "cron turns % into newlines: {line}");
+        assert!(
+            !fields[5].contains('%'),
+            "cron turns % into newlines: {line}"
+        );
         assert!(fields[5].contains("flock -n"), "{line}");
         bash_syntax("crontab command", fields[5]);
         entries += 1;
@@ -173,7 +176,10 @@ fn kubernetes_manifest_is_a_consistent_indexed_job() {
     assert_eq!(args[0], "batch");
     let batch_help = help("batch");
     for flag in args.iter().filter(|a| a.starts_with("--")) {
-        assert!(batch_help.contains(flag), "{flag} is not an sdcap batch flag");
+        assert!(
+            batch_help.contains(flag),
+            "{flag} is not an sdcap batch flag"
+        );
     }
 }
 
@@ -190,7 +196,11 @@ fn every_sdcap_flag_in_the_guide_exists() {
         "k8s-indexed-job.yaml",
     ] {
         for (sub, flag) in sdcap_flags(&read(name)) {
-            let text = if sub == "batch" { &batch_help } else { &generate_help };
+            let text = if sub == "batch" {
+                &batch_help
+            } else {
+                &generate_help
+            };
             assert!(
                 text.contains(&format!("{flag} ")) || text.contains(&format!("{flag}\n")),
                 "{name}: `sdcap {sub} {flag}` is not a flag"
@@ -198,7 +208,10 @@ fn every_sdcap_flag_in_the_guide_exists() {
             checked += 1;
         }
     }
-    assert!(checked >= 10, "only {checked} flags found: the scan is broken");
+    assert!(
+        checked >= 10,
+        "only {checked} flags found: the scan is broken"
+    );
 }
 
 /// The Slurm script as written, with Slurm's variables for task 2 of `--array=1-2` and the
@@ -208,7 +221,9 @@ fn slurm_script_runs_its_shard() {
     let dir = tempfile::tempdir().unwrap();
     let lines: Vec<String> = (0..4)
         .map(|i| {
-            format!(r#"{{"prompt": "slurm {i}", "seed": {i}, "width": 64, "height": 64, "steps": 1}}"#)
+            format!(
+                r#"{{"prompt": "slurm {i}", "seed": {i}, "width": 64, "height": 64, "steps": 1}}"#
+            )
         })
         .collect();
     let jobs = write_jobs(dir.path(), "jobs.jsonl", &lines);
