@@ -32,6 +32,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         seed: resolve_seed(args.seed),
         clip_skip: args.clip_skip,
         rng: args.rng,
+        ram_cap: args.ram_cap,
     };
 
     // Everything that can be refused is refused before any work starts, so a bad request costs
@@ -65,14 +66,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         &output::parameters_text(&job),
     )?;
     eprintln!(
-        "sdcap: wrote {} ({}x{}, {} steps, {}, seed {}) in {:.1} s",
+        "sdcap: wrote {} ({}x{}, {} steps, {}, seed {}) in {:.1} s, peak RSS {} MiB (planned {} MiB of {} MiB budget, weights: {:?})",
         args.output.display(),
         job.width,
         job.height,
         job.steps,
         sampler_label(&job),
         job.seed,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        generated.peak_rss_bytes >> 20,
+        generated.plan.peak_bytes() >> 20,
+        generated.plan.budget.usable_bytes() >> 20,
+        generated.plan.residency,
     );
     Ok(())
 }

@@ -122,6 +122,11 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Random number generator (cpu = PyTorch's CPU generator, as diffusers uses it)", RngKind::NAMES))]
     pub rng: RngKind,
 
+    /// RAM cap (512M, 1.5G, 2GiB): the plan keeps the predicted peak under it, or sdcap refuses
+    /// with exit code 3 before loading anything [default: the cgroup limit, else available memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_ram_cap)]
+    pub ram_cap: Option<u64>,
+
     /// Compute threads [default: physical cores, at most the CPUs this process may use].
     #[arg(short = 't', long, value_name = "N", value_parser = parse_threads, allow_negative_numbers = true)]
     pub threads: Option<usize>,
@@ -203,4 +208,8 @@ fn clap_exit(e: clap::Error) -> ExitCode {
 /// Error messages may quote user text or wrap multi-line causes; the contract is one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn parse_ram_cap(text: &str) -> Result<u64, String> {
+    sdcap::governor::parse_size(text).map_err(|e| e.to_string())
 }

@@ -23,7 +23,8 @@ fn status_kib(key: &str) -> Option<u64> {
     })
 }
 
-fn page_size() -> u64 {
+/// The kernel's page size in bytes.
+pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if size > 0 {

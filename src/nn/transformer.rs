@@ -107,6 +107,7 @@ pub struct SpatialTransformer {
     blocks: Vec<TransformerBlock>,
     proj_out: Linear,
     context_dim: usize,
+    pub channels: usize,
 }
 
 impl SpatialTransformer {
@@ -127,6 +128,7 @@ impl SpatialTransformer {
             blocks,
             proj_out: Linear::new(&w.pp("proj_out"), channels, channels, true)?,
             context_dim,
+            channels,
         })
     }
 

@@ -6,6 +6,7 @@
 mod diffusers;
 mod family;
 pub mod key_map;
+mod residency;
 mod safetensors_file;
 mod vae_file;
 
