@@ -5,6 +5,7 @@
 
 mod diffusers;
 mod family;
+mod gguf;
 pub mod key_map;
 mod safetensors_file;
 mod vae_file;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 pub use family::{detect_family, sd1_dims, Family, Sd1Dims};
+pub use quant::gguf::MetaValue;
 use safetensors_file::RawTensor;
 
 use crate::error::{Error, Result};
@@ -110,14 +112,26 @@ pub struct TensorStore {
     sources: Vec<Source>,
     tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
+    metadata: Vec<(String, MetaValue)>,
 }
 
 impl TensorStore {
-    /// Opens a model: a single-file `.safetensors` checkpoint in the LDM layout, or a diffusers
+    /// Opens a model: a single-file `.safetensors` checkpoint in the LDM layout, a GGUF file (found by
+    /// its magic or a `.gguf` name; LDM names, as stable-diffusion.cpp writes them), or a diffusers
     /// pipeline folder (`unet/`, `vae/`, `text_encoder/`) whose names are mapped to the LDM ones.
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {
             return diffusers::open(path);
+        }
+        if gguf::is_gguf(path) {
+            let (map, parsed) = gguf::map(path)?;
+            let entries = rename_all(path, parsed.tensors, |name| {
+                Ok(Some(key_map::ldm_key(name)))
+            })?;
+            let mut store = TensorStore::empty();
+            store.add_source(path, map, entries)?;
+            store.metadata = parsed.metadata;
+            return Ok(store);
         }
         let (map, raws) = safetensors_file::map(path)?;
         let entries = rename_all(path, raws, |name| Ok(Some(key_map::ldm_key(name))))?;
@@ -138,7 +152,13 @@ impl TensorStore {
             sources: Vec::new(),
             tensors: Vec::new(),
             index: HashMap::new(),
+            metadata: Vec::new(),
         }
+    }
+
+    /// The key/value metadata of a GGUF model, in file order (empty for other containers).
+    pub fn metadata(&self) -> &[(String, MetaValue)] {
+        &self.metadata
     }
 
     /// Adds the tensors of one mapped file under the given names. Two tensors of one file may not share a
@@ -237,7 +257,7 @@ impl TensorStore {
         );
         let block = info.dtype.block_elems();
         assert!(
-            first % block == 0 && out.len() % block == 0,
+            first.is_multiple_of(block) && out.len().is_multiple_of(block),
             "`{}`: range not on {block}-value block boundaries",
             info.name
         );
@@ -419,7 +439,7 @@ impl Weights {
         // Panels are read by outer row, so each row of a block type must be whole blocks (a 1-D
         // tensor is read whole).
         let row_len = info.numel() / info.shape.first().copied().unwrap_or(1).max(1);
-        if info.shape.len() > 1 && row_len % info.dtype.block_elems() != 0 {
+        if info.shape.len() > 1 && !row_len.is_multiple_of(info.dtype.block_elems()) {
             return Err(Error::bad_file(
                 self.store.path_of(info),
                 format!(
