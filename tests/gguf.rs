@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use common::tiny;
-use quant::gguf::{write_gguf, MetaValue, TensorEntry, SHAPE_KEY_PREFIX};
+use quant::gguf::{shape_metadata, write_gguf, MetaValue, TensorEntry, SHAPE_KEY_PREFIX};
 use quant::GgmlType;
 use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
 use sdcap::pipeline;
@@ -217,11 +217,11 @@ fn written_files_read_back_with_metadata_types_and_logical_shapes() {
         t("k.weight", GgmlType::Q4K, &[2, 256]),
     ];
     let mut meta = every_metadata_type();
-    let shape = [4u64, 32, 3, 3].map(MetaValue::U64).to_vec();
-    meta.push((
-        format!("{SHAPE_KEY_PREFIX}conv.weight"),
-        MetaValue::Array(shape),
-    ));
+    meta.push(shape_metadata("conv.weight", &[4, 32, 3, 3]));
+    assert_eq!(
+        meta.last().unwrap().0,
+        format!("{SHAPE_KEY_PREFIX}conv.weight")
+    );
     let data: Vec<Vec<u8>> = tensors
         .iter()
         .enumerate()

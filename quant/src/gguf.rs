@@ -185,6 +185,15 @@ impl TensorEntry {
     }
 }
 
+/// The metadata entry that gives tensor `name`, stored with fewer dims, its PyTorch `shape` back
+/// (`sdcap.shape.<name>` = array of u64, outermost first); the reader restores it.
+pub fn shape_metadata(name: &str, shape: &[u64]) -> (String, MetaValue) {
+    (
+        format!("{SHAPE_KEY_PREFIX}{name}"),
+        MetaValue::Array(shape.iter().copied().map(MetaValue::U64).collect()),
+    )
+}
+
 /// Writes a GGUF v3 file: header, `metadata` in the given order, the tensor infos (offsets computed
 /// from types and shapes), then each tensor's bytes in order, each padded with zeros to `alignment`.
 /// `data(i, buf)` fills `buf` (cleared before the call) with tensor `i`'s bytes; one buffer is
