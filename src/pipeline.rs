@@ -152,15 +152,32 @@ pub fn generate_from_noise(
     end_stage(models, governor::plan::TEXT_PREFIX);
 
     on_event(Event::Stage("denoise"));
-    let denoise_peak = plan.stages.iter().find(|s| s.name == "denoise").map_or(u64::MAX, |s| s.peak_bytes);
+    let denoise_peak = plan
+        .stages
+        .iter()
+        .find(|s| s.name == "denoise")
+        .map_or(u64::MAX, |s| s.peak_bytes);
     // Slack for what the model cannot see (binary, allocator) before the watch calls it a miss.
     let rss_limit = denoise_peak.saturating_add(plan.budget.margin_bytes);
-    let watch = RefCell::new(Watch::new(&models.store, &models.unet.block_names(), plan.residency, rss_limit));
+    let watch = RefCell::new(Watch::new(
+        &models.store,
+        &models.unet.block_names(),
+        plan.residency,
+        rss_limit,
+    ));
     watch.borrow().start();
     let mut model = |input: &[f32], t: f32| -> Result<Vec<f32>> {
         let x = Tensor::new(shape.clone(), input.to_vec());
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
-        Ok(predict_noise(&models.unet, &x, t, &context, batch, job.cfg_scale, &mut after_block))
+        Ok(predict_noise(
+            &models.unet,
+            &x,
+            t,
+            &context,
+            batch,
+            job.cfg_scale,
+            &mut after_block,
+        ))
     };
     let total = schedule.timesteps.len();
     let mut on_step = |i: usize, _n: usize| {
@@ -220,7 +237,9 @@ fn predict_noise(
     let mut shape = x.shape.clone();
     shape[0] = 2;
     let doubled = Tensor::new(shape, [x.data.as_slice(), x.data.as_slice()].concat());
-    let eps = unet.forward_traced(&doubled, &[t, t], context, &mut trace).data;
+    let eps = unet
+        .forward_traced(&doubled, &[t, t], context, &mut trace)
+        .data;
     let (uncond, cond) = eps.split_at(x.numel());
     uncond
         .iter()

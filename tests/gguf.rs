@@ -281,6 +281,7 @@ fn job(model: PathBuf) -> Job {
         seed: 42,
         clip_skip: 1,
         rng: RngKind::Cpu,
+        ram_cap: None,
     }
 }
 

@@ -30,7 +30,9 @@ impl Progress {
         if let Event::Notice(message) = &event {
             // Said once by the pipeline, and worth seeing even in a log.
             match &self.current {
-                Some(Display::Spinner(bar) | Display::Steps(bar)) => bar.println(format!("sdcap: {message}")),
+                Some(Display::Spinner(bar) | Display::Steps(bar)) => {
+                    bar.println(format!("sdcap: {message}"))
+                }
                 None => eprintln!("sdcap: {message}"),
             }
             return;

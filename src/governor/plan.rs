@@ -56,11 +56,17 @@ impl Plan {
 /// The fastest plan whose predicted peak fits the budget, or `Error::CapTooSmall`.
 pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
     let candidates = [Residency::Keep, Residency::Stream];
-    let plans: Vec<Plan> = candidates.iter().map(|&r| predict(models, job, budget, r)).collect();
+    let plans: Vec<Plan> = candidates
+        .iter()
+        .map(|&r| predict(models, job, budget, r))
+        .collect();
     if let Some(fitting) = plans.iter().find(|p| p.fits()) {
         return Ok(fitting.clone());
     }
-    let smallest = plans.iter().min_by_key(|p| p.peak_bytes()).expect("two candidates");
+    let smallest = plans
+        .iter()
+        .min_by_key(|p| p.peak_bytes())
+        .expect("two candidates");
     Err(Error::CapTooSmall {
         needed_mib: smallest.peak_bytes().div_ceil(MIB),
         available_mib: budget.usable_bytes() / MIB,
@@ -112,7 +118,9 @@ pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency
         name,
         activation_bytes,
         weight_bytes,
-        peak_bytes: activation_bytes.saturating_add(weight_bytes).saturating_add(latents),
+        peak_bytes: activation_bytes
+            .saturating_add(weight_bytes)
+            .saturating_add(latents),
     };
     Plan {
         budget: budget.clone(),
@@ -139,11 +147,22 @@ fn hint(models: &Models, job: &Job, budget: &Budget) -> String {
     let mut side = job.width.max(job.height);
     while side > 64 {
         side = (side * 3 / 4) / 64 * 64;
-        let scale = |v: u32| (v as u64 * side as u64 / job.width.max(job.height) as u64).max(64) as u32 / 8 * 8;
-        let smaller = Job { width: scale(job.width), height: scale(job.height), ..job.clone() };
+        let scale = |v: u32| {
+            (v as u64 * side as u64 / job.width.max(job.height) as u64).max(64) as u32 / 8 * 8
+        };
+        let smaller = Job {
+            width: scale(job.width),
+            height: scale(job.height),
+            ..job.clone()
+        };
         let p = predict(models, &smaller, budget, Residency::Stream);
         if p.fits() {
-            parts.push(format!("{}x{} (needs {} MiB)", smaller.width, smaller.height, p.peak_bytes().div_ceil(MIB)));
+            parts.push(format!(
+                "{}x{} (needs {} MiB)",
+                smaller.width,
+                smaller.height,
+                p.peak_bytes().div_ceil(MIB)
+            ));
             break;
         }
     }

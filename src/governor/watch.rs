@@ -21,8 +21,16 @@ pub struct Watch<'a> {
 }
 
 impl<'a> Watch<'a> {
-    pub fn new(store: &'a TensorStore, block_names: &[String], residency: Residency, rss_limit_bytes: u64) -> Self {
-        let blocks = block_names.iter().map(|b| format!("{UNET_PREFIX}{b}.")).collect();
+    pub fn new(
+        store: &'a TensorStore,
+        block_names: &[String],
+        residency: Residency,
+        rss_limit_bytes: u64,
+    ) -> Self {
+        let blocks = block_names
+            .iter()
+            .map(|b| format!("{UNET_PREFIX}{b}."))
+            .collect();
         Watch {
             store,
             blocks,
@@ -50,7 +58,11 @@ impl<'a> Watch<'a> {
 
     /// After the UNet block `name` ("input_blocks.3", …) finished.
     pub fn after_block(&mut self, name: &str) {
-        if let Some(usage) = self.cgroup_file.as_deref().and_then(memory::cgroup_usage_bytes) {
+        if let Some(usage) = self
+            .cgroup_file
+            .as_deref()
+            .and_then(memory::cgroup_usage_bytes)
+        {
             self.peak_cgroup_bytes = self.peak_cgroup_bytes.max(usage);
         }
         let rss = memory::rss_bytes().unwrap_or(0);
@@ -64,12 +76,17 @@ impl<'a> Watch<'a> {
             ));
         }
         if self.residency == Residency::Stream {
-            let Some(i) = self.blocks.iter().position(|b| b.strip_prefix(UNET_PREFIX) == Some(&format!("{name}."))) else {
+            let Some(i) = self
+                .blocks
+                .iter()
+                .position(|b| b.strip_prefix(UNET_PREFIX) == Some(&format!("{name}.")))
+            else {
                 return;
             };
             self.store.release(&self.blocks[i]);
             // The next block, wrapping to the first for the next step.
-            self.store.prefetch(&self.blocks[(i + 1) % self.blocks.len()]);
+            self.store
+                .prefetch(&self.blocks[(i + 1) % self.blocks.len()]);
         }
     }
 

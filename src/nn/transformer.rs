@@ -93,7 +93,10 @@ impl TransformerBlock {
         // intermediates stay small. Rows are independent, so chunking does not change results.
         let dim = self.ff_out.out_dim;
         let chunk_tokens = (FF_CHUNK_VALUES / (2 * self.ff_out.in_dim)).max(1);
-        for (xs, hs) in x.chunks_mut(chunk_tokens * dim).zip(h.chunks(chunk_tokens * dim)) {
+        for (xs, hs) in x
+            .chunks_mut(chunk_tokens * dim)
+            .zip(h.chunks(chunk_tokens * dim))
+        {
             let gated = kernels::geglu(&self.ff_in.forward(hs), self.ff_out.in_dim);
             add_assign(xs, &self.ff_out.forward(&gated));
         }

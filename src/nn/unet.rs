@@ -132,7 +132,11 @@ impl UNet {
     /// LDM block names in execution order ("input_blocks.1" … "middle_block" … "output_blocks.N"),
     /// the units the governor prefetches and releases weights by.
     pub fn block_names(&self) -> Vec<String> {
-        let blocks = self.input_blocks.iter().chain([&self.middle_block]).chain(&self.output_blocks);
+        let blocks = self
+            .input_blocks
+            .iter()
+            .chain([&self.middle_block])
+            .chain(&self.output_blocks);
         blocks.map(|b| b.name.clone()).collect()
     }
 
@@ -140,7 +144,12 @@ impl UNet {
     /// skip connections alive plus the working set of the layer being computed, with the kernels'
     /// bounded scratch (conv patch, weight panel, attention scores). Arithmetic, saturating.
     pub fn peak_activation_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
-        let mut shape = MapShape { batch, c: self.model_channels, h, w };
+        let mut shape = MapShape {
+            batch,
+            c: self.model_channels,
+            h,
+            w,
+        };
         // (bytes, channels) of every skip connection waiting for its output block.
         let mut skips: Vec<(u64, usize)> = vec![(shape.bytes(shape.c), shape.c)];
         let alive = |skips: &[(u64, usize)]| skips.iter().map(|s| s.0).sum::<u64>();

@@ -24,7 +24,11 @@ impl TensorStore {
             // SAFETY: the range lies inside the mapping (built from tensor ranges, page-aligned
             // inward of the mapping's own bounds); WILLNEED has no effect on contents.
             unsafe {
-                libc::madvise(map.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_WILLNEED);
+                libc::madvise(
+                    map.as_ptr().add(start) as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_WILLNEED,
+                );
             }
         }
     }
@@ -38,7 +42,11 @@ impl TensorStore {
             // SAFETY: as in `prefetch`; the mapping is read-only and file-backed, so DONTNEED only
             // unmaps pages, which fault back in from the file on the next read.
             unsafe {
-                libc::madvise(src.map.as_ptr().add(start) as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                libc::madvise(
+                    src.map.as_ptr().add(start) as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_DONTNEED,
+                );
             }
             if let Ok(file) = File::open(&src.path) {
                 // SAFETY: a plain advisory call on a file descriptor we own for its duration.
@@ -64,7 +72,10 @@ impl TensorStore {
             .map(|t| {
                 let map_len = self.sources[t.source].map.len();
                 let start = t.start / page * page;
-                let end = (t.start + t.len).div_ceil(page).saturating_mul(page).min(map_len);
+                let end = (t.start + t.len)
+                    .div_ceil(page)
+                    .saturating_mul(page)
+                    .min(map_len);
                 (t.source, start, end)
             })
             .collect();
