@@ -4,6 +4,7 @@
 //! reports. Flag names follow stable-diffusion.cpp where a flag means the same.
 
 mod generate;
+mod plan;
 mod progress;
 mod threads;
 
@@ -33,6 +34,18 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image from a text prompt (txt2img) and write it as PNG.
     Generate(GenerateArgs),
+    /// Show the memory plan for a generate command (same flags) without running it: the budget,
+    /// each stage's predicted peak and the chosen settings. Exit 3 if nothing fits.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub generate: GenerateArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 // Numeric flags take negative numbers as values, so `-W -512` is reported as a bad width rather than
@@ -157,6 +170,7 @@ pub fn main() -> ExitCode {
     };
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Plan(args) => plan::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
