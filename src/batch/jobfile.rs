@@ -7,7 +7,7 @@
 //!
 //! Fields: `prompt`, `negative` (alias `negative_prompt`), `seed`, `width`, `height`, `steps`,
 //! `cfg` (alias `cfg_scale`), `sampler` (alias `sampling_method`), `scheduler`, `clip_skip`, `rng`,
-//! `model`, `vae`. A field left out takes the value of the corresponding command-line flag. Blank
+//! `model`, `vae`, `ram_cap` (bytes, or a size such as `"6G"`). A field left out takes the value of the corresponding command-line flag. Blank
 //! lines are ignored and do not count as jobs. A line that is not a valid job (bad JSON, an unknown
 //! field, a bad value) is still a job: it keeps its index and fails on its own, the others run.
 //! Relative `model` and `vae` paths are taken from the job file's folder.
@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::governor::parse_size;
 use crate::job::Job;
 
 /// One non-blank line of the job file.
@@ -49,6 +50,7 @@ struct Line {
     rng: Option<String>,
     model: Option<PathBuf>,
     vae: Option<PathBuf>,
+    ram_cap: Option<serde_json::Value>,
 }
 
 /// Reads a job file (`-` is standard input). Only an unreadable file is an error here; bad lines
@@ -127,6 +129,16 @@ fn parse_line(text: &str, defaults: &Job, base: &Path) -> std::result::Result<Jo
     }
     if let Some(v) = line.vae {
         job.vae = Some(base.join(v));
+    }
+    if let Some(cap) = line.ram_cap {
+        job.ram_cap = Some(
+            match &cap {
+                serde_json::Value::Number(n) => n.as_u64().filter(|&b| b > 0),
+                serde_json::Value::String(s) => parse_size(s).ok(),
+                _ => None,
+            }
+            .ok_or_else(|| format!("ram_cap {cap} is not a size (e.g. \"6G\" or 6442450944)"))?,
+        );
     }
     job.validate().map_err(err)?;
     Ok(job)

@@ -56,6 +56,12 @@ pub struct Record {
     pub peak_mib: Option<f64>,
     pub rss_mib: Option<f64>,
     pub error: Option<String>,
+    /// The memory governor's predicted peak for the job (`ok` jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_mib: Option<f64>,
+    /// `true` when the job failed because it cannot fit the RAM cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub over_cap: Option<bool>,
     /// When the line was written, seconds since 1970.
     pub unix_time: u64,
 }
@@ -123,7 +129,7 @@ pub fn rss_mib() -> Option<f64> {
 }
 
 /// To MiB with one decimal (0.1 MiB is far below any difference that matters here).
-fn to_mib(bytes: u64) -> f64 {
+pub fn to_mib(bytes: u64) -> f64 {
     (bytes as f64 / (1024.0 * 102.4)).round() / 10.0
 }
 

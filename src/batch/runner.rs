@@ -43,6 +43,8 @@ pub struct Summary {
     pub ok: usize,
     pub failed: usize,
     pub skipped: usize,
+    /// Of the failed jobs, those refused because they cannot fit the RAM cap.
+    pub over_cap: usize,
     /// A signal stopped the batch; `not_run` jobs are left for the next run.
     pub interrupted: bool,
     pub not_run: usize,
@@ -86,7 +88,10 @@ pub fn run(
     let mut done = |rec: Record, s: &mut Summary, on_event: &mut dyn FnMut(BatchEvent)| {
         match rec.status {
             Status::Ok => s.ok += 1,
-            Status::Failed => s.failed += 1,
+            Status::Failed => {
+                s.failed += 1;
+                s.over_cap += usize::from(rec.over_cap == Some(true));
+            }
             Status::Skipped => s.skipped += 1,
             Status::Interrupted => {}
         }
@@ -193,10 +198,13 @@ fn run_one(
     let generated = pipeline::generate_with_cancel(models, t.job, cancel, &mut |event| {
         on_event(BatchEvent::Pipeline { index, event })
     });
+    let mut planned_mib = None;
     let outcome = generated.and_then(|g| {
+        planned_mib = Some(results::to_mib(g.plan.peak_bytes()));
         output::write_png(&path, &g.image, &output::parameters_text(t.job))
         // `g` is dropped here, before the RSS reading below.
     });
+    let over_cap = matches!(outcome, Err(Error::CapTooSmall { .. }));
     let seconds = started.elapsed().as_secs_f64();
     // Freed job buffers go back to the system, so the next job starts from the same footprint.
     crate::governor::memory::release_free_memory();
@@ -208,14 +216,17 @@ fn run_one(
         ),
         Err(e) => (Status::Failed, Some(e.to_string())),
     };
-    record(
+    let mut rec = record(
         t.entry,
         shard,
         status,
         Some(path),
         seconds,
         error.as_deref(),
-    )
+    );
+    rec.planned_mib = planned_mib;
+    rec.over_cap = over_cap.then_some(true);
+    rec
 }
 
 /// Jobs grouped by (model, VAE), groups in order of first appearance, jobs in file order within
@@ -252,6 +263,8 @@ fn record(
         peak_mib: measured.then(results::peak_rss_mib).flatten(),
         rss_mib: measured.then(results::rss_mib).flatten(),
         error: error.map(str::to_string),
+        planned_mib: None,
+        over_cap: None,
         unix_time: results::unix_time(),
     }
 }

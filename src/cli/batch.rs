@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 every job of this shard is ok or was already done; 4 some failed (see
 //! `results.jsonl`); 2 the batch could not start (bad flags, unreadable job file, missing model,
-//! directory locked by another run); 130 interrupted (finished outputs kept, the current one
+//! directory locked by another run); 3 every job that ran was refused by the RAM cap; 130 interrupted (finished outputs kept, the current one
 //! abandoned without a file; rerun to resume).
 
 use std::path::PathBuf;
@@ -20,7 +20,7 @@ use serde_json::json;
 use super::generate::check_model_file;
 use super::progress::{round3, Progress, ProgressMode};
 use super::threads::default_threads;
-use super::{names_help, parse_threads, DEFAULT_MODEL};
+use super::{names_help, parse_ram_cap, parse_threads, DEFAULT_MODEL};
 
 /// Exit code when some jobs failed and the others were done.
 const EXIT_SOME_FAILED: u8 = 4;
@@ -31,7 +31,8 @@ const EXIT_INTERRUPTED: u8 = 130;
 pub struct BatchArgs {
     /// Job file: JSON Lines, one job per line, e.g. {"prompt": "a lighthouse", "seed": 1};
     /// `-` reads standard input. Fields: prompt, negative, seed, width, height, steps, cfg,
-    /// sampler, scheduler, clip_skip, rng, model, vae; a field left out takes the flag's value.
+    /// sampler, scheduler, clip_skip, rng, model, vae, ram_cap; a field left out takes the flag's
+    /// value.
     #[arg(value_name = "JOBS")]
     pub jobs: PathBuf,
 
@@ -102,6 +103,11 @@ pub struct BatchArgs {
     #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Default random number generator", RngKind::NAMES))]
     pub rng: RngKind,
 
+    /// Default memory cap (e.g. 6G); without it, the cgroup limit or the available memory. A job
+    /// that cannot fit is refused before it starts and recorded as failed.
+    #[arg(long, value_name = "SIZE", value_parser = parse_ram_cap)]
+    pub ram_cap: Option<u64>,
+
     /// Compute threads [default: physical cores, at most the CPUs this process may use].
     #[arg(short = 't', long, value_name = "N", value_parser = parse_threads)]
     pub threads: Option<usize>,
@@ -131,6 +137,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         clip_skip: args.clip_skip,
         rng: args.rng,
+        ram_cap: args.ram_cap,
     };
     // Defaults that no job could use are refused before anything starts.
     defaults.validate()?;
@@ -237,6 +244,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
     };
     progress.summary(
         json!({ "ok": summary.ok, "failed": summary.failed, "skipped": summary.skipped,
+                "over_cap": summary.over_cap,
                 "interrupted": summary.interrupted, "not_run": summary.not_run,
                 "seconds": round3(summary.seconds), "shard": shard.to_string(),
                 "results": results.display().to_string() }),
@@ -252,6 +260,9 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
     );
     Ok(ExitCode::from(if summary.interrupted {
         EXIT_INTERRUPTED
+    } else if summary.ok == 0 && summary.failed > 0 && summary.failed == summary.over_cap {
+        // Nothing fits the cap: the batch could not do anything (DESIGN.md's exit 3).
+        3
     } else if summary.failed > 0 {
         EXIT_SOME_FAILED
     } else {

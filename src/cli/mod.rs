@@ -5,6 +5,7 @@
 
 mod batch;
 mod generate;
+mod plan;
 mod progress;
 mod threads;
 
@@ -36,6 +37,18 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Run a JSON Lines file of jobs into a directory: resumable, shardable, one model load.
     Batch(batch::BatchArgs),
+    /// Show the memory plan for a generate command (same flags) without running it: the budget,
+    /// each stage's predicted peak and the chosen settings. Exit 3 if nothing fits.
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub generate: GenerateArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 // Numeric flags take negative numbers as values, so `-W -512` is reported as a bad width rather than
@@ -125,6 +138,11 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Random number generator (cpu = PyTorch's CPU generator, as diffusers uses it)", RngKind::NAMES))]
     pub rng: RngKind,
 
+    /// RAM cap (512M, 1.5G, 2GiB): the plan keeps the predicted peak under it, or sdcap refuses
+    /// with exit code 3 before loading anything [default: the cgroup limit, else available memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_ram_cap)]
+    pub ram_cap: Option<u64>,
+
     /// Compute threads [default: physical cores, at most the CPUs this process may use].
     #[arg(short = 't', long, value_name = "N", value_parser = parse_threads, allow_negative_numbers = true)]
     pub threads: Option<usize>,
@@ -159,6 +177,7 @@ pub fn main() -> ExitCode {
     };
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Batch(args) => batch::run(args),
     };
     match outcome {
@@ -211,4 +230,8 @@ fn clap_exit(e: clap::Error) -> ExitCode {
 /// Error messages may quote user text or wrap multi-line causes; the contract is one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn parse_ram_cap(text: &str) -> Result<u64, String> {
+    sdcap::governor::parse_size(text).map_err(|e| e.to_string())
 }

@@ -5,7 +5,8 @@
 //! - `json`: one JSON object per line on stderr, for logs and supervisors:
 //!   `{"event":"batch_start",…}`, `{"event":"job_start","job":3,…}`, `{"event":"stage","job":3,
 //!   "stage":"denoise"}`, `{"event":"step","job":3,"step":2,"steps":20,"s_per_it":1.92}`,
-//!   `{"event":"load","model":…,"jobs":4}`, `{"event":"job_done",…the results line…}`, `{"event":"message","text":…}` and a final
+//!   `{"event":"load","model":…,"jobs":4}`, `{"event":"plan","peak_mib":…,"budget_mib":…}`,
+//!   `{"event":"notice","text":…}`, `{"event":"job_done",…the results line…}`, `{"event":"message","text":…}` and a final
 //!   `{"event":"summary",…}`. Every line carries `"t"`, seconds since the process started. The one
 //!   exception is a fatal error, which stays the plain `sdcap: error: …` line.
 //! - `none`: no progress; messages and the summary as plain lines.
@@ -154,6 +155,22 @@ impl Progress {
 
     pub fn on_event(&mut self, event: Event) {
         match event {
+            Event::Planned(plan) => {
+                if let Style::Json = self.style {
+                    let fields = json!({ "peak_mib": plan.peak_bytes() >> 20,
+                        "budget_mib": plan.budget.usable_bytes() >> 20,
+                        "budget_from": plan.budget.source.to_string(),
+                        "weights": plan.residency });
+                    self.json("plan", fields);
+                }
+            }
+            // Said once by the pipeline (e.g. the governor tightened the plan): worth seeing in a
+            // log, so shown in every mode.
+            Event::Notice(text) => match &self.style {
+                Style::Bar(bars) => bars.println(&format!("sdcap: {text}")),
+                Style::Json => self.json("notice", json!({ "text": text })),
+                Style::Plain => eprintln!("sdcap: {text}"),
+            },
             Event::Stage(name) => {
                 self.stage_started = Instant::now();
                 match &mut self.style {

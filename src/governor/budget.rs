@@ -51,7 +51,10 @@ impl Budget {
             Some(bytes) => (bytes, BudgetSource::Flag),
             None => match cgroup_limit() {
                 Some(bytes) => (bytes, BudgetSource::Cgroup),
-                None => (mem_available().unwrap_or(u64::MAX), BudgetSource::MemAvailable),
+                None => (
+                    mem_available().unwrap_or(u64::MAX),
+                    BudgetSource::MemAvailable,
+                ),
             },
         };
         Ok(Budget {
@@ -76,7 +79,9 @@ pub fn parse_size(text: &str) -> Result<u64> {
         ))
     };
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
     let value: f64 = number.parse().map_err(|_| bad())?;
     let scale = match unit.trim().to_ascii_lowercase().as_str() {
@@ -109,9 +114,15 @@ pub fn cgroup_limit_from(proc_cgroup: &str, root: &Path) -> Option<u64> {
         if controllers.split(',').any(|c| c == "memory") {
             let dir = root.join("memory").join(path.trim_start_matches('/'));
             let stat = std::fs::read_to_string(dir.join("memory.stat")).ok();
-            let hierarchical = stat.as_deref().and_then(|s| stat_value(s, "hierarchical_memory_limit"));
+            let hierarchical = stat
+                .as_deref()
+                .and_then(|s| stat_value(s, "hierarchical_memory_limit"));
             let own = read_number(&dir.join("memory.limit_in_bytes"));
-            return [hierarchical, own].into_iter().flatten().min().filter(|&v| !is_unlimited(v));
+            return [hierarchical, own]
+                .into_iter()
+                .flatten()
+                .min()
+                .filter(|&v| !is_unlimited(v));
         }
     }
     // v2: walk from our cgroup up to the root, the tightest `memory.max` wins.
@@ -170,7 +181,17 @@ mod tests {
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("800mb").unwrap(), 800 << 20);
         assert_eq!(parse_size("4096").unwrap(), 4096);
-        for bad in ["", "M", "-1G", "1.2.3G", "12X", "0", "nanG", "1e400G", "99999999999T"] {
+        for bad in [
+            "",
+            "M",
+            "-1G",
+            "1.2.3G",
+            "12X",
+            "0",
+            "nanG",
+            "1e400G",
+            "99999999999T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
@@ -183,8 +204,15 @@ mod tests {
         let v1 = root.join("v1/memory/a/b");
         std::fs::create_dir_all(&v1).unwrap();
         std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
-        std::fs::write(v1.join("memory.stat"), "cache 0\nhierarchical_memory_limit 1073741824\n").unwrap();
-        assert_eq!(cgroup_limit_from("4:memory:/a/b\n0::/\n", &root.join("v1")), Some(1 << 30));
+        std::fs::write(
+            v1.join("memory.stat"),
+            "cache 0\nhierarchical_memory_limit 1073741824\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cgroup_limit_from("4:memory:/a/b\n0::/\n", &root.join("v1")),
+            Some(1 << 30)
+        );
         // v2: the parent is tighter than the child.
         let v2 = root.join("v2");
         std::fs::create_dir_all(v2.join("p/c")).unwrap();
@@ -202,7 +230,11 @@ mod tests {
     fn margin_is_sane() {
         assert_eq!(margin_for(512 << 20), (24 << 20) + (512 << 20) / 20);
         assert_eq!(margin_for(u64::MAX), (24 << 20) + (256 << 20));
-        let b = Budget { limit_bytes: 10, source: BudgetSource::Flag, margin_bytes: 100 };
+        let b = Budget {
+            limit_bytes: 10,
+            source: BudgetSource::Flag,
+            margin_bytes: 100,
+        };
         assert_eq!(b.usable_bytes(), 0);
     }
 }

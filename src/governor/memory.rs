@@ -18,12 +18,19 @@ pub fn peak_rss_bytes() -> Option<u64> {
 fn status_kib(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     status.lines().find_map(|l| {
-        let kib: u64 = l.strip_prefix(key)?.trim().trim_end_matches("kB").trim().parse().ok()?;
+        let kib: u64 = l
+            .strip_prefix(key)?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
         kib.checked_mul(1024)
     })
 }
 
-fn page_size() -> u64 {
+/// The kernel's page size in bytes.
+pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if size > 0 {
@@ -50,7 +57,11 @@ pub fn cgroup_usage_file() -> Option<PathBuf> {
     let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
     ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
         .iter()
-        .map(|root| PathBuf::from(root).join(path.trim_start_matches('/')).join("memory.current"))
+        .map(|root| {
+            PathBuf::from(root)
+                .join(path.trim_start_matches('/'))
+                .join("memory.current")
+        })
         .find(|f| f.exists())
 }
 

@@ -3,5 +3,8 @@
 
 pub mod budget;
 pub mod memory;
+pub mod plan;
+pub mod watch;
 
 pub use budget::{parse_size, Budget, BudgetSource};
+pub use plan::{plan, Plan, Residency, Stage};

@@ -160,6 +160,11 @@ impl Decoder {
         })
     }
 
+    /// Channels of the last (full-resolution) level.
+    pub fn last_channels(&self) -> usize {
+        self.conv_out.in_ch
+    }
+
     /// `z` is the unscaled latent (sampler latent / `SCALING_FACTOR`) → image roughly in [-1, 1].
     pub fn forward(&self, z: &Tensor) -> Tensor {
         let z = self.post_quant_conv.forward(z);

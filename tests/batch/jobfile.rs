@@ -21,6 +21,7 @@ fn defaults() -> Job {
         seed: 42,
         clip_skip: 1,
         rng: RngKind::Cpu,
+        ram_cap: None,
     }
 }
 
@@ -55,6 +56,20 @@ fn fields_override_defaults_and_aliases_work() {
     assert_eq!((b.negative.as_str(), b.cfg_scale), ("nn", 3.0));
     assert_eq!((b.sampler, b.seed, b.width), (SamplerKind::Ddim, 42, 512));
     assert_eq!(b.model, Path::new("/models/v1-5.safetensors"));
+}
+
+#[test]
+fn ram_cap_takes_bytes_or_a_size() {
+    let jobs = parse(
+        r#"{"prompt":"a","ram_cap":"6G"}
+{"prompt":"b","ram_cap":1048576}
+{"prompt":"c","ram_cap":"lots"}
+{"prompt":"d","ram_cap":-1}"#,
+    );
+    assert_eq!(jobs[0].as_ref().unwrap().ram_cap, Some(6 << 30));
+    assert_eq!(jobs[1].as_ref().unwrap().ram_cap, Some(1 << 20));
+    assert!(jobs[2].as_ref().unwrap_err().contains("not a size"));
+    assert!(jobs[3].is_err());
 }
 
 #[test]

@@ -181,6 +181,7 @@ fn json_progress_follows_each_job() {
             k,
             [
                 "job_start",
+                "plan",
                 "stage",
                 "stage",
                 "step",
@@ -221,8 +222,9 @@ fn generate_speaks_json_too() {
     let kinds: Vec<&str> = ev.iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(
         kinds,
-        ["stage", "stage", "stage", "step", "step", "stage", "summary"]
+        ["stage", "plan", "stage", "stage", "step", "step", "stage", "summary"]
     );
+    assert!(ev[1]["peak_mib"].as_u64().is_some() && ev[1]["budget_mib"].as_u64().is_some());
     assert_eq!(ev.last().unwrap()["output"], png.display().to_string());
     let out = std::process::Command::new(super::BIN)
         .args([
@@ -258,4 +260,32 @@ fn no_memory_growth_over_100_jobs() {
         "RSS after job 10 {at10} MiB, after job 100 {at100} MiB ({:+.2}%)",
         growth * 100.0
     );
+}
+
+/// A job that cannot fit its RAM cap is refused before it runs and recorded; when every job is
+/// refused the batch exits 3, as `generate` does.
+#[test]
+fn jobs_over_the_ram_cap_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines = vec![
+        r#"{"prompt": "fits", "seed": 1}"#.to_string(),
+        r#"{"prompt": "too big for 1M", "seed": 2, "ram_cap": "1M"}"#.to_string(),
+    ];
+    let jobs = write_jobs(dir.path(), "jobs.jsonl", &lines);
+    let out_dir = dir.path().join("out");
+    let out = batch(&jobs, &out_dir, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let recs = results(&out_dir);
+    assert_eq!(recs[0].status, Status::Ok);
+    assert!(recs[0].planned_mib.unwrap() > 0.0);
+    assert_eq!(
+        (recs[1].status, recs[1].over_cap),
+        (Status::Failed, Some(true))
+    );
+    assert!(!std::path::Path::new(recs[1].output.as_ref().unwrap()).exists());
+
+    let all_over = dir.path().join("all-over");
+    let out = batch(&jobs, &all_over, &["--ram-cap", "1M"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(pngs(&all_over).is_empty());
 }
