@@ -14,7 +14,8 @@
 #SBATCH --signal=B:TERM@180
 #SBATCH --output=sdcap-%A_%a.log
 #
-# --mem: a 512x512 SD 1.5 job was charged 3.14 GiB (README.md in this folder); 6G leaves room.
+# --mem: a 512x512 SD 1.5 job plans 1.83 GiB and peaked at 1.84 GiB (README.md in this folder);
+# 6G leaves room for larger images.
 # --signal=B:TERM@180: SIGTERM to this script (which `exec`s sdcap) 3 minutes before the time
 # limit; sdcap abandons the image in progress at the next step, records it and exits 130.
 set -euo pipefail

@@ -1,7 +1,7 @@
 //! `DIR/results.jsonl`: one JSON line per job per run, appended.
 //!
 //! ```text
-//! {"job":1,"line":2,"shard":"0/1","status":"ok","output":"out/000001-aa8b3d4b8cb2.png","seconds":33.863,"peak_mib":2428.0,"rss_mib":2204.2,"error":null,"unix_time":1795375955}
+//! {"job":1,"line":2,"shard":"0/1","status":"ok","output":"out/000001-dfb4e449a56b.png","seconds":24.884,"peak_mib":1737.3,"rss_mib":39.4,"error":null,"planned_mib":1759.5,"unix_time":1795377333}
 //! ```
 //!
 //! The file is a log, never rewritten: a rerun appends `skipped` lines for outputs already there, so
