@@ -2,8 +2,8 @@
 //!
 //! Exit codes: 0 every job of this shard is ok or was already done; 4 some failed (see
 //! `results.jsonl`); 2 the batch could not start (bad flags, unreadable job file, missing model,
-//! directory locked by another run); 3 every job that ran was refused by the RAM cap; 130 interrupted (finished outputs kept, the current one
-//! abandoned without a file; rerun to resume).
+//! directory locked by another run); 3 every job that ran was refused by the RAM cap; 130
+//! interrupted (finished outputs kept, the current one abandoned without a file; rerun to resume).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -6,8 +6,8 @@
 //!   `{"event":"batch_start",…}`, `{"event":"job_start","job":3,…}`, `{"event":"stage","job":3,
 //!   "stage":"denoise"}`, `{"event":"step","job":3,"step":2,"steps":20,"s_per_it":1.92}`,
 //!   `{"event":"load","model":…,"jobs":4}`, `{"event":"plan","peak_mib":…,"budget_mib":…}`,
-//!   `{"event":"notice","text":…}`, `{"event":"job_done",…the results line…}`, `{"event":"message","text":…}` and a final
-//!   `{"event":"summary",…}`. Every line carries `"t"`, seconds since the process started. The one
+//!   `{"event":"notice","text":…}`, `{"event":"job_done",…the results line…}`,
+//!   `{"event":"message","text":…}` and a final `{"event":"summary",…}`. Every line carries `"t"`, seconds since the process started. The one
 //!   exception is a fatal error, which stays the plain `sdcap: error: …` line.
 //! - `none`: no progress; messages and the summary as plain lines.
 //! - `auto` (default): `bar` when stderr is a terminal, `json` otherwise.
