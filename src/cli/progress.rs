@@ -24,8 +24,11 @@ use serde_json::{json, Map, Value};
 pub enum ProgressMode {
     /// A bar on a terminal, JSON lines otherwise.
     Auto,
+    /// Stage spinner and step bar (and a jobs bar in a batch).
     Bar,
+    /// One JSON object per event on stderr.
     Json,
+    /// Only messages and the summary line.
     None,
 }
 
