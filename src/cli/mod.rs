@@ -4,7 +4,9 @@
 //! reports. Flag names follow stable-diffusion.cpp where a flag means the same.
 
 mod generate;
+mod inspect;
 mod progress;
+mod quantize;
 mod threads;
 
 use std::path::PathBuf;
@@ -33,6 +35,10 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image from a text prompt (txt2img) and write it as PNG.
     Generate(GenerateArgs),
+    /// Convert a model to GGUF with 4- to 8-bit weights (GGML block types).
+    Quantize(quantize::QuantizeArgs),
+    /// Show a model's format, family, tensor count and bytes per type.
+    Inspect(inspect::InspectArgs),
 }
 
 // Numeric flags take negative numbers as values, so `-W -512` is reported as a bad width rather than
@@ -152,6 +158,8 @@ pub fn main() -> ExitCode {
     };
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
