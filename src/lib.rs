@@ -5,11 +5,13 @@
 
 pub mod error;
 pub mod governor;
+pub mod inspect;
 pub mod job;
 pub mod kernels;
 pub mod nn;
 pub mod output;
 pub mod pipeline;
+pub mod quantize;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;

@@ -4,8 +4,10 @@
 //! reports. Flag names follow stable-diffusion.cpp where a flag means the same.
 
 mod generate;
+mod inspect;
 mod plan;
 mod progress;
+mod quantize;
 mod threads;
 
 use std::path::PathBuf;
@@ -37,6 +39,10 @@ pub enum Command {
     /// Show the memory plan for a generate command (same flags) without running it: the budget,
     /// each stage's predicted peak and the chosen settings. Exit 3 if nothing fits.
     Plan(PlanArgs),
+    /// Convert a model to GGUF with 4- to 8-bit weights (GGML block types).
+    Quantize(quantize::QuantizeArgs),
+    /// Show a model's format, family, tensor count and bytes per type.
+    Inspect(inspect::InspectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +177,8 @@ pub fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
