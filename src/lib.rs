@@ -3,14 +3,17 @@
 //! Data flows one way: job → load (weights) → encode (tokenizer, CLIP) → denoise (sampling, UNet)
 //! → decode (VAE) → write (output). See ARCHITECTURE.md.
 
+pub mod atomic_file;
 pub mod batch;
 pub mod error;
 pub mod governor;
+pub mod inspect;
 pub mod job;
 pub mod kernels;
 pub mod nn;
 pub mod output;
 pub mod pipeline;
+pub mod quantize;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;

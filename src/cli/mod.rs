@@ -5,8 +5,10 @@
 
 mod batch;
 mod generate;
+mod inspect;
 mod plan;
 mod progress;
+mod quantize;
 mod threads;
 
 use std::path::PathBuf;
@@ -40,6 +42,10 @@ pub enum Command {
     /// Show the memory plan for a generate command (same flags) without running it: the budget,
     /// each stage's predicted peak and the chosen settings. Exit 3 if nothing fits.
     Plan(PlanArgs),
+    /// Convert a model to GGUF with 4- to 8-bit weights (GGML block types).
+    Quantize(quantize::QuantizeArgs),
+    /// Show a model's format, family, tensor count and bytes per type.
+    Inspect(inspect::InspectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +184,8 @@ pub fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Quantize(args) => quantize::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Inspect(args) => inspect::run(args).map(|()| ExitCode::SUCCESS),
         Command::Batch(args) => batch::run(args),
     };
     match outcome {
