@@ -180,7 +180,7 @@ fn run(
     ids.extend(tokenizer.encode_padded(&job.prompt, CONTEXT_LEN));
     let batch = ids.len() / CONTEXT_LEN;
     let context = models.text_encoder.forward(&ids, batch, clip_skip);
-    end_stage(models, governor::plan::TEXT_PREFIX);
+    end_stage(models, &plan, governor::plan::TEXT_PREFIX);
 
     on_event(Event::Stage("denoise"));
     let denoise_peak = plan
@@ -233,14 +233,14 @@ fn run(
     )?;
     let latent = Tensor::new(shape.clone(), latent);
     let peak_cgroup_bytes = watch.borrow().peak_cgroup_bytes;
-    end_stage(models, governor::plan::UNET_PREFIX);
+    end_stage(models, &plan, governor::plan::UNET_PREFIX);
     if cancelled() {
         return Err(Error::Interrupted);
     }
 
     on_event(Event::Stage("decode"));
     let image = decode(&models.decoder, &latent);
-    end_stage(models, governor::plan::VAE_PREFIX);
+    end_stage(models, &plan, governor::plan::VAE_PREFIX);
     Ok(Generated {
         image,
         latent,
@@ -250,9 +250,12 @@ fn run(
     })
 }
 
-/// Between stages: the finished stage's weight pages and freed activations go back to the system.
-fn end_stage(models: &Models, weights_prefix: &str) {
-    models.store.release(weights_prefix);
+/// Between stages: freed activations go back to the system, and unless the plan keeps the whole
+/// model mapped, so do the finished stage's weight pages.
+fn end_stage(models: &Models, plan: &Plan, weights_prefix: &str) {
+    if plan.residency != governor::Residency::KeepAll {
+        models.store.release(weights_prefix);
+    }
     memory::release_free_memory();
 }
 

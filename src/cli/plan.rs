@@ -14,6 +14,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     // Maps the model and reads tensor shapes only; no weight data is touched.
     let models = Models::load(&job)?;
     let chosen = governor::plan(&models, &job, &budget);
+    let keep_all = governor::plan::predict(&models, &job, &budget, Residency::KeepAll);
     let keep = governor::plan::predict(&models, &job, &budget, Residency::Keep);
     let stream = governor::plan::predict(&models, &job, &budget, Residency::Stream);
     let shown = chosen
@@ -29,12 +30,16 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             "plan": shown,
             "peak_bytes": shown.peak_bytes(),
             "usable_bytes": budget.usable_bytes(),
-            "alternatives": { "keep_peak_bytes": keep.peak_bytes(), "stream_peak_bytes": stream.peak_bytes() },
+            "alternatives": {
+                "keep_all_peak_bytes": keep_all.peak_bytes(),
+                "keep_peak_bytes": keep.peak_bytes(),
+                "stream_peak_bytes": stream.peak_bytes(),
+            },
             "error": chosen.as_ref().err().map(|e| e.to_string()),
         });
         println!("{report:#}");
     } else {
-        print!("{}", describe(shown, &keep, &stream));
+        print!("{}", describe(shown, [&keep_all, &keep, &stream]));
     }
     match chosen {
         Ok(_) => Ok(()),
@@ -43,7 +48,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     }
 }
 
-fn describe(plan: &Plan, keep: &Plan, stream: &Plan) -> String {
+fn describe(plan: &Plan, alternatives: [&Plan; 3]) -> String {
     let b = &plan.budget;
     let mut out = format!(
         "budget: {} MiB ({}) - {} MiB margin = {} MiB usable\n",
@@ -52,11 +57,10 @@ fn describe(plan: &Plan, keep: &Plan, stream: &Plan) -> String {
         b.margin_bytes / MIB,
         b.usable_bytes() / MIB
     );
+    let [keep_all, keep, stream] = alternatives.map(|p| p.peak_bytes().div_ceil(MIB));
     out += &format!(
-        "weights: {:?} (keep: peak {} MiB, stream: peak {} MiB)\n",
-        plan.residency,
-        keep.peak_bytes().div_ceil(MIB),
-        stream.peak_bytes().div_ceil(MIB)
+        "weights: {:?} (peaks: keep all {keep_all} MiB, keep per stage {keep} MiB, stream {stream} MiB)\n",
+        plan.residency
     );
     out += &format!(
         "{:<8} {:>12} {:>10} {:>10}\n",

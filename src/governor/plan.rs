@@ -18,7 +18,10 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Residency {
-    /// Keep the stage's weights mapped for its whole run (fastest: read from disk once).
+    /// Keep every stage's weights mapped for the whole run and between jobs (fastest: the model is
+    /// read from disk once per process).
+    KeepAll,
+    /// Keep the stage's weights mapped while it runs and release them when it ends.
     Keep,
     /// Prefetch each UNet block before use and release its pages after, so only about two blocks
     /// are charged at a time; every step reads the UNet again (from disk or page cache).
@@ -55,7 +58,7 @@ impl Plan {
 
 /// The fastest plan whose predicted peak fits the budget, or `Error::CapTooSmall`.
 pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
-    let candidates = [Residency::Keep, Residency::Stream];
+    let candidates = [Residency::KeepAll, Residency::Keep, Residency::Stream];
     let plans: Vec<Plan> = candidates
         .iter()
         .map(|&r| predict(models, job, budget, r))
@@ -66,7 +69,7 @@ pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
     let smallest = plans
         .iter()
         .min_by_key(|p| p.peak_bytes())
-        .expect("two candidates");
+        .expect("three candidates");
     Err(Error::CapTooSmall {
         needed_mib: smallest.peak_bytes().div_ceil(MIB),
         available_mib: budget.usable_bytes() / MIB,
@@ -80,13 +83,20 @@ pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency
     let (lh, lw) = (job.height as usize / 8, job.width as usize / 8);
     let batch = if job.cfg_scale > 1.0 { 2 } else { 1 };
 
-    let text_weights = store.bytes_with_prefix(TEXT_PREFIX);
+    let all_weights = store.bytes_with_prefix(TEXT_PREFIX)
+        + store.bytes_with_prefix(UNET_PREFIX)
+        + store.bytes_with_prefix(VAE_PREFIX);
+    let text_weights = match residency {
+        Residency::KeepAll => all_weights,
+        _ => store.bytes_with_prefix(TEXT_PREFIX),
+    };
     let width = models.text_encoder.width() as u64;
     // Hidden states, q/k/v, attention output and the 4× MLP for 77 tokens per prompt, plus panels.
     let text_activations = (batch as u64 * 77 * width * 4 * 12).saturating_add(32 * MIB);
 
     let unet_activations = models.unet.peak_activation_bytes(batch, lh, lw);
     let unet_weights = match residency {
+        Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(UNET_PREFIX),
         Residency::Stream => {
             let largest = models
@@ -109,8 +119,13 @@ pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency
         }
     };
 
-    let vae_weights = store.bytes_with_prefix(&format!("{VAE_PREFIX}decoder."))
-        + store.bytes_with_prefix(&format!("{VAE_PREFIX}post_quant_conv."));
+    let vae_weights = match residency {
+        Residency::KeepAll => all_weights,
+        _ => {
+            store.bytes_with_prefix(&format!("{VAE_PREFIX}decoder."))
+                + store.bytes_with_prefix(&format!("{VAE_PREFIX}post_quant_conv."))
+        }
+    };
     let vae_activations = vae_decode_bytes(models, lh, lw);
 
     let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history

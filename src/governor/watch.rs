@@ -66,7 +66,7 @@ impl<'a> Watch<'a> {
             self.peak_cgroup_bytes = self.peak_cgroup_bytes.max(usage);
         }
         let rss = memory::rss_bytes().unwrap_or(0);
-        if rss > self.rss_limit_bytes && self.residency == Residency::Keep && !self.tightened {
+        if rss > self.rss_limit_bytes && self.residency != Residency::Stream && !self.tightened {
             self.tightened = true;
             self.residency = Residency::Stream;
             self.notice = Some(format!(
