@@ -30,6 +30,13 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// No plan fits the memory budget; nothing was generated.
+    #[error("the RAM cap cannot be met: this job needs about {needed_mib} MiB, the budget allows {available_mib} MiB; would fit: {hint}")]
+    CapTooSmall {
+        needed_mib: u64,
+        available_mib: u64,
+        hint: String,
+    },
     /// The run was interrupted by a signal; nothing partial was written.
     #[error("interrupted")]
     Interrupted,
@@ -52,6 +59,7 @@ impl Error {
             | Error::MissingTensor(_)
             | Error::BadShape { .. } => 2,
             Error::Io { .. } => 1,
+            Error::CapTooSmall { .. } => 3,
             Error::Interrupted => 130,
         }
     }

@@ -83,6 +83,8 @@ pub struct Job {
     /// 1 = last CLIP layer, 2 = penultimate (A1111 convention).
     pub clip_skip: u32,
     pub rng: RngKind,
+    /// `--ram-cap` in bytes; None = the cgroup limit, else available memory.
+    pub ram_cap: Option<u64>,
 }
 
 impl Job {

@@ -4,11 +4,14 @@
 //! → decode (VAE) → write (output). See ARCHITECTURE.md.
 
 pub mod error;
+pub mod governor;
+pub mod inspect;
 pub mod job;
 pub mod kernels;
 pub mod nn;
 pub mod output;
 pub mod pipeline;
+pub mod quantize;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;

@@ -2,7 +2,10 @@
 
 use std::sync::Arc;
 
+use std::cell::RefCell;
+
 use crate::error::{Error, Result};
+use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::job::Job;
 use crate::nn::clip::TextEncoder;
 use crate::nn::unet::UNet;
@@ -20,6 +23,10 @@ pub enum Event {
     Stage(&'static str),
     /// A sampling step finished (1-based `index` of `total`).
     Step { index: usize, total: usize },
+    /// The memory plan for this job (emitted once, before the heavy work).
+    Planned(Box<Plan>),
+    /// Something the user should know, said once (e.g. the governor tightened the plan).
+    Notice(String),
 }
 
 /// The result of one generation.
@@ -27,6 +34,12 @@ pub struct Generated {
     pub image: RgbImage,
     /// Final latent [1,4,H/8,W/8], before VAE scaling.
     pub latent: Tensor,
+    /// The plan the job ran with.
+    pub plan: Plan,
+    /// Peak resident set of the process so far (VmHWM), bytes.
+    pub peak_rss_bytes: u64,
+    /// Peak charge of our cgroup seen at block boundaries (0 where there is no cgroup file), bytes.
+    pub peak_cgroup_bytes: u64,
 }
 
 /// The three networks of an SD1.x model, over one mapped store.
@@ -34,6 +47,8 @@ pub struct Models {
     pub text_encoder: TextEncoder,
     pub unet: UNet,
     pub decoder: Decoder,
+    /// The mapped weights (the governor moves their pages).
+    pub store: Arc<TensorStore>,
 }
 
 impl Models {
@@ -52,7 +67,8 @@ impl Models {
                 "cond_stage_model.transformer.text_model",
             ))?,
             unet: UNet::new(&Weights::new(store.clone(), "model.diffusion_model"))?,
-            decoder: Decoder::new(&Weights::new(store, "first_stage_model"))?,
+            decoder: Decoder::new(&Weights::new(store.clone(), "first_stage_model"))?,
+            store,
         })
     }
 }
@@ -63,6 +79,13 @@ pub fn txt2img(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Generated> 
     on_event(Event::Stage("load"));
     let models = Models::load(job)?;
     generate(&models, job, on_event)
+}
+
+/// The memory plan for `job` on these models (refuses with `Error::CapTooSmall` when nothing fits).
+/// Only shapes are read: no weight data is touched.
+pub fn plan(models: &Models, job: &Job) -> Result<Plan> {
+    let budget = Budget::discover(job.ram_cap)?;
+    governor::plan(models, job, &budget)
 }
 
 /// Runs one job on already-loaded models (a batch keeps the models between jobs). All noise comes
@@ -106,6 +129,8 @@ pub fn generate_from_noise(
         )));
     }
     let schedule = sampling::schedule(job.sampler, job.scheduler, job.steps as usize)?;
+    let plan = plan(models, job)?;
+    on_event(Event::Planned(Box::new(plan.clone())));
     let shape = latent_shape(models, job);
     assert_eq!(
         initial.len(),
@@ -124,10 +149,26 @@ pub fn generate_from_noise(
     ids.extend(tokenizer.encode_padded(&job.prompt, CONTEXT_LEN));
     let batch = ids.len() / CONTEXT_LEN;
     let context = models.text_encoder.forward(&ids, batch, clip_skip);
+    end_stage(models, governor::plan::TEXT_PREFIX);
 
     on_event(Event::Stage("denoise"));
+    let denoise_peak = plan
+        .stages
+        .iter()
+        .find(|s| s.name == "denoise")
+        .map_or(u64::MAX, |s| s.peak_bytes);
+    // Slack for what the model cannot see (binary, allocator) before the watch calls it a miss.
+    let rss_limit = denoise_peak.saturating_add(plan.budget.margin_bytes);
+    let watch = RefCell::new(Watch::new(
+        &models.store,
+        &models.unet.block_names(),
+        plan.residency,
+        rss_limit,
+    ));
+    watch.borrow().start();
     let mut model = |input: &[f32], t: f32| -> Result<Vec<f32>> {
         let x = Tensor::new(shape.clone(), input.to_vec());
+        let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
         Ok(predict_noise(
             &models.unet,
             &x,
@@ -135,10 +176,14 @@ pub fn generate_from_noise(
             &context,
             batch,
             job.cfg_scale,
+            &mut after_block,
         ))
     };
     let total = schedule.timesteps.len();
     let mut on_step = |i: usize, _n: usize| {
+        if let Some(notice) = watch.borrow_mut().take_notice() {
+            on_event(Event::Notice(notice));
+        }
         on_event(Event::Step {
             index: i + 1,
             total,
@@ -153,10 +198,25 @@ pub fn generate_from_noise(
         &mut on_step,
     )?;
     let latent = Tensor::new(shape.clone(), latent);
+    let peak_cgroup_bytes = watch.borrow().peak_cgroup_bytes;
+    end_stage(models, governor::plan::UNET_PREFIX);
 
     on_event(Event::Stage("decode"));
     let image = decode(&models.decoder, &latent);
-    Ok(Generated { image, latent })
+    end_stage(models, governor::plan::VAE_PREFIX);
+    Ok(Generated {
+        image,
+        latent,
+        plan,
+        peak_rss_bytes: memory::peak_rss_bytes().unwrap_or(0),
+        peak_cgroup_bytes,
+    })
+}
+
+/// Between stages: the finished stage's weight pages and freed activations go back to the system.
+fn end_stage(models: &Models, weights_prefix: &str) {
+    models.store.release(weights_prefix);
+    memory::release_free_memory();
 }
 
 /// The UNet's epsilon for `x`, guided: with a [uncond, cond] context the batch is run twice over
@@ -168,14 +228,18 @@ fn predict_noise(
     context: &[f32],
     batch: usize,
     scale: f32,
+    after_block: &mut dyn FnMut(&str),
 ) -> Vec<f32> {
+    let mut trace = |name: &str, _: &Tensor| after_block(name);
     if batch == 1 {
-        return unet.forward(x, &[t], context).data;
+        return unet.forward_traced(x, &[t], context, &mut trace).data;
     }
     let mut shape = x.shape.clone();
     shape[0] = 2;
     let doubled = Tensor::new(shape, [x.data.as_slice(), x.data.as_slice()].concat());
-    let eps = unet.forward(&doubled, &[t, t], context).data;
+    let eps = unet
+        .forward_traced(&doubled, &[t, t], context, &mut trace)
+        .data;
     let (uncond, cond) = eps.split_at(x.numel());
     uncond
         .iter()

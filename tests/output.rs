@@ -160,6 +160,7 @@ fn job() -> Job {
         seed: 42,
         clip_skip: 2,
         rng: RngKind::Cpu,
+        ram_cap: None,
     }
 }
 

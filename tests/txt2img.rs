@@ -39,6 +39,7 @@ fn job(model: PathBuf, prompt: &str, sampler: &str, cfg: f32, seed: u64) -> Job 
         seed,
         clip_skip: 1,
         rng: RngKind::Cpu,
+        ram_cap: None,
     }
 }
 

@@ -10,6 +10,7 @@
 //! denormals-are-zero) for bit-exactness on inputs with subnormal values.
 
 mod float;
+pub mod gguf;
 mod kquality;
 mod kquants;
 mod legacy;

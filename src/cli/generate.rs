@@ -15,33 +15,44 @@ use super::progress::Progress;
 use super::threads::default_threads;
 use super::{GenerateArgs, DEFAULT_MODEL};
 
+impl GenerateArgs {
+    /// The validated job these flags describe (model and VAE files checked, header only).
+    pub fn to_job(&self) -> anyhow::Result<Job> {
+        let job = Job {
+            model: self
+                .model
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL)),
+            vae: self.vae.clone(),
+            prompt: self.prompt.clone(),
+            negative: self.negative_prompt.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            cfg_scale: self.cfg_scale,
+            sampler: self.sampling_method,
+            scheduler: self.scheduler,
+            seed: resolve_seed(self.seed),
+            clip_skip: self.clip_skip,
+            rng: self.rng,
+            ram_cap: self.ram_cap,
+        };
+        job.validate()?;
+        check_model_file(&job.model, "model")?;
+        if let Some(vae) = &job.vae {
+            check_model_file(vae, "VAE")?;
+        }
+        Ok(job)
+    }
+}
+
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let default_model = args.model.is_none();
-    let job = Job {
-        model: args.model.unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL)),
-        vae: args.vae,
-        prompt: args.prompt,
-        negative: args.negative_prompt,
-        width: args.width,
-        height: args.height,
-        steps: args.steps,
-        cfg_scale: args.cfg_scale,
-        sampler: args.sampling_method,
-        scheduler: args.scheduler,
-        seed: resolve_seed(args.seed),
-        clip_skip: args.clip_skip,
-        rng: args.rng,
-    };
-
     // Everything that can be refused is refused before any work starts, so a bad request costs
     // nothing and leaves no file.
-    job.validate()?;
     check_output(&args.output)?;
-    check_model_file(&job.model, "model")?;
-    if let Some(vae) = &job.vae {
-        check_model_file(vae, "VAE")?;
-    }
+    let job = args.to_job()?;
     if default_model {
         eprintln!(
             "sdcap: no --model given; using the shipped demo model {DEFAULT_MODEL} \
@@ -65,14 +76,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         &output::parameters_text(&job),
     )?;
     eprintln!(
-        "sdcap: wrote {} ({}x{}, {} steps, {}, seed {}) in {:.1} s",
+        "sdcap: wrote {} ({}x{}, {} steps, {}, seed {}) in {:.1} s, peak RSS {} MiB (planned {} MiB of {} MiB budget, weights: {:?})",
         args.output.display(),
         job.width,
         job.height,
         job.steps,
         sampler_label(&job),
         job.seed,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        generated.peak_rss_bytes >> 20,
+        generated.plan.peak_bytes() >> 20,
+        generated.plan.budget.usable_bytes() >> 20,
+        generated.plan.residency,
     );
     Ok(())
 }
@@ -128,10 +143,8 @@ fn check_output(path: &Path) -> sdcap::Result<()> {
     Ok(())
 }
 
-/// A missing or malformed model file is reported here, before the thread pool starts. A file must
-/// open as .safetensors (header only: the tensors stay unread); a folder is a diffusers layout that
-/// the loader checks. When the loader learns more single-file formats (GGUF), this should call its
-/// format dispatch instead.
+/// A missing or malformed model file is reported here, before the thread pool starts: it must open
+/// (.safetensors or GGUF header only, the tensors stay unread, or a diffusers folder).
 fn check_model_file(path: &Path, what: &str) -> sdcap::Result<()> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -4,7 +4,10 @@
 //! reports. Flag names follow stable-diffusion.cpp where a flag means the same.
 
 mod generate;
+mod inspect;
+mod plan;
 mod progress;
+mod quantize;
 mod threads;
 
 use std::path::PathBuf;
@@ -33,6 +36,22 @@ pub struct Cli {
 pub enum Command {
     /// Generate one image from a text prompt (txt2img) and write it as PNG.
     Generate(GenerateArgs),
+    /// Show the memory plan for a generate command (same flags) without running it: the budget,
+    /// each stage's predicted peak and the chosen settings. Exit 3 if nothing fits.
+    Plan(PlanArgs),
+    /// Convert a model to GGUF with 4- to 8-bit weights (GGML block types).
+    Quantize(quantize::QuantizeArgs),
+    /// Show a model's format, family, tensor count and bytes per type.
+    Inspect(inspect::InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub generate: GenerateArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 // Numeric flags take negative numbers as values, so `-W -512` is reported as a bad width rather than
@@ -122,6 +141,11 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Random number generator (cpu = PyTorch's CPU generator, as diffusers uses it)", RngKind::NAMES))]
     pub rng: RngKind,
 
+    /// RAM cap (512M, 1.5G, 2GiB): the plan keeps the predicted peak under it, or sdcap refuses
+    /// with exit code 3 before loading anything [default: the cgroup limit, else available memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_ram_cap)]
+    pub ram_cap: Option<u64>,
+
     /// Compute threads [default: physical cores, at most the CPUs this process may use].
     #[arg(short = 't', long, value_name = "N", value_parser = parse_threads, allow_negative_numbers = true)]
     pub threads: Option<usize>,
@@ -152,6 +176,9 @@ pub fn main() -> ExitCode {
     };
     let outcome = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Quantize(args) => quantize::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -203,4 +230,8 @@ fn clap_exit(e: clap::Error) -> ExitCode {
 /// Error messages may quote user text or wrap multi-line causes; the contract is one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn parse_ram_cap(text: &str) -> Result<u64, String> {
+    sdcap::governor::parse_size(text).map_err(|e| e.to_string())
 }

@@ -27,10 +27,21 @@ impl Progress {
     }
 
     pub fn on_event(&mut self, event: Event) {
+        if let Event::Notice(message) = &event {
+            // Said once by the pipeline, and worth seeing even in a log.
+            match &self.current {
+                Some(Display::Spinner(bar) | Display::Steps(bar)) => {
+                    bar.println(format!("sdcap: {message}"))
+                }
+                None => eprintln!("sdcap: {message}"),
+            }
+            return;
+        }
         if !self.enabled {
             return;
         }
         match event {
+            Event::Planned(_) | Event::Notice(_) => {}
             Event::Stage(name) => {
                 self.close();
                 self.stage_started = Instant::now();

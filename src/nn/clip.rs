@@ -3,7 +3,7 @@
 use super::layers::{add_assign, LayerNorm, Linear};
 use crate::error::Result;
 use crate::kernels::{self, AttentionShape};
-use crate::weights::Weights;
+use crate::weights::{Param, Weights};
 
 struct EncoderLayer {
     layer_norm1: LayerNorm,
@@ -60,7 +60,8 @@ impl EncoderLayer {
 }
 
 pub struct TextEncoder {
-    token_embedding: Vec<f32>,
+    /// Read row by row for the ids being encoded (the f32 table would be 152 MB for CLIP ViT-L).
+    token_embedding: Param,
     position_embedding: Vec<f32>,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -91,8 +92,7 @@ impl TextEncoder {
             )));
         }
         Ok(TextEncoder {
-            // Embedding tables are looked up row by row; kept as f32 (47 MB for CLIP ViT-L).
-            token_embedding: tok.to_f32(),
+            token_embedding: tok,
             position_embedding: pos.to_f32(),
             layers,
             final_layer_norm: LayerNorm::new(&w.pp("final_layer_norm"), dim, 1e-5)?,
@@ -113,15 +113,15 @@ impl TextEncoder {
     /// the output of the layer `clip_skip` from the end (1 = last layer, 2 = penultimate).
     pub fn forward(&self, ids: &[u32], n: usize, clip_skip: usize) -> Vec<f32> {
         let tokens = ids.len() / n;
-        let vocab = self.token_embedding.len() / self.dim;
-        let mut x = Vec::with_capacity(ids.len() * self.dim);
-        for (i, &id) in ids.iter().enumerate() {
+        let vocab = self.token_embedding.rows();
+        let mut x = vec![0.0f32; ids.len() * self.dim];
+        for (i, (&id, row)) in ids.iter().zip(x.chunks_mut(self.dim)).enumerate() {
             // Ids come from our tokenizer (< vocab); clamp rather than panic on a smaller vocab.
             let id = (id as usize).min(vocab - 1);
+            self.token_embedding.read_rows(id, 1, row);
             let p = i % tokens;
-            let emb = &self.token_embedding[id * self.dim..(id + 1) * self.dim];
             let pos = &self.position_embedding[p * self.dim..(p + 1) * self.dim];
-            x.extend(emb.iter().zip(pos).map(|(a, b)| a + b));
+            row.iter_mut().zip(pos).for_each(|(a, b)| *a += b);
         }
         let keep = self.layers.len() + 1 - clip_skip.clamp(1, self.layers.len());
         for layer in &self.layers[..keep] {

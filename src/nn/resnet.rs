@@ -13,6 +13,7 @@ pub struct ResnetBlock {
     norm2: GroupNorm,
     conv2: Conv2d,
     skip: Option<Conv2d>,
+    pub in_ch: usize,
     pub out_ch: usize,
 }
 
@@ -28,6 +29,7 @@ impl ResnetBlock {
             norm2: GroupNorm::new(&w.pp("out_layers.0"), out_ch, groups, eps)?,
             conv2: Conv2d::new(&w.pp("out_layers.3"), out_ch, out_ch, 3, 1, 1)?,
             skip: optional_skip(w, "skip_connection", in_ch, out_ch)?,
+            in_ch,
             out_ch,
         })
     }
@@ -43,6 +45,7 @@ impl ResnetBlock {
             norm2: GroupNorm::new(&w.pp("norm2"), out_ch, groups, eps)?,
             conv2: Conv2d::new(&w.pp("conv2"), out_ch, out_ch, 3, 1, 1)?,
             skip: optional_skip(w, "nin_shortcut", in_ch, out_ch)?,
+            in_ch,
             out_ch,
         })
     }

@@ -53,6 +53,9 @@ impl Attention {
     }
 }
 
+/// Values of the feed-forward's widest intermediate per chunk (4 MiB of f32).
+const FF_CHUNK_VALUES: usize = 1 << 20;
+
 struct TransformerBlock {
     norm1: LayerNorm,
     attn1: Attention,
@@ -86,8 +89,17 @@ impl TransformerBlock {
         add_assign(x, &self.attn2.forward(&h, n, Some(context)));
         h.copy_from_slice(x);
         self.norm3.forward(&mut h);
-        let gated = kernels::geglu(&self.ff_in.forward(&h), self.ff_out.in_dim);
-        add_assign(x, &self.ff_out.forward(&gated));
+        // The feed-forward widens each token 8× (GEGLU): run it over bounded token chunks so its
+        // intermediates stay small. Rows are independent, so chunking does not change results.
+        let dim = self.ff_out.out_dim;
+        let chunk_tokens = (FF_CHUNK_VALUES / (2 * self.ff_out.in_dim)).max(1);
+        for (xs, hs) in x
+            .chunks_mut(chunk_tokens * dim)
+            .zip(h.chunks(chunk_tokens * dim))
+        {
+            let gated = kernels::geglu(&self.ff_in.forward(hs), self.ff_out.in_dim);
+            add_assign(xs, &self.ff_out.forward(&gated));
+        }
     }
 }
 
@@ -98,6 +110,7 @@ pub struct SpatialTransformer {
     blocks: Vec<TransformerBlock>,
     proj_out: Linear,
     context_dim: usize,
+    pub channels: usize,
 }
 
 impl SpatialTransformer {
@@ -118,6 +131,7 @@ impl SpatialTransformer {
             blocks,
             proj_out: Linear::new(&w.pp("proj_out"), channels, channels, true)?,
             context_dim,
+            channels,
         })
     }
 

@@ -129,6 +129,49 @@ impl UNet {
         })
     }
 
+    /// LDM block names in execution order ("input_blocks.1" … "middle_block" … "output_blocks.N"),
+    /// the units the governor prefetches and releases weights by.
+    pub fn block_names(&self) -> Vec<String> {
+        let blocks = self
+            .input_blocks
+            .iter()
+            .chain([&self.middle_block])
+            .chain(&self.output_blocks);
+        blocks.map(|b| b.name.clone()).collect()
+    }
+
+    /// Predicted peak of activation memory (bytes) for one call on a [batch, 4, h, w] latent:
+    /// skip connections alive plus the working set of the layer being computed, with the kernels'
+    /// bounded scratch (conv patch, weight panel, attention scores). Arithmetic, saturating.
+    pub fn peak_activation_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
+        let mut shape = MapShape {
+            batch,
+            c: self.model_channels,
+            h,
+            w,
+        };
+        // (bytes, channels) of every skip connection waiting for its output block.
+        let mut skips: Vec<(u64, usize)> = vec![(shape.bytes(shape.c), shape.c)];
+        let alive = |skips: &[(u64, usize)]| skips.iter().map(|s| s.0).sum::<u64>();
+        let mut peak = 0u64;
+        for block in &self.input_blocks {
+            peak = peak.max(shape.walk(block, alive(&skips)));
+            skips.push((shape.bytes(shape.c), shape.c));
+        }
+        peak = peak.max(shape.walk(&self.middle_block, alive(&skips)));
+        for block in &self.output_blocks {
+            let (skip_bytes, skip_c) = skips.pop().unwrap_or((0, 0));
+            // The concatenated input is built next to the previous output and the skip.
+            let concat = shape.bytes(shape.c).saturating_add(skip_bytes);
+            peak = peak.max(alive(&skips).saturating_add(2 * concat));
+            shape.c += skip_c;
+            peak = peak.max(shape.walk(block, alive(&skips)));
+        }
+        // Bounded kernel scratch: conv patch (16 MiB), weight panel + a resident conv weight
+        // (2 × 16 MiB), attention scores and feed-forward chunks on two threads (~32 MiB).
+        peak.saturating_add(80 << 20)
+    }
+
     /// Latent channels the UNet takes (4 for SD1.x).
     pub fn in_channels(&self) -> usize {
         self.conv_in.in_ch
@@ -201,4 +244,45 @@ pub fn timestep_embedding(timesteps: &[f32], dim: usize) -> Vec<f32> {
         out.extend(freqs.iter().map(|&f| (t * f).sin()));
     }
     out
+}
+
+/// The activation shape the memory model walks through the blocks.
+struct MapShape {
+    batch: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl MapShape {
+    fn bytes(&self, c: usize) -> u64 {
+        (self.batch as u64)
+            .saturating_mul(c as u64)
+            .saturating_mul((self.h * self.w) as u64)
+            .saturating_mul(4)
+    }
+
+    /// Peak of one block given the bytes already alive; advances the shape through it.
+    fn walk(&mut self, block: &Block, alive: u64) -> u64 {
+        let mut peak = 0u64;
+        for layer in &block.layers {
+            let working = match layer {
+                // input, normalised copy, conv1 out, conv2 out, skip projection
+                Layer::Res(r) => 2 * self.bytes(r.in_ch) + 3 * self.bytes(r.out_ch),
+                // map, normalised copy, tokens, residual stream, q/k/v, per-head copies,
+                // attention output, projection: ~14 maps of the channel width
+                Layer::Attn(a) => 14 * self.bytes(a.channels),
+                Layer::Down(_) => self.bytes(self.c) + self.bytes(self.c) / 4,
+                Layer::Up(_) => self.bytes(self.c) * 9,
+            };
+            peak = peak.max(alive.saturating_add(working));
+            match layer {
+                Layer::Res(r) => self.c = r.out_ch,
+                Layer::Attn(_) => {}
+                Layer::Down(_) => (self.h, self.w) = (self.h.div_ceil(2), self.w.div_ceil(2)),
+                Layer::Up(_) => (self.h, self.w) = (self.h * 2, self.w * 2),
+            }
+        }
+        peak
+    }
 }

@@ -5,7 +5,9 @@
 
 mod diffusers;
 mod family;
+mod gguf;
 pub mod key_map;
+mod residency;
 mod safetensors_file;
 mod vae_file;
 
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 pub use family::{detect_family, sd1_dims, Family, Sd1Dims};
+pub use quant::gguf::MetaValue;
 use safetensors_file::RawTensor;
 
 use crate::error::{Error, Result};
@@ -110,14 +113,26 @@ pub struct TensorStore {
     sources: Vec<Source>,
     tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
+    metadata: Vec<(String, MetaValue)>,
 }
 
 impl TensorStore {
-    /// Opens a model: a single-file `.safetensors` checkpoint in the LDM layout, or a diffusers
+    /// Opens a model: a single-file `.safetensors` checkpoint in the LDM layout, a GGUF file (found by
+    /// its magic or a `.gguf` name; LDM names, as stable-diffusion.cpp writes them), or a diffusers
     /// pipeline folder (`unet/`, `vae/`, `text_encoder/`) whose names are mapped to the LDM ones.
     pub fn open(path: &Path) -> Result<Self> {
         if path.is_dir() {
             return diffusers::open(path);
+        }
+        if gguf::is_gguf(path) {
+            let (map, parsed) = gguf::map(path)?;
+            let entries = rename_all(path, parsed.tensors, |name| {
+                Ok(Some(key_map::ldm_key(name)))
+            })?;
+            let mut store = TensorStore::empty();
+            store.add_source(path, map, entries)?;
+            store.metadata = parsed.metadata;
+            return Ok(store);
         }
         let (map, raws) = safetensors_file::map(path)?;
         let entries = rename_all(path, raws, |name| Ok(Some(key_map::ldm_key(name))))?;
@@ -138,7 +153,13 @@ impl TensorStore {
             sources: Vec::new(),
             tensors: Vec::new(),
             index: HashMap::new(),
+            metadata: Vec::new(),
         }
+    }
+
+    /// The key/value metadata of a GGUF model, in file order (empty for other containers).
+    pub fn metadata(&self) -> &[(String, MetaValue)] {
+        &self.metadata
     }
 
     /// Adds the tensors of one mapped file under the given names. Two tensors of one file may not share a

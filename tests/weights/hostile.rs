@@ -53,7 +53,6 @@ fn missing_empty_short_and_foreign_files() {
         .collect();
     std::fs::write(dir.join("noise.bin"), noise).unwrap();
     assert_open_error(&dir.join("noise.bin"), &["not a valid .safetensors file"]);
-    assert_open_error(&tiny().join("gguf/tiny-sd-f16.gguf"), &["GGUF"]);
     assert_open_error(Path::new("/dev/null"), &["/dev/null", "not a regular file"]);
 }
 

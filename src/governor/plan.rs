@@ -1,0 +1,178 @@
+//! The planner: every stage's predicted peak from shapes and dtypes, the residency that fits, or a
+//! refusal with numbers before anything heavy is touched.
+
+use serde::Serialize;
+
+use super::budget::Budget;
+use crate::error::{Error, Result};
+use crate::job::Job;
+use crate::pipeline::Models;
+
+const MIB: u64 = 1 << 20;
+
+pub const UNET_PREFIX: &str = "model.diffusion_model.";
+pub const TEXT_PREFIX: &str = "cond_stage_model.";
+pub const VAE_PREFIX: &str = "first_stage_model.";
+
+/// What happens to mapped weight pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Residency {
+    /// Keep the stage's weights mapped for its whole run (fastest: read from disk once).
+    Keep,
+    /// Prefetch each UNet block before use and release its pages after, so only about two blocks
+    /// are charged at a time; every step reads the UNet again (from disk or page cache).
+    Stream,
+}
+
+/// One stage's prediction.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stage {
+    pub name: &'static str,
+    /// Activations and kernel scratch.
+    pub activation_bytes: u64,
+    /// Mapped weight pages charged while the stage runs.
+    pub weight_bytes: u64,
+    pub peak_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub budget: Budget,
+    pub residency: Residency,
+    pub stages: Vec<Stage>,
+}
+
+impl Plan {
+    pub fn peak_bytes(&self) -> u64 {
+        self.stages.iter().map(|s| s.peak_bytes).max().unwrap_or(0)
+    }
+
+    pub fn fits(&self) -> bool {
+        self.peak_bytes() <= self.budget.usable_bytes()
+    }
+}
+
+/// The fastest plan whose predicted peak fits the budget, or `Error::CapTooSmall`.
+pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
+    let candidates = [Residency::Keep, Residency::Stream];
+    let plans: Vec<Plan> = candidates
+        .iter()
+        .map(|&r| predict(models, job, budget, r))
+        .collect();
+    if let Some(fitting) = plans.iter().find(|p| p.fits()) {
+        return Ok(fitting.clone());
+    }
+    let smallest = plans
+        .iter()
+        .min_by_key(|p| p.peak_bytes())
+        .expect("two candidates");
+    Err(Error::CapTooSmall {
+        needed_mib: smallest.peak_bytes().div_ceil(MIB),
+        available_mib: budget.usable_bytes() / MIB,
+        hint: hint(models, job, budget),
+    })
+}
+
+/// Predicts every stage for one residency choice.
+pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency) -> Plan {
+    let store = &models.store;
+    let (lh, lw) = (job.height as usize / 8, job.width as usize / 8);
+    let batch = if job.cfg_scale > 1.0 { 2 } else { 1 };
+
+    let text_weights = store.bytes_with_prefix(TEXT_PREFIX);
+    let width = models.text_encoder.width() as u64;
+    // Hidden states, q/k/v, attention output and the 4× MLP for 77 tokens per prompt, plus panels.
+    let text_activations = (batch as u64 * 77 * width * 4 * 12).saturating_add(32 * MIB);
+
+    let unet_activations = models.unet.peak_activation_bytes(batch, lh, lw);
+    let unet_weights = match residency {
+        Residency::Keep => store.bytes_with_prefix(UNET_PREFIX),
+        Residency::Stream => {
+            let largest = models
+                .unet
+                .block_names()
+                .iter()
+                .map(|b| store.bytes_with_prefix(&format!("{UNET_PREFIX}{b}.")))
+                .max()
+                .unwrap_or(0);
+            // The block at work and the next one being prefetched, plus what stays mapped
+            // (time embedding, conv_in, out).
+            let blocks: u64 = models
+                .unet
+                .block_names()
+                .iter()
+                .map(|b| store.bytes_with_prefix(&format!("{UNET_PREFIX}{b}.")))
+                .sum();
+            let resident = store.bytes_with_prefix(UNET_PREFIX).saturating_sub(blocks);
+            largest.saturating_mul(2).saturating_add(resident)
+        }
+    };
+
+    let vae_weights = store.bytes_with_prefix(&format!("{VAE_PREFIX}decoder."))
+        + store.bytes_with_prefix(&format!("{VAE_PREFIX}post_quant_conv."));
+    let vae_activations = vae_decode_bytes(models, lh, lw);
+
+    let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
+    let stage = |name, activation_bytes: u64, weight_bytes: u64| Stage {
+        name,
+        activation_bytes,
+        weight_bytes,
+        peak_bytes: activation_bytes
+            .saturating_add(weight_bytes)
+            .saturating_add(latents),
+    };
+    Plan {
+        budget: budget.clone(),
+        residency,
+        stages: vec![
+            stage("encode", text_activations, text_weights),
+            stage("denoise", unet_activations, unet_weights),
+            stage("decode", vae_activations, vae_weights),
+        ],
+    }
+}
+
+/// Whole-map VAE decode: at the last level about nine full-resolution maps of its width are alive
+/// (resnet input, normalised copy and outputs at twice the width after upsampling), plus scratch.
+fn vae_decode_bytes(models: &Models, lh: usize, lw: usize) -> u64 {
+    let c = models.decoder.last_channels() as u64;
+    let map = c.saturating_mul((lh * 8 * lw * 8) as u64).saturating_mul(4);
+    map.saturating_mul(9).saturating_add(48 * MIB)
+}
+
+/// What would fit instead: a smaller image, and a 4-bit model if weights are a large share.
+fn hint(models: &Models, job: &Job, budget: &Budget) -> String {
+    let mut parts = Vec::new();
+    let mut side = job.width.max(job.height);
+    while side > 64 {
+        side = (side * 3 / 4) / 64 * 64;
+        let scale = |v: u32| {
+            (v as u64 * side as u64 / job.width.max(job.height) as u64).max(64) as u32 / 8 * 8
+        };
+        let smaller = Job {
+            width: scale(job.width),
+            height: scale(job.height),
+            ..job.clone()
+        };
+        let p = predict(models, &smaller, budget, Residency::Stream);
+        if p.fits() {
+            parts.push(format!(
+                "{}x{} (needs {} MiB)",
+                smaller.width,
+                smaller.height,
+                p.peak_bytes().div_ceil(MIB)
+            ));
+            break;
+        }
+    }
+    let unet = models.store.bytes_with_prefix(UNET_PREFIX);
+    if unet > 800 * MIB {
+        parts.push("a 4-bit model (`sdcap quantize --type q4_0`)".into());
+    }
+    if parts.is_empty() {
+        "a larger cap".into()
+    } else {
+        parts.join(" or ")
+    }
+}

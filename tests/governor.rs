@@ -1,0 +1,186 @@
+//! The memory governor: plans that are sane arithmetic, refusal with exit 3, and real runs under a
+//! memory cgroup (`../shared/tools/memcap`), where one exists.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use sdcap::governor::{self, plan::Residency, Budget, BudgetSource};
+use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::pipeline::Models;
+
+const MIB: u64 = 1 << 20;
+
+fn job(width: u32, cap: Option<u64>) -> Job {
+    Job {
+        model: common::tiny("tiny-sd-fp32.safetensors"),
+        vae: None,
+        prompt: "a photo of a cat".into(),
+        negative: String::new(),
+        width,
+        height: width,
+        steps: 2,
+        cfg_scale: 7.5,
+        sampler: SamplerKind::Euler,
+        scheduler: ScheduleKind::Discrete,
+        seed: 42,
+        clip_skip: 1,
+        rng: RngKind::Cpu,
+        ram_cap: cap,
+    }
+}
+
+fn budget(bytes: u64) -> Budget {
+    Budget {
+        limit_bytes: bytes,
+        source: BudgetSource::Flag,
+        margin_bytes: governor::budget::margin_for(bytes),
+    }
+}
+
+#[test]
+fn predictions_are_sane_and_grow_with_the_image() {
+    let models = Models::load(&job(64, None)).unwrap();
+    let mut last = 0;
+    for side in [64, 128, 256, 512, 1024, 2048] {
+        let plan = governor::plan::predict(
+            &models,
+            &job(side, None),
+            &budget(u64::MAX / 4),
+            Residency::Keep,
+        );
+        let peak = plan.peak_bytes();
+        // Never negative (unsigned) or absurd: below 1 TiB even at 2048², and strictly growing.
+        assert!(peak > last && peak < 1 << 40, "{side}: {peak}");
+        last = peak;
+        for stage in &plan.stages {
+            assert!(
+                stage.peak_bytes >= stage.activation_bytes + stage.weight_bytes,
+                "{stage:?}"
+            );
+        }
+    }
+    // Streaming never predicts more weight memory than keeping everything mapped.
+    let j = job(512, None);
+    let keep = governor::plan::predict(&models, &j, &budget(1 << 40), Residency::Keep);
+    let stream = governor::plan::predict(&models, &j, &budget(1 << 40), Residency::Stream);
+    assert!(stream.stages[1].weight_bytes <= keep.stages[1].weight_bytes);
+}
+
+#[test]
+fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
+    let models = Models::load(&job(64, None)).unwrap();
+    let plan = governor::plan(&models, &job(64, None), &budget(4 << 30)).unwrap();
+    assert_eq!(plan.residency, Residency::Keep);
+    let err = governor::plan(&models, &job(512, None), &budget(64 * MIB)).unwrap_err();
+    assert_eq!(err.exit_code(), 3);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("MiB") && msg.contains("would fit") && !msg.contains('\n'),
+        "{msg}"
+    );
+}
+
+fn sdcap() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sdcap"))
+}
+
+fn out_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdcap-governor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn impossible_cap_exits_3_before_work_and_writes_nothing() {
+    let out = out_path("refused.png");
+    for sub in ["generate", "plan"] {
+        let o = sdcap()
+            .args([
+                sub,
+                "-p",
+                "x",
+                "-W",
+                "512",
+                "-H",
+                "512",
+                "--ram-cap",
+                "64M",
+                "-o",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(3), "{sub}: {stderr}");
+        assert!(stderr.contains("RAM cap cannot be met"), "{stderr}");
+        assert!(!out.exists());
+    }
+}
+
+/// `memcap LIMIT -- sdcap …`, or None (with the reason printed) where no memory cgroup can be made.
+fn memcap(limit: &str, args: &[&str]) -> Option<(Option<i32>, String)> {
+    let tool = common::fixtures().join("../tools/memcap");
+    let o = Command::new(&tool)
+        .arg(limit)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_sdcap"))
+        .args(args)
+        .output()
+        .ok()?;
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    if o.status.code() == Some(3) && stderr.contains("no writable memory cgroup") {
+        eprintln!("not run: {}", stderr.trim());
+        return None;
+    }
+    Some((o.status.code(), stderr))
+}
+
+fn oom_kills(memcap_stderr: &str) -> u64 {
+    let field = memcap_stderr
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("oom_kills="))
+        .expect("memcap report");
+    field.parse().unwrap()
+}
+
+#[test]
+fn tiny_model_completes_under_a_small_real_cgroup_cap() {
+    let out = out_path("capped.png");
+    let out_s = out.to_str().unwrap();
+    // 128×128, 2 steps: the plan predicts 83 MiB, under the 101 MiB usable of a 128 MiB cgroup (not a
+    // flag: the budget comes from the cgroup).
+    let args = [
+        "generate", "-p", "x", "-W", "128", "-H", "128", "--steps", "2", "-o", out_s,
+    ];
+    let Some((code, stderr)) = memcap("128M", &args) else {
+        return;
+    };
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(oom_kills(&stderr), 0, "{stderr}");
+    assert!(out.exists());
+}
+
+#[test]
+fn cgroup_cap_that_cannot_fit_is_refused_not_killed() {
+    let out = out_path("refused-cg.png");
+    let args = [
+        "generate",
+        "-p",
+        "x",
+        "-W",
+        "512",
+        "-H",
+        "512",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let Some((code, stderr)) = memcap("64M", &args) else {
+        return;
+    };
+    assert_eq!(code, Some(3), "{stderr}");
+    assert_eq!(oom_kills(&stderr), 0, "{stderr}");
+    assert!(stderr.contains("RAM cap cannot be met"), "{stderr}");
+    assert!(!out.exists());
+}
