@@ -1,8 +1,9 @@
 //! The planned (banded, streaming) VAE decode: same bits for every plan, diffusers' numbers, and a
 //! memory model that is an upper bound on what the decode really allocates.
 //!
-//! A counting global allocator measures the decode's heap peak (all threads); the tests of this
-//! file take one lock so that only one decode runs at a time.
+//! A counting global allocator measures the decode's heap peak (all threads: scratch, attention,
+//! output; the feature-map bands are their own mappings and show in `RssAnon`, which the full-size
+//! tests sample). The tests of this file take one lock so that only one decode runs at a time.
 
 mod common;
 
@@ -113,7 +114,7 @@ fn every_plan_matches_diffusers_and_gives_the_whole_map_bits() {
             "plan {band_rows:?} differs from whole"
         );
         let predicted = decoder.peak_bytes(8, 8, &plan);
-        eprintln!("plan {band_rows:?}: heap peak {heap} B, predicted {predicted} B");
+        eprintln!("plan {band_rows:?}: heap peak (bands aside) {heap} B, predicted {predicted} B");
         assert!(
             heap <= predicted,
             "plan {band_rows:?}: {heap} > predicted {predicted}"
@@ -195,61 +196,16 @@ fn full_size_decoder() -> Option<Decoder> {
     Some(Decoder::new(&Weights::new(Arc::new(store), "first_stage_model")).expect("sd15 VAE"))
 }
 
-/// Full-size SD1.5 VAE at 512²: banded equals whole, with timings and heap peaks against the model.
-#[test]
-#[ignore = "full-size model, ~1 min: cargo test --release --test vae_tiled -- --ignored"]
-fn full_size_banded_equals_whole_at_512() {
-    let _serial = serial();
-    let Some(decoder) = full_size_decoder() else {
-        return;
-    };
-    let z = latent(1, 64, 64);
-    let mut results = Vec::new();
-    for plan in [VaePlan::whole(), VaePlan::banded(8), VaePlan::banded(1)] {
-        let start = Instant::now();
-        let (image, heap) = decode_measured(&decoder, &z, &plan);
-        let secs = start.elapsed().as_secs_f64();
-        let predicted = decoder.peak_bytes(64, 64, &plan);
-        eprintln!(
-            "{plan:?}: {secs:.1} s, heap peak {:.1} MiB, predicted {:.1} MiB",
-            heap as f64 / (1 << 20) as f64,
-            predicted as f64 / (1 << 20) as f64
-        );
-        assert!(
-            heap <= predicted,
-            "{plan:?}: measured {heap} > predicted {predicted}"
-        );
-        results.push(image);
-    }
-    let (whole, banded) = (
-        decoder.peak_bytes(64, 64, &VaePlan::whole()),
-        decoder.peak_bytes(64, 64, &VaePlan::banded(8)),
-    );
-    assert!(banded * 5 < whole * 3, "banded {banded} vs whole {whole}");
-    for banded in &results[1..] {
-        assert_close("banded vs whole", banded, &results[0], 1e-4);
-        assert!(
-            banded.data == results[0].data,
-            "banded bits differ from whole"
-        );
-    }
+/// A decode with its wall time, heap peak (counted allocations) and `RssAnon` growth at peak
+/// (sampled every 2 ms: the heap plus the feature-map bands, which are their own mappings).
+struct Watched {
+    image: Tensor,
+    secs: f64,
+    heap: u64,
+    anon: u64,
 }
 
-/// One decode with the plan in `SDCAP_VAE_PLAN` (`whole` or a row count), for measuring under
-/// `memcap`: `memcap 512M -- target/release/deps/vae_tiled-* --ignored --exact decode_only`.
-#[test]
-#[ignore = "for memcap runs"]
-fn decode_only() {
-    let Some(decoder) = full_size_decoder() else {
-        return;
-    };
-    let plan = match std::env::var("SDCAP_VAE_PLAN").as_deref() {
-        Ok("whole") => VaePlan::whole(),
-        Ok(rows) => VaePlan::banded(rows.parse().expect("SDCAP_VAE_PLAN: `whole` or rows")),
-        Err(_) => VaePlan::default(),
-    };
-    let side: usize = std::env::var("SDCAP_VAE_LATENT").map_or(64, |s| s.parse().unwrap());
-    let z = latent(1, side, side);
+fn decode_watched(decoder: &Decoder, z: &Tensor, plan: &VaePlan) -> Watched {
     let anon_before = rss_anon_bytes();
     let sampling = Arc::new(AtomicU64::new(1));
     let sampler = {
@@ -264,20 +220,16 @@ fn decode_only() {
         })
     };
     let start = Instant::now();
-    let (image, heap) = decode_measured(&decoder, &z, &plan);
+    let (image, heap) = decode_measured(decoder, z, plan);
     let secs = start.elapsed().as_secs_f64();
     sampling.store(0, Ordering::Relaxed);
-    let anon_peak = sampler.join().unwrap();
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    eprintln!(
-        "{plan:?} latent {side}²: {secs:.1} s, heap peak {:.1} MiB, predicted {:.1} MiB, \
-         RssAnon {:.1} MiB before, {:.1} MiB peak (sampled every 2 ms), max|x| {}",
-        mib(heap),
-        mib(decoder.peak_bytes(side, side, &plan)),
-        mib(anon_before),
-        mib(anon_peak),
-        image.max_abs()
-    );
+    let anon = sampler.join().unwrap().saturating_sub(anon_before);
+    Watched {
+        image,
+        secs,
+        heap,
+        anon,
+    }
 }
 
 /// `RssAnon` of this process (Linux; 0 where unavailable).
@@ -288,4 +240,82 @@ fn rss_anon_bytes() -> u64 {
         .find_map(|l| l.strip_prefix("RssAnon:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb * 1024)
+}
+
+fn report(decoder: &Decoder, side: usize, plan: &VaePlan, w: &Watched) -> u64 {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let predicted = decoder.peak_bytes(side, side, plan);
+    eprintln!(
+        "{plan:?} latent {side}²: {:.1} s, RssAnon +{:.1} MiB at peak, heap peak {:.1} MiB, \
+         predicted {:.1} MiB ({} threads)",
+        w.secs,
+        mib(w.anon),
+        mib(w.heap),
+        mib(predicted),
+        rayon::current_num_threads()
+    );
+    predicted
+}
+
+/// Full-size SD1.5 VAE at 512²: banded equals whole bit for bit; memory stays under the model.
+#[test]
+#[ignore = "full-size model, ~2 min: cargo test --release --test vae_tiled -- --ignored"]
+fn full_size_banded_equals_whole_at_512() {
+    let _serial = serial();
+    let Some(decoder) = full_size_decoder() else {
+        return;
+    };
+    let z = latent(1, 64, 64);
+    let mut images = Vec::new();
+    for plan in [VaePlan::whole(), VaePlan::banded(8), VaePlan::banded(1)] {
+        let watched = decode_watched(&decoder, &z, &plan);
+        let predicted = report(&decoder, 64, &plan, &watched);
+        assert!(
+            watched.anon <= predicted,
+            "{plan:?}: {} > {predicted}",
+            watched.anon
+        );
+        images.push(watched.image);
+    }
+    let (whole, banded) = (
+        decoder.peak_bytes(64, 64, &VaePlan::whole()),
+        decoder.peak_bytes(64, 64, &VaePlan::banded(8)),
+    );
+    assert!(banded * 5 < whole * 3, "banded {banded} vs whole {whole}");
+    for banded in &images[1..] {
+        assert_close("banded vs whole", banded, &images[0], 1e-4);
+        assert!(
+            banded.data == images[0].data,
+            "banded bits differ from whole"
+        );
+    }
+}
+
+/// One decode with the plan in `SDCAP_VAE_PLAN` (`whole` or a row count) of a latent
+/// `SDCAP_VAE_LATENT` (64) on a side, for timing and `memcap` runs (`SDCAP_VAE_SAVE=FILE` writes
+/// the image as little-endian f32):
+/// `SDCAP_VAE_PLAN=8 memcap 512M -- target/release/deps/vae_tiled-* --ignored --exact decode_only`.
+#[test]
+#[ignore = "for memcap runs"]
+fn decode_only() {
+    let Some(decoder) = full_size_decoder() else {
+        return;
+    };
+    let plan = match std::env::var("SDCAP_VAE_PLAN").as_deref() {
+        Ok("whole") => VaePlan::whole(),
+        Ok(rows) => VaePlan::banded(rows.parse().expect("SDCAP_VAE_PLAN: `whole` or rows")),
+        Err(_) => VaePlan::default(),
+    };
+    let side: usize = std::env::var("SDCAP_VAE_LATENT").map_or(64, |s| s.parse().unwrap());
+    let watched = decode_watched(&decoder, &latent(1, side, side), &plan);
+    report(&decoder, side, &plan, &watched);
+    if let Ok(path) = std::env::var("SDCAP_VAE_SAVE") {
+        let bytes: Vec<u8> = watched
+            .image
+            .data
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        std::fs::write(path, bytes).expect("SDCAP_VAE_SAVE written");
+    }
 }

@@ -152,10 +152,13 @@ impl Decoder {
         drop(x);
         let out = self.mid_attn_1.forward(&whole);
         drop(whole);
-        BandedMap::from_planes(
-            &out.data,
-            BandLayout::new(layout.c, layout.h, layout.w, band),
-        )
+        let layout = BandLayout::new(layout.c, layout.h, layout.w, band);
+        let x = BandedMap::from_planes(&out.data, layout);
+        drop(out);
+        // The attention's intermediates (nine latent-sized maps, many freed on worker threads)
+        // would otherwise stay in malloc's arenas through the full-resolution levels.
+        crate::governor::memory::release_free_memory();
+        x
     }
 
     /// Predicted peak of anonymous memory (bytes) that `forward_planned` allocates to decode one

@@ -5,7 +5,7 @@ use super::Decoder;
 /// Rows per band when a plan does not say otherwise: small enough that the slack of partly
 /// consumed bands stays a few MiB at 512² (a 256-channel band of 512-wide rows is 512 KiB a row),
 /// large enough that bookkeeping is negligible.
-pub const DEFAULT_BAND_ROWS: usize = 8;
+const DEFAULT_BAND_ROWS: usize = 8;
 
 /// The decoder's memory plan. It never changes the numbers, only the memory: every plan gives the
 /// same output bits.
