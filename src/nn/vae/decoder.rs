@@ -10,9 +10,13 @@ use crate::kernels::{group_norm_stats_bytes, InputTransform};
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
-/// Allowance for the small vectors a decode holds besides maps and scratch: GroupNorm scale and
-/// shift, the gather's per-thread line buffers, bookkeeping (well under 1 MiB at any SD size).
-const SMALL_BYTES: u64 = 1 << 20;
+/// Allowance for what a decode holds besides maps and scratch: GroupNorm scale and shift,
+/// bookkeeping, and malloc's partly used pages (measured: RssAnon runs 5–10 MiB above the counted
+/// buffers at 512²).
+const SMALL_BYTES: u64 = 8 << 20;
+/// Per compute thread: gemm's thread-local cache slab (the L2 size, 1 MiB here) and the gather's
+/// line buffers.
+const PER_THREAD_BYTES: u64 = 2 << 20;
 
 /// One resolution level: resnets, then an optional nearest 2× upsample + conv.
 struct Level {
@@ -163,11 +167,12 @@ impl Decoder {
 
     /// Predicted peak of anonymous memory (bytes) that `forward_planned` allocates to decode one
     /// `latent_h × latent_w` latent with `plan` (each further image of a batch adds only its
-    /// output, 4 bytes × 3 × H × W). It follows the decode's schedule op by op: the banded maps
-    /// alive at each tile, plus each pass's filters, patches, tile buffer and an upper bound on
-    /// GEMM's packed operands, plus the output image. Weights are not counted: they stay in the
-    /// mapping (reclaimable page cache), read a panel at a time into the counted filter buffers.
-    /// Saturating arithmetic: an absurd size gives `u64::MAX`, never a wrapped small number.
+    /// output, 4 bytes × 3 × H × W), on the current rayon pool. It follows the decode's schedule
+    /// op by op: the banded maps alive at each tile, plus each pass's filters, patches, tile buffer
+    /// and an upper bound on GEMM's packed operands, plus the output image and fixed and
+    /// per-thread allowances. Weights are not counted: they stay in the mapping (reclaimable page
+    /// cache), read a panel at a time into the counted filter buffers. Saturating arithmetic: an
+    /// absurd size gives `u64::MAX`, never a wrapped small number.
     pub fn peak_bytes(&self, latent_h: usize, latent_w: usize, plan: &VaePlan) -> u64 {
         let band = plan.band_rows;
         let threads = rayon::current_num_threads();
@@ -210,6 +215,8 @@ impl Decoder {
             .saturating_add(group_norm_stats_bytes(x.c, x.h));
         let out = stream_peak(x, 1, &[&self.conv_out], true, &[]);
         peak = peak.max(stats).max(out);
-        peak.saturating_add(image).saturating_add(SMALL_BYTES)
+        peak.saturating_add(image)
+            .saturating_add(SMALL_BYTES)
+            .saturating_add(PER_THREAD_BYTES.saturating_mul(threads as u64))
     }
 }
