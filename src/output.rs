@@ -4,11 +4,11 @@
 //! the target: a reader never sees a partial PNG, and a failed write leaves the old file (if any) as it
 //! was and no temporary file behind.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufWriter};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::path::Path;
 
+use crate::atomic_file::{write_atomically, Existing};
 use crate::error::{Error, Result};
 use crate::job::{Job, SamplerKind, ScheduleKind};
 
@@ -32,63 +32,16 @@ pub fn write_png(path: &Path, image: &RgbImage, parameters: &str) -> Result<()> 
             image.height
         )));
     }
-    let io_err = |source: io::Error| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file_name = path.file_name().ok_or_else(|| {
-        io_err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "output path has no file name",
-        ))
-    })?;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        return Err(io_err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("directory {} does not exist", dir.display()),
-        )));
-    }
-
-    // Unique per process and per call, so concurrent writers (batch runs) never share a temp file.
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let tmp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| {
-            io_err(io::Error::new(
-                e.kind(),
-                format!("cannot create temporary file {}: {e}", tmp.display()),
-            ))
-        })?;
-    let guard = TempGuard(Some(tmp));
-
-    encode(file, image, parameters).map_err(io_err)?;
-    let tmp = guard.path();
-    fs::rename(tmp, path).map_err(|e| {
-        io_err(io::Error::new(
-            e.kind(),
-            format!("cannot rename {} into place: {e}", tmp.display()),
-        ))
-    })?;
-    guard.disarm();
-    sync_dir(dir);
-    Ok(())
+    write_atomically(path, Existing::Replace, |file| {
+        encode(file, image, parameters).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
 }
 
-/// Encodes into `file` and syncs it to disk.
-fn encode(file: File, image: &RgbImage, parameters: &str) -> io::Result<()> {
-    let mut encoder = png::Encoder::new(BufWriter::new(&file), image.width, image.height);
+fn encode(file: &File, image: &RgbImage, parameters: &str) -> io::Result<()> {
+    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width, image.height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     // tEXt is Latin-1 only; a prompt beyond that goes in an iTXt chunk (UTF-8), as A1111 does.
@@ -101,42 +54,13 @@ fn encode(file: File, image: &RgbImage, parameters: &str) -> io::Result<()> {
     let mut writer = encoder.write_header().map_err(png_err)?;
     writer.write_image_data(&image.pixels).map_err(png_err)?;
     // `finish` writes IEND and flushes the buffer into the file.
-    writer.finish().map_err(png_err)?;
-    file.sync_all()
+    writer.finish().map_err(png_err)
 }
 
 fn png_err(e: png::EncodingError) -> io::Error {
     match e {
         png::EncodingError::IoError(e) => e,
         other => io::Error::other(other.to_string()),
-    }
-}
-
-/// Makes the rename durable. Best effort: some filesystems refuse to sync a directory.
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-/// Removes the temporary file unless disarmed (i.e. on every error path, and on panic).
-struct TempGuard(Option<PathBuf>);
-
-impl TempGuard {
-    fn path(&self) -> &Path {
-        self.0.as_deref().expect("guard is armed")
-    }
-
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = fs::remove_file(p);
-        }
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use common::tiny;
 use quant::gguf::{shape_metadata, write_gguf, MetaValue, TensorEntry, SHAPE_KEY_PREFIX};
 use quant::GgmlType;
-use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::job::Job;
 use sdcap::pipeline;
 use sdcap::weights::{DType, TensorInfo, TensorStore};
 
@@ -267,22 +267,7 @@ fn written_files_read_back_with_metadata_types_and_logical_shapes() {
 }
 
 fn job(model: PathBuf) -> Job {
-    Job {
-        model,
-        vae: None,
-        prompt: "a photo of a cat".into(),
-        negative: String::new(),
-        width: 64,
-        height: 64,
-        steps: 4,
-        cfg_scale: 7.5,
-        sampler: SamplerKind::Euler,
-        scheduler: ScheduleKind::Discrete,
-        seed: 42,
-        clip_skip: 1,
-        rng: RngKind::Cpu,
-        ram_cap: None,
-    }
+    common::job(model)
 }
 
 /// Final latents of the GGUF models against the f32 run of the same job.

@@ -7,27 +7,18 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use sdcap::governor::{self, plan::Residency, Budget, BudgetSource};
-use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::job::Job;
 use sdcap::pipeline::Models;
 
 const MIB: u64 = 1 << 20;
 
 fn job(width: u32, cap: Option<u64>) -> Job {
     Job {
-        model: common::tiny("tiny-sd-fp32.safetensors"),
-        vae: None,
-        prompt: "a photo of a cat".into(),
-        negative: String::new(),
         width,
         height: width,
         steps: 2,
-        cfg_scale: 7.5,
-        sampler: SamplerKind::Euler,
-        scheduler: ScheduleKind::Discrete,
-        seed: 42,
-        clip_skip: 1,
-        rng: RngKind::Cpu,
         ram_cap: cap,
+        ..common::job(common::tiny("tiny-sd-fp32.safetensors"))
     }
 }
 

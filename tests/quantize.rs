@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use common::tiny;
 use quant::GgmlType;
-use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::job::Job;
 use sdcap::pipeline;
 use sdcap::quantize::{self, Policy, Request};
 use sdcap::weights::{DType, TensorStore};
@@ -82,22 +82,7 @@ fn compat_sdcpp_reproduces_stable_diffusion_cpp_files() {
 }
 
 fn job(model: PathBuf) -> Job {
-    Job {
-        model,
-        vae: None,
-        prompt: "a photo of a cat".into(),
-        negative: String::new(),
-        width: 64,
-        height: 64,
-        steps: 4,
-        cfg_scale: 7.5,
-        sampler: SamplerKind::Euler,
-        scheduler: ScheduleKind::Discrete,
-        seed: 42,
-        clip_skip: 1,
-        rng: RngKind::Cpu,
-        ram_cap: None,
-    }
+    common::job(model)
 }
 
 /// Every default-mode type generates, close to the f32 model.

@@ -6,10 +6,9 @@
 
 mod policy;
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use quant::gguf::{shape_metadata, write_gguf, MetaValue, TensorEntry};
 use quant::GgmlType;
@@ -17,6 +16,7 @@ use rayon::prelude::*;
 
 pub use policy::{parse_rules, Choice, Compat, Policy, Rule, MIN_QUANT_VALUES, TARGET_TYPES};
 
+use crate::atomic_file::{write_atomically, Existing};
 use crate::error::{Error, Result};
 use crate::weights::{DType, TensorInfo, TensorStore};
 
@@ -140,34 +140,17 @@ pub fn quantize_model(
     let store = TensorStore::open(&req.input)?;
     check_output(req)?;
     let plan = plan(&store, &req.policy)?;
-    let dir = output_dir(&req.output);
 
-    let tmp = temp_path(&req.output, dir);
-    let io_err = |path: &Path, source: io::Error| Error::Io {
-        path: path.to_path_buf(),
-        source,
+    let existing = if req.force {
+        Existing::Replace
+    } else {
+        Existing::Keep
     };
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| {
-            io_err(
-                &req.output,
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot create temporary file {}: {e}", tmp.display()),
-                ),
-            )
-        })?;
-    let guard = TempGuard(Some(tmp));
-    write_file(&store, &plan, req.quality, &file, on_event, cancelled)
-        .map_err(|e| e.into_error(&req.output))?;
-    let output_bytes = file.metadata().map_err(|e| io_err(&req.output, e))?.len();
-    drop(file);
-    place(guard.path(), &req.output, req.force)?;
-    guard.disarm();
-    sync_dir(dir);
+    let output_bytes = write_atomically(&req.output, existing, |file| {
+        write_file(&store, &plan, req.quality, file, on_event, cancelled)
+            .map_err(|e| e.into_error(&req.output))?;
+        Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
+    })?;
 
     Ok(summarize(&store, &plan, output_bytes))
 }
@@ -411,70 +394,5 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (fs::metadata(a), fs::metadata(b)) {
         (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
         _ => false,
-    }
-}
-
-/// A hidden name next to the output, unique per process and call.
-fn temp_path(output: &Path, dir: &Path) -> PathBuf {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    let name = output
-        .file_name()
-        .map_or_else(|| "out".into(), |n| n.to_string_lossy());
-    dir.join(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ))
-}
-
-/// Moves the finished temp file to `output`. Without `force` it is linked, which fails rather than
-/// replace a file that appeared since the check; with `force` it is renamed over any file there.
-fn place(tmp: &Path, output: &Path, force: bool) -> Result<()> {
-    let io_err = |e: io::Error, what: &str| Error::Io {
-        path: output.to_path_buf(),
-        source: io::Error::new(e.kind(), format!("cannot {what} {}: {e}", tmp.display())),
-    };
-    if !force {
-        match fs::hard_link(tmp, output) {
-            Ok(()) => return fs::remove_file(tmp).map_err(|e| io_err(e, "remove")),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(Error::BadRequest(format!(
-                    "output {} already exists (pass --force to replace it)",
-                    output.display()
-                )))
-            }
-            // A filesystem without hard links: fall back to a checked rename.
-            Err(_) if !output.exists() => {}
-            Err(e) => return Err(io_err(e, "link")),
-        }
-    }
-    fs::rename(tmp, output).map_err(|e| io_err(e, "rename into place"))
-}
-
-/// Makes the rename durable. Best effort: some filesystems refuse to sync a directory.
-fn sync_dir(dir: &Path) {
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
-
-/// Removes the temporary file unless disarmed (every error path, and a panic).
-struct TempGuard(Option<PathBuf>);
-
-impl TempGuard {
-    fn path(&self) -> &Path {
-        self.0.as_deref().expect("guard is armed")
-    }
-
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for TempGuard {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = fs::remove_file(path);
-        }
     }
 }

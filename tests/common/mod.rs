@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use safetensors::{Dtype, SafeTensors};
+use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
 
@@ -80,4 +81,24 @@ pub fn read_manifest(path: &std::path::Path) -> serde_json::Value {
         .replace("Infinity", "null")
         .replace("NaN", "null");
     serde_json::from_str(&text).expect("manifest parses")
+}
+
+/// The reference job of the fixtures: "a photo of a cat", euler, seed 42, 64×64, 4 steps, cfg 7.5.
+pub fn job(model: PathBuf) -> Job {
+    Job {
+        model,
+        vae: None,
+        prompt: "a photo of a cat".into(),
+        negative: String::new(),
+        width: 64,
+        height: 64,
+        steps: 4,
+        cfg_scale: 7.5,
+        sampler: SamplerKind::Euler,
+        scheduler: ScheduleKind::Discrete,
+        seed: 42,
+        clip_skip: 1,
+        rng: RngKind::Cpu,
+        ram_cap: None,
+    }
 }
