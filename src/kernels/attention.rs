@@ -8,7 +8,7 @@ use super::matmul::{matmul_single_thread, Transpose};
 /// Upper bound on one chunk's score matrix [queries, keys], in f32 values (4 MiB, L3-resident).
 /// Measured on the tiny model at 512² (4 steps, contended machine): 8.1 s vs 9.3 s with 1 MiB and
 /// 9.9 s with 16 MiB chunks.
-const SCORE_BUDGET: usize = 1 << 20;
+pub const SCORE_BUDGET: usize = 1 << 20;
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]

@@ -2,14 +2,23 @@
 //!
 //! Never builds a full-resolution im2col buffer: each tile gathers at most `PATCH_BUDGET` values
 //! (the VAE's full 512² im2col would be 1.2 GB), then one GEMM computes all output channels for it.
+//!
+//! The gather reads its input a row at a time through `FeatureRows`, so the input may be stored in
+//! separate bands of rows, and through an `InputTransform`: a per-channel affine + SiLU (a GroupNorm
+//! whose statistics were computed beforehand) and a nearest 2× upsample. So `GroupNorm → SiLU →
+//! conv` and `upsample → conv` never materialise the normalised or the upsampled map, and
+//! `RowConv::rows` computes any band of output rows into a caller's buffer.
+
+use std::ops::Range;
 
 use rayon::prelude::*;
 
+use super::activation::silu_scalar;
 use super::panel::{LhsPanels, WeightRows};
 use crate::tensor::Tensor;
 
 /// Upper bound on the gathered patch of one tile, in f32 values (16 MiB).
-const PATCH_BUDGET: usize = 4 << 20;
+pub const PATCH_BUDGET: usize = 4 << 20;
 
 /// Kernel size, stride and zero padding of a square convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,6 +34,217 @@ impl Conv2dGeometry {
             (h + 2 * self.pad - self.kernel) / self.stride + 1,
             (w + 2 * self.pad - self.kernel) / self.stride + 1,
         )
+    }
+
+    /// The first input row (of the map the convolution sees) that output rows from `out_row` on
+    /// read: everything above it can be freed once those rows are all that is left to compute.
+    pub fn first_input_row(&self, out_row: usize) -> usize {
+        (out_row * self.stride).saturating_sub(self.pad)
+    }
+}
+
+/// One image's feature map [channels, height, width], read a row at a time (it may live in bands).
+pub trait FeatureRows: Sync {
+    /// (channels, height, width)
+    fn dims(&self) -> (usize, usize, usize);
+    /// Row `y` of channel `c` (`width` values).
+    fn row(&self, c: usize, y: usize) -> &[f32];
+}
+
+/// One image of an NCHW tensor: `[c, h, w]` contiguous.
+pub struct Planes<'a> {
+    data: &'a [f32],
+    dims: (usize, usize, usize),
+}
+
+impl<'a> Planes<'a> {
+    pub fn new(data: &'a [f32], dims: (usize, usize, usize)) -> Self {
+        assert_eq!(data.len(), dims.0 * dims.1 * dims.2, "planes size");
+        Planes { data, dims }
+    }
+}
+
+impl FeatureRows for Planes<'_> {
+    fn dims(&self) -> (usize, usize, usize) {
+        self.dims
+    }
+    fn row(&self, c: usize, y: usize) -> &[f32] {
+        let (_, h, w) = self.dims;
+        &self.data[(c * h + y) * w..(c * h + y + 1) * w]
+    }
+}
+
+/// How a convolution reads its input while gathering: value `v` of channel `c` becomes
+/// `silu?(v · scale[c] + shift[c])` (exactly the f32 operations of `group_norm` + SiLU), and with
+/// `upsample2x` pixel (y, x) of the seen map is input pixel (y/2, x/2).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InputTransform<'a> {
+    /// Per input channel `(scale, shift)`.
+    pub affine: Option<(&'a [f32], &'a [f32])>,
+    pub silu: bool,
+    pub upsample2x: bool,
+}
+
+impl InputTransform<'_> {
+    fn factor(&self) -> usize {
+        if self.upsample2x {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// (channels, height, width) of the map the convolution sees when reading `input`.
+    pub fn seen_dims(&self, input: &dyn FeatureRows) -> (usize, usize, usize) {
+        let (c, h, w) = input.dims();
+        (c, h * self.factor(), w * self.factor())
+    }
+
+    /// Transforms one input row of channel `c` into `dst` (`factor` × as long).
+    fn apply(&self, c: usize, src: &[f32], dst: &mut [f32]) {
+        match (self.affine, self.silu) {
+            (Some((scale, shift)), true) => {
+                let (a, b) = (scale[c], shift[c]);
+                map_row(src, dst, self.upsample2x, |v| silu_scalar(v * a + b))
+            }
+            (Some((scale, shift)), false) => {
+                let (a, b) = (scale[c], shift[c]);
+                map_row(src, dst, self.upsample2x, |v| v * a + b)
+            }
+            (None, true) => map_row(src, dst, self.upsample2x, silu_scalar),
+            (None, false) => map_row(src, dst, self.upsample2x, |v| v),
+        }
+    }
+}
+
+#[inline(always)]
+fn map_row(src: &[f32], dst: &mut [f32], twice: bool, f: impl Fn(f32) -> f32) {
+    if twice {
+        for (pair, &v) in dst.chunks_exact_mut(2).zip(src) {
+            let y = f(v);
+            pair[0] = y;
+            pair[1] = y;
+        }
+    } else {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = f(v);
+        }
+    }
+}
+
+/// Output rows per tile (one GEMM call) for a convolution with `k_dim` = in_ch · k · k.
+fn tile_rows(k_dim: usize, out_h: usize, out_w: usize, budget: usize) -> usize {
+    (budget / (k_dim * out_w).max(1)).clamp(1, out_h.max(1))
+}
+
+/// Output rows per tile of a convolution over `in_ch` channels with output `out_h × out_w`. Tiles
+/// start at multiples of this from row 0: a caller that computes output in these tiles issues the
+/// same GEMM calls (hence the same bits) however it stores the rows.
+pub fn conv_tile_rows(in_ch: usize, geo: Conv2dGeometry, out_h: usize, out_w: usize) -> usize {
+    tile_rows(in_ch * geo.kernel * geo.kernel, out_h, out_w, PATCH_BUDGET)
+}
+
+/// Bytes of the patch `RowConv` keeps when called for at most `call_rows` output rows at a time.
+pub fn conv_patch_bytes(
+    in_ch: usize,
+    geo: Conv2dGeometry,
+    (out_h, out_w): (usize, usize),
+    call_rows: usize,
+) -> u64 {
+    let k_dim = in_ch * geo.kernel * geo.kernel;
+    let rows = tile_rows(k_dim, out_h, out_w, PATCH_BUDGET).min(call_rows);
+    (k_dim as u64)
+        .saturating_mul(rows as u64)
+        .saturating_mul(out_w as u64)
+        .saturating_mul(4)
+}
+
+/// A convolution ready to compute bands of output rows: filters (read once when they fit one
+/// weight panel), bias, and a patch buffer reused across calls (sized for the tile rows of the
+/// largest call so far).
+pub struct RowConv<'w> {
+    filters: LhsPanels<'w>,
+    weight: &'w dyn WeightRows,
+    bias: Option<&'w [f32]>,
+    geo: Conv2dGeometry,
+    patch_budget: usize,
+    patch: Vec<f32>,
+}
+
+impl<'w> RowConv<'w> {
+    /// `weight` [co, ci·k·k] (read in row panels, any storage format), `bias` [co].
+    pub fn new(weight: &'w dyn WeightRows, bias: Option<&'w [f32]>, geo: Conv2dGeometry) -> Self {
+        Self::with_budget(weight, bias, geo, PATCH_BUDGET)
+    }
+
+    fn with_budget(
+        weight: &'w dyn WeightRows,
+        bias: Option<&'w [f32]>,
+        geo: Conv2dGeometry,
+        patch_budget: usize,
+    ) -> Self {
+        if let Some(b) = bias {
+            assert_eq!(b.len(), weight.rows(), "conv bias size");
+        }
+        RowConv {
+            filters: LhsPanels::new(weight),
+            weight,
+            bias,
+            geo,
+            patch_budget,
+            patch: Vec::new(),
+        }
+    }
+
+    /// Output rows `rows` of the convolution of `input` read through `t`, bias added, into `out`
+    /// [co, rows.len() · ow].
+    pub fn rows(
+        &mut self,
+        input: &dyn FeatureRows,
+        t: InputTransform,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (_, h, w) = t.seen_dims(input);
+        let (_, ow) = self.geo.out_size(h, w);
+        let cols = rows.len() * ow;
+        assert_eq!(out.len(), self.weight.rows() * cols, "conv band size");
+        self.rows_strided(input, t, rows, out, cols);
+    }
+
+    /// As `rows`, with output channel `i` starting at `out[i · ldc]`.
+    fn rows_strided(
+        &mut self,
+        input: &dyn FeatureRows,
+        t: InputTransform,
+        rows: Range<usize>,
+        out: &mut [f32],
+        ldc: usize,
+    ) {
+        let (ci, h, w) = t.seen_dims(input);
+        let k_dim = ci * self.geo.kernel * self.geo.kernel;
+        assert_eq!(self.weight.row_len(), k_dim, "conv weight size");
+        let (oh, ow) = self.geo.out_size(h, w);
+        assert!(rows.end <= oh, "rows {rows:?} beyond {oh}");
+        let step = tile_rows(k_dim, oh, ow, self.patch_budget);
+        let need = k_dim * step.min(rows.len()) * ow;
+        if self.patch.len() < need {
+            self.patch = Vec::new(); // free the old patch before allocating the new one
+            self.patch = vec![0.0; need];
+        }
+        for row0 in rows.clone().step_by(step) {
+            let n = step.min(rows.end - row0);
+            let patch = &mut self.patch[..k_dim * n * ow];
+            gather_patch(input, &t, self.geo, row0, n, ow, patch);
+            let dst = &mut out[(row0 - rows.start) * ow..];
+            self.filters.multiply(patch, n * ow, dst, ldc);
+        }
+        if let Some(bias) = self.bias {
+            for (i, &b) in bias.iter().enumerate() {
+                let row = &mut out[i * ldc..i * ldc + rows.len() * ow];
+                row.iter_mut().for_each(|v| *v += b);
+            }
+        }
     }
 }
 
@@ -47,80 +267,84 @@ fn conv2d_tiled(
     patch_budget: usize,
 ) -> Tensor {
     let (n, ci, h, w) = x.nchw();
-    let kk = geo.kernel * geo.kernel;
     let co = weight.rows();
-    assert_eq!(weight.row_len(), ci * kk, "conv weight size");
-    let filters = LhsPanels::new(weight);
+    assert_eq!(
+        weight.row_len(),
+        ci * geo.kernel * geo.kernel,
+        "conv weight size"
+    );
+    let mut conv = RowConv::with_budget(weight, bias, geo, patch_budget);
     let (oh, ow) = geo.out_size(h, w);
     let mut out = Tensor::zeros(vec![n, co, oh, ow]);
     let pointwise = geo.kernel == 1 && geo.stride == 1 && geo.pad == 0;
-    let k_dim = ci * kk;
-    let rows_per_tile = (patch_budget / (k_dim * ow).max(1)).clamp(1, oh);
-    let mut patch = if pointwise {
-        Vec::new()
-    } else {
-        vec![0.0f32; k_dim * rows_per_tile * ow]
-    };
     for b in 0..n {
         let input = &x.data[b * ci * h * w..(b + 1) * ci * h * w];
         let output = &mut out.data[b * co * oh * ow..(b + 1) * co * oh * ow];
         if pointwise {
-            filters.multiply(input, oh * ow, output, oh * ow);
+            // The input already is the patch: one GEMM over the whole image.
+            conv.filters.multiply(input, oh * ow, output, oh * ow);
+            if let Some(bias) = bias {
+                for (plane, &bv) in output.chunks_mut(oh * ow).zip(bias) {
+                    plane.iter_mut().for_each(|v| *v += bv);
+                }
+            }
         } else {
-            for row0 in (0..oh).step_by(rows_per_tile) {
-                let rows = rows_per_tile.min(oh - row0);
-                let cols = rows * ow;
-                let patch = &mut patch[..k_dim * cols];
-                gather_patch(input, (h, w), geo, row0, rows, ow, patch);
-                let dst = &mut output[row0 * ow..];
-                filters.multiply(patch, cols, dst, oh * ow);
-            }
-        }
-        if let Some(bias) = bias {
-            for (plane, &bv) in output.chunks_mut(oh * ow).zip(bias) {
-                plane.iter_mut().for_each(|v| *v += bv);
-            }
+            let planes = Planes::new(input, (ci, h, w));
+            conv.rows_strided(&planes, InputTransform::default(), 0..oh, output, oh * ow);
         }
     }
     out
 }
 
-/// Fills `patch` [ci·k·k, rows·ow] with the input values each output pixel of rows
-/// `row0..row0+rows` sees (zero outside the image).
+/// Fills `patch` [ci·k·k, rows·ow] with the (transformed) input values each output pixel of rows
+/// `row0..row0+rows` sees, zero outside the image. Each input row is transformed once per tile
+/// into a zero-padded line, then copied out k·k times.
 fn gather_patch(
-    input: &[f32],
-    (h, w): (usize, usize),
+    input: &dyn FeatureRows,
+    t: &InputTransform,
     geo: Conv2dGeometry,
     row0: usize,
     rows: usize,
     ow: usize,
     patch: &mut [f32],
 ) {
-    let k = geo.kernel;
+    let (k, stride, pad) = (geo.kernel, geo.stride, geo.pad);
+    let up = t.factor();
+    let (_, h, w) = input.dims();
+    let (sh, sw) = (h * up, w * up);
     let cols = rows * ow;
+    // Seen rows this tile reads, clamped to the map; then the input rows behind them.
+    let first = geo.first_input_row(row0).min(sh);
+    let end = ((row0 + rows - 1) * stride + k).saturating_sub(pad).min(sh);
+    let (src0, src1) = (first / up, end.div_ceil(up));
+    let line_len = sw + 2 * pad;
     patch
         .par_chunks_mut(k * k * cols)
         .enumerate()
-        .for_each(|(c, chunk)| {
-            let plane = &input[c * h * w..(c + 1) * h * w];
+        .for_each_init(Vec::new, |lines: &mut Vec<f32>, (c, chunk)| {
+            lines.clear();
+            lines.resize((src1 - src0) * line_len, 0.0);
+            for (sy, line) in (src0..src1).zip(lines.chunks_mut(line_len)) {
+                t.apply(c, input.row(c, sy), &mut line[pad..pad + sw]);
+            }
             for dy in 0..k {
                 for dx in 0..k {
                     let dst = &mut chunk[(dy * k + dx) * cols..(dy * k + dx + 1) * cols];
-                    for r in 0..rows {
-                        let iy = ((row0 + r) * geo.stride + dy) as isize - geo.pad as isize;
-                        let dst_row = &mut dst[r * ow..(r + 1) * ow];
-                        if iy < 0 || iy >= h as isize {
+                    for (r, dst_row) in dst.chunks_mut(ow).enumerate() {
+                        // Padded coordinates: seen row `py - pad`.
+                        let py = (row0 + r) * stride + dy;
+                        if py < pad || py - pad >= sh {
                             dst_row.fill(0.0);
                             continue;
                         }
-                        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                        for (ox, d) in dst_row.iter_mut().enumerate() {
-                            let ix = (ox * geo.stride + dx) as isize - geo.pad as isize;
-                            *d = if ix < 0 || ix >= w as isize {
-                                0.0
-                            } else {
-                                src[ix as usize]
-                            };
+                        let line = (py - pad) / up - src0;
+                        let line = &lines[line * line_len..(line + 1) * line_len];
+                        if stride == 1 {
+                            dst_row.copy_from_slice(&line[dx..dx + ow]);
+                        } else {
+                            for (ox, d) in dst_row.iter_mut().enumerate() {
+                                *d = line[ox * stride + dx];
+                            }
                         }
                     }
                 }
@@ -129,92 +353,4 @@ fn gather_patch(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernels::DenseRows;
-
-    fn naive(x: &Tensor, wt: &[f32], bias: &[f32], geo: Conv2dGeometry) -> Tensor {
-        let (n, ci, h, w) = x.nchw();
-        let k = geo.kernel;
-        let co = bias.len();
-        let (oh, ow) = geo.out_size(h, w);
-        let mut out = Tensor::zeros(vec![n, co, oh, ow]);
-        for b in 0..n {
-            for o in 0..co {
-                for y in 0..oh {
-                    for xx in 0..ow {
-                        let mut s = bias[o] as f64;
-                        for c in 0..ci {
-                            for dy in 0..k {
-                                for dx in 0..k {
-                                    let iy = (y * geo.stride + dy) as isize - geo.pad as isize;
-                                    let ix = (xx * geo.stride + dx) as isize - geo.pad as isize;
-                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w
-                                    {
-                                        s += x.data
-                                            [((b * ci + c) * h + iy as usize) * w + ix as usize]
-                                            as f64
-                                            * wt[((o * ci + c) * k + dy) * k + dx] as f64;
-                                    }
-                                }
-                            }
-                        }
-                        out.data[((b * co + o) * oh + y) * ow + xx] = s as f32;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn matches_naive_for_unet_and_vae_geometries() {
-        let geos = [
-            Conv2dGeometry {
-                kernel: 3,
-                stride: 1,
-                pad: 1,
-            },
-            Conv2dGeometry {
-                kernel: 3,
-                stride: 2,
-                pad: 1,
-            },
-            Conv2dGeometry {
-                kernel: 1,
-                stride: 1,
-                pad: 0,
-            },
-            Conv2dGeometry {
-                kernel: 3,
-                stride: 2,
-                pad: 0,
-            },
-        ];
-        let (n, ci, co, h, w) = (2, 5, 7, 9, 11);
-        let x = Tensor::new(
-            vec![n, ci, h, w],
-            (0..n * ci * h * w)
-                .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
-                .collect(),
-        );
-        for geo in geos {
-            let wt: Vec<f32> = (0..co * ci * geo.kernel * geo.kernel)
-                .map(|i| ((i * 13 % 7) as f32 - 3.0) / 4.0)
-                .collect();
-            let bias: Vec<f32> = (0..co).map(|i| i as f32 / 10.0).collect();
-            let want = naive(&x, &wt, &bias, geo);
-            // Budgets: whole image in one tile, and one output row per tile (the tiling path).
-            for budget in [PATCH_BUDGET, 1] {
-                let rows = DenseRows {
-                    data: &wt,
-                    rows: co,
-                };
-                let got = conv2d_tiled(&x, &rows, Some(&bias), geo, budget);
-                // Sums of ≤ 45 products of magnitude ≤ 1: f32 reordering error is ~1e-6; 1e-4
-                // still catches any indexing mistake.
-                assert!(got.max_abs_diff(&want) < 1e-4, "{geo:?} budget {budget}");
-            }
-        }
-    }
-}
+mod tests;

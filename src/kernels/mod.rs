@@ -10,8 +10,11 @@ mod norm;
 mod panel;
 
 pub use activation::{geglu, gelu, quick_gelu, silu};
-pub use attention::{attention, AttentionShape};
-pub use conv::{conv2d, Conv2dGeometry};
+pub use attention::{attention, AttentionShape, SCORE_BUDGET};
+pub use conv::{
+    conv2d, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows, InputTransform, Planes,
+    RowConv, PATCH_BUDGET,
+};
 pub use matmul::{matmul, Transpose};
-pub use norm::{group_norm, layer_norm};
-pub use panel::{matmul_weight_t, DenseRows, LhsPanels, WeightRows};
+pub use norm::{group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, GroupStats};
+pub use panel::{matmul_weight_t, DenseRows, LhsPanels, WeightRows, PANEL_BUDGET};

@@ -8,7 +8,7 @@ use super::matmul::{matmul_strided, Transpose};
 /// Upper bound on one panel, in f32 values (16 MiB). Measured on full-size SD1.5, one UNet call and
 /// one 512² VAE decode, in CPU seconds: 55.4 s at 16 MiB = 55.5 s with no panelling, 63.7 s at
 /// 4 MiB (smaller panels give gemm too few rows to split across threads at the 1280-channel levels).
-const PANEL_BUDGET: usize = 1 << 22;
+pub const PANEL_BUDGET: usize = 1 << 22;
 
 /// A weight matrix [rows, row_len] that can hand out f32 copies of consecutive rows.
 pub trait WeightRows: Sync {

@@ -1,0 +1,293 @@
+//! The decoder's layers run as streaming passes over banded maps, each next to its memory model.
+//!
+//! A pass computes output rows top to bottom in the tiles of its convolution (fixed by the map's
+//! shape, never by the banding, so the GEMM calls and hence the bits are the same for every plan),
+//! reads its source through the fused GroupNorm + SiLU / upsample gather, writes or adds each tile
+//! into banded outputs, and frees the source rows that no later tile reads.
+
+use super::bands::{BandLayout, BandedMap};
+use super::{EPS, GROUPS};
+use crate::error::{Error, Result};
+use crate::kernels::{
+    conv_patch_bytes, conv_tile_rows, group_norm_stats, group_norm_stats_bytes, Conv2dGeometry,
+    InputTransform, RowConv, PANEL_BUDGET,
+};
+use crate::weights::{Param, Weights};
+
+/// A stride-1, size-keeping convolution (its weight stays in the mapping, read in row panels).
+pub(super) struct Conv {
+    weight: Param,
+    bias: Vec<f32>,
+    geo: Conv2dGeometry,
+    pub in_ch: usize,
+    pub out_ch: usize,
+}
+
+impl Conv {
+    /// A `kernel`×`kernel` convolution (padding `kernel / 2`); channels from the stored weight.
+    pub fn new(w: &Weights, kernel: usize) -> Result<Self> {
+        let shape = w.param_any("weight")?.shape().to_vec();
+        if shape.len() < 2 || kernel.is_multiple_of(2) {
+            return Err(Error::BadShape {
+                name: format!("{}.weight", w.prefix()),
+                found: shape,
+                expected: vec![0, 0, kernel, kernel],
+            });
+        }
+        let (out_ch, in_ch) = (shape[0], shape[1]);
+        Ok(Conv {
+            weight: w.param("weight", &[out_ch, in_ch, kernel, kernel])?,
+            bias: w.param("bias", &[out_ch])?.to_f32(),
+            geo: Conv2dGeometry {
+                kernel,
+                stride: 1,
+                pad: kernel / 2,
+            },
+            in_ch,
+            out_ch,
+        })
+    }
+
+    fn runner(&self) -> RowConv<'_> {
+        RowConv::new(&self.weight, Some(&self.bias), self.geo)
+    }
+
+    fn tile_rows(&self, h: usize, w: usize) -> usize {
+        conv_tile_rows(self.in_ch, self.geo, h, w)
+    }
+
+    /// The filters as `RowConv` holds them: whole when they fit one weight panel, else one panel.
+    fn filter_bytes(&self) -> u64 {
+        let row_len = self.in_ch * self.geo.kernel * self.geo.kernel;
+        let rows = (PANEL_BUDGET / row_len.max(1)).clamp(1, self.out_ch.max(1));
+        (rows as u64 * row_len as u64).saturating_mul(4)
+    }
+
+    /// Filters + patch, held while a pass runs this convolution on an `h × w` map, `rows` output
+    /// rows per call.
+    fn held_bytes(&self, (h, w): (usize, usize), rows: usize) -> u64 {
+        self.filter_bytes()
+            .saturating_add(conv_patch_bytes(self.in_ch, self.geo, (h, w), rows))
+    }
+}
+
+/// A GroupNorm's affine parameters; its statistics come from the whole map at run time.
+pub(super) struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+impl Norm {
+    pub fn new(w: &Weights, channels: usize) -> Result<Self> {
+        Ok(Norm {
+            gamma: w.param("weight", &[channels])?.to_f32(),
+            beta: w.param("bias", &[channels])?.to_f32(),
+        })
+    }
+
+    /// Per-channel (scale, shift) of this GroupNorm over `x`.
+    pub fn affine(&self, x: &BandedMap) -> (Vec<f32>, Vec<f32>) {
+        group_norm_stats(x, GROUPS, EPS).scale_shift(&self.gamma, &self.beta)
+    }
+
+    /// Peak while computing the statistics of a map of `layout` (the map itself not included).
+    fn stats_bytes(layout: BandLayout) -> u64 {
+        group_norm_stats_bytes(layout.c, layout.h)
+    }
+}
+
+/// GroupNorm then SiLU, applied by the convolution's gather.
+pub(super) fn norm_silu<'a>((scale, shift): &'a (Vec<f32>, Vec<f32>)) -> InputTransform<'a> {
+    InputTransform {
+        affine: Some((scale, shift)),
+        silu: true,
+        upsample2x: false,
+    }
+}
+
+pub(super) const UPSAMPLE: InputTransform<'static> = InputTransform {
+    affine: None,
+    silu: false,
+    upsample2x: true,
+};
+
+/// One streaming pass over `src`: tile by tile (the tiles of `convs[0]`), each convolution computes
+/// its rows of output from `src` read through its transform and `sink(i, first_row, tile)` takes
+/// them ([out_ch, rows, w]). With `consume`, source rows no later tile reads are freed as it goes.
+/// All convolutions see the same map and keep its size.
+pub(super) fn stream(
+    src: &mut BandedMap,
+    convs: &[(&Conv, InputTransform)],
+    consume: bool,
+    mut sink: impl FnMut(usize, usize, &[f32]),
+) {
+    let up = if convs[0].1.upsample2x { 2 } else { 1 };
+    let (_, h, w) = convs[0].1.seen_dims(src);
+    let step = convs[0].0.tile_rows(h, w);
+    let widest = convs.iter().map(|(c, _)| c.out_ch).max().unwrap_or(0);
+    let mut tile = vec![0.0; widest * step * w];
+    let mut runners: Vec<RowConv> = convs.iter().map(|(c, _)| c.runner()).collect();
+    for r0 in (0..h).step_by(step) {
+        let r1 = (r0 + step).min(h);
+        for (i, ((conv, t), run)) in convs.iter().zip(&mut runners).enumerate() {
+            let out = &mut tile[..conv.out_ch * (r1 - r0) * w];
+            run.rows(src, *t, r0..r1, out);
+            sink(i, r0, out);
+        }
+        if consume {
+            src.free_below(first_needed(convs.iter().map(|(c, _)| *c), r1) / up);
+        }
+    }
+}
+
+/// The first row of the seen map that output rows from `next` on read.
+fn first_needed<'a>(convs: impl Iterator<Item = &'a Conv>, next: usize) -> usize {
+    convs
+        .map(|c| c.geo.first_input_row(next))
+        .min()
+        .unwrap_or(next)
+}
+
+/// Peak bytes of `stream` over a source of `src` (seen `up`× larger) writing `outs`: the most source
+/// bands still held plus output bands allocated at any tile, plus what the pass holds besides maps
+/// (filters and patches of every convolution, the tile buffer, and GEMM's packed operands, at most
+/// the patch and filters of the largest convolution again).
+pub(super) fn stream_peak(
+    src: BandLayout,
+    up: usize,
+    convs: &[&Conv],
+    consume: bool,
+    outs: &[BandLayout],
+) -> u64 {
+    let (h, w) = (src.h * up, src.w * up);
+    let step = convs[0].tile_rows(h, w);
+    let widest = convs.iter().map(|c| c.out_ch).max().unwrap_or(0);
+    let tile = (widest as u64 * step as u64 * w as u64).saturating_mul(4);
+    let held: u64 = convs.iter().map(|c| c.held_bytes((h, w), step)).sum();
+    let gemm = convs
+        .iter()
+        .map(|c| c.held_bytes((h, w), step))
+        .max()
+        .unwrap_or(0);
+    let mut maps = 0u64;
+    for r0 in (0..h).step_by(step) {
+        let r1 = (r0 + step).min(h);
+        let kept = if consume {
+            src.bytes_kept_from(first_needed(convs.iter().copied(), r0) / up)
+        } else {
+            src.total_bytes()
+        };
+        let written: u64 = outs.iter().map(|o| o.bytes_written_to(r1)).sum();
+        maps = maps.max(kept.saturating_add(written));
+    }
+    maps.saturating_add(held)
+        .saturating_add(gemm)
+        .saturating_add(tile)
+}
+
+/// `conv` over `src` (read through `t`), consuming it, into a new banded map.
+pub(super) fn conv_map(
+    conv: &Conv,
+    mut src: BandedMap,
+    t: InputTransform,
+    band_rows: Option<usize>,
+) -> BandedMap {
+    let (_, h, w) = t.seen_dims(&src);
+    let mut out = BandedMap::empty(BandLayout::new(conv.out_ch, h, w, band_rows));
+    stream(&mut src, &[(conv, t)], true, |_, r0, tile| {
+        out.write_rows(r0, tile)
+    });
+    out
+}
+
+/// Peak of `conv_map` (source and output included).
+pub(super) fn conv_map_peak(
+    conv: &Conv,
+    src: BandLayout,
+    up: usize,
+    band_rows: Option<usize>,
+) -> u64 {
+    let out = BandLayout::new(conv.out_ch, src.h * up, src.w * up, band_rows);
+    stream_peak(src, up, &[conv], true, &[out])
+}
+
+/// The VAE ResNet block: GroupNorm → SiLU → conv1 → GroupNorm → SiLU → conv2, plus a skip
+/// (projected by a 1×1 `nin_shortcut` when the channel count changes).
+pub(super) struct Resnet {
+    norm1: Norm,
+    conv1: Conv,
+    norm2: Norm,
+    conv2: Conv,
+    nin_shortcut: Option<Conv>,
+    pub out_ch: usize,
+}
+
+impl Resnet {
+    /// LDM VAE naming: `norm1`, `conv1`, `norm2`, `conv2`, `nin_shortcut`.
+    pub fn new(w: &Weights) -> Result<Self> {
+        let conv1 = Conv::new(&w.pp("conv1"), 3)?;
+        let (in_ch, out_ch) = (conv1.in_ch, conv1.out_ch);
+        let nin_shortcut = if in_ch != out_ch || w.contains("nin_shortcut.weight") {
+            Some(Conv::new(&w.pp("nin_shortcut"), 1)?)
+        } else {
+            None
+        };
+        Ok(Resnet {
+            norm1: Norm::new(&w.pp("norm1"), in_ch)?,
+            conv1,
+            norm2: Norm::new(&w.pp("norm2"), out_ch)?,
+            conv2: Conv::new(&w.pp("conv2"), 3)?,
+            nin_shortcut,
+            out_ch,
+        })
+    }
+
+    /// Two passes. The first reads `x` once for conv1 (and the skip projection, which then
+    /// consumes `x`); the second adds conv2's output tile by tile into the skip, in place, while
+    /// freeing conv1's output behind it. So at most x + h (or the projected skip + h) are held.
+    pub fn forward(&self, mut x: BandedMap, band_rows: Option<usize>) -> BandedMap {
+        let layout = x.layout();
+        let out = BandLayout::new(self.out_ch, layout.h, layout.w, band_rows);
+        let norm1 = self.norm1.affine(&x);
+        let mut convs = vec![(&self.conv1, norm_silu(&norm1))];
+        convs.extend(
+            self.nin_shortcut
+                .iter()
+                .map(|c| (c, InputTransform::default())),
+        );
+        let mut h = BandedMap::empty(out);
+        let mut skip = self.nin_shortcut.as_ref().map(|_| BandedMap::empty(out));
+        stream(&mut x, &convs, skip.is_some(), |i, r0, tile| {
+            match (i, &mut skip) {
+                (1, Some(skip)) => skip.write_rows(r0, tile),
+                _ => h.write_rows(r0, tile),
+            }
+        });
+        let mut acc = skip.unwrap_or(x);
+        let norm2 = self.norm2.affine(&h);
+        stream(
+            &mut h,
+            &[(&self.conv2, norm_silu(&norm2))],
+            true,
+            |_, r0, tile| acc.add_rows(r0, tile),
+        );
+        acc
+    }
+
+    /// Peak of `forward` on a map of `x` (input and output included).
+    pub fn peak(&self, x: BandLayout, band_rows: Option<usize>) -> u64 {
+        let out = BandLayout::new(self.out_ch, x.h, x.w, band_rows);
+        let stats1 = x.total_bytes().saturating_add(Norm::stats_bytes(x));
+        let mut convs = vec![&self.conv1];
+        convs.extend(self.nin_shortcut.iter());
+        let outs: Vec<BandLayout> = convs.iter().map(|_| out).collect();
+        let pass1 = stream_peak(x, 1, &convs, self.nin_shortcut.is_some(), &outs);
+        // The accumulator (x or the projected skip) has the output's shape.
+        let acc = out.total_bytes();
+        let stats2 = acc
+            .saturating_add(out.total_bytes())
+            .saturating_add(Norm::stats_bytes(out));
+        let pass2 = acc.saturating_add(stream_peak(out, 1, &[&self.conv2], true, &[]));
+        stats1.max(pass1).max(stats2).max(pass2)
+    }
+}

@@ -1,0 +1,104 @@
+//! The SD1.x VAE (LDM `first_stage_model.*`): decoder latent → image, encoder image → latent.
+//!
+//! The decoder runs as streaming passes over feature maps stored in bands of rows (`VaePlan`), with
+//! GroupNorm + SiLU and the 2× upsample fused into each convolution's gather, so its memory is a
+//! few maps of the current level at most and `Decoder::peak_bytes` predicts it from shapes.
+
+mod bands;
+mod blocks;
+mod decoder;
+mod encoder;
+mod plan;
+
+use super::layers::{add_assign, from_tokens, to_tokens, GroupNorm, Linear};
+use crate::error::Result;
+use crate::kernels::{self, AttentionShape};
+use crate::tensor::Tensor;
+use crate::weights::Weights;
+
+pub use decoder::Decoder;
+pub use encoder::{Encoder, LatentDistribution};
+pub use plan::VaePlan;
+
+const GROUPS: usize = 32;
+/// The LDM VAE normalises with eps 1e-6 (unlike the UNet's 1e-5).
+const EPS: f32 = 1e-6;
+/// SD1.x latent scaling factor.
+pub const SCALING_FACTOR: f32 = 0.18215;
+
+/// Single-head self-attention over all pixels (the mid block of both halves), with residual.
+struct AttnBlock {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    proj_out: Linear,
+}
+
+impl AttnBlock {
+    fn new(w: &Weights, ch: usize) -> Result<Self> {
+        Ok(AttnBlock {
+            norm: GroupNorm::new(&w.pp("norm"), ch, GROUPS, EPS)?,
+            q: Linear::new(&w.pp("q"), ch, ch, true)?,
+            k: Linear::new(&w.pp("k"), ch, ch, true)?,
+            v: Linear::new(&w.pp("v"), ch, ch, true)?,
+            proj_out: Linear::new(&w.pp("proj_out"), ch, ch, true)?,
+        })
+    }
+
+    /// Intermediates are dropped as soon as they are used (see `peak_bytes`).
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (n, c, h, w) = x.nchw();
+        let tokens = {
+            let mut normed = x.clone();
+            self.norm.forward(&mut normed, false);
+            to_tokens(&normed)
+        };
+        let (q, k, v) = (
+            self.q.forward(&tokens),
+            self.k.forward(&tokens),
+            self.v.forward(&tokens),
+        );
+        drop(tokens);
+        let shape = AttentionShape {
+            batch: n,
+            q_len: h * w,
+            kv_len: h * w,
+            channels: c,
+            heads: 1,
+            causal: false,
+        };
+        let attended = kernels::attention(&q, &k, &v, shape);
+        drop((q, k, v));
+        let mut out = from_tokens(&self.proj_out.forward(&attended), n, c, h, w);
+        add_assign(&mut out.data, &x.data);
+        out
+    }
+
+    /// Peak of `forward` on one image of `c` channels and `hw` pixels, its input included: during
+    /// the attention kernel the input, q, k, v, the kernel's per-head copies of q, k, v, its chunk
+    /// results and its output (9 maps) plus, per thread, one score chunk, one output chunk and GEMM's
+    /// packed copy of k or v (at most a map); before
+    /// that, the input, the normalised copy and the tokens plus the norm statistics.
+    fn peak_bytes(c: usize, h: usize, w: usize, threads: usize) -> u64 {
+        let map = (c as u64 * h as u64 * w as u64).saturating_mul(4);
+        let hw = (h * w).max(1);
+        let chunk = (kernels::SCORE_BUDGET / hw).max(1).min(hw) as u64;
+        let per_thread = chunk.saturating_mul(hw as u64 + c as u64).saturating_mul(4);
+        let norm = map
+            .saturating_mul(3)
+            .saturating_add(kernels::group_norm_stats_bytes(c, h));
+        // GEMM may pack a whole head's keys or values per thread.
+        let kernel = map
+            .saturating_mul(9 + threads as u64)
+            .saturating_add(per_thread.saturating_mul(threads as u64));
+        norm.max(kernel)
+    }
+}
+
+/// How many `{kind}.{i}` resolution levels the checkpoint has.
+fn count_levels(w: &Weights, kind: &str) -> usize {
+    (0..)
+        .take_while(|i| w.contains(&format!("{kind}.{i}.block.0.conv1.weight")))
+        .count()
+}
