@@ -10,7 +10,7 @@ use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::job::Job;
 use crate::nn::clip::TextEncoder;
 use crate::nn::unet::UNet;
-use crate::nn::vae::{Decoder, SCALING_FACTOR};
+use crate::nn::vae::{Decoder, VaePlan, SCALING_FACTOR};
 use crate::output::RgbImage;
 use crate::sampling::{self, rng::TorchRng, NoiseSource};
 use crate::tensor::Tensor;
@@ -239,7 +239,10 @@ fn run(
     }
 
     on_event(Event::Stage("decode"));
-    let image = decode(&models.decoder, &latent);
+    let vae_plan = VaePlan {
+        band_rows: plan.vae_band_rows,
+    };
+    let image = decode(&models.decoder, &latent, &vae_plan);
     end_stage(models, &plan, governor::plan::VAE_PREFIX);
     Ok(Generated {
         image,
@@ -290,12 +293,12 @@ fn predict_noise(
 
 /// Decodes a sampler latent to 8-bit RGB the way diffusers post-processes:
 /// `round(clamp(x / 2 + 0.5, 0, 1) · 255)`.
-pub fn decode(decoder: &Decoder, latent: &Tensor) -> RgbImage {
+pub fn decode(decoder: &Decoder, latent: &Tensor, plan: &VaePlan) -> RgbImage {
     let z = Tensor::new(
         latent.shape.clone(),
         latent.data.iter().map(|v| v / SCALING_FACTOR).collect(),
     );
-    to_rgb(&decoder.forward(&z))
+    to_rgb(&decoder.forward_planned(&z, plan))
 }
 
 fn to_rgb(image: &Tensor) -> RgbImage {

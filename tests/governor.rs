@@ -69,11 +69,19 @@ fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
     // per-stage and streaming gives streaming: the fastest level that fits.
     let huge = budget(1 << 40);
     let peak = |r| governor::plan::predict(&models, &j, &huge, r).peak_bytes();
-    let (all, stage, stream) = (peak(Residency::KeepAll), peak(Residency::Keep), peak(Residency::Stream));
+    let (all, stage, stream) = (
+        peak(Residency::KeepAll),
+        peak(Residency::Keep),
+        peak(Residency::Stream),
+    );
     assert!(all >= stage && stage >= stream, "{all} {stage} {stream}");
     // At the smallest budget that holds a level's peak, that level is chosen, unless a faster level
     // predicts the same peak (then the faster one is).
-    let levels = [(all, Residency::KeepAll), (stage, Residency::Keep), (stream, Residency::Stream)];
+    let levels = [
+        (all, Residency::KeepAll),
+        (stage, Residency::Keep),
+        (stream, Residency::Stream),
+    ];
     for (i, &(peak, want)) in levels.iter().enumerate() {
         if i > 0 && peak == levels[i - 1].0 {
             continue;
@@ -82,7 +90,13 @@ fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
         while budget(limit).usable_bytes() < peak {
             limit += MIB;
         }
-        assert_eq!(governor::plan(&models, &j, &budget(limit)).unwrap().residency, want, "limit {limit}");
+        assert_eq!(
+            governor::plan(&models, &j, &budget(limit))
+                .unwrap()
+                .residency,
+            want,
+            "limit {limit}"
+        );
     }
     let err = governor::plan(&models, &job(512, None), &budget(64 * MIB)).unwrap_err();
     assert_eq!(err.exit_code(), 3);

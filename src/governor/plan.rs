@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::budget::Budget;
 use crate::error::{Error, Result};
 use crate::job::Job;
+use crate::nn::vae::VaePlan;
 use crate::pipeline::Models;
 
 const MIB: u64 = 1 << 20;
@@ -43,6 +44,9 @@ pub struct Stage {
 pub struct Plan {
     pub budget: Budget,
     pub residency: Residency,
+    /// VAE decode: rows per stored band of each feature map (None = whole maps). Every choice gives
+    /// the same output bits (`nn::vae`), so this only trades memory.
+    pub vae_band_rows: Option<usize>,
     pub stages: Vec<Stage>,
 }
 
@@ -126,9 +130,15 @@ pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency
                 + store.bytes_with_prefix(&format!("{VAE_PREFIX}post_quant_conv."))
         }
     };
-    let vae_activations = vae_decode_bytes(models, lh, lw);
-
     let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
+                                                // The decode gets what its weights leave; the smallest bands are the floor if nothing fits.
+    let decode_room = budget
+        .usable_bytes()
+        .saturating_sub(vae_weights.saturating_add(latents));
+    let vae_plan =
+        VaePlan::fitting(&models.decoder, lh, lw, decode_room).unwrap_or(VaePlan::banded(1));
+    let vae_activations = models.decoder.peak_bytes(lh, lw, &vae_plan);
+
     let stage = |name, activation_bytes: u64, weight_bytes: u64| Stage {
         name,
         activation_bytes,
@@ -140,20 +150,13 @@ pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency
     Plan {
         budget: budget.clone(),
         residency,
+        vae_band_rows: vae_plan.band_rows,
         stages: vec![
             stage("encode", text_activations, text_weights),
             stage("denoise", unet_activations, unet_weights),
             stage("decode", vae_activations, vae_weights),
         ],
     }
-}
-
-/// Whole-map VAE decode: at the last level about nine full-resolution maps of its width are alive
-/// (resnet input, normalised copy and outputs at twice the width after upsampling), plus scratch.
-fn vae_decode_bytes(models: &Models, lh: usize, lw: usize) -> u64 {
-    let c = models.decoder.last_channels() as u64;
-    let map = c.saturating_mul((lh * 8 * lw * 8) as u64).saturating_mul(4);
-    map.saturating_mul(9).saturating_add(48 * MIB)
 }
 
 /// What would fit instead: a smaller image, and a 4-bit model if weights are a large share.

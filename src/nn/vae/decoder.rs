@@ -84,11 +84,6 @@ impl Decoder {
         })
     }
 
-    /// Channels of the last (full-resolution) level.
-    pub fn last_channels(&self) -> usize {
-        self.conv_out.in_ch
-    }
-
     /// Image pixels per latent pixel along each side (8 for SD).
     pub fn upscale(&self) -> usize {
         1 << self.up.iter().filter(|l| l.upsample.is_some()).count()
