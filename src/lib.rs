@@ -3,6 +3,7 @@
 //! Data flows one way: job → load (weights) → encode (tokenizer, CLIP) → denoise (sampling, UNet)
 //! → decode (VAE) → write (output). See ARCHITECTURE.md.
 
+pub mod backend;
 pub mod error;
 pub mod governor;
 pub mod inspect;

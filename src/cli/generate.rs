@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use sdcap::backend::Backend;
 use sdcap::job::{Job, ScheduleKind};
 use sdcap::weights::TensorStore;
 use sdcap::{output, pipeline, Error};
@@ -60,6 +61,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
 
+    // Before the pool and the model: no usable GPU is a one-line refusal (exit 2).
+    sdcap::backend::select(args.backend)?;
+
     let threads = args.threads.unwrap_or_else(default_threads);
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -67,7 +71,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .context("cannot start the compute thread pool")?;
 
     let mut progress = Progress::new(std::io::stderr().is_terminal());
-    let generated = pipeline::txt2img(&job, &mut |event| progress.on_event(event))?;
+    let generated = if args.backend == Backend::Cpu {
+        pipeline::txt2img(&job, &mut |event| progress.on_event(event))?
+    } else {
+        // As txt2img, with the device-memory check between loading and running (exit 3).
+        progress.on_event(pipeline::Event::Stage("load"));
+        let models = pipeline::Models::load(&job)?;
+        sdcap::backend::check_device_plan(&models, &job)?;
+        pipeline::generate(&models, &job, &mut |event| progress.on_event(event))?
+    };
     drop(progress);
 
     output::write_png(
