@@ -15,6 +15,11 @@ fn cuda_without_gpu_is_one_line_exit_2() {
         .args([
             "generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1",
         ])
+        .arg("-m")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/tiny-sd.safetensors"
+        ))
         .args(["--backend", "cuda", "-o"])
         .arg(std::env::temp_dir().join("sdcap-cuda-refused.png"))
         .env("CUDA_VISIBLE_DEVICES", "")
