@@ -4,6 +4,7 @@
 //! → decode (VAE) → write (output). See ARCHITECTURE.md.
 
 pub mod atomic_file;
+pub mod backend;
 pub mod batch;
 pub mod error;
 pub mod governor;

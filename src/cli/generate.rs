@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
+use sdcap::backend::Backend;
 use sdcap::job::{Job, ScheduleKind};
 use sdcap::weights::TensorStore;
 use sdcap::{output, pipeline, Error};
@@ -61,6 +62,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ));
     }
 
+    // Before the pool and the model: no usable GPU is a one-line refusal (exit 2).
+    sdcap::backend::select(args.backend)?;
+
     let threads = args.threads.unwrap_or_else(default_threads);
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -72,6 +76,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut on_event = |event| progress.on_event(event);
     on_event(pipeline::Event::Stage("load"));
     let models = pipeline::Models::load(&job)?;
+    if args.backend != Backend::Cpu {
+        // The device-memory check between loading and running (exit 3).
+        sdcap::backend::check_device_plan(&models, &job)?;
+    }
     let generated = pipeline::generate_with_cancel(&models, &job, &cancel, &mut on_event)?;
     drop(models);
 

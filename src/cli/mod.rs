@@ -153,6 +153,11 @@ pub struct GenerateArgs {
     #[arg(short = 't', long, value_name = "N", value_parser = parse_threads, allow_negative_numbers = true)]
     pub threads: Option<usize>,
 
+    /// Where the weight matmuls run: cpu, or cuda (cuBLAS; needs a build with `--features cuda`
+    /// and a GPU, else exit 2). The rest of the work stays on the CPU either way.
+    #[arg(long, value_name = "NAME", default_value = "cpu")]
+    pub backend: sdcap::backend::Backend,
+
     /// Output PNG; written only once the image is complete, replacing any file there.
     #[arg(short = 'o', long, value_name = "PATH", default_value = "output.png")]
     pub output: PathBuf,

@@ -43,6 +43,9 @@ fn panel_rows(w: &dyn WeightRows, budget: usize) -> usize {
 
 /// `y[m, n] = x[m, k] · Wᵀ` with W [n, k] (a linear layer).
 pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32]) {
+    if crate::backend::matmul_weight_t(x, w, y) {
+        return; // --backend cuda
+    }
     matmul_weight_t_budget(x, w, y, PANEL_BUDGET)
 }
 
@@ -69,6 +72,8 @@ pub struct LhsPanels<'w> {
     step: usize,
     /// The whole weight when it fits in one panel (read once, reused for every tile).
     resident: Option<Vec<f32>>,
+    /// The whole weight on the GPU (--backend cuda), uploaded once for every tile.
+    gpu: Option<crate::backend::DeviceWeight>,
 }
 
 impl<'w> LhsPanels<'w> {
@@ -77,17 +82,34 @@ impl<'w> LhsPanels<'w> {
     }
 
     fn with_budget(w: &'w dyn WeightRows, budget: usize) -> Self {
+        if let Some(gpu) = crate::backend::DeviceWeight::upload(w) {
+            let (step, resident) = (w.rows(), None);
+            return LhsPanels {
+                w,
+                step,
+                resident,
+                gpu: Some(gpu),
+            };
+        }
         let step = panel_rows(w, budget);
         let resident = (step >= w.rows()).then(|| {
             let mut all = vec![0.0f32; w.rows() * w.row_len()];
             w.read_rows(0, w.rows(), &mut all);
             all
         });
-        LhsPanels { w, step, resident }
+        LhsPanels {
+            w,
+            step,
+            resident,
+            gpu: None,
+        }
     }
 
     /// `dst[i * ldc + j] = Σ_p W[i, p] · b[p * cols + j]` for i < rows, j < cols.
     pub fn multiply(&self, b: &[f32], cols: usize, dst: &mut [f32], ldc: usize) {
+        if let Some(gpu) = &self.gpu {
+            return gpu.lhs_multiply(b, cols, dst, ldc);
+        }
         let (n, k) = (self.w.rows(), self.w.row_len());
         if let Some(all) = &self.resident {
             matmul_strided(all, b, dst, ldc, n, k, cols, Transpose::No, false);
