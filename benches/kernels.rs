@@ -108,13 +108,13 @@ fn shapes() -> BTreeMap<&'static str, Op> {
 
 fn run(bencher: Bencher, name: &str) {
     let op = shapes()[name];
-    let mut f = op.prepare();
+    let f = op.prepare();
     let count = if op.flops() > 0.0 {
         op.flops()
     } else {
         op.bytes()
     } as u64;
-    bencher.counter(ItemsCount::new(count)).bench_local(|| f());
+    bencher.counter(ItemsCount::new(count)).bench_local(f);
 }
 
 #[divan::bench(
