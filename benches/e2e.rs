@@ -16,7 +16,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use common::{best_of, contention_note, cpu_time, cpus, peak_flops, unet_ops, Kind};
+use common::{
+    best_of, contention_note, cpu_time, cpus, peak_flops, thread_cpu_time, unet_ops, Kind,
+};
 use sdcap::governor::{memory, plan};
 use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
 use sdcap::pipeline::Models;
@@ -123,10 +125,11 @@ fn profile(model: PathBuf, latent: usize) {
     );
     // A warm-up call maps the weight pages in; the second is the one measured.
     std::hint::black_box(models.unet.forward(&x, &[999.0, 999.0], &context));
-    let (c0, w0) = (cpu_time(), Instant::now());
+    let (c0, m0, w0) = (cpu_time(), thread_cpu_time(), Instant::now());
     std::hint::black_box(models.unet.forward(&x, &[999.0, 999.0], &context));
     let step = w0.elapsed().as_secs_f64();
     let step_cpu = (cpu_time() - c0).as_secs_f64();
+    let main_cpu = (thread_cpu_time() - m0).as_secs_f64();
     drop(models);
 
     let ops = unet_ops(2, latent);
@@ -192,13 +195,16 @@ fn profile(model: PathBuf, latent: usize) {
         "",
         100.0 * other / step
     );
-    // With P cores, serial seconds s and parallel seconds p: wall = s + p, cpu = s + P·p.
+    // The caller's thread runs the serial code; the rayon pool's workers run the parallel parts
+    // (the caller blocks while they do). On an idle machine with P cores the step would take
+    // serial + parallel / P: CPU times hardly depend on contention, so this holds under it too.
     let p = cpus() as f64;
-    let serial = ((p * step - step_cpu) / (p - 1.0)).clamp(0.0, step);
+    let parallel_cpu = (step_cpu - main_cpu).max(0.0);
+    let ideal = main_cpu + parallel_cpu / p;
     println!(
-        "\nserial share estimate (from CPU/wall of the real call, assumes {p} threads fully busy in parallel parts; \
-         contention inflates it): {serial:.2} s = {:.1}% of the step",
-        100.0 * serial / step
+        "\nserial code: {main_cpu:.2} s CPU on the calling thread, parallel: {parallel_cpu:.2} s CPU in the \
+         rayon pool → idle-machine step ≈ {ideal:.2} s, of which serial {:.1}%",
+        100.0 * main_cpu / ideal
     );
     lines.sort_by(|a, b| b.0.total_cmp(&a.0));
     println!("\ntop shapes by total time:");

@@ -47,19 +47,30 @@ pub fn contention_note() -> String {
 
 /// Process CPU time (user + system) so far.
 pub fn cpu_time() -> Duration {
+    rusage(libc::RUSAGE_SELF)
+}
+
+/// CPU time of the calling thread so far. Code that runs on the caller's thread while the rayon
+/// pool's workers are idle is the serial part of a step.
+pub fn thread_cpu_time() -> Duration {
+    rusage(libc::RUSAGE_THREAD)
+}
+
+fn rusage(who: libc::c_int) -> Duration {
     // SAFETY: getrusage only writes the struct we hand it.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    unsafe { libc::getrusage(who, &mut u) };
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 /// Peak f32 FLOP/s of `threads` threads each running an independent-accumulator FMA loop
-/// (AVX2+FMA where the CPU has it, else a scalar `mul_add` loop), best of three runs.
+/// (AVX2+FMA where the CPU has it, else a scalar `mul_add` loop). Best of 50 short (~2 ms) windows,
+/// so that on a shared machine some window sees every thread on its own core.
 pub fn peak_flops(threads: usize) -> f64 {
-    let iters: u64 = 20_000_000;
+    let iters: u64 = 1_000_000;
     let mut best = 0.0f64;
-    for _ in 0..3 {
+    for _ in 0..50 {
         let start = Instant::now();
         let flops: f64 = std::thread::scope(|s| {
             let hs: Vec<_> = (0..threads)
