@@ -170,8 +170,17 @@ fn profile(model: PathBuf, latent: usize) {
         100.0 * total_flops / step / peak
     );
     println!(
-        "\n{:<18} {:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>7}",
-        "op kind", "calls", "time s", "share", "GFLOP", "GFLOP/s", "% peak", "cores"
+        "\n{:<18} {:>6} {:>9} {:>7} {:>9} {:>9} {:>8} {:>7} {:>7} {:>9}",
+        "op kind",
+        "calls",
+        "time s",
+        "share",
+        "GFLOP",
+        "GFLOP/s",
+        "% peak",
+        "cores",
+        "CPU s",
+        "CPU share"
     );
     for (kind, (t, fl, cpu, n)) in &by_kind {
         let rate = if *fl > 0.0 {
@@ -180,20 +189,28 @@ fn profile(model: PathBuf, latent: usize) {
             format!("{:>9} {:>8}", "-", "-")
         };
         println!(
-            "{:<18} {n:>6} {t:>9.2} {:>6.1}% {:>9.1} {rate} {:>7.2}",
+            "{:<18} {n:>6} {t:>9.2} {:>6.1}% {:>9.1} {rate} {:>7.2} {cpu:>7.2} {:>8.1}%",
             kind.name(),
             100.0 * t / step,
             fl / 1e9,
-            cpu / t
+            cpu / t,
+            100.0 * cpu / step_cpu
         );
     }
     let other = step - kernel_sum;
+    let other_cpu = step_cpu - by_kind.values().map(|v| v.2).sum::<f64>();
     println!(
-        "{:<18} {:>6} {other:>9.2} {:>6.1}%   (real step minus the kernels timed alone: activations, residual adds, \
-         reshapes, concat, upsample, weight f16→f32 panels)",
+        "{:<18} {:>6} {other:>9.2} {:>6.1}% {:>44} {other_cpu:>7.2} {:>8.1}%",
         "other",
         "",
-        100.0 * other / step
+        100.0 * other / step,
+        "",
+        100.0 * other_cpu / step_cpu
+    );
+    println!(
+        "(other = the real step minus the kernels timed alone: activations, residual adds, reshapes, \
+         concat, upsample, f16→f32 weight panels; the CPU columns are robust to contention, the wall \
+         columns are not when the load changes between the real step and the kernel runs)"
     );
     // The caller's thread runs the serial code; the rayon pool's workers run the parallel parts
     // (the caller blocks while they do). On an idle machine with P cores the step would take
