@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench kernels` first measures the machine's f32 FMA peak (1 thread and one
 //! thread per CPU), prints a table of GFLOP/s and % of that peak for every shape, then runs the
-//! same shapes under divan (its "item/s" column counts FLOPs).
+//! same shapes under divan (its "item/s" column counts FLOPs). `SDCAP_BENCH_TABLE_ONLY=1` skips
+//! the divan pass; `SDCAP_BENCH_ONLY=text` keeps only the table rows whose name contains `text`.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -191,7 +192,11 @@ fn main() {
         "\n{:<34} {:>10} {:>10} {:>9} {:>8}",
         "shape", "GFLOP", "best ms", "GFLOP/s", "% peak"
     );
-    for (name, op) in shapes() {
+    let only = std::env::var("SDCAP_BENCH_ONLY").unwrap_or_default();
+    for (name, op) in shapes()
+        .into_iter()
+        .filter(|(n, _)| n.contains(only.as_str()))
+    {
         let mut f = op.prepare();
         let t = best_of(2, false, &mut f).as_secs_f64();
         if op.flops() > 0.0 {
