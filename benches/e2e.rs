@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench e2e -- stages MODEL SIZE [STEPS]   # text encode, s/UNet step, VAE decode, peak RSS
 //! cargo bench --bench e2e -- profile MODEL [LATENT]      # one UNet step (CFG batch 2) by op kind
+//! cargo bench --bench e2e -- step MODEL [LATENT]         # two bare UNet calls (for perf record)
 //! ```
 //!
 //! With no mode (as under a plain `cargo bench`) it prints this usage and exits.
@@ -101,6 +102,27 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
         cpus(),
         contention_note()
     );
+}
+
+/// Two real UNet calls (CFG batch 2) and nothing else, for `perf record`.
+fn profile_step(model: PathBuf, latent: usize) {
+    let models = Models::load(&job(model, latent as u32 * 8)).expect("load model");
+    let context = common::random(2 * 77 * 768, 5);
+    let x = Tensor::new(
+        vec![2, 4, latent, latent],
+        common::random(2 * 4 * latent * latent, 7),
+    );
+    for _ in 0..2 {
+        let (c0, m0, w0) = (cpu_time(), thread_cpu_time(), Instant::now());
+        std::hint::black_box(models.unet.forward(&x, &[999.0, 999.0], &context));
+        println!(
+            "UNet call: {:.2} s wall, {:.2} s CPU, {:.2} s on the calling thread — {}",
+            w0.elapsed().as_secs_f64(),
+            (cpu_time() - c0).as_secs_f64(),
+            (thread_cpu_time() - m0).as_secs_f64(),
+            contention_note()
+        );
+    }
 }
 
 /// One UNet call at `latent`² (CFG batch 2) on the real model, then every conv/linear/attention/norm
@@ -254,6 +276,10 @@ fn main() {
             let steps = rest.first().map_or(2, |s| s.parse().expect("steps"));
             stages(model.into(), size.parse().expect("size"), steps)
         }
+        ["step", model, rest @ ..] => profile_step(
+            model.into(),
+            rest.first().map_or(64, |s| s.parse().expect("latent")),
+        ),
         ["profile", model, rest @ ..] => profile(
             model.into(),
             rest.first().map_or(64, |s| s.parse().expect("latent")),
