@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: text encode, s per UNet step (CFG batch 2), VAE decode and peak RSS for
+# SD1.5 at each size and weight type, each configuration in its own process.
+#
+#   benches/e2e.sh [SIZES] [TYPES] [STEPS]     e.g. benches/e2e.sh "256 512" "f16 q8_0 q4_0" 2
+#
+# Models: $SD15 (default /tmp/sd15.safetensors, from ../shared/tools/make-random-model) and the
+# quantized copies /tmp/sd15-q8_0.gguf, /tmp/sd15-q4_0.gguf (made with `sdcap quantize` if absent).
+# Waits up to $IDLE_WAIT seconds (default 120) for the 1-minute load average to fall below
+# $IDLE_LOAD (default 0.5); if it does not, the run goes ahead and every line says CONTENDED.
+# `benches/e2e.sh profile` instead prints the per-op-kind profile of one 512² UNet step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SIZES=${1:-"256 512"}
+TYPES=${2:-"f16 q8_0 q4_0"}
+STEPS=${3:-2}
+SD15=${SD15:-/tmp/sd15.safetensors}
+IDLE_WAIT=${IDLE_WAIT:-120}
+IDLE_LOAD=${IDLE_LOAD:-0.5}
+
+cargo build --release --quiet --bin sdcap
+cargo bench --no-run --quiet --bench e2e
+bin=$(ls -t target/release/deps/e2e-* | grep -v '\.d$' | head -1)
+
+if [ ! -f "$SD15" ]; then
+  echo "no $SD15: make one with ../shared/tools/make-random-model" >&2
+  exit 2
+fi
+model_for() {
+  case $1 in
+    f16) echo "$SD15" ;;
+    *)
+      local out=${SD15%.safetensors}-$1.gguf
+      [ -f "$out" ] || target/release/sdcap quantize -m "$SD15" --type "$1" -o "$out" >&2
+      echo "$out" ;;
+  esac
+}
+
+wait_idle() {
+  local waited=0 load
+  while :; do
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    if awk -v l="$load" -v t="$IDLE_LOAD" 'BEGIN { exit !(l < t) }'; then
+      echo "machine idle (load $load)"
+      return
+    fi
+    if [ "$waited" -ge "$IDLE_WAIT" ]; then
+      echo "CONTENDED: load average still $load on $(nproc) CPUs after ${waited}s; figures below are contended"
+      return
+    fi
+    sleep 10
+    waited=$((waited + 10))
+  done
+}
+
+echo "sdcap e2e benchmark, $(date -u +%FT%TZ), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+if [ "$SIZES" = profile ]; then
+  wait_idle
+  "$bin" profile "$SD15" 64
+  exit
+fi
+for size in $SIZES; do
+  for ty in $TYPES; do
+    wait_idle
+    "$bin" stages "$(model_for "$ty")" "$size" "$STEPS"
+  done
+done

@@ -1,0 +1,227 @@
+//! Kernel benchmarks at the SD1.5 UNet's and VAE's real shapes (512², CFG batch 2).
+//!
+//! `cargo bench --bench kernels` first measures the machine's f32 FMA peak (1 thread and one
+//! thread per CPU), prints a table of GFLOP/s and % of that peak for every shape, then runs the
+//! same shapes under divan (its "item/s" column counts FLOPs). `SDCAP_BENCH_TABLE_ONLY=1` skips
+//! the divan pass; `SDCAP_BENCH_ONLY=text` keeps only the table rows whose name contains `text`.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{best_of, contention_note, cpus, peak_flops, Op};
+use divan::counter::ItemsCount;
+use divan::Bencher;
+
+/// Every benchmarked shape, by name (divan arguments are these names).
+fn shapes() -> BTreeMap<&'static str, Op> {
+    let conv = |n, ci, co, s, k| Op::Conv {
+        n,
+        ci,
+        co,
+        h: s,
+        w: s,
+        k,
+        stride: 1,
+    };
+    let attn = |q, kv, c| Op::Attention {
+        batch: 2,
+        q,
+        kv,
+        channels: c,
+        heads: 8,
+    };
+    BTreeMap::from([
+        ("unet 3x3 320@64² n2", conv(2, 320, 320, 64, 3)),
+        ("unet 3x3 640@32² n2", conv(2, 640, 640, 32, 3)),
+        ("unet 3x3 1280@16² n2", conv(2, 1280, 1280, 16, 3)),
+        ("unet 3x3 1280@8² n2", conv(2, 1280, 1280, 8, 3)),
+        ("unet 3x3 2560->1280@8² n2", conv(2, 2560, 1280, 8, 3)),
+        ("unet 1x1 320@64² n2", conv(2, 320, 320, 64, 1)),
+        ("vae 3x3 512@64²", conv(1, 512, 512, 64, 3)),
+        ("vae 3x3 512@128²", conv(1, 512, 512, 128, 3)),
+        ("vae 3x3 256@256²", conv(1, 256, 256, 256, 3)),
+        ("vae 3x3 128@512²", conv(1, 128, 128, 512, 3)),
+        (
+            "linear 8192x320x320",
+            Op::Linear {
+                m: 8192,
+                k: 320,
+                n: 320,
+            },
+        ),
+        (
+            "linear 8192x320x2560",
+            Op::Linear {
+                m: 8192,
+                k: 320,
+                n: 2560,
+            },
+        ),
+        (
+            "linear 8192x1280x320",
+            Op::Linear {
+                m: 8192,
+                k: 1280,
+                n: 320,
+            },
+        ),
+        (
+            "linear 2048x640x5120",
+            Op::Linear {
+                m: 2048,
+                k: 640,
+                n: 5120,
+            },
+        ),
+        (
+            "linear 512x1280x10240",
+            Op::Linear {
+                m: 512,
+                k: 1280,
+                n: 10240,
+            },
+        ),
+        (
+            "linear 154x768x320",
+            Op::Linear {
+                m: 154,
+                k: 768,
+                n: 320,
+            },
+        ),
+        ("attention self 4096x4096 8h×40", attn(4096, 4096, 320)),
+        ("attention cross 4096x77 8h×40", attn(4096, 77, 320)),
+        ("attention self 1024x1024 8h×80", attn(1024, 1024, 640)),
+        ("attention self 256x256 8h×160", attn(256, 256, 1280)),
+        (
+            "group_norm+silu 320@64² n2",
+            Op::GroupNorm {
+                n: 2,
+                c: 320,
+                hw: 4096,
+                silu: true,
+            },
+        ),
+    ])
+}
+
+fn run(bencher: Bencher, name: &str) {
+    let op = shapes()[name];
+    let f = op.prepare();
+    let count = if op.flops() > 0.0 {
+        op.flops()
+    } else {
+        op.bytes()
+    } as u64;
+    bencher.counter(ItemsCount::new(count)).bench_local(f);
+}
+
+#[divan::bench(
+    args = ["unet 3x3 320@64² n2", "unet 3x3 640@32² n2", "unet 3x3 1280@16² n2",
+            "unet 3x3 1280@8² n2", "unet 3x3 2560->1280@8² n2", "unet 1x1 320@64² n2",
+            "vae 3x3 512@64²", "vae 3x3 512@128²", "vae 3x3 256@256²", "vae 3x3 128@512²"],
+    sample_count = 3,
+    sample_size = 1
+)]
+fn conv(bencher: Bencher, name: &str) {
+    run(bencher, name);
+}
+
+#[divan::bench(
+    args = ["linear 8192x320x320", "linear 8192x320x2560", "linear 8192x1280x320",
+            "linear 2048x640x5120", "linear 512x1280x10240", "linear 154x768x320"],
+    sample_count = 3,
+    sample_size = 1
+)]
+fn linear(bencher: Bencher, name: &str) {
+    run(bencher, name);
+}
+
+#[divan::bench(
+    args = ["attention self 4096x4096 8h×40", "attention cross 4096x77 8h×40",
+            "attention self 1024x1024 8h×80", "attention self 256x256 8h×160"],
+    sample_count = 3,
+    sample_size = 1
+)]
+fn attention(bencher: Bencher, name: &str) {
+    run(bencher, name);
+}
+
+/// Counted in bytes moved (read + write), not FLOPs.
+#[divan::bench(args = ["group_norm+silu 320@64² n2"], sample_count = 5, sample_size = 1)]
+fn group_norm(bencher: Bencher, name: &str) {
+    run(bencher, name);
+}
+
+/// A raw GEMM (`kernels::matmul`, b = [n, k] transposed) at the transformer's largest shape.
+#[divan::bench(sample_count = 3, sample_size = 1)]
+fn gemm_8192x320x2560(bencher: Bencher) {
+    let (m, k, n) = (8192, 320, 2560);
+    let a = common::random(m * k, 1);
+    let b = common::random(n * k, 2);
+    let mut c = vec![0.0f32; m * n];
+    bencher
+        .counter(ItemsCount::new((2 * m * k * n) as u64))
+        .bench_local(|| {
+            sdcap::kernels::matmul(
+                &a,
+                &b,
+                &mut c,
+                m,
+                k,
+                n,
+                sdcap::kernels::Transpose::Yes,
+                false,
+            )
+        });
+}
+
+fn main() {
+    let threads = cpus();
+    println!("sdcap kernel benchmarks — {}", contention_note());
+    let p1 = peak_flops(1);
+    let pn = peak_flops(threads);
+    println!(
+        "measured f32 FMA peak: {:.1} GFLOP/s on 1 thread, {:.1} GFLOP/s on {threads} threads",
+        p1 / 1e9,
+        pn / 1e9
+    );
+    println!(
+        "\n{:<34} {:>10} {:>10} {:>9} {:>8}",
+        "shape", "GFLOP", "best ms", "GFLOP/s", "% peak"
+    );
+    let only = std::env::var("SDCAP_BENCH_ONLY").unwrap_or_default();
+    for (name, op) in shapes()
+        .into_iter()
+        .filter(|(n, _)| n.contains(only.as_str()))
+    {
+        let mut f = op.prepare();
+        let t = best_of(2, false, &mut f).as_secs_f64();
+        if op.flops() > 0.0 {
+            let rate = op.flops() / t;
+            println!(
+                "{name:<34} {:>10.2} {:>10.1} {:>9.1} {:>7.1}%",
+                op.flops() / 1e9,
+                t * 1e3,
+                rate / 1e9,
+                100.0 * rate / pn
+            );
+        } else {
+            println!(
+                "{name:<34} {:>10} {:>10.1} {:>6.1} GB/s",
+                "-",
+                t * 1e3,
+                op.bytes() / t / 1e9
+            );
+        }
+    }
+    println!(
+        "(best of 2 runs; % of the {threads}-thread FMA peak; {})\n",
+        contention_note()
+    );
+    if std::env::var_os("SDCAP_BENCH_TABLE_ONLY").is_none() {
+        divan::main();
+    }
+}
