@@ -5,8 +5,8 @@
 
 use crate::float::put_f16_le;
 use crate::kquants::{
-    finish_q3, finish_q6, pack_2bit, pack_4bit_k, pack_5bit_k, pack_scale_min_k4, pack_scales_q3,
-    requantize_k4, requantize_q2, QK_K,
+    finish_q3, pack_2bit, pack_4bit_k, pack_5bit_k, pack_scale_min_k4, pack_scales_q3,
+    quantize_q6_k_weighted, requantize_k4, requantize_q2, QK_K,
 };
 use crate::search::{make_qkx_quants, make_qp_quants, make_qx_quants, MinSearch};
 
@@ -123,18 +123,5 @@ pub(crate) fn quantize_q5_k_quality(values: &[f32], out: &mut [u8]) {
 }
 
 pub(crate) fn quantize_q6_k_quality(values: &[f32], out: &mut [u8]) {
-    const ONES: [f32; 16] = [1.0; 16];
-    for (x, b) in values.chunks_exact(QK_K).zip(out.chunks_exact_mut(210)) {
-        let mut l = [0i8; QK_K];
-        let mut scales = [0.0f32; 16];
-        for j in 0..16 {
-            scales[j] = make_qx_quants(
-                32,
-                &x[16 * j..16 * j + 16],
-                &mut l[16 * j..16 * j + 16],
-                Some(&ONES),
-            );
-        }
-        finish_q6(x, &scales, &mut l, b);
-    }
+    quantize_q6_k_weighted(values, out, Some(&[1.0; 16]))
 }

@@ -3,7 +3,8 @@
 
 use crate::float::{f16_le, put_f16_le};
 use crate::search::{
-    make_q3_quants, make_qkx_quants, make_qx_quants, nearest_int, MinSearch, GROUP_MAX_EPS,
+    make_q3_quants, make_qkx_quants, make_qx_quants, nearest_int, signed_absmax, MinSearch,
+    GROUP_MAX_EPS,
 };
 
 pub(crate) const QK_K: usize = 256;
@@ -286,14 +287,10 @@ pub(crate) fn quantize_q3_k(values: &[f32], out: &mut [u8]) {
     for (x, b) in values.chunks_exact(QK_K).zip(out.chunks_exact_mut(110)) {
         let mut l = [0i8; QK_K];
         let mut scales = [0.0f32; 16];
-        let (mut max_scale, mut amax) = (0.0f32, 0.0f32);
         for j in 0..16 {
             scales[j] = make_q3_quants(4, &x[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
-            if scales[j].abs() > amax {
-                amax = scales[j].abs();
-                max_scale = scales[j];
-            }
         }
+        let (max_scale, _) = signed_absmax(&scales);
         if max_scale != 0.0 {
             let iscale = -32.0 / max_scale;
             let levels: [i32; 16] = std::array::from_fn(|j| {
@@ -423,6 +420,12 @@ pub(crate) fn quantize_q5_k(values: &[f32], out: &mut [u8]) {
 }
 
 pub(crate) fn quantize_q6_k(values: &[f32], out: &mut [u8]) {
+    quantize_q6_k_weighted(values, out, None)
+}
+
+/// Q6_K with optional per-value importance weights for the sub-block search (None = x², the
+/// reference quantizer; all ones = stable-diffusion.cpp's).
+pub(crate) fn quantize_q6_k_weighted(values: &[f32], out: &mut [u8], weights: Option<&[f32; 16]>) {
     for (x, b) in values.chunks_exact(QK_K).zip(out.chunks_exact_mut(210)) {
         let mut l = [0i8; QK_K];
         let mut scales = [0.0f32; 16];
@@ -431,7 +434,7 @@ pub(crate) fn quantize_q6_k(values: &[f32], out: &mut [u8]) {
                 32,
                 &x[16 * j..16 * j + 16],
                 &mut l[16 * j..16 * j + 16],
-                None,
+                weights.map(|w| &w[..]),
             );
         }
         finish_q6(x, &scales, &mut l, b);
@@ -440,13 +443,7 @@ pub(crate) fn quantize_q6_k(values: &[f32], out: &mut [u8]) {
 
 /// Q6_K after the sub-block search: 8-bit scales relative to the largest, requantize, pack.
 pub(crate) fn finish_q6(x: &[f32], scales: &[f32; 16], l: &mut [i8; QK_K], b: &mut [u8]) {
-    let (mut max_scale, mut max_abs) = (0.0f32, 0.0f32);
-    for &s in scales {
-        if s.abs() > max_abs {
-            max_abs = s.abs();
-            max_scale = s;
-        }
-    }
+    let (max_scale, max_abs) = signed_absmax(scales);
     if max_abs < GROUP_MAX_EPS {
         b.fill(0);
         return;

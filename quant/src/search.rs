@@ -7,6 +7,19 @@
 /// Below this a group counts as all zero.
 pub(crate) const GROUP_MAX_EPS: f32 = 1e-15;
 
+/// The value of largest magnitude, keeping its sign (the first one on ties; NaN never wins), and
+/// that magnitude: the reference point of GGML's symmetric searches.
+pub(crate) fn signed_absmax(x: &[f32]) -> (f32, f32) {
+    let (mut max, mut amax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
 /// Round to nearest, ties to even, by adding 1.5 * 2^23 and reading the mantissa, as GGML does.
 /// Exact for |v| <= 4194303; larger or non-finite inputs give GGML's same (meaningless) value.
 #[inline]
@@ -19,15 +32,7 @@ pub(crate) fn nearest_int(v: f32) -> i32 {
 /// candidates to maximise the weighted fit (GGML `make_qx_quants`, `rmse_type` 1). Weights are `qw`
 /// or, without it, `x²`.
 pub(crate) fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], qw: Option<&[f32]>) -> f32 {
-    let mut max = 0.0f32;
-    let mut amax = 0.0f32;
-    for &v in x {
-        let ax = v.abs();
-        if ax > amax {
-            amax = ax;
-            max = v;
-        }
-    }
+    let (max, amax) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
@@ -71,15 +76,7 @@ pub(crate) fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], qw: Option<&[f3
 /// Symmetric search with coordinate-descent refinement weighted by `x²` (GGML `make_q3_quants` with
 /// `do_rmse`). Levels are stored offset by `nmax`.
 pub(crate) fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
-    let mut max = 0.0f32;
-    let mut amax = 0.0f32;
-    for &v in x {
-        let ax = v.abs();
-        if ax > amax {
-            amax = ax;
-            max = v;
-        }
-    }
+    let (max, amax) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
