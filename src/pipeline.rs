@@ -92,14 +92,7 @@ pub fn plan(models: &Models, job: &Job) -> Result<Plan> {
 /// Runs one job on already-loaded models (a batch keeps the models between jobs). All noise comes
 /// from one torch-compatible CPU generator seeded with `job.seed`, as in diffusers.
 pub fn generate(models: &Models, job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Generated> {
-    let shape = latent_shape(models, job);
-    let mut rng = TorchRng::new(job.seed);
-    let initial = rng.randn(&shape);
-    let mut noise = LatentNoise {
-        rng: &mut rng,
-        shape: &shape,
-    };
-    generate_from_noise(models, job, initial, &mut noise, on_event)
+    generate_with_cancel(models, job, &AtomicBool::new(false), on_event)
 }
 
 /// As `generate`, but abandons the run with `Error::Interrupted` once `cancel` is set: checked before

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Args;
 use sdcap::batch::{self, shard, BatchEvent, Shard, Status};
 use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
@@ -19,7 +18,7 @@ use serde_json::json;
 
 use super::generate::check_model_file;
 use super::progress::{round3, Progress, ProgressMode};
-use super::threads::default_threads;
+use super::threads::start_pool;
 use super::{names_help, parse_ram_cap, parse_threads, DEFAULT_MODEL};
 
 /// Exit code when some jobs failed and the others were done.
@@ -163,11 +162,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    let threads = args.threads.unwrap_or_else(default_threads);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("cannot start the compute thread pool")?;
+    start_pool(args.threads)?;
     let cancel = cancel_on_signals()?;
 
     let mut progress = Progress::new(args.progress);

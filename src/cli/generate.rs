@@ -5,7 +5,6 @@ use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Context;
 use sdcap::backend::Backend;
 use sdcap::job::{Job, ScheduleKind};
 use sdcap::weights::TensorStore;
@@ -13,7 +12,7 @@ use sdcap::{output, pipeline, Error};
 
 use super::batch::cancel_on_signals;
 use super::progress::{round3, Progress};
-use super::threads::default_threads;
+use super::threads::start_pool;
 use super::{GenerateArgs, DEFAULT_MODEL};
 
 impl GenerateArgs {
@@ -65,11 +64,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     // Before the pool and the model: no usable GPU is a one-line refusal (exit 2).
     sdcap::backend::select(args.backend)?;
 
-    let threads = args.threads.unwrap_or_else(default_threads);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .context("cannot start the compute thread pool")?;
+    start_pool(args.threads)?;
 
     // SIGINT/SIGTERM abandon the run at the next step: no file is written, exit 130.
     let cancel = cancel_on_signals()?;

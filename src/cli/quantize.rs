@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use quant::GgmlType;
 use sdcap::quantize::{self, Compat, Policy, Request, Summary, MIN_QUANT_VALUES, TARGET_TYPES};
 
-use super::threads::default_threads;
+use super::threads::start_pool;
 
 const POLICY_HELP: &str = "\
 Which tensors are quantized (default policy):
@@ -115,10 +115,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
         force: args.force,
     };
 
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads.unwrap_or_else(default_threads))
-        .build_global()
-        .context("cannot start the compute thread pool")?;
+    start_pool(args.threads)?;
 
     // Ctrl-C / SIGTERM stop the run between tensors, so the temporary file is removed.
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -3,6 +3,15 @@
 
 use std::collections::HashSet;
 
+/// Builds the one global rayon pool: `--threads`, else one thread per physical core.
+pub fn start_pool(threads: Option<usize>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or_else(default_threads))
+        .build_global()
+        .context("cannot start the compute thread pool")
+}
+
 /// Physical cores from /proc/cpuinfo, capped by the CPUs this process may actually use (affinity,
 /// cgroup quota); `available_parallelism` alone where cpuinfo says nothing usable.
 pub fn default_threads() -> usize {
