@@ -107,40 +107,57 @@ pub fn cgroup_limit() -> Option<u64> {
 
 /// As `cgroup_limit`, reading `/proc/self/cgroup` text and a cgroup filesystem root (for tests).
 pub fn cgroup_limit_from(proc_cgroup: &str, root: &Path) -> Option<u64> {
-    // v1: the memory controller's own hierarchy; `hierarchical_memory_limit` already includes ancestors.
-    for line in proc_cgroup.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if controllers.split(',').any(|c| c == "memory") {
-            let dir = root.join("memory").join(path.trim_start_matches('/'));
+    let limit = match own_cgroup(proc_cgroup, root)? {
+        // v1: `hierarchical_memory_limit` already includes the ancestors' limits.
+        CgroupDir::V1(dir) => {
             let stat = std::fs::read_to_string(dir.join("memory.stat")).ok();
             let hierarchical = stat
                 .as_deref()
                 .and_then(|s| stat_value(s, "hierarchical_memory_limit"));
             let own = read_number(&dir.join("memory.limit_in_bytes"));
-            return [hierarchical, own]
-                .into_iter()
-                .flatten()
-                .min()
-                .filter(|&v| !is_unlimited(v));
+            [hierarchical, own].into_iter().flatten().min()
+        }
+        // v2: walk from our cgroup up to the root; the tightest `memory.max` wins.
+        CgroupDir::V2 { base, mut dir } => {
+            let mut tightest: Option<u64> = None;
+            while dir.starts_with(&base) {
+                if let Some(v) = read_number(&dir.join("memory.max")) {
+                    tightest = Some(tightest.map_or(v, |t| t.min(v)));
+                }
+                if !dir.pop() {
+                    break;
+                }
+            }
+            tightest
+        }
+    };
+    limit.filter(|&v| !is_unlimited(v))
+}
+
+/// This process's memory cgroup directory.
+pub(crate) enum CgroupDir {
+    /// v1: the memory controller's own hierarchy.
+    V1(PathBuf),
+    /// v2: `dir` inside the unified hierarchy mounted at `base`.
+    V2 { base: PathBuf, dir: PathBuf },
+}
+
+/// Finds it from `/proc/self/cgroup` text under a cgroup filesystem root (`/sys/fs/cgroup`).
+pub(crate) fn own_cgroup(proc_cgroup: &str, root: &Path) -> Option<CgroupDir> {
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            let dir = root.join("memory").join(path.trim_start_matches('/'));
+            return Some(CgroupDir::V1(dir));
         }
     }
-    // v2: walk from our cgroup up to the root, the tightest `memory.max` wins.
     let path = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
     let base = [root.join("unified"), root.to_path_buf()]
         .into_iter()
         .find(|r| r.join("cgroup.controllers").exists())?;
-    let mut dir: PathBuf = base.join(path.trim_start_matches('/'));
-    let mut tightest: Option<u64> = None;
-    while dir.starts_with(&base) {
-        if let Some(v) = read_number(&dir.join("memory.max")) {
-            tightest = Some(tightest.map_or(v, |t| t.min(v)));
-        }
-        if !dir.pop() {
-            break;
-        }
-    }
-    tightest.filter(|&v| !is_unlimited(v))
+    let dir = base.join(path.trim_start_matches('/'));
+    Some(CgroupDir::V2 { base, dir })
 }
 
 /// v1 reports "no limit" as a huge page-aligned number near i64::MAX.

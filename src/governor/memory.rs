@@ -1,7 +1,9 @@
 //! What the kernel says we use: resident set (/proc/self/statm, /proc/self/status) and the cgroup's
 //! charge (anonymous memory plus page cache, what its OOM killer looks at).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use super::budget::{own_cgroup, CgroupDir};
 
 /// Current resident set size in bytes.
 pub fn rss_bytes() -> Option<u64> {
@@ -44,25 +46,11 @@ pub fn page_size() -> u64 {
 /// `memory.current`), if there is one.
 pub fn cgroup_usage_file() -> Option<PathBuf> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    for line in cgroup.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        if controllers.split(',').any(|c| c == "memory") {
-            let file = PathBuf::from("/sys/fs/cgroup/memory")
-                .join(path.trim_start_matches('/'))
-                .join("memory.usage_in_bytes");
-            return file.exists().then_some(file);
-        }
-    }
-    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .iter()
-        .map(|root| {
-            PathBuf::from(root)
-                .join(path.trim_start_matches('/'))
-                .join("memory.current")
-        })
-        .find(|f| f.exists())
+    let file = match own_cgroup(&cgroup, Path::new("/sys/fs/cgroup"))? {
+        CgroupDir::V1(dir) => dir.join("memory.usage_in_bytes"),
+        CgroupDir::V2 { dir, .. } => dir.join("memory.current"),
+    };
+    file.exists().then_some(file)
 }
 
 /// Current cgroup charge in bytes.

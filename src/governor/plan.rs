@@ -103,22 +103,18 @@ pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency
         Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(UNET_PREFIX),
         Residency::Stream => {
-            let largest = models
+            let block_bytes: Vec<u64> = models
                 .unet
                 .block_names()
                 .iter()
                 .map(|b| store.bytes_with_prefix(&format!("{UNET_PREFIX}{b}.")))
-                .max()
-                .unwrap_or(0);
+                .collect();
+            let largest = block_bytes.iter().copied().max().unwrap_or(0);
             // The block at work and the next one being prefetched, plus what stays mapped
             // (time embedding, conv_in, out).
-            let blocks: u64 = models
-                .unet
-                .block_names()
-                .iter()
-                .map(|b| store.bytes_with_prefix(&format!("{UNET_PREFIX}{b}.")))
-                .sum();
-            let resident = store.bytes_with_prefix(UNET_PREFIX).saturating_sub(blocks);
+            let resident = store
+                .bytes_with_prefix(UNET_PREFIX)
+                .saturating_sub(block_bytes.iter().sum());
             largest.saturating_mul(2).saturating_add(resident)
         }
     };

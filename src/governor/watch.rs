@@ -76,11 +76,8 @@ impl<'a> Watch<'a> {
             ));
         }
         if self.residency == Residency::Stream {
-            let Some(i) = self
-                .blocks
-                .iter()
-                .position(|b| b.strip_prefix(UNET_PREFIX) == Some(&format!("{name}.")))
-            else {
+            let prefix = format!("{UNET_PREFIX}{name}.");
+            let Some(i) = self.blocks.iter().position(|b| *b == prefix) else {
                 return;
             };
             self.store.release(&self.blocks[i]);
