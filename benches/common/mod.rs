@@ -206,10 +206,12 @@ impl Op {
                 k,
                 stride,
             } => {
-                let (oh, ow) = (
-                    (h + 2 * (k / 2) - k) / stride + 1,
-                    (w + 2 * (k / 2) - k) / stride + 1,
-                );
+                let (oh, ow) = Conv2dGeometry {
+                    kernel: k,
+                    stride,
+                    pad: k / 2,
+                }
+                .out_size(h, w);
                 2.0 * (n * co * ci * k * k * oh * ow) as f64
             }
             Op::Linear { m, k, n } => 2.0 * (m * k * n) as f64,
