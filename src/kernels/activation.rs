@@ -46,11 +46,6 @@ pub fn quick_gelu(x: &mut [f32]) {
         .for_each(|v| *v *= 1.0 / (1.0 + (-1.702 * *v).exp()));
 }
 
-/// Exact (erf) GELU, as `torch.nn.functional.gelu` with its default `approximate="none"`.
-pub fn gelu(x: &mut [f32]) {
-    x.par_iter_mut().for_each(|v| *v = gelu_scalar(*v));
-}
-
 /// GEGLU: each row of `x` [rows, 2·inner] is `[a, gate]`; returns [rows, inner] = a · gelu(gate).
 pub fn geglu(x: &[f32], inner: usize) -> Vec<f32> {
     assert_eq!(x.len() % (2 * inner), 0);
@@ -66,6 +61,7 @@ pub fn geglu(x: &[f32], inner: usize) -> Vec<f32> {
     out
 }
 
+/// Exact (erf) GELU, as `torch.nn.functional.gelu` with its default `approximate="none"`.
 fn gelu_scalar(x: f32) -> f32 {
     let x = x as f64;
     (0.5 * x * (1.0 + erf(x / std::f64::consts::SQRT_2))) as f32

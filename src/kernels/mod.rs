@@ -9,7 +9,7 @@ mod matmul;
 mod norm;
 mod panel;
 
-pub use activation::{geglu, gelu, quick_gelu, silu};
+pub use activation::{geglu, quick_gelu, silu};
 pub use attention::{attention, AttentionShape, SCORE_BUDGET};
 pub use conv::{
     conv2d, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows, InputTransform, Planes,

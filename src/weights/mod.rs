@@ -414,10 +414,6 @@ impl Weights {
         &self.prefix
     }
 
-    pub fn store(&self) -> &Arc<TensorStore> {
-        &self.store
-    }
-
     /// The tensor `name` under this prefix, which must have exactly `shape`.
     pub fn param(&self, name: &str, shape: &[usize]) -> Result<Param> {
         let param = self.param_any(name)?;
