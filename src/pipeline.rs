@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use crate::error::{Error, Result};
 use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::job::Job;
+use crate::kernels::scratch::{self, Scratch};
 use crate::nn::clip::TextEncoder;
 use crate::nn::unet::UNet;
 use crate::nn::vae::{Decoder, VaePlan, SCALING_FACTOR};
@@ -163,6 +164,7 @@ fn run(
     );
 
     on_event(Event::Stage("encode"));
+    scratch::set(plan.scratch);
     // diffusers applies classifier-free guidance only when the scale is above 1.
     let guided = job.cfg_scale > 1.0;
     let tokenizer = Tokenizer::clip();
@@ -232,6 +234,7 @@ fn run(
     }
 
     on_event(Event::Stage("decode"));
+    scratch::set(Scratch::default()); // what the decoder's memory model assumes (`nn::vae`)
     let vae_plan = VaePlan {
         band_rows: plan.vae_band_rows,
     };

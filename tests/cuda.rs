@@ -8,32 +8,32 @@
 use std::process::Command;
 
 /// `--backend cuda` with no usable GPU (none visible, or a build without the feature): one line,
-/// exit 2, no panic.
+/// exit 2, no panic — from `generate` and from `plan`.
 #[test]
 fn cuda_without_gpu_is_one_line_exit_2() {
-    let out = Command::new(env!("CARGO_BIN_EXE_sdcap"))
-        .args([
-            "generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1",
-        ])
-        .arg("-m")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/models/tiny-sd.safetensors"
-        ))
-        .args(["--backend", "cuda", "-o"])
-        .arg(std::env::temp_dir().join("sdcap-cuda-refused.png"))
-        .env("CUDA_VISIBLE_DEVICES", "")
-        .output()
-        .expect("sdcap runs");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one line: {stderr}");
-    assert!(
-        lines[0].starts_with("sdcap: error: --backend cuda:"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    for command in ["generate", "plan"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sdcap"))
+            .args([command, "-p", "x", "-W", "64", "-H", "64", "--steps", "1"])
+            .arg("-m")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/tiny-sd.safetensors"
+            ))
+            .args(["--backend", "cuda", "-o"])
+            .arg(std::env::temp_dir().join("sdcap-cuda-refused.png"))
+            .env("CUDA_VISIBLE_DEVICES", "")
+            .output()
+            .expect("sdcap runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{command}: one line: {stderr}");
+        assert!(
+            lines[0].starts_with("sdcap: error: --backend cuda:"),
+            "{command}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{command}: {stderr}");
+    }
 }
 
 #[test]
@@ -161,6 +161,9 @@ mod gpu {
             return;
         }
         assert_eq!(backend::active(), Backend::Cuda);
+        // The RAM budget sets the CUDA libraries' host memory aside.
+        let budget = sdcap::governor::Budget::discover(Some(4 << 30)).unwrap();
+        assert_eq!(budget.backend_bytes, backend::CUDA_HOST_BYTES);
 
         let mut gpu = vec![0.0; m * n];
         matmul_weight_t(&x, &DenseRows { data: &w, rows: n }, &mut gpu);

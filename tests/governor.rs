@@ -6,9 +6,11 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use sdcap::governor::{self, plan::Residency, Budget, BudgetSource};
+use sdcap::governor::{self, plan::Residency, Budget, BudgetSource, Plan};
 use sdcap::job::Job;
+use sdcap::kernels::scratch::{self, TIERS};
 use sdcap::pipeline::Models;
+use sdcap::tensor::Tensor;
 
 const MIB: u64 = 1 << 20;
 
@@ -27,6 +29,7 @@ fn budget(bytes: u64) -> Budget {
         limit_bytes: bytes,
         source: BudgetSource::Flag,
         margin_bytes: governor::budget::margin_for(bytes),
+        backend_bytes: 0,
     }
 }
 
@@ -40,6 +43,7 @@ fn predictions_are_sane_and_grow_with_the_image() {
             &job(side, None),
             &budget(u64::MAX / 4),
             Residency::Keep,
+            TIERS[0],
         );
         let peak = plan.peak_bytes();
         // Never negative (unsigned) or absurd: below 1 TiB even at 2048², and strictly growing.
@@ -54,9 +58,27 @@ fn predictions_are_sane_and_grow_with_the_image() {
     }
     // Streaming never predicts more weight memory than keeping everything mapped.
     let j = job(512, None);
-    let keep = governor::plan::predict(&models, &j, &budget(1 << 40), Residency::Keep);
-    let stream = governor::plan::predict(&models, &j, &budget(1 << 40), Residency::Stream);
+    let predict = |r, t| governor::plan::predict(&models, &j, &budget(1 << 40), r, t);
+    let keep = predict(Residency::Keep, TIERS[0]);
+    let stream = predict(Residency::Stream, TIERS[0]);
     assert!(stream.stages[1].weight_bytes <= keep.stages[1].weight_bytes);
+    // Smaller kernel scratch never predicts more.
+    for pair in TIERS.windows(2) {
+        let (big, small) = (
+            predict(Residency::Stream, pair[0]),
+            predict(Residency::Stream, pair[1]),
+        );
+        assert!(small.peak_bytes() <= big.peak_bytes(), "{pair:?}");
+    }
+}
+
+/// The smallest budget whose usable part holds `peak`.
+fn limit_for(peak: u64) -> u64 {
+    let mut limit = peak;
+    while budget(limit).usable_bytes() < peak {
+        limit += MIB / 4;
+    }
+    limit
 }
 
 #[test]
@@ -68,7 +90,7 @@ fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
     // A budget between the keep-all and per-stage peaks gives per-stage release, and one between
     // per-stage and streaming gives streaming: the fastest level that fits.
     let huge = budget(1 << 40);
-    let peak = |r| governor::plan::predict(&models, &j, &huge, r).peak_bytes();
+    let peak = |r| governor::plan::predict(&models, &j, &huge, r, TIERS[0]).peak_bytes();
     let (all, stage, stream) = (
         peak(Residency::KeepAll),
         peak(Residency::Keep),
@@ -86,16 +108,22 @@ fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
         if i > 0 && peak == levels[i - 1].0 {
             continue;
         }
-        let mut limit = peak;
-        while budget(limit).usable_bytes() < peak {
-            limit += MIB;
+        let limit = limit_for(peak);
+        let chosen: Plan = governor::plan(&models, &j, &budget(limit)).unwrap();
+        assert_eq!(chosen.residency, want, "limit {limit}");
+        assert_eq!(chosen.scratch, TIERS[0], "limit {limit}");
+    }
+    // Below streaming with the fastest scratch, the planner keeps streaming and shrinks the
+    // kernels' scratch, as long as a tier fits.
+    for &tier in &TIERS[1..] {
+        let p = governor::plan::predict(&models, &j, &huge, Residency::Stream, tier);
+        if p.peak_bytes() == stream {
+            continue;
         }
+        let chosen = governor::plan(&models, &j, &budget(limit_for(p.peak_bytes()))).unwrap();
         assert_eq!(
-            governor::plan(&models, &j, &budget(limit))
-                .unwrap()
-                .residency,
-            want,
-            "limit {limit}"
+            (chosen.residency, chosen.scratch),
+            (Residency::Stream, tier)
         );
     }
     let err = governor::plan(&models, &job(512, None), &budget(64 * MIB)).unwrap_err();
@@ -105,6 +133,34 @@ fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
         msg.contains("MiB") && msg.contains("would fit") && !msg.contains('\n'),
         "{msg}"
     );
+}
+
+/// Every scratch tier gives the same bits: text encoder and UNet at 256² (latent 32², 1024
+/// attention tokens), where the smallest tier splits attention queries, convolution tiles and
+/// feed-forward chunks that the first tier computes whole.
+#[test]
+fn scratch_tiers_give_identical_bits() {
+    let models = Models::load(&job(256, None)).unwrap();
+    let ids: Vec<u32> = (0..154).map(|i| 49406 + (i % 2)).collect();
+    let latent = Tensor::new(
+        vec![2, 4, 32, 32],
+        (0..2 * 4 * 32 * 32)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect(),
+    );
+    let run = |tier| {
+        scratch::set(tier);
+        let context = models.text_encoder.forward(&ids, 2, 1);
+        let eps = models.unet.forward(&latent, &[999.0, 999.0], &context);
+        scratch::set(TIERS[0]);
+        (context, eps.data)
+    };
+    let want = run(TIERS[0]);
+    for tier in &TIERS[1..] {
+        let got = run(*tier);
+        assert!(got.0 == want.0, "text encoder differs under {tier:?}");
+        assert!(got.1 == want.1, "UNet differs under {tier:?}");
+    }
 }
 
 fn sdcap() -> Command {

@@ -1,6 +1,7 @@
 //! `sdcap plan`: the memory plan for a generate command, without running it.
 
-use sdcap::governor::{self, plan::Residency, Budget, Plan};
+use sdcap::governor::{self, plan::RESIDENCIES, Budget, Plan};
+use sdcap::kernels::scratch::TIERS;
 use sdcap::pipeline::Models;
 
 use super::PlanArgs;
@@ -9,13 +10,17 @@ const MIB: u64 = 1 << 20;
 
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let job = args.generate.to_job()?;
+    // As generate: no usable GPU is a one-line refusal (exit 2); with one, the budget sets the
+    // CUDA libraries' host memory aside and the device memory is checked below.
+    sdcap::backend::select(args.generate.backend)?;
     let budget = Budget::discover(job.ram_cap)?;
     // Maps the model and reads tensor shapes only; no weight data is touched.
     let models = Models::load(&job)?;
     let chosen = governor::plan(&models, &job, &budget);
-    let keep_all = governor::plan::predict(&models, &job, &budget, Residency::KeepAll);
-    let keep = governor::plan::predict(&models, &job, &budget, Residency::Keep);
-    let stream = governor::plan::predict(&models, &job, &budget, Residency::Stream);
+    // What each residency comes down to with the smallest kernel scratch.
+    let smallest = TIERS[TIERS.len() - 1];
+    let [keep_all, keep, stream] =
+        RESIDENCIES.map(|r| governor::plan::predict(&models, &job, &budget, r, smallest));
     let shown = chosen
         .as_ref()
         .unwrap_or(if keep.peak_bytes() <= stream.peak_bytes() {
@@ -41,13 +46,20 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         print!("{}", describe(shown, [&keep_all, &keep, &stream]));
     }
     // Printed above either way; a plan that does not fit still exits 3.
-    chosen.map(|_| ()).map_err(Into::into)
+    chosen?;
+    // The device memory on the cuda backend (a no-op on the CPU), exit 3 when it does not fit.
+    sdcap::backend::check_device_plan(&models, &job)?;
+    Ok(())
 }
 
 fn describe(plan: &Plan, alternatives: [&Plan; 3]) -> String {
     let b = &plan.budget;
+    let libraries = match b.backend_bytes {
+        0 => String::new(),
+        bytes => format!(" - {} MiB CUDA libraries", bytes / MIB),
+    };
     let mut out = format!(
-        "budget: {} MiB ({}) - {} MiB margin = {} MiB usable\n",
+        "budget: {} MiB ({}) - {} MiB margin{libraries} = {} MiB usable\n",
         b.limit_bytes / MIB,
         b.source,
         b.margin_bytes / MIB,
@@ -55,9 +67,24 @@ fn describe(plan: &Plan, alternatives: [&Plan; 3]) -> String {
     );
     let [keep_all, keep, stream] = alternatives.map(|p| p.peak_bytes().div_ceil(MIB));
     out += &format!(
-        "weights: {:?} (peaks: keep all {keep_all} MiB, keep per stage {keep} MiB, stream {stream} MiB)\n",
+        "weights: {:?} (smallest peaks: keep all {keep_all} MiB, keep per stage {keep} MiB, stream {stream} MiB)\n",
         plan.residency
     );
+    let sc = &plan.scratch;
+    let tier = TIERS.iter().position(|t| t == sc).map_or(0, |i| i + 1);
+    out += &format!(
+        "kernel scratch (encode, denoise): tier {tier} of {}: conv patch {} MiB, weight panel {} MiB, \
+         attention scores {} MiB per thread, feed-forward chunk {} MiB\n",
+        TIERS.len(),
+        mib(sc.conv_patch),
+        mib(sc.weight_panel),
+        mib(sc.attention_scores),
+        mib(sc.ff_chunk),
+    );
+    out += &match plan.vae_band_rows {
+        Some(rows) => format!("decode: feature maps in bands of {rows} rows\n"),
+        None => "decode: whole feature maps\n".to_string(),
+    };
     out += &format!(
         "{:<8} {:>12} {:>10} {:>10}\n",
         "stage", "activations", "weights", "peak"
@@ -77,4 +104,14 @@ fn describe(plan: &Plan, alternatives: [&Plan; 3]) -> String {
         if plan.fits() { "fits" } else { "does not fit" }
     );
     out
+}
+
+/// f32 values as MiB, for display.
+fn mib(values: usize) -> String {
+    let v = values as f64 * 4.0 / MIB as f64;
+    if v >= 1.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
 }

@@ -37,12 +37,17 @@ pub struct Budget {
     /// Kept free for what the plan does not model: the binary and its libraries, thread stacks,
     /// allocator slack, the kernel's own charges to the cgroup.
     pub margin_bytes: u64,
+    /// Host memory the compute backend's libraries take for the whole run, outside every stage
+    /// (`backend::host_bytes`: the CUDA driver and cuBLAS with `--backend cuda`, else 0).
+    pub backend_bytes: u64,
 }
 
 impl Budget {
     /// Bytes the plan may fill.
     pub fn usable_bytes(&self) -> u64 {
-        self.limit_bytes.saturating_sub(self.margin_bytes)
+        self.limit_bytes
+            .saturating_sub(self.margin_bytes)
+            .saturating_sub(self.backend_bytes)
     }
 
     /// Learns the budget: the flag if given, else the tightest cgroup limit, else MemAvailable.
@@ -61,6 +66,7 @@ impl Budget {
             limit_bytes,
             source,
             margin_bytes: margin_for(limit_bytes),
+            backend_bytes: crate::backend::host_bytes(),
         })
     }
 }
@@ -251,7 +257,16 @@ mod tests {
             limit_bytes: 10,
             source: BudgetSource::Flag,
             margin_bytes: 100,
+            backend_bytes: 0,
         };
         assert_eq!(b.usable_bytes(), 0);
+        // The backend's libraries come off the top, like the margin.
+        let b = Budget {
+            limit_bytes: 1 << 30,
+            source: BudgetSource::Flag,
+            margin_bytes: 100 << 20,
+            backend_bytes: 420 << 20,
+        };
+        assert_eq!(b.usable_bytes(), 504 << 20);
     }
 }

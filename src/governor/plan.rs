@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::budget::Budget;
 use crate::error::{Error, Result};
 use crate::job::Job;
+use crate::kernels::scratch::{Scratch, TIERS};
 use crate::nn::vae::VaePlan;
 use crate::pipeline::Models;
 
@@ -44,6 +45,9 @@ pub struct Stage {
 pub struct Plan {
     pub budget: Budget,
     pub residency: Residency,
+    /// The kernels' scratch budgets for the text encoder and the UNet (every tier gives the same
+    /// bits). The decode runs at the first tier; its lever is `vae_band_rows`.
+    pub scratch: Scratch,
     /// VAE decode: rows per stored band of each feature map (None = whole maps). Every choice gives
     /// the same output bits (`nn::vae`), so this only trades memory.
     pub vae_band_rows: Option<usize>,
@@ -60,12 +64,16 @@ impl Plan {
     }
 }
 
-/// The fastest plan whose predicted peak fits the budget, or `Error::CapTooSmall`.
+pub const RESIDENCIES: [Residency; 3] = [Residency::KeepAll, Residency::Keep, Residency::Stream];
+
+/// The fastest plan whose predicted peak fits the budget, or `Error::CapTooSmall`. Candidates in
+/// order: each residency (keeping weights saves re-reading them), and within it each scratch tier,
+/// fastest first.
 pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
-    let candidates = [Residency::KeepAll, Residency::Keep, Residency::Stream];
-    let plans: Vec<Plan> = candidates
+    let plans: Vec<Plan> = RESIDENCIES
         .iter()
-        .map(|&r| predict(models, job, budget, r))
+        .flat_map(|&r| TIERS.iter().map(move |&t| (r, t)))
+        .map(|(r, t)| predict(models, job, budget, r, t))
         .collect();
     if let Some(fitting) = plans.iter().find(|p| p.fits()) {
         return Ok(fitting.clone());
@@ -73,7 +81,7 @@ pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
     let smallest = plans
         .iter()
         .min_by_key(|p| p.peak_bytes())
-        .expect("three candidates");
+        .expect("at least one candidate");
     Err(Error::CapTooSmall {
         needed_mib: smallest.peak_bytes().div_ceil(MIB),
         available_mib: budget.usable_bytes() / MIB,
@@ -81,11 +89,18 @@ pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
     })
 }
 
-/// Predicts every stage for one residency choice.
-pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency) -> Plan {
+/// Predicts every stage for one residency and scratch tier.
+pub fn predict(
+    models: &Models,
+    job: &Job,
+    budget: &Budget,
+    residency: Residency,
+    scratch: Scratch,
+) -> Plan {
     let store = &models.store;
     let (lh, lw) = (job.height as usize / 8, job.width as usize / 8);
     let batch = if job.cfg_scale > 1.0 { 2 } else { 1 };
+    let threads = rayon::current_num_threads();
 
     let all_weights = store.bytes_with_prefix(TEXT_PREFIX)
         + store.bytes_with_prefix(UNET_PREFIX)
@@ -95,10 +110,18 @@ pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency
         _ => store.bytes_with_prefix(TEXT_PREFIX),
     };
     let width = models.text_encoder.width() as u64;
-    // Hidden states, q/k/v, attention output and the 4× MLP for 77 tokens per prompt, plus panels.
-    let text_activations = (batch as u64 * 77 * width * 4 * 12).saturating_add(32 * MIB);
+    // Hidden states, q/k/v, attention output and the 4× MLP for 77 tokens per prompt, plus the
+    // kernels' scratch (no convolutions; weight rows up to the MLP's 4× width; 77 keys).
+    let text_activations = (batch as u64 * 77 * width * 4 * 12).saturating_add(scratch.peak_bytes(
+        4 * width as usize,
+        0,
+        77,
+        threads,
+    ));
 
-    let unet_activations = models.unet.peak_activation_bytes(batch, lh, lw);
+    let unet_activations = models
+        .unet
+        .peak_activation_bytes(batch, lh, lw, &scratch, threads);
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(UNET_PREFIX),
@@ -146,6 +169,7 @@ pub fn predict(models: &Models, job: &Job, budget: &Budget, residency: Residency
     Plan {
         budget: budget.clone(),
         residency,
+        scratch,
         vae_band_rows: vae_plan.band_rows,
         stages: vec![
             stage("encode", text_activations, text_weights),
@@ -169,7 +193,13 @@ fn hint(models: &Models, job: &Job, budget: &Budget) -> String {
             height: scale(job.height),
             ..job.clone()
         };
-        let p = predict(models, &smaller, budget, Residency::Stream);
+        let p = predict(
+            models,
+            &smaller,
+            budget,
+            Residency::Stream,
+            TIERS[TIERS.len() - 1],
+        );
         if p.fits() {
             parts.push(format!(
                 "{}x{} (needs {} MiB)",

@@ -1,10 +1,12 @@
 //! The runtime watch: at every UNet block boundary, move weight pages as the plan says and compare
-//! real memory with the prediction; if reality runs ahead, tighten (stream weights) and say so once.
+//! real memory with the prediction; if reality runs ahead, tighten (stream weights, smaller kernel
+//! tiles) and say so once.
 
 use std::path::PathBuf;
 
 use super::memory;
 use super::plan::{Residency, UNET_PREFIX};
+use crate::kernels::scratch;
 use crate::weights::TensorStore;
 
 pub struct Watch<'a> {
@@ -66,14 +68,25 @@ impl<'a> Watch<'a> {
             self.peak_cgroup_bytes = self.peak_cgroup_bytes.max(usage);
         }
         let rss = memory::rss_bytes().unwrap_or(0);
-        if rss > self.rss_limit_bytes && self.residency != Residency::Stream && !self.tightened {
+        if rss > self.rss_limit_bytes && !self.tightened {
             self.tightened = true;
-            self.residency = Residency::Stream;
-            self.notice = Some(format!(
-                "memory is {} MiB, above the planned {} MiB: streaming UNet weights from now on",
-                rss >> 20,
-                self.rss_limit_bytes >> 20
-            ));
+            let mut actions = Vec::new();
+            if self.residency != Residency::Stream {
+                self.residency = Residency::Stream;
+                actions.push("streaming UNet weights");
+            }
+            if let Some(smaller) = scratch::current().smaller() {
+                scratch::set(smaller);
+                actions.push("smaller kernel tiles");
+            }
+            if !actions.is_empty() {
+                self.notice = Some(format!(
+                    "memory is {} MiB, above the planned {} MiB: {} from now on",
+                    rss >> 20,
+                    self.rss_limit_bytes >> 20,
+                    actions.join(" and ")
+                ));
+            }
         }
         if self.residency == Residency::Stream {
             let prefix = format!("{UNET_PREFIX}{name}.");

@@ -4,11 +4,14 @@ use rayon::prelude::*;
 
 use super::activation::exp;
 use super::matmul::{matmul_single_thread, Transpose};
+use super::scratch::{self, pieces, MIN_SPLIT};
 
-/// Upper bound on one chunk's score matrix [queries, keys], in f32 values (4 MiB, L3-resident).
-/// Measured on the tiny model at 512² (4 steps, contended machine): 8.1 s vs 9.3 s with 1 MiB and
-/// 9.9 s with 16 MiB chunks.
-pub const SCORE_BUDGET: usize = 1 << 20;
+/// Query rows per task: as many as `budget` score values allow (4 MiB chunks measured fastest on
+/// the tiny model at 512²: 8.1 s vs 9.3 s with 1 MiB, 9.9 s with 16 MiB), but at least `MIN_SPLIT`
+/// so that every chunking gives the same bits (`scratch`).
+pub fn query_chunk(q_len: usize, kv_len: usize, budget: usize) -> usize {
+    (budget / kv_len.max(1)).max(MIN_SPLIT).min(q_len.max(1))
+}
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -31,7 +34,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32>
         v,
         (s.batch, s.q_len, s.kv_len, s.channels, s.heads),
         s.causal,
-        (SCORE_BUDGET / s.kv_len.max(1)).max(1),
+        query_chunk(s.q_len, s.kv_len, scratch::current().attention_scores),
     )
 }
 
@@ -71,14 +74,13 @@ fn attention_chunked(
         .collect();
     // Independent tasks: one query chunk of one head. Each output element is computed by exactly one
     // task in a fixed order, so the thread count does not change results.
-    let tasks: Vec<(usize, usize)> = (0..b * heads)
-        .flat_map(|i| (0..lq).step_by(chunk).map(move |q0| (i, q0)))
+    let tasks: Vec<(usize, usize, usize)> = (0..b * heads)
+        .flat_map(|i| pieces(lq, chunk, MIN_SPLIT).map(move |p| (i, p.start, p.len())))
         .collect();
     let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(i, q0)| {
+        .map(|&(i, q0, rows)| {
             let [qh, kh, vh] = &per_head[i];
-            let rows = chunk.min(lq - q0);
             let mut scores = vec![0.0f32; rows * lk];
             matmul_single_thread(
                 &qh[q0 * d..(q0 + rows) * d],
@@ -100,7 +102,7 @@ fn attention_chunked(
         })
         .collect();
     let mut out = vec![0.0f32; b * lq * c];
-    for (&(i, q0), oh) in tasks.iter().zip(&results) {
+    for (&(i, q0, _), oh) in tasks.iter().zip(&results) {
         let (bi, h) = (i / heads, i % heads);
         for (r, orow) in oh.chunks(d).enumerate() {
             let dst = ((bi * lq) + q0 + r) * c + h * d;
@@ -196,6 +198,29 @@ mod tests {
                     .fold(0.0, f32::max);
                 assert!(err < 1e-5, "causal {causal} chunk {chunk}: {err}");
             }
+        }
+    }
+
+    #[test]
+    fn chunkings_from_min_split_up_agree_bit_for_bit() {
+        // Head width 8 and 150 keys: the score × value product has few columns, so only the
+        // `MIN_SPLIT` floor on query rows keeps gemm's blocking independent of the chunk.
+        let dims = (1, 200, 150, 16, 2);
+        let q: Vec<f32> = (0..200 * 16)
+            .map(|i| ((i * 7 % 19) as f32 - 9.0) / 9.0)
+            .collect();
+        let k: Vec<f32> = (0..150 * 16)
+            .map(|i| ((i * 11 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let v: Vec<f32> = (0..150 * 16)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 6.0)
+            .collect();
+        let whole = attention_chunked(&q, &k, &v, dims, false, 200);
+        for budget in [1, 65 * 150, 100 * 150, 1 << 20] {
+            let chunk = query_chunk(200, 150, budget);
+            assert!(chunk >= MIN_SPLIT);
+            let got = attention_chunked(&q, &k, &v, dims, false, chunk);
+            assert!(got == whole, "chunk {chunk}");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! 2-D convolution as implicit GEMM over bounded tiles of output rows.
 //!
-//! Never builds a full-resolution im2col buffer: each tile gathers at most `PATCH_BUDGET` values
-//! (the VAE's full 512² im2col would be 1.2 GB), then one GEMM computes all output channels for it.
+//! Never builds a full-resolution im2col buffer: each tile gathers at most the scratch budget's
+//! `conv_patch` values (the VAE's full 512² im2col would be 1.2 GB), then one GEMM computes all
+//! output channels for it.
 //!
 //! The gather reads its input a row at a time through `FeatureRows`, so the input may be stored in
 //! separate bands of rows, and through an `InputTransform`: a per-channel affine + SiLU (a GroupNorm
@@ -15,10 +16,8 @@ use rayon::prelude::*;
 
 use super::activation::silu_scalar;
 use super::panel::{LhsPanels, WeightRows};
+use super::scratch::{self, longest_piece, pieces, MIN_SPLIT};
 use crate::tensor::Tensor;
-
-/// Upper bound on the gathered patch of one tile, in f32 values (16 MiB).
-pub const PATCH_BUDGET: usize = 4 << 20;
 
 /// Kernel size, stride and zero padding of a square convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,27 +131,44 @@ fn map_row(src: &[f32], dst: &mut [f32], twice: bool, f: impl Fn(f32) -> f32) {
     }
 }
 
-/// Output rows per tile (one GEMM call) for a convolution with `k_dim` = in_ch · k · k.
+/// Output rows per tile (one GEMM call) for a convolution with `k_dim` = in_ch · k · k: as many
+/// as `budget` values of patch allow, but at least `MIN_SPLIT` columns, so that every tiling gives
+/// the same bits (`scratch`).
 fn tile_rows(k_dim: usize, out_h: usize, out_w: usize, budget: usize) -> usize {
-    (budget / (k_dim * out_w).max(1)).clamp(1, out_h.max(1))
+    (budget / (k_dim * out_w).max(1))
+        .max(min_tile_rows(out_w))
+        .clamp(1, out_h.max(1))
+}
+
+/// The fewest output rows that make more than 64 GEMM columns.
+fn min_tile_rows(out_w: usize) -> usize {
+    MIN_SPLIT.div_ceil(out_w.max(1))
 }
 
 /// Output rows per tile of a convolution over `in_ch` channels with output `out_h × out_w`. Tiles
 /// start at multiples of this from row 0: a caller that computes output in these tiles issues the
 /// same GEMM calls (hence the same bits) however it stores the rows.
 pub fn conv_tile_rows(in_ch: usize, geo: Conv2dGeometry, out_h: usize, out_w: usize) -> usize {
-    tile_rows(in_ch * geo.kernel * geo.kernel, out_h, out_w, PATCH_BUDGET)
+    tile_rows(
+        in_ch * geo.kernel * geo.kernel,
+        out_h,
+        out_w,
+        scratch::current().conv_patch,
+    )
 }
 
-/// Bytes of the patch `RowConv` keeps when called for at most `call_rows` output rows at a time.
+/// Bytes of the patch `RowConv` keeps when called for at most `call_rows` output rows at a time,
+/// with a patch budget of `budget` values.
 pub fn conv_patch_bytes(
     in_ch: usize,
     geo: Conv2dGeometry,
     (out_h, out_w): (usize, usize),
     call_rows: usize,
+    budget: usize,
 ) -> u64 {
     let k_dim = in_ch * geo.kernel * geo.kernel;
-    let rows = tile_rows(k_dim, out_h, out_w, PATCH_BUDGET).min(call_rows);
+    let step = tile_rows(k_dim, out_h, out_w, budget);
+    let rows = longest_piece(call_rows.min(out_h), step, min_tile_rows(out_w));
     (k_dim as u64)
         .saturating_mul(rows as u64)
         .saturating_mul(out_w as u64)
@@ -174,7 +190,7 @@ pub struct RowConv<'w> {
 impl<'w> RowConv<'w> {
     /// `weight` [co, ci·k·k] (read in row panels, any storage format), `bias` [co].
     pub fn new(weight: &'w dyn WeightRows, bias: Option<&'w [f32]>, geo: Conv2dGeometry) -> Self {
-        Self::with_budget(weight, bias, geo, PATCH_BUDGET)
+        Self::with_budget(weight, bias, geo, scratch::current().conv_patch)
     }
 
     fn with_budget(
@@ -227,13 +243,14 @@ impl<'w> RowConv<'w> {
         let (oh, ow) = self.geo.out_size(h, w);
         assert!(rows.end <= oh, "rows {rows:?} beyond {oh}");
         let step = tile_rows(k_dim, oh, ow, self.patch_budget);
-        let need = k_dim * step.min(rows.len()) * ow;
+        let min_rows = min_tile_rows(ow);
+        let need = k_dim * longest_piece(rows.len(), step, min_rows) * ow;
         if self.patch.len() < need {
             self.patch = Vec::new(); // free the old patch before allocating the new one
             self.patch = vec![0.0; need];
         }
-        for row0 in rows.clone().step_by(step) {
-            let n = step.min(rows.end - row0);
+        for piece in pieces(rows.len(), step, min_rows) {
+            let (row0, n) = (rows.start + piece.start, piece.len());
             let patch = &mut self.patch[..k_dim * n * ow];
             gather_patch(input, &t, self.geo, row0, n, ow, patch);
             let dst = &mut out[(row0 - rows.start) * ow..];
@@ -256,7 +273,7 @@ pub fn conv2d(
     bias: Option<&[f32]>,
     geo: Conv2dGeometry,
 ) -> Tensor {
-    conv2d_tiled(x, weight, bias, geo, PATCH_BUDGET)
+    conv2d_tiled(x, weight, bias, geo, scratch::current().conv_patch)
 }
 
 fn conv2d_tiled(

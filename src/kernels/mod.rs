@@ -8,13 +8,14 @@ mod conv;
 mod matmul;
 mod norm;
 mod panel;
+pub mod scratch;
 
 pub use activation::{geglu, quick_gelu, silu};
-pub use attention::{attention, AttentionShape, SCORE_BUDGET};
+pub use attention::{attention, query_chunk, AttentionShape};
 pub use conv::{
     conv2d, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows, InputTransform, Planes,
-    RowConv, PATCH_BUDGET,
+    RowConv,
 };
 pub use matmul::{matmul, Transpose};
 pub use norm::{group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, GroupStats};
-pub use panel::{matmul_weight_t, DenseRows, LhsPanels, WeightRows, PANEL_BUDGET};
+pub use panel::{matmul_weight_t, panel_bytes, DenseRows, LhsPanels, WeightRows};

@@ -53,9 +53,6 @@ impl Attention {
     }
 }
 
-/// Values of the feed-forward's widest intermediate per chunk (4 MiB of f32).
-const FF_CHUNK_VALUES: usize = 1 << 20;
-
 struct TransformerBlock {
     norm1: LayerNorm,
     attn1: Attention,
@@ -92,7 +89,8 @@ impl TransformerBlock {
         // The feed-forward widens each token 8× (GEGLU): run it over bounded token chunks so its
         // intermediates stay small. Rows are independent, so chunking does not change results.
         let dim = self.ff_out.out_dim;
-        let chunk_tokens = (FF_CHUNK_VALUES / (2 * self.ff_out.in_dim)).max(1);
+        let ff_chunk = kernels::scratch::current().ff_chunk;
+        let chunk_tokens = (ff_chunk / (2 * self.ff_out.in_dim)).max(kernels::scratch::MIN_SPLIT);
         for (xs, hs) in x
             .chunks_mut(chunk_tokens * dim)
             .zip(h.chunks(chunk_tokens * dim))

@@ -6,6 +6,7 @@ use super::resnet::ResnetBlock;
 use super::transformer::SpatialTransformer;
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::kernels::scratch::Scratch;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -142,13 +143,22 @@ impl UNet {
 
     /// Predicted peak of activation memory (bytes) for one call on a [batch, 4, h, w] latent:
     /// skip connections alive plus the working set of the layer being computed, with the kernels'
-    /// bounded scratch (conv patch, weight panel, attention scores). Arithmetic, saturating.
-    pub fn peak_activation_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
+    /// scratch (conv patch, weight panels, attention scores, feed-forward chunk) under `scratch`
+    /// on `threads` threads. Arithmetic, saturating.
+    pub fn peak_activation_bytes(
+        &self,
+        batch: usize,
+        h: usize,
+        w: usize,
+        scratch: &Scratch,
+        threads: usize,
+    ) -> u64 {
         let mut shape = MapShape {
             batch,
             c: self.model_channels,
             h,
             w,
+            widest: Widest::default(),
         };
         // (bytes, channels) of every skip connection waiting for its output block.
         let mut skips: Vec<(u64, usize)> = vec![(shape.bytes(shape.c), shape.c)];
@@ -167,9 +177,10 @@ impl UNet {
             shape.c += skip_c;
             peak = peak.max(shape.walk(block, alive(&skips)));
         }
-        // Bounded kernel scratch: conv patch (16 MiB), weight panel + a resident conv weight
-        // (2 × 16 MiB), attention scores and feed-forward chunks on two threads (~32 MiB).
-        peak.saturating_add(80 << 20)
+        let Widest { k_dim, out_w, keys } = shape.widest;
+        // Plus a small fixed allowance for the time embedding, per-call vectors and rounding.
+        peak.saturating_add(scratch.peak_bytes(k_dim, out_w, keys, threads))
+            .saturating_add(8 << 20)
     }
 
     /// Latent channels the UNet takes (4 for SD1.x).
@@ -252,6 +263,18 @@ struct MapShape {
     c: usize,
     h: usize,
     w: usize,
+    widest: Widest,
+}
+
+/// The largest kernel operands seen on the walk, which bound the kernels' scratch floors.
+#[derive(Default)]
+struct Widest {
+    /// in_ch · 3 · 3 of the widest convolution
+    k_dim: usize,
+    /// the widest convolution output row
+    out_w: usize,
+    /// the longest attention key sequence
+    keys: usize,
 }
 
 impl MapShape {
@@ -276,11 +299,20 @@ impl MapShape {
                 Layer::Up(_) => self.bytes(self.c) * 9,
             };
             peak = peak.max(alive.saturating_add(working));
+            let widest = &mut self.widest;
+            widest.out_w = widest.out_w.max(self.w);
             match layer {
-                Layer::Res(r) => self.c = r.out_ch,
-                Layer::Attn(_) => {}
+                Layer::Res(r) => {
+                    widest.k_dim = widest.k_dim.max(9 * r.in_ch.max(r.out_ch));
+                    self.c = r.out_ch;
+                }
+                Layer::Attn(_) => widest.keys = widest.keys.max(self.h * self.w),
                 Layer::Down(_) => (self.h, self.w) = (self.h.div_ceil(2), self.w.div_ceil(2)),
-                Layer::Up(_) => (self.h, self.w) = (self.h * 2, self.w * 2),
+                Layer::Up(_) => {
+                    (self.h, self.w) = (self.h * 2, self.w * 2);
+                    widest.k_dim = widest.k_dim.max(9 * self.c);
+                    widest.out_w = widest.out_w.max(self.w);
+                }
             }
         }
         peak

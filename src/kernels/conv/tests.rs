@@ -1,4 +1,5 @@
 use super::*;
+use crate::kernels::scratch::TIERS;
 use crate::kernels::DenseRows;
 
 fn naive(x: &Tensor, wt: &[f32], bias: &[f32], geo: Conv2dGeometry) -> Tensor {
@@ -74,7 +75,7 @@ fn matches_naive_for_unet_and_vae_geometries() {
         let bias: Vec<f32> = (0..co).map(|i| i as f32 / 10.0).collect();
         let want = naive(&x, &wt, &bias, geo);
         // Budgets: whole image in one tile, and one output row per tile (the tiling path).
-        for budget in [PATCH_BUDGET, 1] {
+        for budget in [TIERS[0].conv_patch, 1] {
             let rows = DenseRows {
                 data: &wt,
                 rows: co,
@@ -136,7 +137,7 @@ fn fused_affine_silu_upsample_equals_materialised() {
                 }
             }
         }
-        for budget in [PATCH_BUDGET, 1, 2 * ci * 9 * sw] {
+        for budget in [TIERS[0].conv_patch, 1, 2 * ci * 9 * sw] {
             let want = conv2d_tiled(&seen, &weight, Some(&bias), K3, budget);
             let t = InputTransform {
                 affine: Some((&scale, &shift)),

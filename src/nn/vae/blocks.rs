@@ -8,9 +8,10 @@
 use super::bands::{BandLayout, BandedMap};
 use super::{EPS, GROUPS};
 use crate::error::{Error, Result};
+use crate::kernels::scratch::Scratch;
 use crate::kernels::{
-    conv_patch_bytes, conv_tile_rows, group_norm_stats, group_norm_stats_bytes, Conv2dGeometry,
-    InputTransform, RowConv, PANEL_BUDGET,
+    conv_patch_bytes, conv_tile_rows, group_norm_stats, group_norm_stats_bytes, panel_bytes,
+    Conv2dGeometry, InputTransform, RowConv,
 };
 use crate::weights::{Param, Weights};
 
@@ -59,15 +60,19 @@ impl Conv {
     /// The filters as `RowConv` holds them: whole when they fit one weight panel, else one panel.
     fn filter_bytes(&self) -> u64 {
         let row_len = self.in_ch * self.geo.kernel * self.geo.kernel;
-        let rows = (PANEL_BUDGET / row_len.max(1)).clamp(1, self.out_ch.max(1));
-        (rows as u64 * row_len as u64).saturating_mul(4)
+        panel_bytes(self.out_ch, row_len, Scratch::default().weight_panel)
     }
 
     /// Filters + patch, held while a pass runs this convolution on an `h × w` map, `rows` output
     /// rows per call.
     fn held_bytes(&self, (h, w): (usize, usize), rows: usize) -> u64 {
-        self.filter_bytes()
-            .saturating_add(conv_patch_bytes(self.in_ch, self.geo, (h, w), rows))
+        self.filter_bytes().saturating_add(conv_patch_bytes(
+            self.in_ch,
+            self.geo,
+            (h, w),
+            rows,
+            Scratch::default().conv_patch,
+        ))
     }
 }
 

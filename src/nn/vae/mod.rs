@@ -2,7 +2,9 @@
 //!
 //! The decoder runs as streaming passes over feature maps stored in bands of rows (`VaePlan`), with
 //! GroupNorm + SiLU and the 2× upsample fused into each convolution's gather, so its memory is a
-//! few maps of the current level at most and `Decoder::peak_bytes` predicts it from shapes.
+//! few maps of the current level at most and `Decoder::peak_bytes` predicts it from shapes. The
+//! prediction assumes the kernels' first scratch tier (`kernels::scratch`), which the pipeline sets
+//! for the decode: the decoder's memory lever is the band height.
 
 mod bands;
 mod blocks;
@@ -83,7 +85,8 @@ impl AttnBlock {
     fn peak_bytes(c: usize, h: usize, w: usize, threads: usize) -> u64 {
         let map = (c as u64 * h as u64 * w as u64).saturating_mul(4);
         let hw = (h * w).max(1);
-        let chunk = (kernels::SCORE_BUDGET / hw).max(1).min(hw) as u64;
+        let budget = kernels::scratch::Scratch::default().attention_scores;
+        let chunk = kernels::query_chunk(hw, hw, budget) as u64;
         let per_thread = chunk.saturating_mul(hw as u64 + c as u64).saturating_mul(4);
         let norm = map
             .saturating_mul(3)

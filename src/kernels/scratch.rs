@@ -1,0 +1,178 @@
+//! The kernels' scratch budgets: how much working memory one convolution patch, one weight panel,
+//! one attention score chunk and one feed-forward chunk may take.
+//!
+//! Every setting gives the same output bits: each output element is one dot product whose
+//! reduction order depends only on its length (gemm's k-blocking depends only on k once a product
+//! has more than 64 rows or columns, and the tile floors below keep every split product there), so
+//! a budget only trades speed for memory. The governor chooses a tier per job (`governor::plan`)
+//! and may tighten it while running (`governor::watch`); kernels read the current one.
+//!
+//! Process-wide, like the rayon pool and the backend: the budget is a property of the running job,
+//! read at the start of each kernel call, and changing it between calls is always safe.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use serde::Serialize;
+
+/// Budgets in f32 values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Scratch {
+    /// Gathered im2col patch of one convolution tile.
+    pub conv_patch: usize,
+    /// One weight panel converted to f32; a convolution also keeps its whole filter bank when it
+    /// fits one panel.
+    pub weight_panel: usize,
+    /// One attention task's score chunk [query chunk, keys], per thread.
+    pub attention_scores: usize,
+    /// The widened feed-forward (GEGLU) activations of one token chunk.
+    pub ff_chunk: usize,
+}
+
+/// The tiers the governor tries, fastest first. The first is what the kernels were tuned with
+/// (16 MiB patch and panel: 4 MiB panels cost 15% more CPU on the full UNet + VAE, `panel.rs`;
+/// 4 MiB score chunks: 1 MiB chunks cost 15% more time on the tiny model at 512², `attention.rs`).
+pub const TIERS: [Scratch; 3] = [
+    Scratch {
+        conv_patch: 4 << 20,
+        weight_panel: 4 << 20,
+        attention_scores: 1 << 20,
+        ff_chunk: 1 << 20,
+    },
+    Scratch {
+        conv_patch: 1 << 20,
+        weight_panel: 2 << 20,
+        attention_scores: 1 << 18,
+        ff_chunk: 1 << 18,
+    },
+    Scratch {
+        conv_patch: 1 << 18,
+        weight_panel: 1 << 20,
+        attention_scores: 1 << 16,
+        ff_chunk: 1 << 16,
+    },
+];
+
+/// Products split into pieces keep more than this many rows or columns, so that every split
+/// gives the same bits as the unsplit product (see the module note).
+pub const MIN_SPLIT: usize = 65;
+
+/// Splits `0..total` into consecutive pieces of `step` (at least `min`), the last one absorbing a
+/// tail shorter than `min`: every piece has at least `min` items unless `total` itself is smaller.
+/// A piece is at most `step.max(min) + min - 1` long.
+pub fn pieces(total: usize, step: usize, min: usize) -> impl Iterator<Item = Range<usize>> {
+    let step = step.max(min).max(1);
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= total {
+            return None;
+        }
+        let mut end = (start + step).min(total);
+        if total - end < min {
+            end = total;
+        }
+        let piece = start..end;
+        start = end;
+        Some(piece)
+    })
+}
+
+/// The longest piece `pieces(total, step, min)` gives.
+pub fn longest_piece(total: usize, step: usize, min: usize) -> usize {
+    (step.max(min).max(1) + min.saturating_sub(1)).min(total)
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        TIERS[0]
+    }
+}
+
+impl Scratch {
+    /// The next smaller tier, if any.
+    pub fn smaller(&self) -> Option<Scratch> {
+        let i = TIERS.iter().position(|t| t == self)?;
+        TIERS.get(i + 1).copied()
+    }
+
+    /// Upper bound on the scratch alive at once, in bytes, given the longest weight or im2col row
+    /// (in_ch · k · k for a convolution), the widest convolution output row and the longest key
+    /// sequence of the model: the patch, a panel plus a resident filter bank, per thread one score
+    /// chunk with its output, and the feed-forward chunk with its gated half. Each split piece may
+    /// be up to `MIN_SPLIT` rows (or output rows) longer than its budget (`pieces`).
+    pub fn peak_bytes(
+        &self,
+        max_row_len: usize,
+        max_out_w: usize,
+        max_keys: usize,
+        threads: usize,
+    ) -> u64 {
+        let row = max_row_len as u64;
+        let min = MIN_SPLIT as u64;
+        let patch_floor = row.saturating_mul(min + max_out_w as u64);
+        let patch = (self.conv_patch as u64).max(patch_floor) + patch_floor;
+        let panels = 2 * (self.weight_panel as u64 + min * row);
+        let keys = max_keys as u64;
+        let scores = (self.attention_scores as u64).max(min * keys) + min * keys;
+        let attention = 2 * scores * threads as u64;
+        let ff = 2 * self.ff_chunk as u64;
+        (patch + panels + attention + ff).saturating_mul(4)
+    }
+}
+
+static CONV_PATCH: AtomicUsize = AtomicUsize::new(TIERS[0].conv_patch);
+static WEIGHT_PANEL: AtomicUsize = AtomicUsize::new(TIERS[0].weight_panel);
+static ATTENTION_SCORES: AtomicUsize = AtomicUsize::new(TIERS[0].attention_scores);
+static FF_CHUNK: AtomicUsize = AtomicUsize::new(TIERS[0].ff_chunk);
+
+/// The budgets kernels use from now on.
+pub fn set(s: Scratch) {
+    CONV_PATCH.store(s.conv_patch, Relaxed);
+    WEIGHT_PANEL.store(s.weight_panel, Relaxed);
+    ATTENTION_SCORES.store(s.attention_scores, Relaxed);
+    FF_CHUNK.store(s.ff_chunk, Relaxed);
+}
+
+/// The budgets in force.
+pub fn current() -> Scratch {
+    Scratch {
+        conv_patch: CONV_PATCH.load(Relaxed),
+        weight_panel: WEIGHT_PANEL.load(Relaxed),
+        attention_scores: ATTENTION_SCORES.load(Relaxed),
+        ff_chunk: FF_CHUNK.load(Relaxed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_in_order_and_keep_the_minimum() {
+        for total in 0..200 {
+            for step in [1, 7, 64, 65, 100, 300] {
+                let got: Vec<_> = pieces(total, step, MIN_SPLIT).collect();
+                let mut next = 0;
+                for p in &got {
+                    assert_eq!(p.start, next);
+                    assert!(p.len() >= MIN_SPLIT.min(total), "{total} {step} {got:?}");
+                    assert!(p.len() <= longest_piece(total, step, MIN_SPLIT));
+                    next = p.end;
+                }
+                assert_eq!(next, total);
+            }
+        }
+    }
+
+    #[test]
+    fn tiers_shrink_and_end() {
+        let mut bytes = Vec::new();
+        let mut tier = Some(TIERS[0]);
+        while let Some(t) = tier {
+            bytes.push(t.peak_bytes(11520, 64, 4096, 2));
+            tier = t.smaller();
+        }
+        assert_eq!(bytes.len(), TIERS.len());
+        assert!(bytes.windows(2).all(|w| w[1] < w[0]), "{bytes:?}");
+    }
+}
