@@ -13,7 +13,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 shared=${SDCAP_SHARED:-$here/../shared}
 sdcap=$here/target/release/sdcap
-caps=${CAPS:-"none 4G 2G 1G 768M 512M 256M 64M"}
+caps=${CAPS:-"none 4G 2G 1G 768M 512M 384M 256M 64M"}
 steps=${STEPS:-2}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
