@@ -16,5 +16,7 @@ pub use conv::{
     RowConv, PATCH_BUDGET,
 };
 pub use matmul::{matmul, Transpose};
-pub use norm::{group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, GroupStats};
+pub use norm::{
+    group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, layer_norm_to, GroupStats,
+};
 pub use panel::{matmul_weight_t, DenseRows, LhsPanels, WeightRows, PANEL_BUDGET};

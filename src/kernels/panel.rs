@@ -4,6 +4,7 @@
 //! this CPU, DESIGN.md).
 
 use super::matmul::{matmul_strided, Transpose};
+use crate::tensor::zeroed;
 
 /// Upper bound on one panel, in f32 values (16 MiB). Measured on full-size SD1.5, one UNet call and
 /// one 512² VAE decode, in CPU seconds: 55.4 s at 16 MiB = 55.5 s with no panelling, 63.7 s at
@@ -55,7 +56,7 @@ fn matmul_weight_t_budget(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: 
     assert_eq!(m * k, x.len(), "input width");
     assert_eq!(y.len(), m * n, "output size");
     let step = panel_rows(w, budget);
-    let mut panel = vec![0.0f32; step * k];
+    let mut panel = zeroed(step * k);
     for r0 in (0..n).step_by(step) {
         let rows = step.min(n - r0);
         let panel = &mut panel[..rows * k];
@@ -93,7 +94,7 @@ impl<'w> LhsPanels<'w> {
         }
         let step = panel_rows(w, budget);
         let resident = (step >= w.rows()).then(|| {
-            let mut all = vec![0.0f32; w.rows() * w.row_len()];
+            let mut all = zeroed(w.rows() * w.row_len());
             w.read_rows(0, w.rows(), &mut all);
             all
         });
@@ -115,7 +116,7 @@ impl<'w> LhsPanels<'w> {
             matmul_strided(all, b, dst, ldc, n, k, cols, Transpose::No, false);
             return;
         }
-        let mut panel = vec![0.0f32; self.step * k];
+        let mut panel = zeroed(self.step * k);
         for r0 in (0..n).step_by(self.step) {
             let rows = self.step.min(n - r0);
             let panel = &mut panel[..rows * k];

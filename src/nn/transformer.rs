@@ -1,10 +1,10 @@
 //! The SD1.x spatial transformer: GroupNorm, proj_in, transformer blocks (self-attention,
 //! cross-attention to the text, GEGLU feed-forward), proj_out, residual.
 
-use super::layers::{add_assign, from_tokens, to_tokens, GroupNorm, LayerNorm, Linear};
+use super::layers::{from_tokens_with, to_tokens_with, GroupNorm, LayerNorm, Linear, MapRef};
 use crate::error::Result;
 use crate::kernels::{self, AttentionShape};
-use crate::tensor::Tensor;
+use crate::tensor::{zeroed, Tensor};
 use crate::weights::Weights;
 
 /// Multi-head attention with q from `x` and k/v from `context` (or `x` itself).
@@ -28,15 +28,28 @@ impl Attention {
         })
     }
 
-    /// `x` [n, lq, dim], `context` [n, lk, context_dim] (None = self-attention).
-    pub fn forward(&self, x: &[f32], n: usize, context: Option<(&[f32], usize)>) -> Vec<f32> {
+    /// `residual += attention(x)`, with `x` [n, lq, dim], `context` [n, lk, context_dim] (None =
+    /// self-attention); the output projection's bias and the residual are added in one pass.
+    pub fn forward_add_to(
+        &self,
+        x: &[f32],
+        n: usize,
+        context: Option<(&[f32], usize)>,
+        residual: &mut [f32],
+    ) {
+        self.to_out
+            .forward_add_to(&self.attend(x, n, context), residual);
+    }
+
+    /// The heads' outputs before the output projection, [n, lq, dim].
+    fn attend(&self, x: &[f32], n: usize, context: Option<(&[f32], usize)>) -> Vec<f32> {
         let dim = self.to_q.out_dim;
         let lq = x.len() / (n * dim);
         let (ctx, lk) = context.unwrap_or((x, lq));
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(ctx);
         let v = self.to_v.forward(ctx);
-        let o = kernels::attention(
+        kernels::attention(
             &q,
             &k,
             &v,
@@ -48,13 +61,15 @@ impl Attention {
                 heads: self.heads,
                 causal: false,
             },
-        );
-        self.to_out.forward(&o)
+        )
     }
 }
 
-/// Values of the feed-forward's widest intermediate per chunk (4 MiB of f32).
-const FF_CHUNK_VALUES: usize = 1 << 20;
+/// Values of the feed-forward's widest intermediate per chunk (16 MiB of f32). Each chunk reads
+/// (converts) the feed-forward weights again: at 4 MiB the 16²-level blocks converted theirs 5–6
+/// times per call, more than the rest of the UNet's weights together (0.5 CPU-s of a 23 CPU-s
+/// step at 512²). Below the attention's working set, so it does not raise the UNet's peak.
+const FF_CHUNK_VALUES: usize = 1 << 22;
 
 struct TransformerBlock {
     norm1: LayerNorm,
@@ -81,24 +96,27 @@ impl TransformerBlock {
     }
 
     fn forward(&self, x: &mut [f32], n: usize, context: (&[f32], usize)) {
-        let mut h = x.to_vec();
-        self.norm1.forward(&mut h);
-        add_assign(x, &self.attn1.forward(&h, n, None));
-        h.copy_from_slice(x);
-        self.norm2.forward(&mut h);
-        add_assign(x, &self.attn2.forward(&h, n, Some(context)));
-        h.copy_from_slice(x);
-        self.norm3.forward(&mut h);
+        let mut h = zeroed(x.len());
+        self.norm1.forward_to(x, &mut h);
+        self.attn1.forward_add_to(&h, n, None, x);
+        self.norm2.forward_to(x, &mut h);
+        self.attn2.forward_add_to(&h, n, Some(context), x);
+        self.norm3.forward_to(x, &mut h);
         // The feed-forward widens each token 8× (GEGLU): run it over bounded token chunks so its
         // intermediates stay small. Rows are independent, so chunking does not change results.
         let dim = self.ff_out.out_dim;
         let chunk_tokens = (FF_CHUNK_VALUES / (2 * self.ff_out.in_dim)).max(1);
+        let ff_in_bias = self.ff_in.bias();
         for (xs, hs) in x
             .chunks_mut(chunk_tokens * dim)
             .zip(h.chunks(chunk_tokens * dim))
         {
-            let gated = kernels::geglu(&self.ff_in.forward(hs), self.ff_out.in_dim);
-            add_assign(xs, &self.ff_out.forward(&gated));
+            let gated = kernels::geglu(
+                &self.ff_in.product(hs),
+                ff_in_bias.as_deref(),
+                self.ff_out.in_dim,
+            );
+            self.ff_out.forward_add_to(&gated, xs);
         }
     }
 }
@@ -139,14 +157,21 @@ impl SpatialTransformer {
     pub fn forward(&self, x: &Tensor, context: &[f32]) -> Tensor {
         let (n, c, h, w) = x.nchw();
         let ctx_tokens = context.len() / (n * self.context_dim);
-        let mut normed = x.clone();
-        self.norm.forward(&mut normed, false);
-        let mut tokens = self.proj_in.forward(&to_tokens(&normed));
+        // GroupNorm applied while changing the layout to tokens: one pass, no normalised copy.
+        let norm = self.norm.per_image(MapRef::One(x));
+        let normed = to_tokens_with(x, |b, ch, v| v * norm[b].0[ch] + norm[b].1[ch]);
+        let mut tokens = self.proj_in.forward(&normed);
+        drop(normed);
         for block in &self.blocks {
             block.forward(&mut tokens, n, (context, ctx_tokens));
         }
-        let mut out = from_tokens(&self.proj_out.forward(&tokens), n, c, h, w);
-        add_assign(&mut out.data, &x.data);
-        out
+        let projected = self.proj_out.product(&tokens);
+        drop(tokens);
+        // Bias and residual added while changing the layout back: one pass.
+        let bias = self.proj_out.bias().unwrap_or_else(|| vec![0.0; c]);
+        let hw = h * w;
+        from_tokens_with(&projected, n, c, h, w, |b, ch, p, v| {
+            (v + bias[ch]) + x.data[(b * c + ch) * hw + p]
+        })
     }
 }
