@@ -481,3 +481,51 @@ impl WeightRows for Param {
         Param::read_rows(self, first, count, out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_layout_changes_match_the_definition_at_odd_sizes() {
+        // Channels not a multiple of the plane block, pixels not a multiple of the token block.
+        let (n, c, h, w) = (2, 19, 5, 7);
+        let hw = h * w;
+        let x = Tensor::new(
+            vec![n, c, h, w],
+            (0..n * c * hw).map(|i| i as f32 * 0.5 - 7.0).collect(),
+        );
+        let tokens = to_tokens(&x);
+        for b in 0..n {
+            for ch in 0..c {
+                for p in 0..hw {
+                    assert_eq!(tokens[(b * hw + p) * c + ch], x.data[(b * c + ch) * hw + p]);
+                }
+            }
+        }
+        assert_eq!(from_tokens(&tokens, n, c, h, w), x);
+        let shifted = from_tokens_with(&tokens, n, c, h, w, |b, ch, p, v| {
+            v - x.data[(b * c + ch) * hw + p] + ch as f32
+        });
+        for (i, v) in shifted.data.iter().enumerate() {
+            assert_eq!(*v, ((i / hw) % c) as f32);
+        }
+    }
+
+    #[test]
+    fn a_concatenation_reads_as_the_copied_map() {
+        let a = Tensor::new(vec![2, 3, 2, 2], (0..24).map(|i| i as f32).collect());
+        let b = Tensor::new(vec![2, 1, 2, 2], (0..8).map(|i| -(i as f32)).collect());
+        let map = MapRef::Concat(&a, &b);
+        let joined = map.contiguous();
+        assert_eq!(joined.shape, [2, 4, 2, 2]);
+        for img in 0..2 {
+            let rows = map.image(img);
+            for ch in 0..4 {
+                let want = &joined.data[(img * 4 + ch) * 4..(img * 4 + ch + 1) * 4];
+                assert_eq!(rows.plane(ch), want);
+                assert_eq!(rows.row(ch, 1), &want[2..]);
+            }
+        }
+    }
+}
