@@ -1,5 +1,19 @@
 //! A plain owned f32 activation tensor (row-major, PyTorch dimension order).
 
+use rayon::prelude::*;
+
+/// `len` zeros. Large buffers are zeroed by all threads: a memset of every layer's output and
+/// weight panel on the calling thread alone was the largest serial part of a UNet step left.
+pub fn zeroed(len: usize) -> Vec<f32> {
+    const SERIAL_BELOW: usize = 1 << 16;
+    if len < SERIAL_BELOW {
+        return vec![0.0; len];
+    }
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(0.0f32, len));
+    v
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {
     pub shape: Vec<usize>,
@@ -21,7 +35,7 @@ impl Tensor {
         let n = shape.iter().product();
         Tensor {
             shape,
-            data: vec![0.0; n],
+            data: zeroed(n),
         }
     }
 

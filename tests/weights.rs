@@ -205,6 +205,33 @@ fn f16_bf16_f32_and_integers_read_as_f32_exactly() {
 }
 
 #[test]
+fn every_f16_value_converts_exactly_whatever_the_range() {
+    // All 2^16 bit patterns, read whole and in ranges that start and end off the converter's
+    // internal chunking (it stages values through a small buffer, vectorised).
+    let bits: Vec<u16> = (0..=u16::MAX).collect();
+    let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+    let path = temp_dir("f16_all").join("all.safetensors");
+    write_tensors(&path, &[("h".into(), Dtype::F16, vec![bits.len()], bytes)]);
+    let store = TensorStore::open(&path).unwrap();
+    let info = store.get("h").unwrap();
+    let want: Vec<f32> = bits
+        .iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect();
+    for (first, len) in [(0, bits.len()), (1, 511), (3, 1025), (65_000, 536)] {
+        let mut out = vec![0.0f32; len];
+        store.read_f32_range(info, first, &mut out).unwrap();
+        for (i, (got, want)) in out.iter().zip(&want[first..first + len]).enumerate() {
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "f16 bits {:#06x}: {got} vs {want}",
+                first + i
+            );
+        }
+    }
+}
+
+#[test]
 fn old_clip_names_without_text_model_are_normalised() {
     let dir = temp_dir("old_clip");
     let old = "cond_stage_model.transformer.final_layer_norm.weight";

@@ -67,12 +67,14 @@ impl Plan {
 pub const RESIDENCIES: [Residency; 3] = [Residency::KeepAll, Residency::Keep, Residency::Stream];
 
 /// The fastest plan whose predicted peak fits the budget, or `Error::CapTooSmall`. Candidates in
-/// order: each residency (keeping weights saves re-reading them), and within it each scratch tier,
-/// fastest first.
+/// order: each scratch tier, fastest first, and within it each residency (keeping weights saves
+/// re-reading them). Smaller scratch costs every step (4 MiB weight panels: +15% CPU), while
+/// streaming from the page cache cost 9% of a whole 512² run at 512M (`benches/CAPS.md`), so the
+/// tiers are the last resort.
 pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
-    let plans: Vec<Plan> = RESIDENCIES
+    let plans: Vec<Plan> = TIERS
         .iter()
-        .flat_map(|&r| TIERS.iter().map(move |&t| (r, t)))
+        .flat_map(|&t| RESIDENCIES.iter().map(move |&r| (r, t)))
         .map(|(r, t)| predict(models, job, budget, r, t))
         .collect();
     if let Some(fitting) = plans.iter().find(|p| p.fits()) {

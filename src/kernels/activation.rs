@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use crate::tensor::zeroed;
+
 #[inline]
 pub(crate) fn silu_scalar(x: f32) -> f32 {
     x / (1.0 + exp(-x))
@@ -46,16 +48,28 @@ pub fn quick_gelu(x: &mut [f32]) {
         .for_each(|v| *v *= 1.0 / (1.0 + (-1.702 * *v).exp()));
 }
 
-/// GEGLU: each row of `x` [rows, 2·inner] is `[a, gate]`; returns [rows, inner] = a · gelu(gate).
-pub fn geglu(x: &[f32], inner: usize) -> Vec<f32> {
+/// GEGLU: each row of `x` [rows, 2·inner] plus `bias` [2·inner] (the projection's, added here
+/// rather than in a pass of its own) is `[a, gate]`; returns [rows, inner] = a · gelu(gate).
+pub fn geglu(x: &[f32], bias: Option<&[f32]>, inner: usize) -> Vec<f32> {
     assert_eq!(x.len() % (2 * inner), 0);
-    let mut out = vec![0.0; x.len() / 2];
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![0.0; 2 * inner];
+            &zeros
+        }
+    };
+    assert_eq!(bias.len(), 2 * inner, "GEGLU bias size");
+    let (bias_a, bias_gate) = bias.split_at(inner);
+    let mut out = zeroed(x.len() / 2);
     out.par_chunks_mut(inner)
         .zip(x.par_chunks(2 * inner))
         .for_each(|(o, row)| {
             let (a, gate) = row.split_at(inner);
-            for ((o, &a), &g) in o.iter_mut().zip(a).zip(gate) {
-                *o = a * gelu_scalar(g);
+            let gated = a.iter().zip(bias_a).zip(gate.iter().zip(bias_gate));
+            for (o, ((&a, &ba), (&g, &bg))) in o.iter_mut().zip(gated) {
+                *o = (a + ba) * gelu_scalar(g + bg);
             }
         });
     out
@@ -122,7 +136,10 @@ mod tests {
 
     #[test]
     fn geglu_multiplies_by_gelu_of_gate() {
-        let out = geglu(&[2.0, 1.0], 1);
+        let out = geglu(&[2.0, 1.0], None, 1);
         assert!((out[0] - 2.0 * 0.841_344_7).abs() < 1e-6);
+        // With the projection's bias: (2 + 1) · gelu(1 − 0.5).
+        let out = geglu(&[2.0, 1.0], Some(&[1.0, -0.5]), 1);
+        assert!((out[0] - 3.0 * 0.345_731_3).abs() < 1e-6);
     }
 }

@@ -17,5 +17,7 @@ pub use conv::{
     RowConv,
 };
 pub use matmul::{matmul, Transpose};
-pub use norm::{group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, GroupStats};
+pub use norm::{
+    group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, layer_norm_to, GroupStats,
+};
 pub use panel::{matmul_weight_t, panel_bytes, DenseRows, LhsPanels, WeightRows};

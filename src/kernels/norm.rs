@@ -119,12 +119,39 @@ pub fn group_norm(
 pub fn layer_norm(x: &mut [f32], dim: usize, gamma: &[f32], beta: &[f32], eps: f32) {
     assert_eq!(x.len() % dim, 0);
     x.par_chunks_mut(dim).for_each(|row| {
-        let (mean, var) = moments(row);
-        let inv = 1.0 / (var + eps as f64).sqrt();
+        let norm = row_norm(row, eps);
         for ((v, &g), &b) in row.iter_mut().zip(gamma).zip(beta) {
-            *v = ((*v as f64 - mean) * inv * g as f64 + b as f64) as f32;
+            *v = norm(*v, g, b);
         }
     });
+}
+
+/// As `layer_norm`, from `x` into `out` (the same values, without copying `x` first).
+pub fn layer_norm_to(
+    x: &[f32],
+    out: &mut [f32],
+    dim: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    assert_eq!(x.len() % dim, 0);
+    assert_eq!(x.len(), out.len());
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, row)| {
+            let norm = row_norm(row, eps);
+            for (((o, &v), &g), &b) in o.iter_mut().zip(row).zip(gamma).zip(beta) {
+                *o = norm(v, g, b);
+            }
+        });
+}
+
+/// `(v, γ, β) ↦ (v − mean)/√(var + eps) · γ + β` for one row, in f64.
+fn row_norm(row: &[f32], eps: f32) -> impl Fn(f32, f32, f32) -> f32 {
+    let (mean, var) = moments(row);
+    let inv = 1.0 / (var + eps as f64).sqrt();
+    move |v, g, b| ((v as f64 - mean) * inv * g as f64 + b as f64) as f32
 }
 
 /// Mean and (biased) variance.

@@ -5,6 +5,7 @@
 
 use super::matmul::{matmul_strided, Transpose};
 use super::scratch::{self, longest_piece, pieces, MIN_SPLIT};
+use crate::tensor::zeroed;
 
 /// A weight matrix [rows, row_len] that can hand out f32 copies of consecutive rows.
 pub trait WeightRows: Sync {
@@ -60,7 +61,7 @@ fn matmul_weight_t_budget(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: 
     assert_eq!(m * k, x.len(), "input width");
     assert_eq!(y.len(), m * n, "output size");
     let step = panel_rows(w, budget);
-    let mut panel = vec![0.0f32; longest_piece(n, step, MIN_SPLIT) * k];
+    let mut panel = zeroed(longest_piece(n, step, MIN_SPLIT) * k);
     for piece in pieces(n, step, MIN_SPLIT) {
         let (r0, rows) = (piece.start, piece.len());
         let panel = &mut panel[..rows * k];
@@ -98,7 +99,7 @@ impl<'w> LhsPanels<'w> {
         }
         let step = panel_rows(w, budget);
         let resident = (longest_piece(w.rows(), step, MIN_SPLIT) >= w.rows()).then(|| {
-            let mut all = vec![0.0f32; w.rows() * w.row_len()];
+            let mut all = zeroed(w.rows() * w.row_len());
             w.read_rows(0, w.rows(), &mut all);
             all
         });
@@ -120,7 +121,7 @@ impl<'w> LhsPanels<'w> {
             matmul_strided(all, b, dst, ldc, n, k, cols, Transpose::No, false);
             return;
         }
-        let mut panel = vec![0.0f32; longest_piece(n, self.step, MIN_SPLIT) * k];
+        let mut panel = zeroed(longest_piece(n, self.step, MIN_SPLIT) * k);
         for piece in pieces(n, self.step, MIN_SPLIT) {
             let (r0, rows) = (piece.start, piece.len());
             let panel = &mut panel[..rows * k];

@@ -29,21 +29,23 @@ pub struct Scratch {
     pub ff_chunk: usize,
 }
 
-/// The tiers the governor tries, fastest first. The first is what the kernels were tuned with
-/// (16 MiB patch and panel: 4 MiB panels cost 15% more CPU on the full UNet + VAE, `panel.rs`;
-/// 4 MiB score chunks: 1 MiB chunks cost 15% more time on the tiny model at 512², `attention.rs`).
+/// The tiers the governor tries, fastest first. The first is what the kernels were tuned with:
+/// 16 MiB patch and panel (4 MiB panels cost 15% more CPU on the full UNet + VAE), 4 MiB score
+/// chunks (1 MiB chunks cost 15% more time on the tiny model at 512²), 16 MiB feed-forward chunks
+/// (each chunk converts the feed-forward weights again: at 4 MiB the 16²-level blocks converted
+/// theirs 5–6 times per call, 0.5 CPU-s of a 23 CPU-s step at 512²).
 pub const TIERS: [Scratch; 3] = [
     Scratch {
         conv_patch: 4 << 20,
         weight_panel: 4 << 20,
         attention_scores: 1 << 20,
-        ff_chunk: 1 << 20,
+        ff_chunk: 4 << 20,
     },
     Scratch {
         conv_patch: 1 << 20,
         weight_panel: 2 << 20,
         attention_scores: 1 << 18,
-        ff_chunk: 1 << 18,
+        ff_chunk: 1 << 20,
     },
     Scratch {
         conv_patch: 1 << 18,

@@ -1,6 +1,6 @@
 //! The ResNet block shared by the UNet (with a timestep embedding) and the VAE (without).
 
-use super::layers::{add_assign, Conv2d, GroupNorm, Linear};
+use super::layers::{for_each_plane, Conv2d, GroupNorm, Linear, MapRef, ReadAs};
 use crate::error::Result;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
@@ -52,27 +52,61 @@ impl ResnetBlock {
 
     /// `silu_temb` is SiLU(time embedding) [n, temb_dim], required for UNet blocks.
     pub fn forward(&self, x: &Tensor, silu_temb: Option<&[f32]>) -> Tensor {
-        let mut h = x.clone();
-        self.norm1.forward(&mut h, true);
-        let mut h = self.conv1.forward(&h);
-        if let Some(proj) = &self.time_proj {
-            let temb = proj.forward(silu_temb.expect("UNet resnet needs a time embedding"));
-            let (n, c, hh, ww) = h.nchw();
-            for b in 0..n {
-                for ch in 0..c {
-                    let t = temb[b * c + ch];
-                    let plane = &mut h.data[(b * c + ch) * hh * ww..(b * c + ch + 1) * hh * ww];
-                    plane.iter_mut().for_each(|v| *v += t);
-                }
+        self.forward_map(MapRef::One(x), silu_temb)
+    }
+
+    /// As `forward`, on a map that may be a concatenation (a UNet output block's input). Each
+    /// GroupNorm + SiLU is applied by the following convolution as it reads its input, and biases,
+    /// time embedding and skip are added in one pass after each convolution, in the order the
+    /// unfused layers add them.
+    pub fn forward_map(&self, x: MapRef, silu_temb: Option<&[f32]>) -> Tensor {
+        let c = self.out_ch;
+        let read_normed = |norm: &GroupNorm, x: MapRef| ReadAs {
+            norm: Some(norm.per_image(x)),
+            silu: true,
+            upsample2x: false,
+        };
+        let mut h = self.conv1.product(x, &read_normed(&self.norm1, x));
+        let bias1 = self.conv1.bias();
+        match &self.time_proj {
+            Some(proj) => {
+                let temb = proj.forward(silu_temb.expect("UNet resnet needs a time embedding"));
+                for_each_plane(&mut h, |b, ch, plane| {
+                    let (bias, t) = (bias1[ch], temb[b * c + ch]);
+                    plane.iter_mut().for_each(|v| *v = (*v + bias) + t);
+                });
             }
+            None => for_each_plane(&mut h, |_, ch, plane| {
+                plane.iter_mut().for_each(|v| *v += bias1[ch]);
+            }),
         }
-        self.norm2.forward(&mut h, true);
-        let mut h = self.conv2.forward(&h);
+        let mut out = self
+            .conv2
+            .product(MapRef::One(&h), &read_normed(&self.norm2, MapRef::One(&h)));
+        drop(h);
+        let bias2 = self.conv2.bias();
         match &self.skip {
-            Some(skip) => add_assign(&mut h.data, &skip.forward(x).data),
-            None => add_assign(&mut h.data, &x.data),
+            Some(skip) => {
+                let projected = skip.product(x, &ReadAs::default());
+                let skip_bias = skip.bias();
+                let hw = projected.data.len() / (projected.shape[0] * c).max(1);
+                for_each_plane(&mut out, |b, ch, plane| {
+                    let at = (b * c + ch) * hw;
+                    let s = &projected.data[at..at + hw];
+                    let (bias, skip_bias) = (bias2[ch], skip_bias[ch]);
+                    for (v, &s) in plane.iter_mut().zip(s) {
+                        *v = (*v + bias) + (s + skip_bias);
+                    }
+                });
+            }
+            None => for_each_plane(&mut out, |b, ch, plane| {
+                let bias = bias2[ch];
+                for (v, &s) in plane.iter_mut().zip(x.image(b).plane(ch)) {
+                    *v = (*v + bias) + s;
+                }
+            }),
         }
-        h
+        out
     }
 }
 

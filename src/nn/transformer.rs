@@ -1,10 +1,10 @@
 //! The SD1.x spatial transformer: GroupNorm, proj_in, transformer blocks (self-attention,
 //! cross-attention to the text, GEGLU feed-forward), proj_out, residual.
 
-use super::layers::{add_assign, from_tokens, to_tokens, GroupNorm, LayerNorm, Linear};
+use super::layers::{from_tokens_with, to_tokens_with, GroupNorm, LayerNorm, Linear, MapRef};
 use crate::error::Result;
 use crate::kernels::{self, AttentionShape};
-use crate::tensor::Tensor;
+use crate::tensor::{zeroed, Tensor};
 use crate::weights::Weights;
 
 /// Multi-head attention with q from `x` and k/v from `context` (or `x` itself).
@@ -28,15 +28,28 @@ impl Attention {
         })
     }
 
-    /// `x` [n, lq, dim], `context` [n, lk, context_dim] (None = self-attention).
-    pub fn forward(&self, x: &[f32], n: usize, context: Option<(&[f32], usize)>) -> Vec<f32> {
+    /// `residual += attention(x)`, with `x` [n, lq, dim], `context` [n, lk, context_dim] (None =
+    /// self-attention); the output projection's bias and the residual are added in one pass.
+    pub fn forward_add_to(
+        &self,
+        x: &[f32],
+        n: usize,
+        context: Option<(&[f32], usize)>,
+        residual: &mut [f32],
+    ) {
+        self.to_out
+            .forward_add_to(&self.attend(x, n, context), residual);
+    }
+
+    /// The heads' outputs before the output projection, [n, lq, dim].
+    fn attend(&self, x: &[f32], n: usize, context: Option<(&[f32], usize)>) -> Vec<f32> {
         let dim = self.to_q.out_dim;
         let lq = x.len() / (n * dim);
         let (ctx, lk) = context.unwrap_or((x, lq));
         let q = self.to_q.forward(x);
         let k = self.to_k.forward(ctx);
         let v = self.to_v.forward(ctx);
-        let o = kernels::attention(
+        kernels::attention(
             &q,
             &k,
             &v,
@@ -48,8 +61,7 @@ impl Attention {
                 heads: self.heads,
                 causal: false,
             },
-        );
-        self.to_out.forward(&o)
+        )
     }
 }
 
@@ -78,25 +90,28 @@ impl TransformerBlock {
     }
 
     fn forward(&self, x: &mut [f32], n: usize, context: (&[f32], usize)) {
-        let mut h = x.to_vec();
-        self.norm1.forward(&mut h);
-        add_assign(x, &self.attn1.forward(&h, n, None));
-        h.copy_from_slice(x);
-        self.norm2.forward(&mut h);
-        add_assign(x, &self.attn2.forward(&h, n, Some(context)));
-        h.copy_from_slice(x);
-        self.norm3.forward(&mut h);
+        let mut h = zeroed(x.len());
+        self.norm1.forward_to(x, &mut h);
+        self.attn1.forward_add_to(&h, n, None, x);
+        self.norm2.forward_to(x, &mut h);
+        self.attn2.forward_add_to(&h, n, Some(context), x);
+        self.norm3.forward_to(x, &mut h);
         // The feed-forward widens each token 8× (GEGLU): run it over bounded token chunks so its
         // intermediates stay small. Rows are independent, so chunking does not change results.
         let dim = self.ff_out.out_dim;
         let ff_chunk = kernels::scratch::current().ff_chunk;
         let chunk_tokens = (ff_chunk / (2 * self.ff_out.in_dim)).max(kernels::scratch::MIN_SPLIT);
+        let ff_in_bias = self.ff_in.bias();
         for (xs, hs) in x
             .chunks_mut(chunk_tokens * dim)
             .zip(h.chunks(chunk_tokens * dim))
         {
-            let gated = kernels::geglu(&self.ff_in.forward(hs), self.ff_out.in_dim);
-            add_assign(xs, &self.ff_out.forward(&gated));
+            let gated = kernels::geglu(
+                &self.ff_in.product(hs),
+                ff_in_bias.as_deref(),
+                self.ff_out.in_dim,
+            );
+            self.ff_out.forward_add_to(&gated, xs);
         }
     }
 }
@@ -137,14 +152,21 @@ impl SpatialTransformer {
     pub fn forward(&self, x: &Tensor, context: &[f32]) -> Tensor {
         let (n, c, h, w) = x.nchw();
         let ctx_tokens = context.len() / (n * self.context_dim);
-        let mut normed = x.clone();
-        self.norm.forward(&mut normed, false);
-        let mut tokens = self.proj_in.forward(&to_tokens(&normed));
+        // GroupNorm applied while changing the layout to tokens: one pass, no normalised copy.
+        let norm = self.norm.per_image(MapRef::One(x));
+        let normed = to_tokens_with(x, |b, ch, v| v * norm[b].0[ch] + norm[b].1[ch]);
+        let mut tokens = self.proj_in.forward(&normed);
+        drop(normed);
         for block in &self.blocks {
             block.forward(&mut tokens, n, (context, ctx_tokens));
         }
-        let mut out = from_tokens(&self.proj_out.forward(&tokens), n, c, h, w);
-        add_assign(&mut out.data, &x.data);
-        out
+        let projected = self.proj_out.product(&tokens);
+        drop(tokens);
+        // Bias and residual added while changing the layout back: one pass.
+        let bias = self.proj_out.bias().unwrap_or_else(|| vec![0.0; c]);
+        let hw = h * w;
+        from_tokens_with(&projected, n, c, h, w, |b, ch, p, v| {
+            (v + bias[ch]) + x.data[(b * c + ch) * hw + p]
+        })
     }
 }

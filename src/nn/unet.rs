@@ -1,7 +1,7 @@
 //! The SD1.x UNet, built by walking the checkpoint's LDM keys (`model.diffusion_model.*`), so the
 //! same code runs SD1.5 and smaller models of the same architecture.
 
-use super::layers::{concat_channels, upsample_nearest2x, Conv2d, GroupNorm, Linear};
+use super::layers::{add_channel_bias, Conv2d, GroupNorm, Linear, MapRef, ReadAs};
 use super::resnet::ResnetBlock;
 use super::transformer::SpatialTransformer;
 use crate::error::{Error, Result};
@@ -28,17 +28,49 @@ struct Block {
     layers: Vec<Layer>,
 }
 
-impl Block {
-    fn forward(&self, mut x: Tensor, silu_temb: &[f32], context: &[f32]) -> Tensor {
-        for layer in &self.layers {
-            x = match layer {
-                Layer::Res(r) => r.forward(&x, Some(silu_temb)),
-                Layer::Attn(a) => a.forward(&x, context),
-                Layer::Down(conv) => conv.forward(&x),
-                Layer::Up(conv) => conv.forward(&upsample_nearest2x(&x)),
-            };
+impl Layer {
+    fn forward(&self, x: MapRef, silu_temb: &[f32], context: &[f32]) -> Tensor {
+        match self {
+            Layer::Res(r) => r.forward_map(x, Some(silu_temb)),
+            Layer::Attn(a) => a.forward(&x.contiguous(), context),
+            Layer::Down(conv) => conv.forward(&x.contiguous()),
+            Layer::Up(conv) => {
+                // The convolution reads its input upsampled; the 4× map is never stored.
+                let read = ReadAs {
+                    upsample2x: true,
+                    ..ReadAs::default()
+                };
+                let mut y = conv.product(x, &read);
+                add_channel_bias(&mut y, &conv.bias());
+                y
+            }
         }
-        x
+    }
+}
+
+/// What a block reads: the last skip connection (input blocks, middle), or the previous output
+/// and a skip, read as one concatenated map and freed once the first layer has read them.
+enum BlockInput<'a> {
+    Skip(&'a Tensor),
+    Concat(Tensor, Tensor),
+}
+
+impl Block {
+    fn forward(&self, input: BlockInput, silu_temb: &[f32], context: &[f32]) -> Tensor {
+        let (first, rest) = self
+            .layers
+            .split_first()
+            .expect("a block has layers (checked in UNet::new)");
+        let x = match &input {
+            BlockInput::Skip(x) => MapRef::One(x),
+            BlockInput::Concat(a, b) => MapRef::Concat(a, b),
+        };
+        let mut out = first.forward(x, silu_temb, context);
+        drop(input);
+        for layer in rest {
+            out = layer.forward(MapRef::One(&out), silu_temb, context);
+        }
+        out
     }
 }
 
@@ -164,18 +196,18 @@ impl UNet {
         let mut skips: Vec<(u64, usize)> = vec![(shape.bytes(shape.c), shape.c)];
         let alive = |skips: &[(u64, usize)]| skips.iter().map(|s| s.0).sum::<u64>();
         let mut peak = 0u64;
+        // Input and middle blocks read the last skip, which is already alive.
         for block in &self.input_blocks {
-            peak = peak.max(shape.walk(block, alive(&skips)));
+            peak = peak.max(shape.walk(block, alive(&skips), true));
             skips.push((shape.bytes(shape.c), shape.c));
         }
-        peak = peak.max(shape.walk(&self.middle_block, alive(&skips)));
+        peak = peak.max(shape.walk(&self.middle_block, alive(&skips), true));
         for block in &self.output_blocks {
-            let (skip_bytes, skip_c) = skips.pop().unwrap_or((0, 0));
-            // The concatenated input is built next to the previous output and the skip.
-            let concat = shape.bytes(shape.c).saturating_add(skip_bytes);
-            peak = peak.max(alive(&skips).saturating_add(2 * concat));
+            // The block reads the previous output and the skip as one concatenated map (never
+            // copied, freed after the first layer): that layer's input counts both.
+            let (_, skip_c) = skips.pop().unwrap_or((0, 0));
             shape.c += skip_c;
-            peak = peak.max(shape.walk(block, alive(&skips)));
+            peak = peak.max(shape.walk(block, alive(&skips), false));
         }
         let Widest { k_dim, out_w, keys } = shape.widest;
         // Plus a small fixed allowance for the time embedding, per-call vectors and rounding.
@@ -219,25 +251,36 @@ impl UNet {
         let mut silu_temb = temb;
         kernels::silu(&mut silu_temb);
 
-        let mut h = self.conv_in.forward(x);
+        let h = self.conv_in.forward(x);
         trace("input_blocks.0", &h);
-        let mut skips = vec![h.clone()];
+        // Each input block's output is kept as the skip connection and read by the next block.
+        let mut skips = vec![h];
         for block in &self.input_blocks {
-            h = block.forward(h, &silu_temb, context);
+            let last = skips.last().expect("starts with conv_in's output");
+            let h = block.forward(BlockInput::Skip(last), &silu_temb, context);
             trace(&block.name, &h);
-            skips.push(h.clone());
+            skips.push(h);
         }
-        h = self.middle_block.forward(h, &silu_temb, context);
+        let last = skips.last().expect("starts with conv_in's output");
+        let mut h = self
+            .middle_block
+            .forward(BlockInput::Skip(last), &silu_temb, context);
         trace(&self.middle_block.name, &h);
         for block in &self.output_blocks {
             let skip = skips
                 .pop()
                 .expect("one skip per output block (checked in new)");
-            h = block.forward(concat_channels(&h, &skip), &silu_temb, context);
+            h = block.forward(BlockInput::Concat(h, skip), &silu_temb, context);
             trace(&block.name, &h);
         }
-        self.norm_out.forward(&mut h, true);
-        self.conv_out.forward(&h)
+        let read = ReadAs {
+            norm: Some(self.norm_out.per_image(MapRef::One(&h))),
+            silu: true,
+            upsample2x: false,
+        };
+        let mut out = self.conv_out.product(MapRef::One(&h), &read);
+        add_channel_bias(&mut out, &self.conv_out.bias());
+        out
     }
 }
 
@@ -285,20 +328,28 @@ impl MapShape {
             .saturating_mul(4)
     }
 
-    /// Peak of one block given the bytes already alive; advances the shape through it.
-    fn walk(&mut self, block: &Block, alive: u64) -> u64 {
+    /// Peak of one block given the bytes already alive (`input_alive`: they include the block's
+    /// input); advances the shape through it.
+    fn walk(&mut self, block: &Block, alive: u64, input_alive: bool) -> u64 {
         let mut peak = 0u64;
-        for layer in &block.layers {
+        for (i, layer) in block.layers.iter().enumerate() {
+            let counted = if i == 0 && input_alive {
+                self.bytes(self.c)
+            } else {
+                0
+            };
             let working = match layer {
-                // input, normalised copy, conv1 out, conv2 out, skip projection
-                Layer::Res(r) => 2 * self.bytes(r.in_ch) + 3 * self.bytes(r.out_ch),
+                // input, conv1 out, conv2 out, then the skip projection in conv1's place (the
+                // GroupNorms are applied while the convolutions read)
+                Layer::Res(r) => self.bytes(r.in_ch) + 2 * self.bytes(r.out_ch),
                 // map, normalised copy, tokens, residual stream, q/k/v, per-head copies,
                 // attention output, projection: ~14 maps of the channel width
                 Layer::Attn(a) => 14 * self.bytes(a.channels),
                 Layer::Down(_) => self.bytes(self.c) + self.bytes(self.c) / 4,
-                Layer::Up(_) => self.bytes(self.c) * 9,
+                // input and output; the convolution reads the input upsampled
+                Layer::Up(_) => self.bytes(self.c) * 5,
             };
-            peak = peak.max(alive.saturating_add(working));
+            peak = peak.max(alive.saturating_add(working.saturating_sub(counted)));
             let widest = &mut self.widest;
             widest.out_w = widest.out_w.max(self.w);
             match layer {
