@@ -5,16 +5,20 @@
 mod activation;
 mod attention;
 mod conv;
+mod denormals;
 mod matmul;
 mod norm;
 mod panel;
 
 pub use activation::{geglu, quick_gelu, silu};
-pub use attention::{attention, AttentionShape, SCORE_BUDGET};
+pub use attention::{
+    attention, attention_chunked, attention_scratch_bytes, AttentionShape, QUERY_CHUNK,
+};
 pub use conv::{
     conv2d, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows, InputTransform, Planes,
     RowConv, PATCH_BUDGET,
 };
+pub use denormals::{compute_pool, denormals_flushed, flush_denormals};
 pub use matmul::{matmul, Transpose};
 pub use norm::{group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, GroupStats};
 pub use panel::{matmul_weight_t, DenseRows, LhsPanels, WeightRows, PANEL_BUDGET};
