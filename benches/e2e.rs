@@ -9,6 +9,7 @@
 //! ```
 //!
 //! With no mode (as under a plain `cargo bench`) it prints this usage and exits.
+//! Threads flush denormals as the CLI's do; `SDCAP_BENCH_DENORMALS=1` keeps them (to measure that).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -262,10 +263,14 @@ fn profile(model: PathBuf, latent: usize) {
 }
 
 fn main() {
+    let denormals = common::start_compute_threads();
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    if !args.is_empty() {
+        println!("({denormals})");
+    }
     match args
         .iter()
         .map(String::as_str)

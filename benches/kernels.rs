@@ -1,8 +1,9 @@
 //! Kernel benchmarks at the SD1.5 UNet's and VAE's real shapes (512², CFG batch 2).
 //!
 //! `cargo bench --bench kernels` first measures the machine's f32 FMA peak (1 thread and one
-//! thread per CPU), prints a table of GFLOP/s and % of that peak for every shape, then runs the
-//! same shapes under divan (its "item/s" column counts FLOPs). `SDCAP_BENCH_TABLE_ONLY=1` skips
+//! thread per CPU), prints a table of GFLOP/s and % of that peak for every shape (and FLOPs per
+//! CPU-second, which time-slicing on a shared machine does not dilute), then runs the same shapes
+//! under divan (its "item/s" column counts FLOPs). `SDCAP_BENCH_TABLE_ONLY=1` skips
 //! the divan pass; `SDCAP_BENCH_ONLY=text` keeps only the table rows whose name contains `text`.
 
 #[path = "common/mod.rs"]
@@ -10,7 +11,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{best_of, contention_note, cpus, peak_flops, Op};
+use common::{best_wall_and_cpu, contention_note, cpus, peak_flops, Op};
 use divan::counter::ItemsCount;
 use divan::Bencher;
 
@@ -31,6 +32,7 @@ fn shapes() -> BTreeMap<&'static str, Op> {
         kv,
         channels: c,
         heads: 8,
+        causal: false,
     };
     BTreeMap::from([
         ("unet 3x3 320@64² n2", conv(2, 320, 320, 64, 3)),
@@ -95,6 +97,29 @@ fn shapes() -> BTreeMap<&'static str, Op> {
         ("attention cross 4096x77 8h×40", attn(4096, 77, 320)),
         ("attention self 1024x1024 8h×80", attn(1024, 1024, 640)),
         ("attention self 256x256 8h×160", attn(256, 256, 1280)),
+        ("attention self 64x64 8h×160", attn(64, 64, 1280)),
+        (
+            "attention vae 4096x4096 1h×512 n1",
+            Op::Attention {
+                batch: 1,
+                q: 4096,
+                kv: 4096,
+                channels: 512,
+                heads: 1,
+                causal: false,
+            },
+        ),
+        (
+            "attention clip 77x77 12h×64 causal",
+            Op::Attention {
+                batch: 2,
+                q: 77,
+                kv: 77,
+                channels: 768,
+                heads: 12,
+                causal: true,
+            },
+        ),
         (
             "group_norm+silu 320@64² n2",
             Op::GroupNorm {
@@ -141,7 +166,9 @@ fn linear(bencher: Bencher, name: &str) {
 
 #[divan::bench(
     args = ["attention self 4096x4096 8h×40", "attention cross 4096x77 8h×40",
-            "attention self 1024x1024 8h×80", "attention self 256x256 8h×160"],
+            "attention self 1024x1024 8h×80", "attention self 256x256 8h×160",
+            "attention self 64x64 8h×160", "attention vae 4096x4096 1h×512 n1",
+            "attention clip 77x77 12h×64 causal"],
     sample_count = 3,
     sample_size = 1
 )]
@@ -180,7 +207,11 @@ fn gemm_8192x320x2560(bencher: Bencher) {
 
 fn main() {
     let threads = cpus();
-    println!("sdcap kernel benchmarks — {}", contention_note());
+    let denormals = common::start_compute_threads();
+    println!(
+        "sdcap kernel benchmarks — {}, {denormals}",
+        contention_note()
+    );
     let p1 = peak_flops(1);
     let pn = peak_flops(threads);
     println!(
@@ -189,8 +220,8 @@ fn main() {
         pn / 1e9
     );
     println!(
-        "\n{:<34} {:>10} {:>10} {:>9} {:>8}",
-        "shape", "GFLOP", "best ms", "GFLOP/s", "% peak"
+        "\n{:<34} {:>8} {:>9} {:>8} {:>7} {:>12} {:>8}",
+        "shape", "GFLOP", "best ms", "GFLOP/s", "% peak", "GFLOP/CPU-s", "% core"
     );
     let only = std::env::var("SDCAP_BENCH_ONLY").unwrap_or_default();
     for (name, op) in shapes()
@@ -198,19 +229,22 @@ fn main() {
         .filter(|(n, _)| n.contains(only.as_str()))
     {
         let mut f = op.prepare();
-        let t = best_of(2, false, &mut f).as_secs_f64();
+        let (wall, cpu) = best_wall_and_cpu(2, &mut f);
+        let (t, c) = (wall.as_secs_f64(), cpu.as_secs_f64());
         if op.flops() > 0.0 {
-            let rate = op.flops() / t;
+            let (rate, per_core) = (op.flops() / t, op.flops() / c);
             println!(
-                "{name:<34} {:>10.2} {:>10.1} {:>9.1} {:>7.1}%",
+                "{name:<34} {:>8.2} {:>9.1} {:>8.1} {:>6.1}% {:>12.1} {:>7.1}%",
                 op.flops() / 1e9,
                 t * 1e3,
                 rate / 1e9,
-                100.0 * rate / pn
+                100.0 * rate / pn,
+                per_core / 1e9,
+                100.0 * per_core / p1
             );
         } else {
             println!(
-                "{name:<34} {:>10} {:>10.1} {:>6.1} GB/s",
+                "{name:<34} {:>8} {:>9.1} {:>5.1} GB/s",
                 "-",
                 t * 1e3,
                 op.bytes() / t / 1e9
@@ -218,7 +252,8 @@ fn main() {
         }
     }
     println!(
-        "(best of 2 runs; % of the {threads}-thread FMA peak; {})\n",
+        "(best of 2 runs; % peak: of the {threads}-thread FMA peak; GFLOP/CPU-s: FLOPs \
+         per CPU-second of all threads, % core: of the 1-thread peak — steadier on a shared machine; {})\n",
         contention_note()
     );
     if std::env::var_os("SDCAP_BENCH_TABLE_ONLY").is_none() {

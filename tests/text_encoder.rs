@@ -8,6 +8,7 @@ use sdcap::Tensor;
 
 #[test]
 fn text_encoder_matches_transformers() {
+    common::compute_threads();
     let tokens = read_tensors(&tiny("golden/tokens.safetensors"));
     let refs = read_tensors(&tiny("golden/text_encoder.safetensors"));
     let encoder = TextEncoder::new(&common::tiny_weights(

@@ -83,6 +83,7 @@ impl NoiseSource for Recorded {
 
 #[test]
 fn golden_runs_match_diffusers() {
+    common::compute_threads();
     let manifest = common::read_manifest(&tiny("golden/manifest.json"));
     let prompt = manifest["prompts"][0].as_str().unwrap();
     let runs = manifest["runs"].as_object().unwrap();
@@ -112,6 +113,7 @@ fn golden_runs_match_diffusers() {
 
 #[test]
 fn seeded_runs_match_diffusers_end_to_end() {
+    common::compute_threads();
     let manifest = common::read_manifest(&tiny("e2e/manifest.json"));
     let cases = manifest["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 5);
@@ -138,6 +140,7 @@ fn seeded_runs_match_diffusers_end_to_end() {
 
 #[test]
 fn diffusers_folder_gives_identical_output() {
+    common::compute_threads();
     let single = job(
         tiny("tiny-sd-fp32.safetensors"),
         "a photo of a cat",
@@ -170,10 +173,7 @@ fn output_bits_do_not_depend_on_thread_count() {
         ..job
     };
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = sdcap::kernels::compute_pool(threads).build().unwrap();
         pool.install(|| pipeline::txt2img(&job, &mut |_| {}).unwrap())
     };
     let (one, two) = (run(1), run(2));

@@ -23,6 +23,7 @@ const ACTIVATIONS: &[(&str, &str)] = &[
 
 #[test]
 fn unet_forward_matches_diffusers() {
+    common::compute_threads();
     let refs = read_tensors(&tiny("golden/unet_forward.safetensors"));
     let unet = UNet::new(&tiny_weights("model.diffusion_model")).unwrap();
     let mut seen: HashMap<String, Tensor> = HashMap::new();

@@ -8,6 +8,7 @@ use sdcap::Tensor;
 
 #[test]
 fn vae_decode_matches_diffusers() {
+    common::compute_threads();
     let refs = read_tensors(&tiny("golden/vae.safetensors"));
     let decoder = Decoder::new(&tiny_weights("first_stage_model")).unwrap();
     let latent = &refs["latent"];
@@ -21,6 +22,7 @@ fn vae_decode_matches_diffusers() {
 
 #[test]
 fn vae_encode_matches_diffusers() {
+    common::compute_threads();
     let refs = read_tensors(&tiny("golden/vae.safetensors"));
     let encoder = Encoder::new(&tiny_weights("first_stage_model")).unwrap();
     let dist = encoder.forward(&refs["encode_input"]);

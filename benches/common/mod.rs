@@ -21,6 +21,20 @@ pub fn random(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Starts the global rayon pool as the CLI does (workers and the calling thread flush denormals),
+/// unless `SDCAP_BENCH_DENORMALS=1` asks to keep denormals (to measure what flushing buys).
+/// Returns a note for the output.
+pub fn start_compute_threads() -> &'static str {
+    if std::env::var_os("SDCAP_BENCH_DENORMALS").is_some_and(|v| v == "1") {
+        return "denormals kept";
+    }
+    kernels::compute_pool(0)
+        .build_global()
+        .expect("the global pool is not started yet");
+    kernels::flush_denormals();
+    "denormals flushed"
+}
+
 /// Load average over the last minute (`/proc/loadavg`), if readable.
 pub fn loadavg() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
@@ -165,12 +179,14 @@ pub enum Op {
         k: usize,
         n: usize,
     },
+    /// FLOPs count the whole score matrix, masked or not (the kernel computes it all).
     Attention {
         batch: usize,
         q: usize,
         kv: usize,
         channels: usize,
         heads: usize,
+        causal: bool,
     },
     GroupNorm {
         n: usize,
@@ -257,7 +273,12 @@ impl Op {
                 kv,
                 channels,
                 heads,
-            } => format!("attention b{batch} {q}x{kv} {heads}h×{}", channels / heads),
+                causal,
+            } => format!(
+                "attention b{batch} {q}x{kv} {heads}h×{}{}",
+                channels / heads,
+                if causal { " causal" } else { "" }
+            ),
             Op::GroupNorm { n, c, hw, silu } => {
                 format!(
                     "group_norm{} n{n} c{c} {hw}px",
@@ -312,6 +333,7 @@ impl Op {
                 kv,
                 channels,
                 heads,
+                causal,
             } => {
                 let qv = random(batch * q * channels, 1);
                 let kv_ = random(batch * kv * channels, 2);
@@ -322,7 +344,7 @@ impl Op {
                     kv_len: kv,
                     channels,
                     heads,
-                    causal: false,
+                    causal,
                 };
                 Box::new(move || {
                     std::hint::black_box(kernels::attention(&qv, &kv_, &vv, shape));
@@ -438,6 +460,7 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
         kv: t,
         channels: c,
         heads: HEADS,
+        causal: false,
     });
     ops.push(Op::Linear { m, k: c, n: c }); // out
     ops.push(Op::LayerNorm { m, c });
@@ -458,6 +481,7 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
         kv: CONTEXT_TOKENS,
         channels: c,
         heads: HEADS,
+        causal: false,
     });
     ops.push(Op::Linear { m, k: c, n: c }); // out
     ops.push(Op::LayerNorm { m, c });
@@ -565,6 +589,19 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
         stride: 1,
     });
     ops
+}
+
+/// Best wall time and best process CPU time (all threads) of `runs` calls of `f`. On a shared
+/// machine CPU time is the steadier figure: it does not count time the threads waited for a core.
+pub fn best_wall_and_cpu(runs: usize, f: &mut dyn FnMut()) -> (Duration, Duration) {
+    let (mut wall, mut cpu) = (Duration::MAX, Duration::MAX);
+    for _ in 0..runs {
+        let (t, c) = (Instant::now(), cpu_time());
+        f();
+        wall = wall.min(t.elapsed());
+        cpu = cpu.min(cpu_time() - c);
+    }
+    (wall, cpu)
 }
 
 /// Wall time of `f`, best of `runs` after one warm-up call when `warm` is set.

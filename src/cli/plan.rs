@@ -74,11 +74,11 @@ fn describe(plan: &Plan, alternatives: [&Plan; 3]) -> String {
     let tier = TIERS.iter().position(|t| t == sc).map_or(0, |i| i + 1);
     out += &format!(
         "kernel scratch (encode, denoise): tier {tier} of {}: conv patch {} MiB, weight panel {} MiB, \
-         attention scores {} MiB per thread, feed-forward chunk {} MiB\n",
+         attention query chunk {} rows, feed-forward chunk {} MiB\n",
         TIERS.len(),
         mib(sc.conv_patch),
         mib(sc.weight_panel),
-        mib(sc.attention_scores),
+        sc.attention_query_chunk,
         mib(sc.ff_chunk),
     );
     out += &match plan.vae_band_rows {

@@ -3,13 +3,15 @@
 
 use std::collections::HashSet;
 
-/// Builds the one global rayon pool: `--threads`, else one thread per physical core.
+/// Builds the one global rayon pool: `--threads`, else one thread per physical core. Its workers
+/// and the calling thread (which runs the serial parts) flush denormals.
 pub fn start_pool(threads: Option<usize>) -> anyhow::Result<()> {
     use anyhow::Context;
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.unwrap_or_else(default_threads))
+    sdcap::kernels::compute_pool(threads.unwrap_or_else(default_threads))
         .build_global()
-        .context("cannot start the compute thread pool")
+        .context("cannot start the compute thread pool")?;
+    sdcap::kernels::flush_denormals();
+    Ok(())
 }
 
 /// Physical cores from /proc/cpuinfo, capped by the CPUs this process may actually use (affinity,

@@ -113,13 +113,10 @@ pub fn predict(
     };
     let width = models.text_encoder.width() as u64;
     // Hidden states, q/k/v, attention output and the 4× MLP for 77 tokens per prompt, plus the
-    // kernels' scratch (no convolutions; weight rows up to the MLP's 4× width; 77 keys).
-    let text_activations = (batch as u64 * 77 * width * 4 * 12).saturating_add(scratch.peak_bytes(
-        4 * width as usize,
-        0,
-        77,
-        threads,
-    ));
+    // kernels' scratch (no convolutions; weight rows up to the MLP's 4× width; 77 keys, heads
+    // at most the full width).
+    let text_scratch = scratch.peak_bytes(4 * width as usize, 0, (77, width as usize), threads);
+    let text_activations = (batch as u64 * 77 * width * 4 * 12).saturating_add(text_scratch);
 
     let unet_activations = models
         .unet

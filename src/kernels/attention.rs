@@ -1,17 +1,31 @@
-//! Multi-head scaled dot-product attention, exact, computed over bounded query chunks.
+//! Multi-head scaled dot-product attention, exact, as a flash-style kernel: no score matrix.
+//!
+//! One task is one (batch item, head, query chunk). It walks the keys in chunks with an online
+//! softmax (a running maximum and sum per query, the accumulated output rescaled when the maximum
+//! grows), so its scratch is a few tiles, not `query_chunk × kv_len` scores.
+//!
+//! Inside a task the queries go in tiles of 16, held transposed ([head width][16 queries]) so that
+//! every SIMD lane is one query: QKᵀ broadcasts key values against query vectors, the softmax
+//! reduces over keys lane by lane, and P·V broadcasts value entries against probability vectors.
+//! Keys and values are read in place from their [batch, tokens, channels] rows (no per-head copies).
+//!
+//! Determinism: every query is computed by the same operations in the same order whichever tile,
+//! chunk or thread it lands in (lanes do not interact; reductions run over keys in a fixed order),
+//! and the key chunks depend only on the shape. So the output bits depend neither on the thread
+//! count nor on the query chunk a plan chooses.
 
 use rayon::prelude::*;
 
-use super::activation::exp;
-use super::matmul::{matmul_single_thread, Transpose};
-use super::scratch::{self, pieces, MIN_SPLIT};
-
-/// Query rows per task: as many as `budget` score values allow (4 MiB chunks measured fastest on
-/// the tiny model at 512²: 8.1 s vs 9.3 s with 1 MiB, 9.9 s with 16 MiB), but at least `MIN_SPLIT`
-/// so that every chunking gives the same bits (`scratch`).
-pub fn query_chunk(q_len: usize, kv_len: usize, budget: usize) -> usize {
-    (budget / kv_len.max(1)).max(MIN_SPLIT).min(q_len.max(1))
-}
+/// Queries per tile: two 8-lane vectors.
+const QUERY_TILE: usize = 16;
+/// Keys per QKᵀ micro-tile and value columns per P·V micro-tile: 6 × 2 accumulators + 2 loads +
+/// 1 broadcast fit AVX2's 16 registers.
+const KEY_TILE: usize = 6;
+const VALUE_TILE: usize = 6;
+/// Keys per online-softmax step (fixed by the shape alone) × head width: the chunk's keys and
+/// values (16 KiB each) stay in L1/L2 while every query tile of the task passes over them. 1024 to
+/// 32768 measured within ~5% of each other on SD1.5 shapes.
+const KV_CHUNK_VALUES: usize = 4096;
 
 /// Sizes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -26,112 +40,591 @@ pub struct AttentionShape {
     pub causal: bool,
 }
 
-/// `q` [batch, q_len, channels], `k`/`v` [batch, kv_len, channels] → [batch, q_len, channels].
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32> {
-    attention_chunked(
-        q,
-        k,
-        v,
-        (s.batch, s.q_len, s.kv_len, s.channels, s.heads),
-        s.causal,
-        query_chunk(s.q_len, s.kv_len, scratch::current().attention_scores),
-    )
+impl AttentionShape {
+    fn head_width(&self) -> usize {
+        self.channels / self.heads
+    }
+
+    /// Keys per online-softmax step: a function of the shape only, never of the plan.
+    fn kv_chunk(&self) -> usize {
+        let tiles = KV_CHUNK_VALUES / self.head_width().max(1) / KEY_TILE;
+        (tiles.max(3) * KEY_TILE).min(self.kv_len.max(1))
+    }
 }
 
-fn attention_chunked(
+/// `q` [batch, q_len, channels], `k`/`v` [batch, kv_len, channels] → [batch, q_len, channels],
+/// with the query chunk of the scratch tier in force (`kernels::scratch`).
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32> {
+    attention_chunked(q, k, v, s, super::scratch::current().attention_query_chunk)
+}
+
+/// As `attention`, with `query_chunk` queries per task (any value ≥ 1 gives the same bits; it
+/// sets the scratch, `attention_scratch_bytes`, and the number of parallel tasks).
+pub fn attention_chunked(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    (b, lq, lk, c, heads): (usize, usize, usize, usize, usize),
-    causal: bool,
-    chunk: usize,
+    s: AttentionShape,
+    query_chunk: usize,
 ) -> Vec<f32> {
-    assert_eq!(c % heads, 0);
+    attention_with(q, k, v, s, query_chunk, Isa::detect())
+}
+
+/// Bytes of scratch `attention_chunked` holds at once beyond its inputs and its output: per
+/// thread, the transposed query and output tiles of one query chunk, the running maxima and sums,
+/// and one tile's probabilities for a key chunk.
+pub fn attention_scratch_bytes(s: AttentionShape, query_chunk: usize, threads: usize) -> u64 {
+    let per_thread = Scratch::values(s, query_chunk) as u64 * 4;
+    per_thread.saturating_mul(threads.max(1) as u64)
+}
+
+/// Which lane implementation runs the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+        Isa::Portable
+    }
+}
+
+fn attention_with(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttentionShape,
+    query_chunk: usize,
+    isa: Isa,
+) -> Vec<f32> {
+    let (b, lq, lk, c, heads) = (s.batch, s.q_len, s.kv_len, s.channels, s.heads);
+    assert!(heads > 0 && c % heads == 0, "channels divide into heads");
     assert_eq!(q.len(), b * lq * c);
     assert_eq!(k.len(), b * lk * c);
     assert_eq!(v.len(), b * lk * c);
-    let d = c / heads;
-    let scale = 1.0 / (d as f32).sqrt();
-    let gather = |src: &[f32], len: usize, bi: usize, h: usize| -> Vec<f32> {
-        let mut dst = Vec::with_capacity(len * d);
-        for t in 0..len {
-            let row = (bi * len + t) * c + h * d;
-            dst.extend_from_slice(&src[row..row + d]);
-        }
-        dst
-    };
-    // Per (batch, head): contiguous q, k, v.
-    let per_head: Vec<[Vec<f32>; 3]> = (0..b * heads)
-        .into_par_iter()
-        .map(|i| {
-            let (bi, h) = (i / heads, i % heads);
-            [
-                gather(q, lq, bi, h),
-                gather(k, lk, bi, h),
-                gather(v, lk, bi, h),
-            ]
-        })
-        .collect();
-    // Independent tasks: one query chunk of one head. Each output element is computed by exactly one
-    // task in a fixed order, so the thread count does not change results.
-    let tasks: Vec<(usize, usize, usize)> = (0..b * heads)
-        .flat_map(|i| pieces(lq, chunk, MIN_SPLIT).map(move |p| (i, p.start, p.len())))
-        .collect();
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(i, q0, rows)| {
-            let [qh, kh, vh] = &per_head[i];
-            let mut scores = vec![0.0f32; rows * lk];
-            matmul_single_thread(
-                &qh[q0 * d..(q0 + rows) * d],
-                kh,
-                &mut scores,
-                rows,
-                d,
-                lk,
-                Transpose::Yes,
-            );
-            for (r, row) in scores.chunks_mut(lk).enumerate() {
-                let visible = if causal { (q0 + r + 1).min(lk) } else { lk };
-                softmax_scaled(&mut row[..visible], scale);
-                row[visible..].fill(0.0);
-            }
-            let mut oh = vec![0.0f32; rows * d];
-            matmul_single_thread(&scores, vh, &mut oh, rows, lk, d, Transpose::No);
-            oh
-        })
-        .collect();
     let mut out = vec![0.0f32; b * lq * c];
-    for (&(i, q0, _), oh) in tasks.iter().zip(&results) {
-        let (bi, h) = (i / heads, i % heads);
-        for (r, orow) in oh.chunks(d).enumerate() {
-            let dst = ((bi * lq) + q0 + r) * c + h * d;
-            out[dst..dst + d].copy_from_slice(orow);
-        }
+    if lk == 0 || lq == 0 || c == 0 {
+        return out;
     }
+    let query_chunk = query_chunk.clamp(1, lq);
+    let chunks = lq.div_ceil(query_chunk);
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..b * heads * chunks).into_par_iter().for_each_init(
+        || Scratch::new(s, query_chunk),
+        |scratch, i| {
+            let task = Task {
+                batch: i / (heads * chunks),
+                head: i / chunks % heads,
+                q0: i % chunks * query_chunk,
+                rows: query_chunk.min(lq - i % chunks * query_chunk),
+            };
+            let io = Io { q, k, v, dst };
+            match isa {
+                // SAFETY: `Isa::Avx2` is only chosen after detecting AVX2 and FMA.
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => unsafe { run_task_avx2(io, s, task, scratch) },
+                Isa::Portable => run_task::<Portable>(io, s, task, scratch),
+            }
+        },
+    );
     out
 }
 
-/// softmax(scale · row) in place.
-fn softmax_scaled(row: &mut [f32], scale: f32) {
-    let max = lanes(row, f32::NEG_INFINITY, f32::max);
-    row.iter_mut().for_each(|v| *v = exp((*v - max) * scale));
-    let inv = 1.0 / lanes(row, 0.0, |a, b| a + b);
-    row.iter_mut().for_each(|v| *v *= inv);
+/// The output, shared by tasks that write disjoint (rows × head columns) blocks of it.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `run_task`), and `attention_with` keeps the buffer
+// alive and otherwise untouched until every task has finished.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+#[derive(Clone, Copy)]
+struct Io<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    dst: OutPtr,
 }
 
-/// Reduces `x` with `op` over 8 independent lanes (so the loop vectorises), then across lanes: a
-/// fixed order, so results do not depend on threads.
-fn lanes(x: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut acc = [init; 8];
-    let chunks = x.chunks_exact(8);
-    let tail = chunks.remainder();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] = op(acc[i], c[i]);
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    batch: usize,
+    head: usize,
+    q0: usize,
+    rows: usize,
+}
+
+/// One task's working memory, reused across the tasks a thread runs.
+struct Scratch {
+    /// Scaled queries, per tile [head width][16].
+    queries: Vec<f32>,
+    /// Unnormalised outputs, per tile [head width][16].
+    outputs: Vec<f32>,
+    /// Running maximum and sum of exponentials per query.
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// One tile's scores, then probabilities, for one key chunk: [kv_chunk][16].
+    probs: Vec<f32>,
+}
+
+impl Scratch {
+    fn tiles(s: AttentionShape, query_chunk: usize) -> usize {
+        query_chunk.clamp(1, s.q_len.max(1)).div_ceil(QUERY_TILE)
+    }
+
+    fn values(s: AttentionShape, query_chunk: usize) -> usize {
+        let tile_values = Self::tiles(s, query_chunk) * QUERY_TILE;
+        tile_values * (2 * s.head_width() + 2) + s.kv_chunk() * QUERY_TILE
+    }
+
+    fn new(s: AttentionShape, query_chunk: usize) -> Scratch {
+        let tile_values = Self::tiles(s, query_chunk) * QUERY_TILE;
+        Scratch {
+            queries: vec![0.0; tile_values * s.head_width()],
+            outputs: vec![0.0; tile_values * s.head_width()],
+            max: vec![0.0; tile_values],
+            sum: vec![0.0; tile_values],
+            probs: vec![0.0; s.kv_chunk() * QUERY_TILE],
         }
     }
-    tail.iter().chain(&acc).fold(init, |a, &b| op(a, b))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn run_task_avx2(io: Io, s: AttentionShape, task: Task, scratch: &mut Scratch) {
+    run_task::<Avx2>(io, s, task, scratch)
+}
+
+/// Computes `task.rows` queries of one head and writes them into the output.
+#[inline(always)]
+fn run_task<L: Lanes>(io: Io, s: AttentionShape, task: Task, scratch: &mut Scratch) {
+    let (lq, lk, c, d) = (s.q_len, s.kv_len, s.channels, s.head_width());
+    let head = task.head * d;
+    let tiles = task.rows.div_ceil(QUERY_TILE);
+    // Scores come out in base 2: q · k · scale · log2(e), so the softmax takes exp2 directly.
+    let q_scale = std::f32::consts::LOG2_E / (d as f32).sqrt();
+    let tile_len = d * QUERY_TILE;
+    for t in 0..tiles {
+        let qt = &mut scratch.queries[t * tile_len..(t + 1) * tile_len];
+        for lane in 0..QUERY_TILE {
+            let r = t * QUERY_TILE + lane;
+            if r < task.rows {
+                let row = (task.batch * lq + task.q0 + r) * c + head;
+                for (e, &x) in io.q[row..row + d].iter().enumerate() {
+                    qt[e * QUERY_TILE + lane] = x * q_scale;
+                }
+            } else {
+                for e in 0..d {
+                    qt[e * QUERY_TILE + lane] = 0.0;
+                }
+            }
+        }
+    }
+    let lanes = tiles * QUERY_TILE;
+    scratch.outputs[..tiles * tile_len].fill(0.0);
+    scratch.max[..lanes].fill(f32::NEG_INFINITY);
+    scratch.sum[..lanes].fill(0.0);
+
+    let kv_chunk = s.kv_chunk();
+    let kv_base = task.batch * lk * c + head;
+    for j0 in (0..lk).step_by(kv_chunk) {
+        let keys = kv_chunk.min(lk - j0);
+        // Rows j0.. of this head's keys and values, `c` apart.
+        let k_rows = &io.k[kv_base + j0 * c..];
+        let v_rows = &io.v[kv_base + j0 * c..];
+        for t in 0..tiles {
+            let probs = &mut scratch.probs[..keys * QUERY_TILE];
+            let qt = &scratch.queries[t * tile_len..(t + 1) * tile_len];
+            let lane_range = t * QUERY_TILE..(t + 1) * QUERY_TILE;
+            let max = &mut scratch.max[lane_range.clone()];
+            let mut new_max = [L::load_slice(&max[..8]), L::load_slice(&max[8..])];
+            if s.causal {
+                scores::<L>(qt, k_rows, c, d, keys, probs, &mut [L::splat(0.0); 2]);
+                mask_future(probs, j0, task.q0 + t * QUERY_TILE);
+                for row in probs.chunks_exact(QUERY_TILE) {
+                    new_max[0] = new_max[0].max(L::load_slice(&row[..8]));
+                    new_max[1] = new_max[1].max(L::load_slice(&row[8..]));
+                }
+            } else {
+                scores::<L>(qt, k_rows, c, d, keys, probs, &mut new_max);
+            }
+            let alpha = softmax_step::<L>(probs, max, new_max, &mut scratch.sum[lane_range]);
+            let ot = &mut scratch.outputs[t * tile_len..(t + 1) * tile_len];
+            accumulate_values::<L>(probs, v_rows, c, d, keys, alpha, ot);
+        }
+    }
+
+    for t in 0..tiles {
+        let ot = &scratch.outputs[t * tile_len..(t + 1) * tile_len];
+        for lane in 0..QUERY_TILE {
+            let r = t * QUERY_TILE + lane;
+            if r >= task.rows {
+                break;
+            }
+            let inv = 1.0 / scratch.sum[t * QUERY_TILE + lane];
+            let row = (task.batch * lq + task.q0 + r) * c + head;
+            for e in 0..d {
+                // SAFETY: `row + e` < b·lq·c (row index < b·lq, head + e < c); this task is the
+                // only one writing query rows q0..q0+rows of this batch item in this head's columns.
+                unsafe { *io.dst.0.add(row + e) = ot[e * QUERY_TILE + lane] * inv };
+            }
+        }
+    }
+}
+
+/// `probs[j][lane] = Σ_e k[j][e] · qt[e][lane]` for the first `keys` key rows (`c` apart), and
+/// raises `max` to cover them.
+#[inline(always)]
+fn scores<L: Lanes>(
+    qt: &[f32],
+    k_rows: &[f32],
+    c: usize,
+    d: usize,
+    keys: usize,
+    probs: &mut [f32],
+    max: &mut [L; 2],
+) {
+    let mut j = 0;
+    while j + KEY_TILE <= keys {
+        score_tile::<L, KEY_TILE>(qt, k_rows, c, d, j, probs, max);
+        j += KEY_TILE;
+    }
+    match keys - j {
+        0 => {}
+        1 => score_tile::<L, 1>(qt, k_rows, c, d, j, probs, max),
+        2 => score_tile::<L, 2>(qt, k_rows, c, d, j, probs, max),
+        3 => score_tile::<L, 3>(qt, k_rows, c, d, j, probs, max),
+        4 => score_tile::<L, 4>(qt, k_rows, c, d, j, probs, max),
+        _ => score_tile::<L, 5>(qt, k_rows, c, d, j, probs, max),
+    }
+}
+
+/// Keys `j..j + J`: J × 2 accumulators over the head width.
+#[inline(always)]
+fn score_tile<L: Lanes, const J: usize>(
+    qt: &[f32],
+    k_rows: &[f32],
+    c: usize,
+    d: usize,
+    j: usize,
+    probs: &mut [f32],
+    max: &mut [L; 2],
+) {
+    assert!(qt.len() >= d * QUERY_TILE && k_rows.len() >= (j + J - 1) * c + d);
+    let mut acc = [[L::splat(0.0); 2]; J];
+    let (qp, kp) = (qt.as_ptr(), k_rows.as_ptr());
+    // SAFETY: the loads stay in qt (d × 16 values) and in the rows j..j+J of k_rows (d values
+    // each, `c` apart), as just asserted.
+    unsafe {
+        let rows: [*const f32; J] = std::array::from_fn(|i| kp.add((j + i) * c));
+        for e in 0..d {
+            let q0 = L::load(qp.add(e * QUERY_TILE));
+            let q1 = L::load(qp.add(e * QUERY_TILE + 8));
+            for (a, row) in acc.iter_mut().zip(&rows) {
+                let kv = L::splat(*row.add(e));
+                a[0] = kv.mul_add(q0, a[0]);
+                a[1] = kv.mul_add(q1, a[1]);
+            }
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let dst = &mut probs[(j + i) * QUERY_TILE..(j + i + 1) * QUERY_TILE];
+        a[0].store(&mut dst[..8]);
+        a[1].store(&mut dst[8..]);
+        max[0] = max[0].max(a[0]);
+        max[1] = max[1].max(a[1]);
+    }
+}
+
+/// Sets the score of key `j0 + j` to −∞ for every lane (query `first + lane`) it comes after.
+fn mask_future(probs: &mut [f32], j0: usize, first: usize) {
+    for (j, row) in probs.chunks_exact_mut(QUERY_TILE).enumerate() {
+        for (lane, p) in row.iter_mut().enumerate() {
+            if j0 + j > first + lane {
+                *p = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// One online-softmax step for a tile: `new` is the running maximum raised to cover the chunk's
+/// scores; turns the scores into exp2(score − new) in place, updates the running sums and maxima,
+/// and returns the factor the accumulated outputs must be rescaled by.
+#[inline(always)]
+fn softmax_step<L: Lanes>(
+    probs: &mut [f32],
+    max: &mut [f32],
+    new: [L; 2],
+    sum: &mut [f32],
+) -> [L; 2] {
+    let old = [L::load_slice(&max[..8]), L::load_slice(&max[8..])];
+    // The first key chunk always has a visible key (causal masking hides only later keys), so
+    // `new` is finite and old − new is −∞ (→ 0) or ≤ 0.
+    let alpha = [old[0].sub(new[0]).exp2(), old[1].sub(new[1]).exp2()];
+    let mut total = [L::splat(0.0); 2];
+    for row in probs.chunks_exact_mut(QUERY_TILE) {
+        let (lo, hi) = row.split_at_mut(8);
+        let p0 = L::load_slice(lo).sub(new[0]).exp2();
+        let p1 = L::load_slice(hi).sub(new[1]).exp2();
+        p0.store(lo);
+        p1.store(hi);
+        total[0] = total[0].add(p0);
+        total[1] = total[1].add(p1);
+    }
+    let (s0, s1) = sum.split_at_mut(8);
+    L::load_slice(s0).mul_add(alpha[0], total[0]).store(s0);
+    L::load_slice(s1).mul_add(alpha[1], total[1]).store(s1);
+    let (m0, m1) = max.split_at_mut(8);
+    new[0].store(m0);
+    new[1].store(m1);
+    alpha
+}
+
+/// `ot[e][lane] = alpha · ot[e][lane] + Σ_j probs[j][lane] · v[j][e]` over the first `keys` value
+/// rows (`c` apart).
+#[inline(always)]
+fn accumulate_values<L: Lanes>(
+    probs: &[f32],
+    v_rows: &[f32],
+    c: usize,
+    d: usize,
+    keys: usize,
+    alpha: [L; 2],
+    ot: &mut [f32],
+) {
+    let mut e = 0;
+    while e + VALUE_TILE <= d {
+        value_tile::<L, VALUE_TILE>(probs, v_rows, c, keys, e, alpha, ot);
+        e += VALUE_TILE;
+    }
+    match d - e {
+        0 => {}
+        1 => value_tile::<L, 1>(probs, v_rows, c, keys, e, alpha, ot),
+        2 => value_tile::<L, 2>(probs, v_rows, c, keys, e, alpha, ot),
+        3 => value_tile::<L, 3>(probs, v_rows, c, keys, e, alpha, ot),
+        4 => value_tile::<L, 4>(probs, v_rows, c, keys, e, alpha, ot),
+        _ => value_tile::<L, 5>(probs, v_rows, c, keys, e, alpha, ot),
+    }
+}
+
+/// Value columns `e..e + E`: E × 2 accumulators over the chunk's keys.
+#[inline(always)]
+fn value_tile<L: Lanes, const E: usize>(
+    probs: &[f32],
+    v_rows: &[f32],
+    c: usize,
+    keys: usize,
+    e: usize,
+    alpha: [L; 2],
+    ot: &mut [f32],
+) {
+    let mut acc = [[L::splat(0.0); 2]; E];
+    for (i, a) in acc.iter_mut().enumerate() {
+        let col = &ot[(e + i) * QUERY_TILE..(e + i + 1) * QUERY_TILE];
+        a[0] = L::load_slice(&col[..8]).mul(alpha[0]);
+        a[1] = L::load_slice(&col[8..]).mul(alpha[1]);
+    }
+    assert!(probs.len() >= keys * QUERY_TILE);
+    assert!(keys == 0 || v_rows.len() >= (keys - 1) * c + e + E);
+    let (pp, vp) = (probs.as_ptr(), v_rows.as_ptr());
+    // SAFETY: the loads stay in probs (keys × 16 values) and in columns e..e+E of the rows
+    // 0..keys of v_rows (`c` apart), as just asserted.
+    unsafe {
+        let mut row = vp.add(e);
+        for j in 0..keys {
+            let p0 = L::load(pp.add(j * QUERY_TILE));
+            let p1 = L::load(pp.add(j * QUERY_TILE + 8));
+            for (i, a) in acc.iter_mut().enumerate() {
+                let x = L::splat(*row.add(i));
+                a[0] = x.mul_add(p0, a[0]);
+                a[1] = x.mul_add(p1, a[1]);
+            }
+            row = row.wrapping_add(c);
+        }
+    }
+    for (i, a) in acc.iter().enumerate() {
+        let col = &mut ot[(e + i) * QUERY_TILE..(e + i + 1) * QUERY_TILE];
+        a[0].store(&mut col[..8]);
+        a[1].store(&mut col[8..]);
+    }
+}
+
+/// Eight f32 lanes. Every method is `#[inline(always)]` so that inside `run_task_avx2` the AVX2
+/// intrinsics compile with the features that function enables.
+trait Lanes: Copy {
+    fn splat(x: f32) -> Self;
+    /// # Safety
+    /// `p` points to 8 readable f32.
+    unsafe fn load(p: *const f32) -> Self;
+    fn load_slice(x: &[f32]) -> Self {
+        assert!(x.len() >= 8);
+        // SAFETY: just checked.
+        unsafe { Self::load(x.as_ptr()) }
+    }
+    fn store(self, x: &mut [f32]);
+    /// self · b + c
+    fn mul_add(self, b: Self, c: Self) -> Self;
+    fn add(self, b: Self) -> Self;
+    fn sub(self, b: Self) -> Self;
+    fn mul(self, b: Self) -> Self;
+    fn max(self, b: Self) -> Self;
+    /// 2^x within 2 ulp for −127 < x ≤ 0 (the only arguments the kernel passes), exactly 0 at or
+    /// below −127 (so masked keys and an initial −∞ maximum contribute nothing).
+    fn exp2(self) -> Self;
+}
+
+/// 2^r − 1 = r · P(r) for r in [−0.5, 0.5] (Cephes `exp2f`), highest power first.
+const EXP2_POLY: [f32; 6] = [
+    1.535_336_2e-4,
+    1.339_887_4e-3,
+    9.618_437e-3,
+    5.550_332_5e-2,
+    2.402_264_8e-1,
+    6.931_472e-1,
+];
+
+/// 1.5·2^23: adding and removing it rounds |x| < 2^22 to an integer (the current rounding mode,
+/// nearest), which is then the low bits of the sum's mantissa.
+const ROUND: f32 = 12_582_912.0;
+
+/// Plain arrays: the scalar fallback (the compiler may still vectorise it) that tests compare the
+/// SIMD path against.
+#[derive(Clone, Copy)]
+struct Portable([f32; 8]);
+
+impl Portable {
+    #[inline(always)]
+    fn map(self, f: impl Fn(f32) -> f32) -> Self {
+        Portable(self.0.map(f))
+    }
+
+    #[inline(always)]
+    fn zip(self, b: Self, f: impl Fn(f32, f32) -> f32) -> Self {
+        Portable(std::array::from_fn(|i| f(self.0[i], b.0[i])))
+    }
+}
+
+impl Lanes for Portable {
+    #[inline(always)]
+    fn splat(x: f32) -> Self {
+        Portable([x; 8])
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Portable(std::ptr::read_unaligned(p as *const [f32; 8]))
+    }
+    #[inline(always)]
+    fn store(self, x: &mut [f32]) {
+        x[..8].copy_from_slice(&self.0);
+    }
+    #[inline(always)]
+    fn mul_add(self, b: Self, c: Self) -> Self {
+        Portable(std::array::from_fn(|i| self.0[i] * b.0[i] + c.0[i]))
+    }
+    #[inline(always)]
+    fn add(self, b: Self) -> Self {
+        self.zip(b, |x, y| x + y)
+    }
+    #[inline(always)]
+    fn sub(self, b: Self) -> Self {
+        self.zip(b, |x, y| x - y)
+    }
+    #[inline(always)]
+    fn mul(self, b: Self) -> Self {
+        self.zip(b, |x, y| x * y)
+    }
+    #[inline(always)]
+    fn max(self, b: Self) -> Self {
+        self.zip(b, f32::max)
+    }
+    #[inline(always)]
+    fn exp2(self) -> Self {
+        self.map(|x| {
+            let x = x.max(-127.0);
+            let shifted = x + ROUND;
+            let r = x - (shifted - ROUND);
+            let p = EXP2_POLY.iter().fold(0.0, |acc, &k| acc * r + k);
+            let scale = f32::from_bits((shifted.to_bits() << 23).wrapping_add(127 << 23));
+            (r * p + 1.0) * scale
+        })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use avx2::Avx2;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Lanes, EXP2_POLY};
+
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2(__m256);
+
+    // SAFETY (every method): only called from inside `run_task_avx2`, which requires AVX2 and FMA;
+    // the methods are inlined there.
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            unsafe { Avx2(_mm256_set1_ps(x)) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx2(_mm256_loadu_ps(p))
+        }
+        #[inline(always)]
+        fn store(self, x: &mut [f32]) {
+            assert!(x.len() >= 8);
+            unsafe { _mm256_storeu_ps(x.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            unsafe { Avx2(_mm256_fmadd_ps(self.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        fn add(self, b: Self) -> Self {
+            unsafe { Avx2(_mm256_add_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        fn sub(self, b: Self) -> Self {
+            unsafe { Avx2(_mm256_sub_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        fn mul(self, b: Self) -> Self {
+            unsafe { Avx2(_mm256_mul_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        fn max(self, b: Self) -> Self {
+            unsafe { Avx2(_mm256_max_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        fn exp2(self) -> Self {
+            unsafe {
+                // Only x ≤ 0 (or −∞) comes here, so one clamp; at −127 the scale is 0.
+                let x = _mm256_max_ps(self.0, _mm256_set1_ps(-127.0));
+                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                let r = _mm256_sub_ps(x, n);
+                let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+                for &k in &EXP2_POLY[1..] {
+                    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(k));
+                }
+                let y = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.0));
+                let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                    _mm256_cvtps_epi32(n),
+                    _mm256_set1_epi32(127),
+                ));
+                Avx2(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -179,6 +672,35 @@ mod tests {
         out
     }
 
+    fn shape(
+        (b, lq, lk, c, heads): (usize, usize, usize, usize, usize),
+        causal: bool,
+    ) -> AttentionShape {
+        AttentionShape {
+            batch: b,
+            q_len: lq,
+            kv_len: lk,
+            channels: c,
+            heads,
+            causal,
+        }
+    }
+
+    fn isas() -> Vec<Isa> {
+        let mut all = vec![Isa::Portable];
+        if Isa::detect() != Isa::Portable {
+            all.push(Isa::detect());
+        }
+        all
+    }
+
+    fn max_err(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
     #[test]
     fn chunked_equals_naive_with_and_without_mask() {
         let dims = (2, 13, 13, 12, 3);
@@ -188,39 +710,133 @@ mod tests {
         let v: Vec<f32> = (0..n).map(|i| ((i * 5 % 13) as f32 - 6.0) / 6.0).collect();
         for causal in [false, true] {
             let want = naive(&q, &k, &v, dims, causal);
-            for chunk in [1, 4, 13, 100] {
-                let got = attention_chunked(&q, &k, &v, dims, causal, chunk);
-                // Outputs are convex combinations of values ≤ 1: 1e-5 covers f32 rounding.
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
-                assert!(err < 1e-5, "causal {causal} chunk {chunk}: {err}");
+            for isa in isas() {
+                for chunk in [1, 4, 13, 100] {
+                    let got = attention_with(&q, &k, &v, shape(dims, causal), chunk, isa);
+                    // Outputs are convex combinations of values ≤ 1: 1e-5 covers f32 rounding.
+                    let err = max_err(&got, &want);
+                    assert!(err < 1e-5, "{isa:?} causal {causal} chunk {chunk}: {err}");
+                }
+            }
+        }
+    }
+
+    /// Several key chunks (online rescaling), key and value tails, a query tail and a head width
+    /// that is not a multiple of 8; larger scores so the running maximum moves.
+    #[test]
+    fn multi_chunk_equals_naive() {
+        for (dims, causal) in [((1, 37, 1100, 14, 2), false), ((2, 77, 77, 24, 3), true)] {
+            let (b, lq, lk, c, _) = dims;
+            let q = common_random(b * lq * c, 1, 3.0);
+            let k = common_random(b * lk * c, 2, 3.0);
+            let v = common_random(b * lk * c, 3, 1.0);
+            let want = naive(&q, &k, &v, dims, causal);
+            for isa in isas() {
+                let got = attention_with(&q, &k, &v, shape(dims, causal), 16, isa);
+                let err = max_err(&got, &want);
+                assert!(err < 2e-5, "{isa:?} {dims:?}: {err}");
+            }
+        }
+    }
+
+    /// The plan's query chunk and the thread count must not change a single bit.
+    #[test]
+    fn bits_do_not_depend_on_query_chunk_or_threads() {
+        let dims = (2, 100, 1000, 80, 2);
+        let (b, lq, lk, c, _) = dims;
+        let q = common_random(b * lq * c, 4, 2.0);
+        let k = common_random(b * lk * c, 5, 2.0);
+        let v = common_random(b * lk * c, 6, 1.0);
+        for causal in [false, true] {
+            let s = shape(dims, causal);
+            let want = attention_chunked(&q, &k, &v, s, 100);
+            for chunk in [1, 7, 16, 33, 64] {
+                assert!(
+                    attention_chunked(&q, &k, &v, s, chunk) == want,
+                    "chunk {chunk}"
+                );
+            }
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let got = pool.install(|| attention_chunked(&q, &k, &v, s, 5));
+                assert!(got == want, "{threads} threads");
             }
         }
     }
 
     #[test]
-    fn chunkings_from_min_split_up_agree_bit_for_bit() {
-        // Head width 8 and 150 keys: the score × value product has few columns, so only the
-        // `MIN_SPLIT` floor on query rows keeps gemm's blocking independent of the chunk.
-        let dims = (1, 200, 150, 16, 2);
-        let q: Vec<f32> = (0..200 * 16)
-            .map(|i| ((i * 7 % 19) as f32 - 9.0) / 9.0)
-            .collect();
-        let k: Vec<f32> = (0..150 * 16)
-            .map(|i| ((i * 11 % 17) as f32 - 8.0) / 8.0)
-            .collect();
-        let v: Vec<f32> = (0..150 * 16)
-            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 6.0)
-            .collect();
-        let whole = attention_chunked(&q, &k, &v, dims, false, 200);
-        for budget in [1, 65 * 150, 100 * 150, 1 << 20] {
-            let chunk = query_chunk(200, 150, budget);
-            assert!(chunk >= MIN_SPLIT);
-            let got = attention_chunked(&q, &k, &v, dims, false, chunk);
-            assert!(got == whole, "chunk {chunk}");
+    fn exp2_is_within_two_ulp_and_zero_below_range() {
+        for isa in isas() {
+            let mut worst = 0.0f64;
+            let mut x = -126.0f32;
+            while x <= 0.0 {
+                let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 1.3e-4);
+                let got = exp2_lanes(isa, lanes);
+                for (g, l) in got.iter().zip(lanes) {
+                    let want = (l as f64).exp2();
+                    worst = worst.max(((*g as f64 - want) / want).abs());
+                }
+                x += 1.03e-3;
+            }
+            assert!(worst < 2.4e-7, "{isa:?}: worst relative error {worst:e}");
+            let edge = exp2_lanes(
+                isa,
+                [
+                    f32::NEG_INFINITY,
+                    -127.0,
+                    -200.0,
+                    0.0,
+                    -1.0,
+                    -0.0,
+                    -3.0,
+                    -20.0,
+                ],
+            );
+            let want = [0.0, 0.0, 0.0, 1.0, 0.5, 1.0, 0.125, 2.0f32.powi(-20)];
+            assert_eq!(edge, want, "{isa:?}");
         }
+    }
+
+    fn exp2_lanes(isa: Isa, x: [f32; 8]) -> [f32; 8] {
+        let mut out = [0.0; 8];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isas` returns Avx2 only when detected.
+            Isa::Avx2 => unsafe { exp2_avx2(&x, &mut out) },
+            Isa::Portable => Portable::load_slice(&x).exp2().store(&mut out),
+        }
+        out
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp2_avx2(x: &[f32; 8], out: &mut [f32; 8]) {
+        Avx2::load_slice(x).exp2().store(out)
+    }
+
+    fn common_random(len: usize, seed: u64, amplitude: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                amplitude * ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn scratch_is_counted() {
+        let s = shape((2, 4096, 4096, 320, 8), false);
+        // 4 tiles × 16 lanes × (2 × 40 + 2) + 102 keys × 16, in bytes, on 2 threads.
+        assert_eq!(s.kv_chunk(), 102);
+        assert_eq!(
+            attention_scratch_bytes(s, 64, 2),
+            2 * 4 * (64 * 82 + 102 * 16)
+        );
     }
 }

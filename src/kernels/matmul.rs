@@ -26,21 +26,6 @@ pub fn matmul(
     matmul_strided(a, b, c, n, m, k, n, b_layout, accumulate);
 }
 
-/// As `matmul`, on the calling thread only (for callers that already run in parallel tasks).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_single_thread(
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    b_layout: Transpose,
-) {
-    assert_eq!(c.len(), m * n, "dst size");
-    gemm_checked(a, b, c, n, (m, k, n), b_layout, false, false);
-}
-
 /// As `matmul`, but row `i` of `c` starts at `i * ldc` (a column block of a wider matrix).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_strided(
@@ -54,7 +39,7 @@ pub(crate) fn matmul_strided(
     b_layout: Transpose,
     accumulate: bool,
 ) {
-    gemm_checked(a, b, c, ldc, (m, k, n), b_layout, accumulate, true);
+    gemm_checked(a, b, c, ldc, (m, k, n), b_layout, accumulate);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -66,7 +51,6 @@ fn gemm_checked(
     (m, k, n): (usize, usize, usize),
     b_layout: Transpose,
     accumulate: bool,
-    allow_threads: bool,
 ) {
     assert_eq!(a.len(), m * k, "lhs size");
     assert_eq!(b.len(), k * n, "rhs size");
@@ -91,7 +75,7 @@ fn gemm_checked(
         Transpose::Yes => (k as isize, 1isize),
     };
     let threads = rayon::current_num_threads();
-    let parallelism = if allow_threads && threads > 1 && m * n * k >= 1 << 16 {
+    let parallelism = if threads > 1 && m * n * k >= 1 << 16 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

@@ -5,17 +5,19 @@
 mod activation;
 mod attention;
 mod conv;
+mod denormals;
 mod matmul;
 mod norm;
 mod panel;
 pub mod scratch;
 
 pub use activation::{geglu, quick_gelu, silu};
-pub use attention::{attention, query_chunk, AttentionShape};
+pub use attention::{attention, attention_chunked, attention_scratch_bytes, AttentionShape};
 pub use conv::{
     conv2d, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows, InputTransform, Planes,
     RowConv,
 };
+pub use denormals::{compute_pool, denormals_flushed, flush_denormals};
 pub use matmul::{matmul, Transpose};
 pub use norm::{
     group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, layer_norm_to, GroupStats,

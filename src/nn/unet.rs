@@ -209,9 +209,14 @@ impl UNet {
             shape.c += skip_c;
             peak = peak.max(shape.walk(block, alive(&skips), false));
         }
-        let Widest { k_dim, out_w, keys } = shape.widest;
+        let Widest {
+            k_dim,
+            out_w,
+            keys,
+            head_width,
+        } = shape.widest;
         // Plus a small fixed allowance for the time embedding, per-call vectors and rounding.
-        peak.saturating_add(scratch.peak_bytes(k_dim, out_w, keys, threads))
+        peak.saturating_add(scratch.peak_bytes(k_dim, out_w, (keys, head_width), threads))
             .saturating_add(8 << 20)
     }
 
@@ -318,6 +323,8 @@ struct Widest {
     out_w: usize,
     /// the longest attention key sequence
     keys: usize,
+    /// the widest attention head
+    head_width: usize,
 }
 
 impl MapShape {
@@ -357,7 +364,10 @@ impl MapShape {
                     widest.k_dim = widest.k_dim.max(9 * r.in_ch.max(r.out_ch));
                     self.c = r.out_ch;
                 }
-                Layer::Attn(_) => widest.keys = widest.keys.max(self.h * self.w),
+                Layer::Attn(a) => {
+                    widest.keys = widest.keys.max(self.h * self.w);
+                    widest.head_width = widest.head_width.max(a.channels / HEADS);
+                }
                 Layer::Down(_) => (self.h, self.w) = (self.h.div_ceil(2), self.w.div_ceil(2)),
                 Layer::Up(_) => {
                     (self.h, self.w) = (self.h * 2, self.w * 2);

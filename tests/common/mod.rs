@@ -25,6 +25,22 @@ pub fn fixtures() -> PathBuf {
     }
 }
 
+/// Sets up threads as the CLI does (`start_pool`): the global rayon pool's workers and the calling
+/// test thread flush denormals. Called first by every test that compares numbers.
+pub fn compute_threads() {
+    static POOL: std::sync::Once = std::sync::Once::new();
+    POOL.call_once(|| {
+        // Fails only if rayon's default pool was started first; the assert below then says so.
+        let _ = sdcap::kernels::compute_pool(0).build_global();
+    });
+    sdcap::kernels::flush_denormals();
+    let workers = rayon::broadcast(|_| sdcap::kernels::denormals_flushed());
+    assert!(
+        workers.iter().all(|&f| f),
+        "the global pool was started without compute_threads()"
+    );
+}
+
 pub fn tiny(rel: &str) -> PathBuf {
     fixtures().join("tiny-sd").join(rel)
 }

@@ -78,23 +78,28 @@ impl AttnBlock {
     }
 
     /// Peak of `forward` on one image of `c` channels and `hw` pixels, its input included: during
-    /// the attention kernel the input, q, k, v, the kernel's per-head copies of q, k, v, its chunk
-    /// results and its output (9 maps) plus, per thread, one score chunk, one output chunk and GEMM's
-    /// packed copy of k or v (at most a map); before
-    /// that, the input, the normalised copy and the tokens plus the norm statistics.
+    /// the attention kernel the input, q, k, v and the kernel's output (5 maps) plus the kernel's
+    /// scratch; before that, the input, the normalised copy and the tokens plus the norm statistics.
     fn peak_bytes(c: usize, h: usize, w: usize, threads: usize) -> u64 {
         let map = (c as u64 * h as u64 * w as u64).saturating_mul(4);
-        let hw = (h * w).max(1);
-        let budget = kernels::scratch::Scratch::default().attention_scores;
-        let chunk = kernels::query_chunk(hw, hw, budget) as u64;
-        let per_thread = chunk.saturating_mul(hw as u64 + c as u64).saturating_mul(4);
+        let shape = AttentionShape {
+            batch: 1,
+            q_len: h * w,
+            kv_len: h * w,
+            channels: c,
+            heads: 1,
+            causal: false,
+        };
         let norm = map
             .saturating_mul(3)
             .saturating_add(kernels::group_norm_stats_bytes(c, h));
-        // GEMM may pack a whole head's keys or values per thread.
         let kernel = map
-            .saturating_mul(9 + threads as u64)
-            .saturating_add(per_thread.saturating_mul(threads as u64));
+            .saturating_mul(5)
+            .saturating_add(kernels::attention_scratch_bytes(
+                shape,
+                kernels::scratch::Scratch::default().attention_query_chunk,
+                threads,
+            ));
         norm.max(kernel)
     }
 }
