@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use sdcap::kernels::{self, AttentionShape, Conv2dGeometry, DenseRows};
+use sdcap::kernels::{self, AttentionShape, Conv2dGeometry, DenseRows, WinogradTile};
 use sdcap::tensor::Tensor;
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -146,6 +146,16 @@ impl Kind {
     }
 }
 
+/// Which convolution kernel a conv op runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ConvPath {
+    /// What `kernels::conv2d` picks for the shape.
+    Auto,
+    ImplicitGemm,
+    /// 3×3 stride 1 only.
+    Winograd(WinogradTile),
+}
+
 /// One kernel call with its shape.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Op {
@@ -158,6 +168,7 @@ pub enum Op {
         w: usize,
         k: usize,
         stride: usize,
+        path: ConvPath,
     },
     /// `[m, k] · Wᵀ` with W [n, k].
     Linear {
@@ -205,6 +216,7 @@ impl Op {
                 w,
                 k,
                 stride,
+                ..
             } => {
                 let (oh, ow) = Conv2dGeometry {
                     kernel: k,
@@ -279,6 +291,7 @@ impl Op {
                 w,
                 k,
                 stride,
+                path,
             } => {
                 let x = Tensor::new(vec![n, ci, h, w], random(n * ci * h * w, 1));
                 let wt = random(co * ci * k * k, 2);
@@ -293,7 +306,12 @@ impl Op {
                         data: &wt,
                         rows: co,
                     };
-                    std::hint::black_box(kernels::conv2d(&x, &rows, Some(&bias), geo));
+                    let b = Some(bias.as_slice());
+                    std::hint::black_box(match path {
+                        ConvPath::Auto => kernels::conv2d(&x, &rows, b, geo),
+                        ConvPath::ImplicitGemm => kernels::conv2d_implicit_gemm(&x, &rows, b, geo),
+                        ConvPath::Winograd(tile) => kernels::conv3x3_winograd(&x, &rows, b, tile),
+                    });
                 })
             }
             Op::Linear { m, k, n } => {
@@ -375,6 +393,7 @@ fn resnet(ops: &mut Vec<Op>, n: usize, ci: usize, co: usize, s: usize) {
         w: s,
         k: 3,
         stride: 1,
+        path: ConvPath::Auto,
     });
     ops.push(Op::Linear {
         m: n,
@@ -395,6 +414,7 @@ fn resnet(ops: &mut Vec<Op>, n: usize, ci: usize, co: usize, s: usize) {
         w: s,
         k: 3,
         stride: 1,
+        path: ConvPath::Auto,
     });
     if ci != co {
         ops.push(Op::Conv {
@@ -405,6 +425,7 @@ fn resnet(ops: &mut Vec<Op>, n: usize, ci: usize, co: usize, s: usize) {
             w: s,
             k: 1,
             stride: 1,
+            path: ConvPath::Auto,
         });
     }
 }
@@ -427,6 +448,7 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
         w: s,
         k: 1,
         stride: 1,
+        path: ConvPath::Auto,
     }); // proj_in
     ops.push(Op::LayerNorm { m, c });
     for _ in 0..3 {
@@ -471,6 +493,7 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
         w: s,
         k: 1,
         stride: 1,
+        path: ConvPath::Auto,
     }); // proj_out
 }
 
@@ -497,6 +520,7 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
         w: latent,
         k: 3,
         stride: 1,
+        path: ConvPath::Auto,
     });
     let mut skips = vec![320];
     let mut s = latent;
@@ -519,6 +543,7 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
                 w: s,
                 k: 3,
                 stride: 2,
+                path: ConvPath::Auto,
             });
             s /= 2;
             skips.push(c);
@@ -546,6 +571,7 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
                 w: s,
                 k: 3,
                 stride: 1,
+                path: ConvPath::Auto,
             });
         }
     }
@@ -563,6 +589,7 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
         w: s,
         k: 3,
         stride: 1,
+        path: ConvPath::Auto,
     });
     ops
 }

@@ -8,13 +8,15 @@ mod conv;
 mod matmul;
 mod norm;
 mod panel;
+mod winograd;
 
 pub use activation::{geglu, quick_gelu, silu};
 pub use attention::{attention, AttentionShape, SCORE_BUDGET};
 pub use conv::{
-    conv2d, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows, InputTransform, Planes,
-    RowConv, PATCH_BUDGET,
+    conv2d, conv2d_implicit_gemm, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows,
+    InputTransform, Planes, RowConv, PATCH_BUDGET,
 };
 pub use matmul::{matmul, Transpose};
 pub use norm::{group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, GroupStats};
 pub use panel::{matmul_weight_t, DenseRows, LhsPanels, WeightRows, PANEL_BUDGET};
+pub use winograd::{conv3x3_winograd, winograd_choice, winograd_scratch_bytes, WinogradTile};

@@ -167,8 +167,10 @@ impl UNet {
             shape.c += skip_c;
             peak = peak.max(shape.walk(block, alive(&skips)));
         }
-        // Bounded kernel scratch: conv patch (16 MiB), weight panel + a resident conv weight
-        // (2 × 16 MiB), attention scores and feed-forward chunks on two threads (~32 MiB).
+        // Bounded kernel scratch: conv patch or Winograd transformed tiles (16 MiB), weight panel
+        // + a resident conv weight or a transformed filter panel (2 × 16 MiB; at most 24 MiB of
+        // transformed filters, `kernels::winograd_scratch_bytes`), attention scores and
+        // feed-forward chunks on two threads (~32 MiB).
         peak.saturating_add(80 << 20)
     }
 
