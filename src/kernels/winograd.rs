@@ -11,8 +11,9 @@
 //! Memory is bounded: the tiles are processed in blocks of whole tile rows (all images of the batch
 //! in one sequence) whose transformed input and products fit the conv patch budget, and the
 //! filters are transformed a panel of output channels at a time within the weight panel budget
-//! (transformed once per call when they fit one panel, else once per block). No buffer grows with
-//! the image. `winograd_scratch_bytes` is the formula.
+//! (once per call when they fit one panel; else once per block, or each block's input once per
+//! panel, whichever transforms fewer values). No buffer grows with the image.
+//! `winograd_scratch_bytes` is the formula.
 //!
 //! Determinism: every value of V, U and the output transform is computed by a fixed sequence of f32
 //! operations, and each GEMM sums over all `ci` input channels in one call on one thread, with at
@@ -254,8 +255,8 @@ fn conv3x3(
     out
 }
 
-/// Lanes processed together by the input and output transforms: 8 tiles side by side (one AVX2
-/// register of f32). Plain arrays, so the same code runs with or without SIMD and gives the same
+/// Values the transforms process together: 8 tiles (or 8 input channels' filters) side by side,
+/// one AVX2 register of f32. Plain arrays, so the same code runs with or without SIMD and gives the same
 /// bits either way (elementwise IEEE adds and multiplies; no fused multiply-add).
 const LANES: usize = 8;
 
@@ -431,7 +432,8 @@ fn has_avx2() -> bool {
     false
 }
 
-/// `$name!(args)` calls `$body` compiled for AVX2 when the CPU has it, else the portable build.
+/// Defines `$name`, which runs `$body` (an `#[inline(always)]` fn) compiled for AVX2 when the CPU
+/// has it, else its portable build.
 macro_rules! simd_variants {
     ($name:ident, $avx2:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
         fn $name<const M: usize, const A: usize, F: Transforms<M, A>>($($arg: $ty),*) {
@@ -451,6 +453,8 @@ macro_rules! simd_variants {
     };
 }
 
+/// The whole convolution as `plan` cuts it: blocks of tile rows × filter panels, each a transform
+/// of the input and of the filters, α² GEMMs (one per task) and the output transform into `out`.
 fn run<const M: usize, const A: usize, F: Transforms<M, A>>(
     x: &Tensor,
     weight: &dyn WeightRows,

@@ -85,21 +85,24 @@ fn case(n: usize, ci: usize, co: usize, h: usize, w: usize) -> Case {
     }
 }
 
-/// Winograd against the f64 direct sum at UNet-like shapes (320 input channels, a 16×16 map and an
-/// odd 13×11 one that leaves partial tiles), next to the implicit GEMM's own error.
+/// Winograd against the f64 direct sum at UNet-like shapes (320 and 2560 input channels; 16×16,
+/// 13×11 and 9×8 maps, the odd ones leaving partial tiles), next to the implicit GEMM's own error.
 ///
-/// Error is measured relative to Σ|w·x| of each output (its rounding scale). Summing 2880 f32
-/// products costs the implicit GEMM ~1e-7 of that (gemm sums blockwise). Winograd adds the
-/// transforms: each V, U and output value is a short sum with coefficients up to 5 (F(2,3): 1,
-/// ½) so the products' rounding is amplified by the norms of the transform matrices — ‖Aᵀ‖·‖Bᵀ‖·
-/// ‖G‖ per dimension, squared for 2-D: ~2²·2² ≈ 16 for F(2,3) and ~10²·10² for F(4,3), and a
-/// large U·V product may cancel to a small output. Measured worst case over these shapes (the
-/// test prints it): F(2,3) ≈ 2e-7, F(4,3) ≈ 2e-6 of Σ|w·x|. The bounds are 5e-6 (F2) and 5e-5 (F4):
-/// ~25× margin, while a wrong tap, tile edge or transform coefficient gives errors of order 1e-2
-/// or more.
+/// Error is measured relative to Σ|w·x| of each output, the scale of its rounding. Summing 2880 to
+/// 23040 f32 products costs the implicit GEMM 1.6e-8 to 5.5e-8 of that. Winograd also rounds in
+/// the transforms, and each output is a combination of α² sums whose terms exceed the output's
+/// own: the transform matrices' entries reach 1 (F(2,3)) and 8 (F(4,3), Aᵀ's 2³ row; Bᵀ has 4s
+/// and 5s), applied along both dimensions, so the relative error grows by a few (F(2,3)) to some
+/// tens (F(4,3)). Measured (the test prints it): F(2,3) ≤ 1.1e-7, F(4,3) ≤ 2.5e-6 of Σ|w·x|.
+/// Bounds 5e-6 (F2) and 5e-5 (F4) keep ≥ 20× margin, while a wrong tap, tile edge or transform
+/// coefficient gives errors of order 1e-2.
 #[test]
 fn matches_direct_sum_at_unet_like_shapes() {
-    for (n, ci, co, h, w) in [(2, 320, 96, 16, 16), (1, 320, 70, 13, 11)] {
+    for (n, ci, co, h, w) in [
+        (2, 320, 96, 16, 16),
+        (1, 320, 70, 13, 11),
+        (1, 2560, 66, 9, 8),
+    ] {
         let Case { x, wt, bias } = case(n, ci, co, h, w);
         let (want, mag) = reference(&x, &wt, &bias);
         let rows = DenseRows {
