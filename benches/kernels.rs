@@ -5,19 +5,25 @@
 //! CPU-second, which time-slicing on a shared machine does not dilute), then runs the same shapes
 //! under divan (its "item/s" column counts FLOPs). `SDCAP_BENCH_TABLE_ONLY=1` skips
 //! the divan pass; `SDCAP_BENCH_ONLY=text` keeps only the table rows whose name contains `text`.
+//!
+//! Each UNet 3×3 shape runs four ways: as `conv2d` picks (no suffix), `igemm` (the implicit GEMM,
+//! all `conv2d` did before Winograd), `wino F2` and `wino F4`; GFLOP/s always counts the direct
+//! convolution's FLOPs, so Winograd rows are effective rates. The VAE rows run the implicit GEMM,
+//! as the VAE decoder's `RowConv` does.
 
 #[path = "common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
 
-use common::{best_wall_and_cpu, contention_note, cpus, peak_flops, Op};
+use common::{best_wall_and_cpu, contention_note, cpus, peak_flops, ConvPath, Op};
 use divan::counter::ItemsCount;
 use divan::Bencher;
+use sdcap::kernels::WinogradTile;
 
 /// Every benchmarked shape, by name (divan arguments are these names).
 fn shapes() -> BTreeMap<&'static str, Op> {
-    let conv = |n, ci, co, s, k| Op::Conv {
+    let conv_via = |n, ci, co, s, k, path| Op::Conv {
         n,
         ci,
         co,
@@ -25,7 +31,16 @@ fn shapes() -> BTreeMap<&'static str, Op> {
         w: s,
         k,
         stride: 1,
+        path,
     };
+    let conv = |n, ci, co, s, k| conv_via(n, ci, co, s, k, ConvPath::Auto);
+    // The VAE decoder's convs run as implicit GEMM (`RowConv`), whatever `conv2d` would pick.
+    let vae = |n, ci, co, s, k| conv_via(n, ci, co, s, k, ConvPath::ImplicitGemm);
+    let (igemm, f2, f4) = (
+        ConvPath::ImplicitGemm,
+        ConvPath::Winograd(WinogradTile::F2),
+        ConvPath::Winograd(WinogradTile::F4),
+    );
     let attn = |q, kv, c| Op::Attention {
         batch: 2,
         q,
@@ -36,15 +51,101 @@ fn shapes() -> BTreeMap<&'static str, Op> {
     };
     BTreeMap::from([
         ("unet 3x3 320@64² n2", conv(2, 320, 320, 64, 3)),
+        (
+            "unet 3x3 320@64² n2 igemm",
+            conv_via(2, 320, 320, 64, 3, igemm),
+        ),
+        (
+            "unet 3x3 320@64² n2 wino F2",
+            conv_via(2, 320, 320, 64, 3, f2),
+        ),
+        (
+            "unet 3x3 320@64² n2 wino F4",
+            conv_via(2, 320, 320, 64, 3, f4),
+        ),
         ("unet 3x3 640@32² n2", conv(2, 640, 640, 32, 3)),
+        (
+            "unet 3x3 640@32² n2 igemm",
+            conv_via(2, 640, 640, 32, 3, igemm),
+        ),
+        (
+            "unet 3x3 640@32² n2 wino F2",
+            conv_via(2, 640, 640, 32, 3, f2),
+        ),
+        (
+            "unet 3x3 640@32² n2 wino F4",
+            conv_via(2, 640, 640, 32, 3, f4),
+        ),
+        ("unet 3x3 1280@32² n2", conv(2, 1280, 1280, 32, 3)),
+        (
+            "unet 3x3 1280@32² n2 igemm",
+            conv_via(2, 1280, 1280, 32, 3, igemm),
+        ),
+        (
+            "unet 3x3 1280@32² n2 wino F2",
+            conv_via(2, 1280, 1280, 32, 3, f2),
+        ),
+        (
+            "unet 3x3 1280@32² n2 wino F4",
+            conv_via(2, 1280, 1280, 32, 3, f4),
+        ),
         ("unet 3x3 1280@16² n2", conv(2, 1280, 1280, 16, 3)),
+        (
+            "unet 3x3 1280@16² n2 igemm",
+            conv_via(2, 1280, 1280, 16, 3, igemm),
+        ),
+        (
+            "unet 3x3 1280@16² n2 wino F2",
+            conv_via(2, 1280, 1280, 16, 3, f2),
+        ),
+        (
+            "unet 3x3 1280@16² n2 wino F4",
+            conv_via(2, 1280, 1280, 16, 3, f4),
+        ),
+        ("unet 3x3 2560->1280@16² n2", conv(2, 2560, 1280, 16, 3)),
+        (
+            "unet 3x3 2560->1280@16² n2 igemm",
+            conv_via(2, 2560, 1280, 16, 3, igemm),
+        ),
+        (
+            "unet 3x3 2560->1280@16² n2 wino F2",
+            conv_via(2, 2560, 1280, 16, 3, f2),
+        ),
+        (
+            "unet 3x3 2560->1280@16² n2 wino F4",
+            conv_via(2, 2560, 1280, 16, 3, f4),
+        ),
         ("unet 3x3 1280@8² n2", conv(2, 1280, 1280, 8, 3)),
+        (
+            "unet 3x3 1280@8² n2 igemm",
+            conv_via(2, 1280, 1280, 8, 3, igemm),
+        ),
+        (
+            "unet 3x3 1280@8² n2 wino F2",
+            conv_via(2, 1280, 1280, 8, 3, f2),
+        ),
+        (
+            "unet 3x3 1280@8² n2 wino F4",
+            conv_via(2, 1280, 1280, 8, 3, f4),
+        ),
         ("unet 3x3 2560->1280@8² n2", conv(2, 2560, 1280, 8, 3)),
+        (
+            "unet 3x3 2560->1280@8² n2 igemm",
+            conv_via(2, 2560, 1280, 8, 3, igemm),
+        ),
+        (
+            "unet 3x3 2560->1280@8² n2 wino F2",
+            conv_via(2, 2560, 1280, 8, 3, f2),
+        ),
+        (
+            "unet 3x3 2560->1280@8² n2 wino F4",
+            conv_via(2, 2560, 1280, 8, 3, f4),
+        ),
         ("unet 1x1 320@64² n2", conv(2, 320, 320, 64, 1)),
-        ("vae 3x3 512@64²", conv(1, 512, 512, 64, 3)),
-        ("vae 3x3 512@128²", conv(1, 512, 512, 128, 3)),
-        ("vae 3x3 256@256²", conv(1, 256, 256, 256, 3)),
-        ("vae 3x3 128@512²", conv(1, 128, 128, 512, 3)),
+        ("vae 3x3 512@64²", vae(1, 512, 512, 64, 3)),
+        ("vae 3x3 512@128²", vae(1, 512, 512, 128, 3)),
+        ("vae 3x3 256@256²", vae(1, 256, 256, 256, 3)),
+        ("vae 3x3 128@512²", vae(1, 128, 128, 512, 3)),
         (
             "linear 8192x320x320",
             Op::Linear {
@@ -144,9 +245,22 @@ fn run(bencher: Bencher, name: &str) {
 }
 
 #[divan::bench(
-    args = ["unet 3x3 320@64² n2", "unet 3x3 640@32² n2", "unet 3x3 1280@16² n2",
-            "unet 3x3 1280@8² n2", "unet 3x3 2560->1280@8² n2", "unet 1x1 320@64² n2",
-            "vae 3x3 512@64²", "vae 3x3 512@128²", "vae 3x3 256@256²", "vae 3x3 128@512²"],
+    args = ["unet 3x3 320@64² n2", "unet 3x3 320@64² n2 igemm",
+            "unet 3x3 320@64² n2 wino F2", "unet 3x3 320@64² n2 wino F4",
+            "unet 3x3 640@32² n2", "unet 3x3 640@32² n2 igemm",
+            "unet 3x3 640@32² n2 wino F2", "unet 3x3 640@32² n2 wino F4",
+            "unet 3x3 1280@32² n2", "unet 3x3 1280@32² n2 igemm",
+            "unet 3x3 1280@32² n2 wino F2", "unet 3x3 1280@32² n2 wino F4",
+            "unet 3x3 1280@16² n2", "unet 3x3 1280@16² n2 igemm",
+            "unet 3x3 1280@16² n2 wino F2", "unet 3x3 1280@16² n2 wino F4",
+            "unet 3x3 2560->1280@16² n2", "unet 3x3 2560->1280@16² n2 igemm",
+            "unet 3x3 2560->1280@16² n2 wino F2", "unet 3x3 2560->1280@16² n2 wino F4",
+            "unet 3x3 1280@8² n2", "unet 3x3 1280@8² n2 igemm",
+            "unet 3x3 1280@8² n2 wino F2", "unet 3x3 1280@8² n2 wino F4",
+            "unet 3x3 2560->1280@8² n2", "unet 3x3 2560->1280@8² n2 igemm",
+            "unet 3x3 2560->1280@8² n2 wino F2", "unet 3x3 2560->1280@8² n2 wino F4",
+            "unet 1x1 320@64² n2", "vae 3x3 512@64²", "vae 3x3 512@128²", "vae 3x3 256@256²",
+            "vae 3x3 128@512²"],
     sample_count = 3,
     sample_size = 1
 )]

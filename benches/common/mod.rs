@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use sdcap::kernels::{self, AttentionShape, Conv2dGeometry, DenseRows};
+use sdcap::kernels::{self, AttentionShape, Conv2dGeometry, DenseRows, WinogradTile};
 use sdcap::tensor::Tensor;
 
 /// Deterministic pseudo-random values in [-1, 1).
@@ -160,6 +160,16 @@ impl Kind {
     }
 }
 
+/// Which convolution kernel a conv op runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ConvPath {
+    /// What `kernels::conv2d` picks for the shape.
+    Auto,
+    ImplicitGemm,
+    /// 3×3 stride 1 only.
+    Winograd(WinogradTile),
+}
+
 /// One kernel call with its shape.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Op {
@@ -172,6 +182,7 @@ pub enum Op {
         w: usize,
         k: usize,
         stride: usize,
+        path: ConvPath,
     },
     /// `[m, k] · Wᵀ` with W [n, k].
     Linear {
@@ -221,6 +232,7 @@ impl Op {
                 w,
                 k,
                 stride,
+                ..
             } => {
                 let (oh, ow) = Conv2dGeometry {
                     kernel: k,
@@ -300,6 +312,7 @@ impl Op {
                 w,
                 k,
                 stride,
+                path,
             } => {
                 let x = Tensor::new(vec![n, ci, h, w], random(n * ci * h * w, 1));
                 let wt = random(co * ci * k * k, 2);
@@ -314,7 +327,12 @@ impl Op {
                         data: &wt,
                         rows: co,
                     };
-                    std::hint::black_box(kernels::conv2d(&x, &rows, Some(&bias), geo));
+                    let b = Some(bias.as_slice());
+                    std::hint::black_box(match path {
+                        ConvPath::Auto => kernels::conv2d(&x, &rows, b, geo),
+                        ConvPath::ImplicitGemm => kernels::conv2d_implicit_gemm(&x, &rows, b, geo),
+                        ConvPath::Winograd(tile) => kernels::conv3x3_winograd(&x, &rows, b, tile),
+                    });
                 })
             }
             Op::Linear { m, k, n } => {
@@ -397,6 +415,7 @@ fn resnet(ops: &mut Vec<Op>, n: usize, ci: usize, co: usize, s: usize) {
         w: s,
         k: 3,
         stride: 1,
+        path: ConvPath::Auto,
     });
     ops.push(Op::Linear {
         m: n,
@@ -417,6 +436,7 @@ fn resnet(ops: &mut Vec<Op>, n: usize, ci: usize, co: usize, s: usize) {
         w: s,
         k: 3,
         stride: 1,
+        path: ConvPath::Auto,
     });
     if ci != co {
         ops.push(Op::Conv {
@@ -427,6 +447,7 @@ fn resnet(ops: &mut Vec<Op>, n: usize, ci: usize, co: usize, s: usize) {
             w: s,
             k: 1,
             stride: 1,
+            path: ConvPath::Auto,
         });
     }
 }
@@ -449,6 +470,7 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
         w: s,
         k: 1,
         stride: 1,
+        path: ConvPath::Auto,
     }); // proj_in
     ops.push(Op::LayerNorm { m, c });
     for _ in 0..3 {
@@ -495,6 +517,7 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
         w: s,
         k: 1,
         stride: 1,
+        path: ConvPath::Auto,
     }); // proj_out
 }
 
@@ -521,6 +544,7 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
         w: latent,
         k: 3,
         stride: 1,
+        path: ConvPath::Auto,
     });
     let mut skips = vec![320];
     let mut s = latent;
@@ -543,6 +567,7 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
                 w: s,
                 k: 3,
                 stride: 2,
+                path: ConvPath::Auto,
             });
             s /= 2;
             skips.push(c);
@@ -570,6 +595,7 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
                 w: s,
                 k: 3,
                 stride: 1,
+                path: ConvPath::Auto,
             });
         }
     }
@@ -587,6 +613,7 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
         w: s,
         k: 3,
         stride: 1,
+        path: ConvPath::Auto,
     });
     ops
 }

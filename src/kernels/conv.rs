@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use super::activation::silu_scalar;
 use super::panel::{LhsPanels, WeightRows};
 use super::scratch::{self, longest_piece, pieces, MIN_SPLIT};
+use super::winograd::{conv3x3_winograd, winograd_choice};
 use crate::tensor::Tensor;
 
 /// Kernel size, stride and zero padding of a square convolution.
@@ -266,8 +267,22 @@ impl<'w> RowConv<'w> {
 }
 
 /// `x` [n, ci, h, w] ⊛ `weight` [co, ci·k·k] (+ `bias` [co]) → [n, co, oh, ow]. The weight is
-/// read in row panels (see `panel`), so it may be stored in any format.
+/// read in row panels (see `panel`), so it may be stored in any format. 3×3 stride-1 convolutions
+/// over enough channels take the Winograd path (`winograd_choice`), the rest the implicit GEMM.
 pub fn conv2d(
+    x: &Tensor,
+    weight: &dyn WeightRows,
+    bias: Option<&[f32]>,
+    geo: Conv2dGeometry,
+) -> Tensor {
+    match winograd_choice(geo, x.nchw(), weight.rows()) {
+        Some(tile) => conv3x3_winograd(x, weight, bias, tile),
+        None => conv2d_implicit_gemm(x, weight, bias, geo),
+    }
+}
+
+/// `conv2d` by implicit GEMM whatever the shape (benches and tests compare it with Winograd).
+pub fn conv2d_implicit_gemm(
     x: &Tensor,
     weight: &dyn WeightRows,
     bias: Option<&[f32]>,

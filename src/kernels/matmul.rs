@@ -26,6 +26,60 @@ pub fn matmul(
     matmul_strided(a, b, c, n, m, k, n, b_layout, accumulate);
 }
 
+/// `c[m,n] = a[m,k] · b[k,n]` on the calling thread with explicit strides: `a[i, p]` is
+/// `a[i·a_rs + p·a_cs]` (row-major or column-major), and rows of `b` and `c` start at multiples of
+/// `ldb` and `ldc` (matrices interleaved in one buffer, as Winograd's per-point products are).
+pub(crate) fn matmul_single_thread_strided(
+    (a, a_rs, a_cs): (&[f32], usize, usize),
+    (b, ldb): (&[f32], usize),
+    (c, ldc): (&mut [f32], usize),
+    (m, k, n): (usize, usize, usize),
+) {
+    assert!(ldb >= n && ldc >= n, "row strides");
+    let empty = m == 0 || n == 0 || k == 0;
+    assert!(
+        empty || a.len() > (m - 1) * a_rs + (k - 1) * a_cs,
+        "lhs size"
+    );
+    assert!(empty || b.len() >= (k - 1) * ldb + n, "rhs size");
+    assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n, "dst size");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for row in c.chunks_mut(ldc).take(m) {
+            row[..n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above guarantee every index gemm touches (a at i·a_rs + p·a_cs for
+    // i < m, p < k; b at p·ldb + j, j < n; c at i·ldc + j) lies inside the slices; `c` is borrowed
+    // mutably, so nothing aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// As `matmul`, but row `i` of `c` starts at `i * ldc` (a column block of a wider matrix).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_strided(

@@ -10,12 +10,13 @@ mod matmul;
 mod norm;
 mod panel;
 pub mod scratch;
+mod winograd;
 
 pub use activation::{geglu, quick_gelu, silu};
 pub use attention::{attention, attention_chunked, attention_scratch_bytes, AttentionShape};
 pub use conv::{
-    conv2d, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows, InputTransform, Planes,
-    RowConv,
+    conv2d, conv2d_implicit_gemm, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows,
+    InputTransform, Planes, RowConv,
 };
 pub use denormals::{compute_pool, denormals_flushed, flush_denormals};
 pub use matmul::{matmul, Transpose};
@@ -23,3 +24,4 @@ pub use norm::{
     group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, layer_norm_to, GroupStats,
 };
 pub use panel::{matmul_weight_t, panel_bytes, DenseRows, LhsPanels, WeightRows};
+pub use winograd::{conv3x3_winograd, winograd_choice, winograd_scratch_bytes, WinogradTile};

@@ -191,6 +191,8 @@ impl UNet {
             h,
             w,
             widest: Widest::default(),
+            scratch: *scratch,
+            threads,
         };
         // (bytes, channels) of every skip connection waiting for its output block.
         let mut skips: Vec<(u64, usize)> = vec![(shape.bytes(shape.c), shape.c)];
@@ -214,9 +216,13 @@ impl UNet {
             out_w,
             keys,
             head_width,
+            winograd,
         } = shape.widest;
-        // Plus a small fixed allowance for the time embedding, per-call vectors and rounding.
+        // Plus the Winograd path's transformed tiles and filters (as if next to the implicit
+        // GEMM's, which they replace) and a small fixed allowance for the time embedding,
+        // per-call vectors and rounding.
         peak.saturating_add(scratch.peak_bytes(k_dim, out_w, (keys, head_width), threads))
+            .saturating_add(winograd)
             .saturating_add(8 << 20)
     }
 
@@ -305,6 +311,13 @@ pub fn timestep_embedding(timesteps: &[f32], dim: usize) -> Vec<f32> {
     out
 }
 
+/// A 3×3, stride-1, size-keeping convolution (the ResNet and upsampler convs).
+const K3: kernels::Conv2dGeometry = kernels::Conv2dGeometry {
+    kernel: 3,
+    stride: 1,
+    pad: 1,
+};
+
 /// The activation shape the memory model walks through the blocks.
 struct MapShape {
     batch: usize,
@@ -312,6 +325,8 @@ struct MapShape {
     h: usize,
     w: usize,
     widest: Widest,
+    scratch: Scratch,
+    threads: usize,
 }
 
 /// The largest kernel operands seen on the walk, which bound the kernels' scratch floors.
@@ -325,6 +340,8 @@ struct Widest {
     keys: usize,
     /// the widest attention head
     head_width: usize,
+    /// the largest Winograd scratch of a 3×3 convolution (`kernels::winograd_scratch_bytes`)
+    winograd: u64,
 }
 
 impl MapShape {
@@ -362,6 +379,17 @@ impl MapShape {
             match layer {
                 Layer::Res(r) => {
                     widest.k_dim = widest.k_dim.max(9 * r.in_ch.max(r.out_ch));
+                    for (ci, co) in [(r.in_ch, r.out_ch), (r.out_ch, r.out_ch)] {
+                        let dims = (self.batch, ci, self.h, self.w);
+                        let bytes = kernels::winograd_scratch_bytes(
+                            dims,
+                            co,
+                            K3,
+                            &self.scratch,
+                            self.threads,
+                        );
+                        widest.winograd = widest.winograd.max(bytes);
+                    }
                     self.c = r.out_ch;
                 }
                 Layer::Attn(a) => {
@@ -373,6 +401,15 @@ impl MapShape {
                     (self.h, self.w) = (self.h * 2, self.w * 2);
                     widest.k_dim = widest.k_dim.max(9 * self.c);
                     widest.out_w = widest.out_w.max(self.w);
+                    let dims = (self.batch, self.c, self.h, self.w);
+                    let bytes = kernels::winograd_scratch_bytes(
+                        dims,
+                        self.c,
+                        K3,
+                        &self.scratch,
+                        self.threads,
+                    );
+                    widest.winograd = widest.winograd.max(bytes);
                 }
             }
         }
