@@ -366,9 +366,10 @@ impl MapShape {
                 // input, conv1 out, conv2 out, then the skip projection in conv1's place (the
                 // GroupNorms are applied while the convolutions read)
                 Layer::Res(r) => self.bytes(r.in_ch) + 2 * self.bytes(r.out_ch),
-                // map, normalised copy, tokens, residual stream, q/k/v, per-head copies,
-                // attention output, projection: ~14 maps of the channel width
-                Layer::Attn(a) => 14 * self.bytes(a.channels),
+                // the block's input map, the token residual stream, its normalised copy, q, k, v,
+                // the heads' output (the flash kernel keeps no per-head copies or scores) and the
+                // output projection's product: 8 maps of the channel width
+                Layer::Attn(a) => 8 * self.bytes(a.channels),
                 Layer::Down(_) => self.bytes(self.c) + self.bytes(self.c) / 4,
                 // input and output; the convolution reads the input upsampled
                 Layer::Up(_) => self.bytes(self.c) * 5,
