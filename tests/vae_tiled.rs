@@ -298,6 +298,8 @@ fn full_size_banded_equals_whole_at_512() {
 #[test]
 #[ignore = "for memcap runs"]
 fn decode_only() {
+    // RssAnon is per process: never next to the full-size test's measurements.
+    let _serial = serial();
     let Some(decoder) = full_size_decoder() else {
         return;
     };
