@@ -49,98 +49,36 @@ fn shapes() -> BTreeMap<&'static str, Op> {
         heads: 8,
         causal: false,
     };
-    BTreeMap::from([
-        ("unet 3x3 320@64² n2", conv(2, 320, 320, 64, 3)),
-        (
-            "unet 3x3 320@64² n2 igemm",
-            conv_via(2, 320, 320, 64, 3, igemm),
-        ),
-        (
-            "unet 3x3 320@64² n2 wino F2",
-            conv_via(2, 320, 320, 64, 3, f2),
-        ),
-        (
-            "unet 3x3 320@64² n2 wino F4",
-            conv_via(2, 320, 320, 64, 3, f4),
-        ),
-        ("unet 3x3 640@32² n2", conv(2, 640, 640, 32, 3)),
-        (
-            "unet 3x3 640@32² n2 igemm",
-            conv_via(2, 640, 640, 32, 3, igemm),
-        ),
-        (
-            "unet 3x3 640@32² n2 wino F2",
-            conv_via(2, 640, 640, 32, 3, f2),
-        ),
-        (
-            "unet 3x3 640@32² n2 wino F4",
-            conv_via(2, 640, 640, 32, 3, f4),
-        ),
-        ("unet 3x3 1280@32² n2", conv(2, 1280, 1280, 32, 3)),
-        (
-            "unet 3x3 1280@32² n2 igemm",
-            conv_via(2, 1280, 1280, 32, 3, igemm),
-        ),
-        (
-            "unet 3x3 1280@32² n2 wino F2",
-            conv_via(2, 1280, 1280, 32, 3, f2),
-        ),
-        (
-            "unet 3x3 1280@32² n2 wino F4",
-            conv_via(2, 1280, 1280, 32, 3, f4),
-        ),
-        ("unet 3x3 1280@16² n2", conv(2, 1280, 1280, 16, 3)),
-        (
-            "unet 3x3 1280@16² n2 igemm",
-            conv_via(2, 1280, 1280, 16, 3, igemm),
-        ),
-        (
-            "unet 3x3 1280@16² n2 wino F2",
-            conv_via(2, 1280, 1280, 16, 3, f2),
-        ),
-        (
-            "unet 3x3 1280@16² n2 wino F4",
-            conv_via(2, 1280, 1280, 16, 3, f4),
-        ),
-        ("unet 3x3 2560->1280@16² n2", conv(2, 2560, 1280, 16, 3)),
-        (
-            "unet 3x3 2560->1280@16² n2 igemm",
-            conv_via(2, 2560, 1280, 16, 3, igemm),
-        ),
-        (
-            "unet 3x3 2560->1280@16² n2 wino F2",
-            conv_via(2, 2560, 1280, 16, 3, f2),
-        ),
-        (
-            "unet 3x3 2560->1280@16² n2 wino F4",
-            conv_via(2, 2560, 1280, 16, 3, f4),
-        ),
-        ("unet 3x3 1280@8² n2", conv(2, 1280, 1280, 8, 3)),
-        (
-            "unet 3x3 1280@8² n2 igemm",
-            conv_via(2, 1280, 1280, 8, 3, igemm),
-        ),
-        (
-            "unet 3x3 1280@8² n2 wino F2",
-            conv_via(2, 1280, 1280, 8, 3, f2),
-        ),
-        (
-            "unet 3x3 1280@8² n2 wino F4",
-            conv_via(2, 1280, 1280, 8, 3, f4),
-        ),
-        ("unet 3x3 2560->1280@8² n2", conv(2, 2560, 1280, 8, 3)),
-        (
-            "unet 3x3 2560->1280@8² n2 igemm",
-            conv_via(2, 2560, 1280, 8, 3, igemm),
-        ),
-        (
-            "unet 3x3 2560->1280@8² n2 wino F2",
-            conv_via(2, 2560, 1280, 8, 3, f2),
-        ),
-        (
-            "unet 3x3 2560->1280@8² n2 wino F4",
-            conv_via(2, 2560, 1280, 8, 3, f4),
-        ),
+    // Every UNet 3×3 shape four ways: as `conv2d` picks, implicit GEMM, Winograd F(2,3) and F(4,3).
+    let unet_3x3 = [
+        (320, 320, 64),
+        (640, 640, 32),
+        (1280, 1280, 32),
+        (1280, 1280, 16),
+        (2560, 1280, 16),
+        (1280, 1280, 8),
+        (2560, 1280, 8),
+    ]
+    .into_iter()
+    .flat_map(|(ci, co, s)| {
+        let name = if ci == co {
+            format!("unet 3x3 {ci}@{s}² n2")
+        } else {
+            format!("unet 3x3 {ci}->{co}@{s}² n2")
+        };
+        [
+            ("", ConvPath::Auto),
+            (" igemm", igemm),
+            (" wino F2", f2),
+            (" wino F4", f4),
+        ]
+        .map(|(suffix, path)| {
+            // Names live as long as the bench binary (divan arguments are `&'static str`).
+            let name: &'static str = Box::leak(format!("{name}{suffix}").into_boxed_str());
+            (name, conv_via(2, ci, co, s, 3, path))
+        })
+    });
+    let mut shapes = BTreeMap::from([
         ("unet 1x1 320@64² n2", conv(2, 320, 320, 64, 1)),
         ("vae 3x3 512@64²", vae(1, 512, 512, 64, 3)),
         ("vae 3x3 512@128²", vae(1, 512, 512, 128, 3)),
@@ -230,7 +168,9 @@ fn shapes() -> BTreeMap<&'static str, Op> {
                 silu: true,
             },
         ),
-    ])
+    ]);
+    shapes.extend(unet_3x3);
+    shapes
 }
 
 fn run(bencher: Bencher, name: &str) {
