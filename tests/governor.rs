@@ -133,6 +133,30 @@ fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
         msg.contains("MiB") && msg.contains("would fit") && !msg.contains('\n'),
         "{msg}"
     );
+    // The tiny model is f32: a 4-bit copy (18 bytes per 32 weights) is suggested exactly when its
+    // smaller weight pages would fit.
+    let smallest = governor::plan::predict(&models, &j, &huge, Residency::Stream, TIERS[2]);
+    let ratio = 18.0 / 32.0 / 4.0;
+    let need_4bit = smallest
+        .stages
+        .iter()
+        .map(|s| s.peak_bytes - s.weight_bytes + (s.weight_bytes as f64 * ratio) as u64)
+        .max()
+        .unwrap();
+    assert!(need_4bit < smallest.peak_bytes());
+    let hint = |limit| {
+        governor::plan(&models, &j, &budget(limit))
+            .unwrap_err()
+            .to_string()
+    };
+    let fits_4bit = limit_for(need_4bit);
+    assert!(
+        hint(fits_4bit).contains("4-bit model"),
+        "{}",
+        hint(fits_4bit)
+    );
+    let too_small = limit_for(need_4bit - MIB);
+    assert!(!hint(too_small).contains("4-bit"), "{}", hint(too_small));
 }
 
 /// Every scratch tier gives the same bits: text encoder and UNet at 256² (latent 32², 1024

@@ -209,9 +209,39 @@ fn hint(models: &Models, job: &Job, budget: &Budget) -> String {
             break;
         }
     }
-    let unet = models.store.bytes_with_prefix(UNET_PREFIX);
-    if unet > 800 * MIB {
-        parts.push("a 4-bit model (`sdcap quantize --type q4_0`)".into());
+    // A 4-bit model: q4_0 keeps 18 bytes per 32 weights, so every stage's weight pages shrink by
+    // that ratio; suggested only when it then fits.
+    let bytes = models.store.bytes_with_prefix("");
+    let values: u64 = models
+        .store
+        .tensors()
+        .iter()
+        .map(|t| t.numel() as u64)
+        .sum();
+    let ratio = values as f64 * 18.0 / 32.0 / bytes.max(1) as f64;
+    if ratio < 0.9 {
+        let smallest = predict(
+            models,
+            job,
+            budget,
+            Residency::Stream,
+            TIERS[TIERS.len() - 1],
+        );
+        let needed = smallest
+            .stages
+            .iter()
+            .map(|s| {
+                let weights = (s.weight_bytes as f64 * ratio) as u64;
+                (s.peak_bytes - s.weight_bytes).saturating_add(weights)
+            })
+            .max()
+            .unwrap_or(0);
+        if needed <= budget.usable_bytes() {
+            parts.push(format!(
+                "a 4-bit model (`sdcap quantize --type q4_0`, needs about {} MiB)",
+                needed.div_ceil(MIB)
+            ));
+        }
     }
     if parts.is_empty() {
         "a larger cap".into()
