@@ -456,13 +456,8 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
     let t = s * s;
     let m = n * t;
     let mc = n * CONTEXT_TOKENS;
-    ops.push(Op::GroupNorm {
-        n,
-        c,
-        hw: t,
-        silu: false,
-    });
-    ops.push(Op::Conv {
+    // proj_in and proj_out: 1×1 convs
+    let pointwise = Op::Conv {
         n,
         ci: c,
         co: c,
@@ -471,7 +466,14 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
         k: 1,
         stride: 1,
         path: ConvPath::Auto,
-    }); // proj_in
+    };
+    ops.push(Op::GroupNorm {
+        n,
+        c,
+        hw: t,
+        silu: false,
+    });
+    ops.push(pointwise); // proj_in
     ops.push(Op::LayerNorm { m, c });
     for _ in 0..3 {
         ops.push(Op::Linear { m, k: c, n: c }); // q k v
@@ -509,16 +511,7 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
     ops.push(Op::LayerNorm { m, c });
     ops.push(Op::Linear { m, k: c, n: 8 * c }); // GEGLU proj
     ops.push(Op::Linear { m, k: 4 * c, n: c }); // ff out
-    ops.push(Op::Conv {
-        n,
-        ci: c,
-        co: c,
-        h: s,
-        w: s,
-        k: 1,
-        stride: 1,
-        path: ConvPath::Auto,
-    }); // proj_out
+    ops.push(pointwise); // proj_out
 }
 
 /// Every conv / linear / attention / norm call of one SD1.5 UNet forward on an `n`-image batch of
