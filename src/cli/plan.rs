@@ -1,7 +1,7 @@
 //! `sdcap plan`: the memory plan for a generate command, without running it.
 
 use sdcap::governor::{self, plan::RESIDENCIES, Budget, Plan};
-use sdcap::kernels::scratch::TIERS;
+use sdcap::kernels::scratch::{SMALLEST, TIERS};
 use sdcap::pipeline::Models;
 
 use super::PlanArgs;
@@ -18,9 +18,8 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let models = Models::load(&job)?;
     let chosen = governor::plan(&models, &job, &budget);
     // What each residency comes down to with the smallest kernel scratch.
-    let smallest = TIERS[TIERS.len() - 1];
     let [keep_all, keep, stream] =
-        RESIDENCIES.map(|r| governor::plan::predict(&models, &job, &budget, r, smallest));
+        RESIDENCIES.map(|r| governor::plan::predict(&models, &job, &budget, r, SMALLEST));
     let shown = chosen
         .as_ref()
         .unwrap_or(if keep.peak_bytes() <= stream.peak_bytes() {

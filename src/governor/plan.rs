@@ -6,7 +6,7 @@ use serde::Serialize;
 use super::budget::Budget;
 use crate::error::{Error, Result};
 use crate::job::Job;
-use crate::kernels::scratch::{Scratch, TIERS};
+use crate::kernels::scratch::{Scratch, SMALLEST, TIERS};
 use crate::nn::vae::VaePlan;
 use crate::pipeline::Models;
 
@@ -69,8 +69,8 @@ pub const RESIDENCIES: [Residency; 3] = [Residency::KeepAll, Residency::Keep, Re
 /// The fastest plan whose predicted peak fits the budget, or `Error::CapTooSmall`. Candidates in
 /// order: each scratch tier, fastest first, and within it each residency (keeping weights saves
 /// re-reading them). Smaller scratch costs every step (4 MiB weight panels: +15% CPU), while
-/// streaming from the page cache cost 9% of a whole 512² run at 512M (`benches/CAPS.md`), so the
-/// tiers are the last resort.
+/// streaming from the page cache cost 0.98–1.10× of an uncapped 512² run (`benches/CAPS.md`), so
+/// the tiers are the last resort.
 pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
     let plans: Vec<Plan> = TIERS
         .iter()
@@ -87,7 +87,13 @@ pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
     Err(Error::CapTooSmall {
         needed_mib: smallest.peak_bytes().div_ceil(MIB),
         available_mib: budget.usable_bytes() / MIB,
-        hint: hint(models, job, budget),
+        // The candidates end with streaming at the smallest tier: the 4-bit estimate starts there.
+        hint: hint(
+            models,
+            job,
+            budget,
+            plans.last().expect("at least one candidate"),
+        ),
     })
 }
 
@@ -178,8 +184,9 @@ pub fn predict(
     }
 }
 
-/// What would fit instead: a smaller image, and a 4-bit model if weights are a large share.
-fn hint(models: &Models, job: &Job, budget: &Budget) -> String {
+/// What would fit instead: a smaller image, or a 4-bit model; `smallest` is this job's plan
+/// streaming weights at the smallest scratch tier.
+fn hint(models: &Models, job: &Job, budget: &Budget, smallest: &Plan) -> String {
     let mut parts = Vec::new();
     let mut side = job.width.max(job.height);
     while side > 64 {
@@ -192,13 +199,7 @@ fn hint(models: &Models, job: &Job, budget: &Budget) -> String {
             height: scale(job.height),
             ..job.clone()
         };
-        let p = predict(
-            models,
-            &smaller,
-            budget,
-            Residency::Stream,
-            TIERS[TIERS.len() - 1],
-        );
+        let p = predict(models, &smaller, budget, Residency::Stream, SMALLEST);
         if p.fits() {
             parts.push(format!(
                 "{}x{} (needs {} MiB)",
@@ -220,13 +221,6 @@ fn hint(models: &Models, job: &Job, budget: &Budget) -> String {
         .sum();
     let ratio = values as f64 * 18.0 / 32.0 / bytes.max(1) as f64;
     if ratio < 0.9 {
-        let smallest = predict(
-            models,
-            job,
-            budget,
-            Residency::Stream,
-            TIERS[TIERS.len() - 1],
-        );
         let needed = smallest
             .stages
             .iter()

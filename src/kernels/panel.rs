@@ -36,14 +36,14 @@ impl WeightRows for DenseRows<'_> {
 
 /// Rows per panel: as many as `budget` values allow; `scratch::pieces` keeps every panel at least
 /// `MIN_SPLIT` rows, so that every panelling gives the same bits.
-fn panel_rows(w: &dyn WeightRows, budget: usize) -> usize {
-    (budget / w.row_len().max(1)).clamp(1, w.rows().max(1))
+fn panel_rows(rows: usize, row_len: usize, budget: usize) -> usize {
+    (budget / row_len.max(1)).clamp(1, rows.max(1))
 }
 
 /// Bytes of f32 weights `LhsPanels` holds for `w` [rows, row_len] under a panel budget of `budget`
 /// values: the whole filter bank when it fits one panel, else one panel.
 pub fn panel_bytes(rows: usize, row_len: usize, budget: usize) -> u64 {
-    let step = longest_piece(rows, budget / row_len.max(1), MIN_SPLIT);
+    let step = longest_piece(rows, panel_rows(rows, row_len, budget), MIN_SPLIT);
     (step as u64 * row_len as u64).saturating_mul(4)
 }
 
@@ -60,7 +60,7 @@ fn matmul_weight_t_budget(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: 
     let m = x.len() / k;
     assert_eq!(m * k, x.len(), "input width");
     assert_eq!(y.len(), m * n, "output size");
-    let step = panel_rows(w, budget);
+    let step = panel_rows(w.rows(), w.row_len(), budget);
     let mut panel = zeroed(longest_piece(n, step, MIN_SPLIT) * k);
     for piece in pieces(n, step, MIN_SPLIT) {
         let (r0, rows) = (piece.start, piece.len());
@@ -97,7 +97,7 @@ impl<'w> LhsPanels<'w> {
                 gpu: Some(gpu),
             };
         }
-        let step = panel_rows(w, budget);
+        let step = panel_rows(w.rows(), w.row_len(), budget);
         let resident = (longest_piece(w.rows(), step, MIN_SPLIT) >= w.rows()).then(|| {
             let mut all = zeroed(w.rows() * w.row_len());
             w.read_rows(0, w.rows(), &mut all);

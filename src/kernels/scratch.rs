@@ -58,6 +58,9 @@ pub const TIERS: [Scratch; 3] = [
     },
 ];
 
+/// The smallest tier: the plan's last resort, and what the refusal's hints assume.
+pub const SMALLEST: Scratch = TIERS[TIERS.len() - 1];
+
 /// Products split into pieces keep more than this many rows or columns, so that every split
 /// gives the same bits as the unsplit product (see the module note).
 pub const MIN_SPLIT: usize = 65;

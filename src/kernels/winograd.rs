@@ -28,7 +28,7 @@ use rayon::prelude::*;
 use super::conv::Conv2dGeometry;
 use super::matmul::matmul_single_thread_strided;
 use super::panel::WeightRows;
-use super::scratch::Scratch;
+use super::scratch::{Scratch, MIN_SPLIT};
 use crate::tensor::Tensor;
 use transforms::{array, Lanes, Transforms, F2, F4, LANES};
 
@@ -58,13 +58,9 @@ impl WinogradTile {
     }
 }
 
-/// Smallest number of output channels a GEMM gets when there are more than this: above 64 rows
-/// the gemm crate's k-blocking (so the summation order) depends on k alone.
-const MIN_PANEL_ROWS: usize = 65;
-
 /// Sums over at most this many input channels are never split by the gemm crate, whatever the
 /// matrix sizes (its k-blocking is at least 512 on every path), so smaller convolutions may use
-/// panels (all of co) of fewer than MIN_PANEL_ROWS rows.
+/// panels (all of co) of fewer than MIN_SPLIT rows.
 const MAX_ONE_BLOCK_K: usize = 512;
 
 /// Fewest tiles (over the batch) a Winograd call needs to beat the implicit GEMM. Every call
@@ -87,7 +83,7 @@ pub fn winograd_choice(
     // channels, conv_out 4 outputs). Small panels need k ≤ MAX_ONE_BLOCK_K for determinism.
     // At least 8 columns: two tiles per tile row (a one-column GEMM takes gemm's
     // matrix-vector path, whose summation order differs).
-    let deterministic = co >= MIN_PANEL_ROWS || ci <= MAX_ONE_BLOCK_K;
+    let deterministic = co >= MIN_SPLIT || ci <= MAX_ONE_BLOCK_K;
     if !k3s1 || ci < 32 || co < 32 || !deterministic || w < 8 {
         return None;
     }
@@ -107,7 +103,7 @@ struct Plan {
     tile_rows: usize,
     /// Tile rows per block.
     block_rows: usize,
-    /// Output channel ranges, one per filter panel, each ≥ MIN_PANEL_ROWS rows (or all of co).
+    /// Output channel ranges, one per filter panel, each ≥ MIN_SPLIT rows (or all of co).
     panels: Vec<Range<usize>>,
     /// Loop over panels outside blocks (each block's input transformed once per panel) rather
     /// than blocks outside panels (each panel's filters transformed once per block): whichever
@@ -126,9 +122,9 @@ impl Plan {
         let (m, xi) = (tile.m(), tile.alpha() * tile.alpha());
         let (tiles_y, tiles_x) = (h.div_ceil(m), w.div_ceil(m));
         let tile_rows = n * tiles_y;
-        // Filter panels: as few as fit the panel budget, balanced, none below MIN_PANEL_ROWS.
+        // Filter panels: as few as fit the panel budget, balanced, none below MIN_SPLIT.
         let wanted = (co * xi * ci).div_ceil(panel_budget.max(1));
-        let count = wanted.min(co / MIN_PANEL_ROWS).max(1);
+        let count = wanted.min(co / MIN_SPLIT).max(1);
         let panels = (0..count)
             .map(|i| i * co / count..(i + 1) * co / count)
             .collect::<Vec<_>>();
@@ -237,7 +233,7 @@ pub fn conv3x3_winograd(
 }
 
 /// As `conv3x3_winograd`. Transformed input + products stay within `patch_budget` f32 values (at
-/// least one tile row), transformed filters within `panel_budget` (at least MIN_PANEL_ROWS rows).
+/// least one tile row), transformed filters within `panel_budget` (at least MIN_SPLIT rows).
 fn conv3x3(
     x: &Tensor,
     weight: &dyn WeightRows,

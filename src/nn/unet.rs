@@ -352,6 +352,17 @@ impl MapShape {
             .saturating_mul(4)
     }
 
+    /// Records a 3×3 convolution `ci` → `co` on the current map in `widest`: its im2col row, its
+    /// output row and its Winograd scratch.
+    fn see_conv3x3(&mut self, ci: usize, co: usize) {
+        let dims = (self.batch, ci, self.h, self.w);
+        let winograd = kernels::winograd_scratch_bytes(dims, co, K3, &self.scratch, self.threads);
+        let widest = &mut self.widest;
+        widest.k_dim = widest.k_dim.max(9 * ci);
+        widest.out_w = widest.out_w.max(self.w);
+        widest.winograd = widest.winograd.max(winograd);
+    }
+
     /// Peak of one block given the bytes already alive (`input_alive`: they include the block's
     /// input); advances the shape through it.
     fn walk(&mut self, block: &Block, alive: u64, input_alive: bool) -> u64 {
@@ -375,42 +386,22 @@ impl MapShape {
                 Layer::Up(_) => self.bytes(self.c) * 5,
             };
             peak = peak.max(alive.saturating_add(working.saturating_sub(counted)));
-            let widest = &mut self.widest;
-            widest.out_w = widest.out_w.max(self.w);
+            self.widest.out_w = self.widest.out_w.max(self.w);
             match layer {
                 Layer::Res(r) => {
-                    widest.k_dim = widest.k_dim.max(9 * r.in_ch.max(r.out_ch));
-                    for (ci, co) in [(r.in_ch, r.out_ch), (r.out_ch, r.out_ch)] {
-                        let dims = (self.batch, ci, self.h, self.w);
-                        let bytes = kernels::winograd_scratch_bytes(
-                            dims,
-                            co,
-                            K3,
-                            &self.scratch,
-                            self.threads,
-                        );
-                        widest.winograd = widest.winograd.max(bytes);
-                    }
+                    self.see_conv3x3(r.in_ch, r.out_ch);
+                    self.see_conv3x3(r.out_ch, r.out_ch);
                     self.c = r.out_ch;
                 }
                 Layer::Attn(a) => {
+                    let widest = &mut self.widest;
                     widest.keys = widest.keys.max(self.h * self.w);
                     widest.head_width = widest.head_width.max(a.channels / HEADS);
                 }
                 Layer::Down(_) => (self.h, self.w) = (self.h.div_ceil(2), self.w.div_ceil(2)),
                 Layer::Up(_) => {
                     (self.h, self.w) = (self.h * 2, self.w * 2);
-                    widest.k_dim = widest.k_dim.max(9 * self.c);
-                    widest.out_w = widest.out_w.max(self.w);
-                    let dims = (self.batch, self.c, self.h, self.w);
-                    let bytes = kernels::winograd_scratch_bytes(
-                        dims,
-                        self.c,
-                        K3,
-                        &self.scratch,
-                        self.threads,
-                    );
-                    widest.winograd = widest.winograd.max(bytes);
+                    self.see_conv3x3(self.c, self.c);
                 }
             }
         }

@@ -185,7 +185,7 @@ fn small_maps_and_no_bias() {
 
 /// The scratch formula matches the buffers `run` allocates; transformed input + products stay
 /// within the patch budget (or one tile row), transformed filters within the weight panel budget
-/// (or about MIN_PANEL_ROWS rows); at SD1.5's shapes the whole stays within the 48 MiB the governor
+/// (or about MIN_SPLIT rows); at SD1.5's shapes the whole stays within the 48 MiB the governor
 /// counts for a conv's patch and weight panels (`UNet::peak_activation_bytes`).
 #[test]
 fn scratch_bounded_by_budgets() {
@@ -212,9 +212,9 @@ fn scratch_bounded_by_budgets() {
         let (xi, t, p) = (plan.xi(), plan.block_tiles(), plan.panel_rows());
         let transformed = xi * ci * t + xi * p * t;
         assert!(transformed <= patch.max(xi * (ci + p) * plan.tiles_x));
-        // Balanced panels: one row over the budget at most, or fewer than 2 · MIN_PANEL_ROWS rows
-        // when the budget is below MIN_PANEL_ROWS rows (F(4,3) at 2560 input channels).
-        assert!(p * xi * ci <= (panel + xi * ci).max(xi * (2 * MIN_PANEL_ROWS - 1) * ci));
+        // Balanced panels: one row over the budget at most, or fewer than 2 · MIN_SPLIT rows
+        // when the budget is below MIN_SPLIT rows (F(4,3) at 2560 input channels).
+        assert!(p * xi * ci <= (panel + xi * ci).max(xi * (2 * MIN_SPLIT - 1) * ci));
         assert_eq!(
             plan.scratch_values(ci, 0),
             (transformed + p * xi * ci) as u64
