@@ -86,7 +86,7 @@ pub struct InputTransform<'a> {
 }
 
 impl InputTransform<'_> {
-    fn factor(&self) -> usize {
+    pub(super) fn factor(&self) -> usize {
         if self.upsample2x {
             2
         } else {
@@ -100,8 +100,13 @@ impl InputTransform<'_> {
         (c, h * self.factor(), w * self.factor())
     }
 
+    /// Whether the convolution sees its input as stored.
+    pub(super) fn is_identity(&self) -> bool {
+        self.affine.is_none() && !self.silu && !self.upsample2x
+    }
+
     /// Transforms one input row of channel `c` into `dst` (`factor` × as long).
-    fn apply(&self, c: usize, src: &[f32], dst: &mut [f32]) {
+    pub(super) fn apply(&self, c: usize, src: &[f32], dst: &mut [f32]) {
         match (self.affine, self.silu) {
             (Some((scale, shift)), true) => {
                 let (a, b) = (scale[c], shift[c]);

@@ -24,4 +24,7 @@ pub use norm::{
     group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, layer_norm_to, GroupStats,
 };
 pub use panel::{matmul_weight_t, panel_bytes, DenseRows, LhsPanels, WeightRows};
-pub use winograd::{conv3x3_winograd, winograd_choice, winograd_scratch_bytes, WinogradTile};
+pub use winograd::{
+    conv3x3_winograd, conv3x3_winograd_read, winograd_choice, winograd_scratch_bytes, WinogradConv,
+    WinogradInput, WinogradTile,
+};

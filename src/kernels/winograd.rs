@@ -25,14 +25,20 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::conv::Conv2dGeometry;
+use super::conv::{Conv2dGeometry, FeatureRows, InputTransform, Planes};
 use super::matmul::matmul_single_thread_strided;
 use super::panel::WeightRows;
 use super::scratch::{Scratch, MIN_SPLIT};
 use crate::tensor::Tensor;
-use transforms::{array, Lanes, Transforms, F2, F4, LANES};
+use tiles::{transform_filters, transform_input, transform_output};
+use transforms::{Transforms, F2, F4, LANES};
 
+mod tiles;
 mod transforms;
+
+/// One image of the map a Winograd convolution reads: its rows, seen through an input transform
+/// (GroupNorm + SiLU, 2× upsample) exactly as the implicit GEMM's gather sees them.
+pub type WinogradInput<'a> = (&'a dyn FeatureRows, InputTransform<'a>);
 
 /// The output tile of a Winograd convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,6 +103,11 @@ pub fn winograd_choice(
 #[derive(Clone, Debug)]
 struct Plan {
     tile: WinogradTile,
+    /// Height and width of the map the convolution sees (and writes).
+    seen: (usize, usize),
+    /// The call's first output row (a multiple of m) and its number of output rows.
+    y0: usize,
+    out_rows: usize,
     tiles_y: usize,
     tiles_x: usize,
     /// Tile rows over the whole batch (n · tiles_y).
@@ -112,15 +123,22 @@ struct Plan {
 }
 
 impl Plan {
+    /// Output rows `rows` of every image of a map `(n, ci, h, w)` (seen dims); `rows.start` is a
+    /// multiple of m.
     fn new(
         tile: WinogradTile,
         (n, ci, h, w): (usize, usize, usize, usize),
+        rows: Range<usize>,
         co: usize,
         patch_budget: usize,
         panel_budget: usize,
     ) -> Plan {
         let (m, xi) = (tile.m(), tile.alpha() * tile.alpha());
-        let (tiles_y, tiles_x) = (h.div_ceil(m), w.div_ceil(m));
+        assert!(
+            rows.start.is_multiple_of(m) && rows.end <= h,
+            "rows {rows:?} of {h}"
+        );
+        let (tiles_y, tiles_x) = (rows.len().div_ceil(m), w.div_ceil(m));
         let tile_rows = n * tiles_y;
         // Filter panels: as few as fit the panel budget, balanced, none below MIN_SPLIT.
         let wanted = (co * xi * ci).div_ceil(panel_budget.max(1));
@@ -141,6 +159,9 @@ impl Plan {
         let panel_outer = filters * blocks + inputs > filters + inputs * panels.len() as u64;
         Plan {
             tile,
+            seen: (h, w),
+            y0: rows.start,
+            out_rows: rows.len(),
             tiles_y,
             tiles_x,
             tile_rows,
@@ -168,21 +189,24 @@ impl Plan {
         self.tiles_x.next_multiple_of(LANES) + LANES
     }
 
-    /// f32 values held at once: transformed input, products, transformed filters, and per thread
-    /// the input lines (α raw + α column-transformed, each m phases), an output tile buffer and
-    /// one filter row (as read and by tap).
-    fn scratch_values(&self, ci: usize, threads: usize) -> u64 {
+    /// f32 values held at once: transformed input, products, transformed filters (unless
+    /// `resident`), and per thread the input lines (α raw + α column-transformed, each m phases)
+    /// and one transformed input row, an output tile buffer and one filter row (as read and by
+    /// tap).
+    fn scratch_values(&self, ci: usize, threads: usize, resident: bool) -> u64 {
         let (xi, t, p) = (
             self.xi() as u64,
             self.block_tiles() as u64,
             self.panel_rows() as u64,
         );
         let ci = ci as u64;
-        let shared = xi * ci * t + xi * p * t + xi * p * ci;
+        let filters = if resident { 0 } else { xi * p * ci };
+        let shared = xi * ci * t + xi * p * t + filters;
         let (m, alpha) = (self.tile.m() as u64, self.tile.alpha() as u64);
         let line = m * self.phase_len() as u64;
         let filter = 9 * (ci + ci.next_multiple_of(LANES as u64));
-        let per_thread = 2 * alpha * line + (alpha + m) * m * LANES as u64 + filter;
+        let per_thread =
+            2 * alpha * line + self.seen.1 as u64 + (alpha + m) * m * LANES as u64 + filter;
         shared.saturating_add(per_thread.saturating_mul(threads as u64))
     }
 }
@@ -206,8 +230,8 @@ pub fn winograd_scratch_bytes(
     match winograd_choice(geo, (n, ci, h, w), co) {
         Some(tile) => {
             let (patch_budget, panel_budget) = (scratch.conv_patch, scratch.weight_panel);
-            let plan = Plan::new(tile, (n, ci, h, w), co, patch_budget, panel_budget);
-            plan.scratch_values(ci, threads).saturating_mul(4)
+            let plan = Plan::new(tile, (n, ci, h, w), 0..h, co, patch_budget, panel_budget);
+            plan.scratch_values(ci, threads, false).saturating_mul(4)
         }
         None => 0,
     }
@@ -243,72 +267,186 @@ fn conv3x3(
     panel_budget: usize,
 ) -> Tensor {
     let (n, ci, h, w) = x.nchw();
-    let co = weight.rows();
-    assert_eq!(weight.row_len(), ci * 9, "conv weight size");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), co, "conv bias size");
-    }
-    let plan = Plan::new(tile, (n, ci, h, w), co, patch_budget, panel_budget);
-    let mut out = Tensor::zeros(vec![n, co, h, w]);
-    match tile {
-        WinogradTile::F2 => run::<2, 4, F2>(x, weight, bias, &plan, &mut out),
-        WinogradTile::F4 => run::<4, 6, F4>(x, weight, bias, &plan, &mut out),
-    }
-    out
+    let planes: Vec<Planes> = x
+        .data
+        .chunks_exact(ci * h * w)
+        .take(n)
+        .map(|image| Planes::new(image, (ci, h, w)))
+        .collect();
+    let images: Vec<WinogradInput> = planes
+        .iter()
+        .map(|p| (p as &dyn FeatureRows, InputTransform::default()))
+        .collect();
+    conv3x3_read(&images, weight, bias, tile, (patch_budget, panel_budget))
 }
 
-/// Whether the transforms run their AVX2 build (the same operations on 8-wide registers, so the
-/// same bits as the portable build).
-#[inline(always)]
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx2");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// Defines `$name`, which runs `$body` (an `#[inline(always)]` fn) compiled for AVX2 when the CPU
-/// has it, else its portable build.
-macro_rules! simd_variants {
-    ($name:ident, $avx2:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
-        fn $name<const M: usize, const A: usize, F: Transforms<M, A>>($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                // SAFETY: AVX2 was detected just above.
-                return unsafe { $avx2::<M, A, F>($($arg),*) };
-            }
-            $body::<M, A, F>($($arg),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
-        unsafe fn $avx2<const M: usize, const A: usize, F: Transforms<M, A>>($($arg: $ty),*) {
-            $body::<M, A, F>($($arg),*)
-        }
-    };
-}
-
-/// The whole convolution as `plan` cuts it: blocks of tile rows × filter panels, each a transform
-/// of the input and of the filters, α² GEMMs (one per task) and the output transform into `out`.
-fn run<const M: usize, const A: usize, F: Transforms<M, A>>(
-    x: &Tensor,
+/// The Winograd convolution of every image of `images` (the map each convolution sees through its
+/// transform) → [n, co, h, w], as `conv3x3_winograd`.
+pub fn conv3x3_winograd_read(
+    images: &[WinogradInput],
     weight: &dyn WeightRows,
     bias: Option<&[f32]>,
-    plan: &Plan,
-    out: &mut Tensor,
-) {
-    let (n, ci, h, w) = x.nchw();
-    let co = weight.rows();
-    let xi = A * A;
-    let panel_rows = plan.panel_rows();
-    let mut v = vec![0.0f32; ci * xi * plan.block_tiles()];
-    let mut products = vec![0.0f32; xi * panel_rows * plan.block_tiles()];
-    let mut u = vec![0.0f32; panel_rows * xi * ci];
+    tile: WinogradTile,
+) -> Tensor {
+    conv3x3_read(images, weight, bias, tile, budgets())
+}
+
+fn conv3x3_read(
+    images: &[WinogradInput],
+    weight: &dyn WeightRows,
+    bias: Option<&[f32]>,
+    tile: WinogradTile,
+    (patch_budget, panel_budget): (usize, usize),
+) -> Tensor {
+    let Some(&(first, t)) = images.first() else {
+        return Tensor::zeros(vec![0, weight.rows(), 0, 0]);
+    };
+    let (ci, h, w) = t.seen_dims(first);
+    let (n, co) = (images.len(), weight.rows());
+    let plan = Plan::new(tile, (n, ci, h, w), 0..h, co, patch_budget, panel_budget);
+    let mut out = Tensor::zeros(vec![n, co, h, w]);
     // Output planes by channel: planes[o][b] (each (b, o) plane is written by one task).
     let mut planes: Vec<Vec<&mut [f32]>> = (0..co).map(|_| Vec::with_capacity(n)).collect();
     for (i, plane) in out.data.chunks_mut(h * w).enumerate() {
         planes[i % co].push(plane);
     }
+    run_tile(images, weight, None, bias, &plan, &mut planes);
+    out
+}
+
+/// A Winograd convolution computed band by band (the VAE decoder's streaming passes): all its
+/// filters are transformed once, when built, and kept for every call.
+pub struct WinogradConv<'w> {
+    weight: &'w dyn WeightRows,
+    bias: Option<&'w [f32]>,
+    tile: WinogradTile,
+    /// U [co, ξ, ci].
+    filters: Vec<f32>,
+}
+
+impl<'w> WinogradConv<'w> {
+    /// `weight` [co, ci·9], `bias` [co].
+    pub fn new(weight: &'w dyn WeightRows, bias: Option<&'w [f32]>, tile: WinogradTile) -> Self {
+        let (co, ci) = (weight.rows(), weight.row_len() / 9);
+        let xi = tile.alpha() * tile.alpha();
+        let mut filters = vec![0.0; co * xi * ci];
+        match tile {
+            WinogradTile::F2 => transform_filters::<2, 4, F2>(weight, 0..co, &mut filters),
+            WinogradTile::F4 => transform_filters::<4, 6, F4>(weight, 0..co, &mut filters),
+        }
+        WinogradConv {
+            weight,
+            bias,
+            tile,
+            filters,
+        }
+    }
+
+    /// Output rows per call for a map of `ci → co` channels seen at `h × w`: whole tile rows, as
+    /// many as fit the patch budget of `scratch` (at least one). Calls that start at multiples
+    /// of this issue the same GEMMs, hence the same bits, however their output is stored.
+    pub fn call_rows(tile: WinogradTile, (ci, h, w): (usize, usize, usize), co: usize) -> usize {
+        let (patch_budget, panel_budget) = budgets();
+        let plan = Plan::new(tile, (1, ci, h, w), 0..h, co, patch_budget, panel_budget);
+        (plan.block_rows * tile.m()).min(h)
+    }
+
+    /// Bytes held while running calls of at most `call_rows` output rows on `threads` threads:
+    /// the transformed filters and the scratch of one call.
+    pub fn held_bytes(
+        tile: WinogradTile,
+        (ci, h, w): (usize, usize, usize),
+        co: usize,
+        call_rows: usize,
+        scratch: &Scratch,
+        threads: usize,
+    ) -> u64 {
+        let xi = (tile.alpha() * tile.alpha()) as u64;
+        let filters = xi * ci as u64 * co as u64;
+        let rows = 0..call_rows.min(h);
+        let plan = Plan::new(
+            tile,
+            (1, ci, h, w),
+            rows,
+            co,
+            scratch.conv_patch,
+            scratch.weight_panel,
+        );
+        filters
+            .saturating_add(plan.scratch_values(ci, threads, true))
+            .saturating_mul(4)
+    }
+
+    /// Output rows `rows` (`rows.start` a multiple of m) of the convolution of `input` read
+    /// through `t`, bias added, into `out` [co, rows.len() · w].
+    pub fn rows(
+        &self,
+        input: &dyn FeatureRows,
+        t: InputTransform,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (ci, h, w) = t.seen_dims(input);
+        let co = self.weight.rows();
+        assert_eq!(self.weight.row_len(), ci * 9, "conv weight size");
+        assert_eq!(out.len(), co * rows.len() * w, "conv band size");
+        let (patch, panel) = budgets();
+        let plan = Plan::new(self.tile, (1, ci, h, w), rows, co, patch, panel);
+        let mut planes: Vec<Vec<&mut [f32]>> = out
+            .chunks_mut(plan.out_rows * w)
+            .map(|plane| vec![plane])
+            .collect();
+        run_tile(
+            &[(input, t)],
+            self.weight,
+            Some(&self.filters),
+            self.bias,
+            &plan,
+            &mut planes,
+        );
+    }
+}
+
+/// `run` for the plan's tile.
+fn run_tile(
+    images: &[WinogradInput],
+    weight: &dyn WeightRows,
+    filters: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    plan: &Plan,
+    planes: &mut [Vec<&mut [f32]>],
+) {
+    if let Some(b) = bias {
+        assert_eq!(b.len(), weight.rows(), "conv bias size");
+    }
+    match plan.tile {
+        WinogradTile::F2 => run::<2, 4, F2>(images, weight, filters, bias, plan, planes),
+        WinogradTile::F4 => run::<4, 6, F4>(images, weight, filters, bias, plan, planes),
+    }
+}
+
+/// The whole call as `plan` cuts it: blocks of tile rows × filter panels, each a transform of the
+/// input and of the filters (unless all are given transformed in `filters`), α² GEMMs (one per
+/// task) and the output transform into `planes[o][b]`.
+fn run<const M: usize, const A: usize, F: Transforms<M, A>>(
+    images: &[WinogradInput],
+    weight: &dyn WeightRows,
+    filters: Option<&[f32]>,
+    bias: Option<&[f32]>,
+    plan: &Plan,
+    planes: &mut [Vec<&mut [f32]>],
+) {
+    let (ci, co) = (weight.row_len() / 9, weight.rows());
+    let xi = A * A;
+    let panel_rows = plan.panel_rows();
+    let mut v = vec![0.0f32; ci * xi * plan.block_tiles()];
+    let mut products = vec![0.0f32; xi * panel_rows * plan.block_tiles()];
+    let u_len = if filters.is_some() {
+        0
+    } else {
+        panel_rows * xi * ci
+    };
+    let mut u = vec![0.0f32; u_len];
     let blocks = (0..plan.tile_rows)
         .step_by(plan.block_rows)
         .map(|r0| r0..(r0 + plan.block_rows).min(plan.tile_rows));
@@ -332,286 +470,39 @@ fn run<const M: usize, const A: usize, F: Transforms<M, A>>(
             bias.map(|b| &b[panel.clone()]),
             plan,
             rows.clone(),
-            (h, w),
         );
     };
-    let u_len = |panel: &Range<usize>| panel.len() * xi * ci;
-    if plan.panel_outer {
+    let u_range = |panel: &Range<usize>| panel.start * xi * ci..panel.end * xi * ci;
+    if let Some(all) = filters {
+        assert_eq!(all.len(), co * xi * ci, "transformed filters");
+        for rows in blocks {
+            let v = &mut v[..ci * xi * rows.len() * plan.tiles_x];
+            transform_input::<M, A, F>(images, plan, rows.clone(), v);
+            for panel in &plan.panels {
+                multiply(panel, &rows, &all[u_range(panel)], v);
+            }
+        }
+    } else if plan.panel_outer {
         for panel in &plan.panels {
-            let u = &mut u[..u_len(panel)];
+            let u = &mut u[..panel.len() * xi * ci];
             transform_filters::<M, A, F>(weight, panel.clone(), u);
             for rows in blocks.clone() {
                 let v = &mut v[..ci * xi * rows.len() * plan.tiles_x];
-                transform_input::<M, A, F>(x, plan, rows.clone(), v);
+                transform_input::<M, A, F>(images, plan, rows.clone(), v);
                 multiply(panel, &rows, u, v);
             }
         }
     } else {
         for rows in blocks {
             let v = &mut v[..ci * xi * rows.len() * plan.tiles_x];
-            transform_input::<M, A, F>(x, plan, rows.clone(), v);
+            transform_input::<M, A, F>(images, plan, rows.clone(), v);
             for (i, panel) in plan.panels.iter().enumerate() {
-                let u = &mut u[..u_len(panel)];
+                let u = &mut u[..panel.len() * xi * ci];
                 // One panel holds every filter: transformed once, for the first block.
                 if plan.panels.len() > 1 || rows.start == 0 && i == 0 {
                     transform_filters::<M, A, F>(weight, panel.clone(), u);
                 }
                 multiply(panel, &rows, u, v);
-            }
-        }
-    }
-}
-
-/// U for output channels `panel` into `u` [panel, ξ, ci]: `u[(o·α² + i·α + j)·ci + c]` =
-/// (G g Gᵀ)[i][j] for the filter g of (o, c). Each task reads its own rows: a weight row is read
-/// once, by the thread that transforms it.
-fn transform_filters<const M: usize, const A: usize, F: Transforms<M, A>>(
-    weight: &dyn WeightRows,
-    panel: Range<usize>,
-    u: &mut [f32],
-) {
-    let ci = weight.row_len() / 9;
-    u.par_chunks_mut(A * A * ci).zip(panel).for_each_init(
-        || vec![0.0f32; 9 * ci + 9 * ci.next_multiple_of(LANES)],
-        |buf, (dst, o)| {
-            let (row, taps) = buf.split_at_mut(9 * ci);
-            weight.read_rows(o, 1, row);
-            filter_row::<M, A, F>(row, taps, dst);
-        },
-    );
-}
-
-/// One output channel's filters `row` [ci, 3, 3] → `dst` [ξ, ci], LANES input channels at a time;
-/// `taps` (9 · ci rounded up to LANES) receives the taps input channel fastest.
-#[inline(always)]
-fn filter_row_body<const M: usize, const A: usize, F: Transforms<M, A>>(
-    row: &[f32],
-    taps: &mut [f32],
-    dst: &mut [f32],
-) {
-    let ci = row.len() / 9;
-    let stride = taps.len() / 9;
-    for (c, g) in row.chunks_exact(9).enumerate() {
-        for (k, &tap) in g.iter().enumerate() {
-            taps[k * stride + c] = tap;
-        }
-    }
-    for c in (0..ci).step_by(LANES) {
-        let n = LANES.min(ci - c);
-        let g: [Lanes; 9] = array(|k| Lanes::load(&taps[k * stride + c..]));
-        // Along columns (over dy) for each dx, then along rows (over dx).
-        let cols = [0, 1, 2].map(|dx| F::filter([g[dx], g[3 + dx], g[6 + dx]]));
-        for i in 0..A {
-            let r = F::filter([cols[0][i], cols[1][i], cols[2][i]]);
-            for (j, val) in r.into_iter().enumerate() {
-                val.store_first(n, &mut dst[(i * A + j) * ci + c..]);
-            }
-        }
-    }
-}
-
-/// V for tile rows `rows` (over the batch) into `v` [ci, ξ, tiles]: `v[(c·α² + i·α + j)·T + t]` =
-/// (Bᵀ d B)[i][j] for the input tile d of tile t (zero outside the image).
-fn transform_input<const M: usize, const A: usize, F: Transforms<M, A>>(
-    x: &Tensor,
-    plan: &Plan,
-    rows: Range<usize>,
-    v: &mut [f32],
-) {
-    let (_, ci, h, w) = x.nchw();
-    let t = rows.len() * plan.tiles_x;
-    let phase = plan.phase_len();
-    v.par_chunks_mut(A * A * t).enumerate().for_each_init(
-        || vec![0.0f32; 2 * A * M * phase],
-        |buf, (c, dst)| {
-            for (rr, r) in rows.clone().enumerate() {
-                let (b, ty) = (r / plan.tiles_y, r % plan.tiles_y);
-                let plane = &x.data[(b * ci + c) * h * w..(b * ci + c + 1) * h * w];
-                let base = rr * plan.tiles_x;
-                input_tile_row::<M, A, F>(plane, (h, w), ty, plan, buf, (dst, t, base));
-            }
-        },
-    );
-}
-
-/// The transformed tiles of tile row `ty` of one channel's `plane`: point (i, j) of tile tx goes
-/// to `dst[(i·α + j)·stride + base + tx]`. `buf` holds 2 · α · M · phase_len values.
-///
-/// The α input rows are read into M phases (padded column px = M·q + k goes to phase k, slot q),
-/// so that the input of tile tx at column j is slot tx + j / M of phase j % M: both passes then
-/// work on runs of consecutive tiles.
-#[inline(always)]
-fn input_tile_row_body<const M: usize, const A: usize, F: Transforms<M, A>>(
-    plane: &[f32],
-    (h, w): (usize, usize),
-    ty: usize,
-    plan: &Plan,
-    buf: &mut [f32],
-    (dst, stride, base): (&mut [f32], usize, usize),
-) {
-    let phase = plan.phase_len();
-    let line_len = M * phase;
-    let (lines, cols) = buf.split_at_mut(A * line_len);
-    for (i, line) in lines.chunks_exact_mut(line_len).enumerate() {
-        line.fill(0.0);
-        let y = (ty * M + i).wrapping_sub(1);
-        if y < h {
-            // Input column x is padded column px = x + 1: x = M·q + k − 1 goes to slot q of phase
-            // k for k ≥ 1, and x = M·q + M − 1 to slot q + 1 of phase 0.
-            let row = &plane[y * w..(y + 1) * w];
-            let (phase0, rest) = line.split_at_mut(phase);
-            let chunks = row.chunks_exact(M);
-            let tail = chunks.remainder();
-            let whole = row.len() / M;
-            for (q, chunk) in chunks.enumerate() {
-                for k in 1..M {
-                    rest[(k - 1) * phase + q] = chunk[k - 1];
-                }
-                phase0[q + 1] = chunk[M - 1];
-            }
-            for (k, &val) in tail.iter().enumerate() {
-                rest[k * phase + whole] = val;
-            }
-        }
-    }
-    // Along columns: every padded column of the tile row at once.
-    for at in (0..line_len).step_by(LANES) {
-        let d = array(|i| Lanes::load(&lines[i * line_len + at..]));
-        for (i, val) in F::input(d).into_iter().enumerate() {
-            val.store(&mut cols[i * line_len + at..]);
-        }
-    }
-    // Along rows, LANES tiles at a time.
-    let tiles_x = plan.tiles_x;
-    for tx in (0..tiles_x).step_by(LANES) {
-        let n = LANES.min(tiles_x - tx);
-        for i in 0..A {
-            let row = &cols[i * line_len..(i + 1) * line_len];
-            let d = array(|j| Lanes::load(&row[(j % M) * phase + tx + j / M..]));
-            for (j, val) in F::input(d).into_iter().enumerate() {
-                val.store_first(n, &mut dst[(i * A + j) * stride + base + tx..]);
-            }
-        }
-    }
-}
-
-/// Y = Aᵀ M A (+ bias) for tile rows `rows` from `products` [ξ, panel, tiles] into the planes of
-/// the panel's output channels (`planes[o][b]`), clipped to the image.
-fn transform_output<const M: usize, const A: usize, F: Transforms<M, A>>(
-    products: &[f32],
-    planes: &mut [Vec<&mut [f32]>],
-    bias: Option<&[f32]>,
-    plan: &Plan,
-    rows: Range<usize>,
-    (h, w): (usize, usize),
-) {
-    let p = planes.len();
-    let tiles_x = plan.tiles_x;
-    let t = rows.len() * tiles_x;
-    planes.par_iter_mut().enumerate().for_each_init(
-        || vec![0.0f32; (A + M) * M * LANES],
-        |buf, (o, images)| {
-            let bias = bias.map_or(0.0, |b| b[o]);
-            for (rr, r) in rows.clone().enumerate() {
-                let (b, ty) = (r / plan.tiles_y, r % plan.tiles_y);
-                let first = (o * t + rr * tiles_x, p * t);
-                output_tile_row::<M, A, F>(products, first, images[b], (h, w), ty, bias, buf);
-            }
-        },
-    );
-}
-
-/// Output row block `ty` (M rows of `plane`, clipped) + `bias` from the products of its tiles:
-/// point ξ of tile tx is `products[start + ξ·stride + tx]`.
-#[inline(always)]
-fn output_tile_row_body<const M: usize, const A: usize, F: Transforms<M, A>>(
-    products: &[f32],
-    (start, stride): (usize, usize),
-    plane: &mut [f32],
-    (h, w): (usize, usize),
-    ty: usize,
-    bias: f32,
-    buf: &mut [f32],
-) {
-    let tiles_x = w.div_ceil(M);
-    for tx in (0..tiles_x).step_by(LANES) {
-        output_tiles::<M, A, F>(products, (start + tx, stride), tiles_x - tx, buf);
-        let (x0, y0) = (tx * M, ty * M);
-        let cols = ((tiles_x - tx).min(LANES) * M).min(w - x0);
-        for (pi, y) in buf.chunks_exact(M * LANES).take(M).enumerate() {
-            if y0 + pi >= h {
-                break;
-            }
-            let dst = &mut plane[(y0 + pi) * w + x0..][..cols];
-            for (d, &v) in dst.iter_mut().zip(y) {
-                *d = v + bias;
-            }
-        }
-    }
-}
-
-simd_variants!(
-    filter_row,
-    filter_row_avx2,
-    filter_row_body,
-    (row: &[f32], taps: &mut [f32], dst: &mut [f32])
-);
-
-simd_variants!(
-    input_tile_row,
-    input_tile_row_avx2,
-    input_tile_row_body,
-    (
-        plane: &[f32],
-        hw: (usize, usize),
-        ty: usize,
-        plan: &Plan,
-        buf: &mut [f32],
-        dst: (&mut [f32], usize, usize)
-    )
-);
-
-simd_variants!(
-    output_tile_row,
-    output_tile_row_avx2,
-    output_tile_row_body,
-    (
-        products: &[f32],
-        first: (usize, usize),
-        plane: &mut [f32],
-        hw: (usize, usize),
-        ty: usize,
-        bias: f32,
-        buf: &mut [f32]
-    )
-);
-
-/// Aᵀ M A for the next min(LANES, `left`) tiles, point ξ of tile l being `products[start +
-/// ξ·stride + l]`. Leaves row p of the output tiles in `buf[p·M·LANES ..]`, the tiles side by side
-/// (tile l, column q at l·M + q); `buf` also holds α·M partly transformed lanes after those.
-#[inline(always)]
-fn output_tiles<const M: usize, const A: usize, F: Transforms<M, A>>(
-    products: &[f32],
-    (start, stride): (usize, usize),
-    left: usize,
-    buf: &mut [f32],
-) {
-    let n = left.min(LANES);
-    let (out, by_row) = buf.split_at_mut(M * M * LANES);
-    // Along rows: point (i, q) of the partly transformed tiles.
-    for i in 0..A {
-        let d = array(|j| Lanes::load_first(n, &products[start + (i * A + j) * stride..]));
-        for (q, val) in F::output(d).into_iter().enumerate() {
-            val.store(&mut by_row[(i * M + q) * LANES..]);
-        }
-    }
-    // Along columns, interleaving the tiles' columns into output rows.
-    for q in 0..M {
-        let d = array(|i| Lanes::load(&by_row[(i * M + q) * LANES..]));
-        for (pi, val) in F::output(d).into_iter().enumerate() {
-            let row = &mut out[pi * M * LANES..(pi + 1) * M * LANES];
-            for (l, &v) in val.0.iter().enumerate() {
-                row[l * M + q] = v;
             }
         }
     }

@@ -9,7 +9,9 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::kernels::{self, Conv2dGeometry, FeatureRows, InputTransform, RowConv, WeightRows};
+use crate::kernels::{
+    self, Conv2dGeometry, FeatureRows, InputTransform, RowConv, WeightRows, WinogradInput,
+};
 use crate::tensor::{zeroed, Tensor};
 use crate::weights::{Param, Weights};
 
@@ -158,19 +160,29 @@ impl Conv2d {
             return kernels::conv2d(x, &self.weight, None, self.geo);
         }
         let up = if read.upsample2x { 2 } else { 1 };
+        let transform = |b: usize| InputTransform {
+            affine: read
+                .norm
+                .as_ref()
+                .map(|norm| (&norm[b].0[..], &norm[b].1[..])),
+            silu: read.silu,
+            upsample2x: read.upsample2x,
+        };
+        let images: Vec<ImageRows> = (0..n).map(|b| x.image(b)).collect();
+        let seen = (n, c, h * up, w * up);
+        if let Some(tile) = kernels::winograd_choice(self.geo, seen, self.out_ch) {
+            let inputs: Vec<WinogradInput> = images
+                .iter()
+                .enumerate()
+                .map(|(b, image)| (image as &dyn FeatureRows, transform(b)))
+                .collect();
+            return kernels::conv3x3_winograd_read(&inputs, &self.weight, None, tile);
+        }
         let (oh, ow) = self.geo.out_size(h * up, w * up);
         let mut out = Tensor::zeros(vec![n, self.out_ch, oh, ow]);
         let mut conv = RowConv::new(&self.weight, None, self.geo);
         for (b, out) in out.data.chunks_mut(self.out_ch * oh * ow).enumerate() {
-            let t = InputTransform {
-                affine: read
-                    .norm
-                    .as_ref()
-                    .map(|norm| (&norm[b].0[..], &norm[b].1[..])),
-                silu: read.silu,
-                upsample2x: read.upsample2x,
-            };
-            conv.rows(&x.image(b), t, 0..oh, out);
+            conv.rows(&images[b], transform(b), 0..oh, out);
         }
         out
     }

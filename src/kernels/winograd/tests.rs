@@ -208,7 +208,7 @@ fn scratch_bounded_by_budgets() {
             continue;
         };
         chosen += 1;
-        let plan = Plan::new(tile, dims, co, patch, panel);
+        let plan = Plan::new(tile, dims, 0..s, co, patch, panel);
         let (xi, t, p) = (plan.xi(), plan.block_tiles(), plan.panel_rows());
         let transformed = xi * ci * t + xi * p * t;
         assert!(transformed <= patch.max(xi * (ci + p) * plan.tiles_x));
@@ -216,11 +216,114 @@ fn scratch_bounded_by_budgets() {
         // when the budget is below MIN_SPLIT rows (F(4,3) at 2560 input channels).
         assert!(p * xi * ci <= (panel + xi * ci).max(xi * (2 * MIN_SPLIT - 1) * ci));
         assert_eq!(
-            plan.scratch_values(ci, 0),
+            plan.scratch_values(ci, 0, false),
             (transformed + p * xi * ci) as u64
         );
         let bytes = winograd_scratch_bytes(dims, co, K3, &TIERS[0], 2);
         assert!(bytes <= 48 << 20, "{ci}->{co} @{s}²: {bytes} bytes");
     }
     assert!(chosen >= 7, "Winograd chosen for {chosen} of the shapes");
+}
+
+/// The map a convolution sees through `t`, materialised with the gather's own operations.
+fn seen_map(x: &Tensor, t: InputTransform) -> Tensor {
+    let (n, ci, h, w) = x.nchw();
+    let up = t.factor();
+    let mut data = vec![0.0f32; n * ci * h * up * w * up];
+    for (i, plane) in data.chunks_mut(h * up * w * up).enumerate() {
+        let src = &x.data[i * h * w..(i + 1) * h * w];
+        for (y, row) in plane.chunks_mut(w * up).enumerate() {
+            t.apply(i % ci, &src[(y / up) * w..(y / up + 1) * w], row);
+        }
+    }
+    Tensor::new(vec![n, ci, h * up, w * up], data)
+}
+
+/// Reading through a GroupNorm + SiLU affine, a 2× upsample or both gives the bits of convolving
+/// the materialised map (the UNet's ResNet and upsampler convolutions take this path), per image
+/// with its own affine.
+#[test]
+fn reads_through_input_transforms_as_the_materialised_map() {
+    let (n, ci, co, h, w) = (2, 40, 70, 7, 9);
+    let Case { x, wt, bias } = case(n, ci, co, h, w);
+    let rows = DenseRows {
+        data: &wt,
+        rows: co,
+    };
+    let affine: Vec<(Vec<f32>, Vec<f32>)> = (0..n as u64)
+        .map(|b| (uniform(ci, 10 + b, 2.0), uniform(ci, 20 + b, 1.0)))
+        .collect();
+    for (norm, upsample2x) in [(true, false), (false, true), (true, true)] {
+        let transform = |b: usize| InputTransform {
+            affine: norm.then(|| (&affine[b].0[..], &affine[b].1[..])),
+            silu: norm,
+            upsample2x,
+        };
+        let planes: Vec<Planes> = x
+            .data
+            .chunks_exact(ci * h * w)
+            .map(|image| Planes::new(image, (ci, h, w)))
+            .collect();
+        let inputs: Vec<WinogradInput> = planes
+            .iter()
+            .enumerate()
+            .map(|(b, p)| (p as &dyn FeatureRows, transform(b)))
+            .collect();
+        let seen: Vec<Tensor> = (0..n)
+            .map(|b| {
+                let image = x.data[b * ci * h * w..(b + 1) * ci * h * w].to_vec();
+                let image = Tensor::new(vec![1, ci, h, w], image);
+                seen_map(&image, transform(b))
+            })
+            .collect();
+        let mut whole = seen[0].clone();
+        whole.shape[0] = n;
+        whole.data.extend_from_slice(&seen[1].data);
+        for tile in [WinogradTile::F2, WinogradTile::F4] {
+            let got = conv3x3_winograd_read(&inputs, &rows, Some(&bias), tile);
+            let want = conv3x3_winograd(&whole, &rows, Some(&bias), tile);
+            assert!(
+                got.data == want.data,
+                "{tile:?} norm {norm} up {upsample2x}"
+            );
+        }
+    }
+}
+
+/// `WinogradConv::rows` (filters transformed once) computes any run of output rows starting at a
+/// multiple of m with the bits of the whole-map call, whatever the thread count; F(4,3) and F(2,3).
+#[test]
+fn rows_in_bands_equal_the_whole_map() {
+    let (ci, co, h, w) = (48, 66, 23, 19);
+    let Case { x, wt, bias } = case(1, ci, co, h, w);
+    let rows = DenseRows {
+        data: &wt,
+        rows: co,
+    };
+    let planes = Planes::new(&x.data, (ci, h, w));
+    let t = InputTransform::default();
+    for tile in [WinogradTile::F2, WinogradTile::F4] {
+        let want = conv3x3_winograd(&x, &rows, Some(&bias), tile);
+        let conv = WinogradConv::new(&rows, Some(&bias), tile);
+        let step_rows = WinogradConv::call_rows(tile, (ci, h, w), co);
+        for step in [tile.m(), 3 * tile.m(), step_rows, h] {
+            for threads in [1, 2] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got = vec![0.0f32; co * h * w];
+                for r0 in (0..h).step_by(step) {
+                    let r1 = (r0 + step).min(h);
+                    let mut band = vec![0.0f32; co * (r1 - r0) * w];
+                    pool.install(|| conv.rows(&planes, t, r0..r1, &mut band));
+                    for o in 0..co {
+                        got[(o * h + r0) * w..(o * h + r1) * w]
+                            .copy_from_slice(&band[o * (r1 - r0) * w..(o + 1) * (r1 - r0) * w]);
+                    }
+                }
+                assert!(got == want.data, "{tile:?} step {step} threads {threads}");
+            }
+        }
+    }
 }
