@@ -351,6 +351,12 @@ impl<'w> WinogradConv<'w> {
         (plan.block_rows * tile.m()).min(h)
     }
 
+    /// Bytes of the transformed filters of a `ci → co` convolution.
+    pub fn filter_bytes(tile: WinogradTile, ci: usize, co: usize) -> u64 {
+        let xi = (tile.alpha() * tile.alpha()) as u64;
+        (xi * ci as u64 * co as u64).saturating_mul(4)
+    }
+
     /// Bytes held while running calls of at most `call_rows` output rows on `threads` threads:
     /// the transformed filters and the scratch of one call.
     pub fn held_bytes(
@@ -361,8 +367,6 @@ impl<'w> WinogradConv<'w> {
         scratch: &Scratch,
         threads: usize,
     ) -> u64 {
-        let xi = (tile.alpha() * tile.alpha()) as u64;
-        let filters = xi * ci as u64 * co as u64;
         let rows = 0..call_rows.min(h);
         let plan = Plan::new(
             tile,
@@ -372,9 +376,8 @@ impl<'w> WinogradConv<'w> {
             scratch.conv_patch,
             scratch.weight_panel,
         );
-        filters
-            .saturating_add(plan.scratch_values(ci, threads, true))
-            .saturating_mul(4)
+        let scratch = plan.scratch_values(ci, threads, true).saturating_mul(4);
+        Self::filter_bytes(tile, ci, co).saturating_add(scratch)
     }
 
     /// Output rows `rows` (`rows.start` a multiple of m) of the convolution of `input` read

@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::{
     conv_patch_bytes, conv_tile_rows, group_norm_stats, group_norm_stats_bytes, panel_bytes,
-    Conv2dGeometry, InputTransform, RowConv,
+    winograd_choice, Conv2dGeometry, FeatureRows, InputTransform, RowConv, WinogradConv,
+    WinogradTile,
 };
 use crate::weights::{Param, Weights};
 
@@ -49,12 +50,25 @@ impl Conv {
         })
     }
 
-    fn runner(&self) -> RowConv<'_> {
-        RowConv::new(&self.weight, Some(&self.bias), self.geo)
+    /// The Winograd tile this convolution takes on an `h × w` map (the UNet's rule), if any.
+    fn winograd(&self, (h, w): (usize, usize)) -> Option<WinogradTile> {
+        winograd_choice(self.geo, (1, self.in_ch, h, w), self.out_ch)
     }
 
+    fn runner(&self, hw: (usize, usize)) -> Runner<'_> {
+        match self.winograd(hw) {
+            Some(tile) => Runner::Winograd(WinogradConv::new(&self.weight, Some(&self.bias), tile)),
+            None => Runner::Gemm(RowConv::new(&self.weight, Some(&self.bias), self.geo)),
+        }
+    }
+
+    /// Output rows per call on an `h × w` map: fixed by the shape, so every banding issues the
+    /// same calls.
     fn tile_rows(&self, h: usize, w: usize) -> usize {
-        conv_tile_rows(self.in_ch, self.geo, h, w)
+        match self.winograd((h, w)) {
+            Some(tile) => WinogradConv::call_rows(tile, (self.in_ch, h, w), self.out_ch),
+            None => conv_tile_rows(self.in_ch, self.geo, h, w),
+        }
     }
 
     /// The filters as `RowConv` holds them: whole when they fit one weight panel, else one panel.
@@ -63,16 +77,48 @@ impl Conv {
         panel_bytes(self.out_ch, row_len, Scratch::default().weight_panel)
     }
 
-    /// Filters + patch, held while a pass runs this convolution on an `h × w` map, `rows` output
-    /// rows per call.
+    /// Filters + patch (Winograd: transformed filters + one call's scratch), held while a pass
+    /// runs this convolution on an `h × w` map, `rows` output rows per call.
     fn held_bytes(&self, (h, w): (usize, usize), rows: usize) -> u64 {
-        self.filter_bytes().saturating_add(conv_patch_bytes(
-            self.in_ch,
-            self.geo,
-            (h, w),
-            rows,
-            Scratch::default().conv_patch,
-        ))
+        let scratch = Scratch::default();
+        if let Some(tile) = self.winograd((h, w)) {
+            let threads = rayon::current_num_threads();
+            let dims = (self.in_ch, h, w);
+            return WinogradConv::held_bytes(tile, dims, self.out_ch, rows, &scratch, threads);
+        }
+        let patch = conv_patch_bytes(self.in_ch, self.geo, (h, w), rows, scratch.conv_patch);
+        self.filter_bytes().saturating_add(patch)
+    }
+
+    /// What GEMM's packed operands may add on top of `held_bytes`: at most the operands of one
+    /// call again (Winograd's transformed filters are read a GEMM at a time, not packed whole).
+    fn gemm_bytes(&self, hw: (usize, usize), rows: usize) -> u64 {
+        let resident = match self.winograd(hw) {
+            Some(tile) => WinogradConv::filter_bytes(tile, self.in_ch, self.out_ch),
+            None => 0,
+        };
+        self.held_bytes(hw, rows).saturating_sub(resident)
+    }
+}
+
+/// A convolution ready for a pass: Winograd (filters transformed once) or implicit GEMM.
+enum Runner<'a> {
+    Gemm(RowConv<'a>),
+    Winograd(WinogradConv<'a>),
+}
+
+impl Runner<'_> {
+    fn rows(
+        &mut self,
+        input: &dyn FeatureRows,
+        t: InputTransform,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        match self {
+            Runner::Gemm(conv) => conv.rows(input, t, rows, out),
+            Runner::Winograd(conv) => conv.rows(input, t, rows, out),
+        }
     }
 }
 
@@ -131,7 +177,7 @@ pub(super) fn stream(
     let step = convs[0].0.tile_rows(h, w);
     let widest = convs.iter().map(|(c, _)| c.out_ch).max().unwrap_or(0);
     let mut tile = vec![0.0; widest * step * w];
-    let mut runners: Vec<RowConv> = convs.iter().map(|(c, _)| c.runner()).collect();
+    let mut runners: Vec<Runner> = convs.iter().map(|(c, _)| c.runner((h, w))).collect();
     for r0 in (0..h).step_by(step) {
         let r1 = (r0 + step).min(h);
         for (i, ((conv, t), run)) in convs.iter().zip(&mut runners).enumerate() {
@@ -171,7 +217,7 @@ pub(super) fn stream_peak(
     let held: u64 = convs.iter().map(|c| c.held_bytes((h, w), step)).sum();
     let gemm = convs
         .iter()
-        .map(|c| c.held_bytes((h, w), step))
+        .map(|c| c.gemm_bytes((h, w), step))
         .max()
         .unwrap_or(0);
     let mut maps = 0u64;
