@@ -310,8 +310,41 @@ fn conv3x3_read(
     for (i, plane) in out.data.chunks_mut(h * w).enumerate() {
         planes[i % co].push(plane);
     }
-    run_tile(images, weight, None, bias, &plan, &mut planes);
+    run_tile(
+        images,
+        weight,
+        None,
+        bias,
+        &plan,
+        &mut planes,
+        &mut Work::default(),
+    );
     out
+}
+
+/// A call's buffers: transformed input, products and (unless given transformed) filters. Kept by
+/// `WinogradConv` across its calls, as `RowConv` keeps its patch; each call grows them to its plan.
+#[derive(Default)]
+struct Work {
+    v: Vec<f32>,
+    products: Vec<f32>,
+    u: Vec<f32>,
+}
+
+impl Work {
+    /// Grows every buffer to at least what `plan` uses for `ci` input channels.
+    fn fit(&mut self, plan: &Plan, ci: usize, filters_given: bool) {
+        let (xi, t, p) = (plan.xi(), plan.block_tiles(), plan.panel_rows());
+        let grow = |buf: &mut Vec<f32>, len: usize| {
+            if buf.len() < len {
+                *buf = Vec::new(); // free the old buffer before allocating the new one
+                *buf = vec![0.0; len];
+            }
+        };
+        grow(&mut self.v, ci * xi * t);
+        grow(&mut self.products, xi * p * t);
+        grow(&mut self.u, if filters_given { 0 } else { p * xi * ci });
+    }
 }
 
 /// A Winograd convolution computed band by band (the VAE decoder's streaming passes): all its
@@ -322,6 +355,7 @@ pub struct WinogradConv<'w> {
     tile: WinogradTile,
     /// U [co, ξ, ci].
     filters: Vec<f32>,
+    work: Work,
 }
 
 impl<'w> WinogradConv<'w> {
@@ -339,6 +373,7 @@ impl<'w> WinogradConv<'w> {
             bias,
             tile,
             filters,
+            work: Work::default(),
         }
     }
 
@@ -383,7 +418,7 @@ impl<'w> WinogradConv<'w> {
     /// Output rows `rows` (`rows.start` a multiple of m) of the convolution of `input` read
     /// through `t`, bias added, into `out` [co, rows.len() · w].
     pub fn rows(
-        &self,
+        &mut self,
         input: &dyn FeatureRows,
         t: InputTransform,
         rows: Range<usize>,
@@ -406,6 +441,7 @@ impl<'w> WinogradConv<'w> {
             self.bias,
             &plan,
             &mut planes,
+            &mut self.work,
         );
     }
 }
@@ -418,13 +454,15 @@ fn run_tile(
     bias: Option<&[f32]>,
     plan: &Plan,
     planes: &mut [Vec<&mut [f32]>],
+    work: &mut Work,
 ) {
     if let Some(b) = bias {
         assert_eq!(b.len(), weight.rows(), "conv bias size");
     }
+    work.fit(plan, weight.row_len() / 9, filters.is_some());
     match plan.tile {
-        WinogradTile::F2 => run::<2, 4, F2>(images, weight, filters, bias, plan, planes),
-        WinogradTile::F4 => run::<4, 6, F4>(images, weight, filters, bias, plan, planes),
+        WinogradTile::F2 => run::<2, 4, F2>(images, weight, filters, bias, plan, planes, work),
+        WinogradTile::F4 => run::<4, 6, F4>(images, weight, filters, bias, plan, planes, work),
     }
 }
 
@@ -438,18 +476,10 @@ fn run<const M: usize, const A: usize, F: Transforms<M, A>>(
     bias: Option<&[f32]>,
     plan: &Plan,
     planes: &mut [Vec<&mut [f32]>],
+    Work { v, products, u }: &mut Work,
 ) {
     let (ci, co) = (weight.row_len() / 9, weight.rows());
     let xi = A * A;
-    let panel_rows = plan.panel_rows();
-    let mut v = vec![0.0f32; ci * xi * plan.block_tiles()];
-    let mut products = vec![0.0f32; xi * panel_rows * plan.block_tiles()];
-    let u_len = if filters.is_some() {
-        0
-    } else {
-        panel_rows * xi * ci
-    };
-    let mut u = vec![0.0f32; u_len];
     let blocks = (0..plan.tile_rows)
         .step_by(plan.block_rows)
         .map(|r0| r0..(r0 + plan.block_rows).min(plan.tile_rows));

@@ -304,7 +304,7 @@ fn rows_in_bands_equal_the_whole_map() {
     let t = InputTransform::default();
     for tile in [WinogradTile::F2, WinogradTile::F4] {
         let want = conv3x3_winograd(&x, &rows, Some(&bias), tile);
-        let conv = WinogradConv::new(&rows, Some(&bias), tile);
+        let mut conv = WinogradConv::new(&rows, Some(&bias), tile);
         let step_rows = WinogradConv::call_rows(tile, (ci, h, w), co);
         for step in [tile.m(), 3 * tile.m(), step_rows, h] {
             for threads in [1, 2] {
