@@ -189,9 +189,10 @@ fn run(
         &models.store,
         &models.unet.block_names(),
         plan.residency,
+        &plan.pinned_blocks,
         rss_limit,
     ));
-    watch.borrow().start();
+    watch.borrow_mut().start();
     let mut model = |input: &[f32], t: f32| -> Result<Vec<f32>> {
         if cancelled() {
             return Err(Error::Interrupted);

@@ -135,7 +135,8 @@ fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
     );
     // The tiny model is f32: a 4-bit copy (18 bytes per 32 weights) is suggested exactly when its
     // smaller weight pages would fit.
-    let smallest = governor::plan::predict(&models, &j, &huge, Residency::Stream, TIERS[2]);
+    let smallest =
+        governor::plan::predict(&models, &j, &huge, Residency::Stream, scratch::SMALLEST);
     let ratio = 18.0 / 32.0 / 4.0;
     let need_4bit = smallest
         .stages
@@ -157,6 +158,45 @@ fn planner_picks_keep_when_it_fits_and_refuses_with_numbers() {
     );
     let too_small = limit_for(need_4bit - MIB);
     assert!(!hint(too_small).contains("4-bit"), "{}", hint(too_small));
+}
+
+/// A streaming plan pins UNet blocks as far as the budget leaves the denoise stage room: its
+/// prediction charges exactly those, stays within the budget, and no further block would fit.
+#[test]
+fn streaming_pins_blocks_in_the_room_the_budget_leaves() {
+    let models = Models::load(&job(64, None)).unwrap();
+    // At 256² the denoise stage sets the peak (at 512² the decode does, and keeping or streaming
+    // the UNet predict the same), so budgets between streaming and keeping leave it room.
+    let j = job(256, None);
+    let huge = budget(1 << 40);
+    let peak = |r| governor::plan::predict(&models, &j, &huge, r, TIERS[0]).peak_bytes();
+    let (keep, stream) = (peak(Residency::Keep), peak(Residency::Stream));
+    let names = models.unet.block_names();
+    let mut most = 0;
+    for limit in (0..4).map(|i| limit_for(stream + (keep - stream) * i / 4)) {
+        let p = governor::plan(&models, &j, &budget(limit)).unwrap();
+        assert_eq!(p.residency, Residency::Stream, "limit {limit}");
+        let denoise = p.stages.iter().find(|s| s.name == "denoise").unwrap();
+        let pinned: Vec<bool> = names.iter().map(|n| p.pinned_blocks.contains(n)).collect();
+        let weights = |pinned: &[bool]| governor::plan::stream_weight_bytes(&models, pinned);
+        assert_eq!(denoise.weight_bytes, weights(&pinned));
+        assert!(
+            denoise.peak_bytes <= p.budget.usable_bytes(),
+            "limit {limit}"
+        );
+        for b in (0..names.len()).filter(|&b| !pinned[b]) {
+            let mut more = pinned.clone();
+            more[b] = true;
+            let peak = denoise.peak_bytes - denoise.weight_bytes + weights(&more);
+            assert!(
+                peak > p.budget.usable_bytes(),
+                "{} fits at limit {limit}",
+                names[b]
+            );
+        }
+        most = most.max(p.pinned_blocks.len());
+    }
+    assert!(most > 0, "a budget above the streaming peak pins blocks");
 }
 
 /// Every scratch tier gives the same bits: text encoder and UNet at 256² (latent 32², 1024

@@ -1,6 +1,6 @@
 //! `sdcap plan`: the memory plan for a generate command, without running it.
 
-use sdcap::governor::{self, plan::RESIDENCIES, Budget, Plan};
+use sdcap::governor::{self, plan::RESIDENCIES, Budget, Plan, Residency};
 use sdcap::kernels::scratch::{SMALLEST, TIERS};
 use sdcap::pipeline::Models;
 
@@ -69,6 +69,17 @@ fn describe(plan: &Plan, alternatives: [&Plan; 3]) -> String {
         "weights: {:?} (smallest peaks: keep all {keep_all} MiB, keep per stage {keep} MiB, stream {stream} MiB)\n",
         plan.residency
     );
+    if plan.residency == Residency::Stream {
+        out += &format!(
+            "streaming: {} of the UNet's blocks kept mapped ({}), the others read every step\n",
+            plan.pinned_blocks.len(),
+            if plan.pinned_blocks.is_empty() {
+                "none".to_string()
+            } else {
+                plan.pinned_blocks.join(", ")
+            }
+        );
+    }
     let sc = &plan.scratch;
     let tier = TIERS.iter().position(|t| t == sc).map_or(0, |i| i + 1);
     out += &format!(

@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod memory;
 pub mod plan;
+pub mod stream;
 pub mod watch;
 
 pub use budget::{parse_size, Budget, BudgetSource};

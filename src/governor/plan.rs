@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::budget::Budget;
+use super::stream;
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::kernels::scratch::{Scratch, SMALLEST, TIERS};
@@ -25,8 +26,9 @@ pub enum Residency {
     KeepAll,
     /// Keep the stage's weights mapped while it runs and release them when it ends.
     Keep,
-    /// Prefetch each UNet block before use and release its pages after, so only about two blocks
-    /// are charged at a time; every step reads the UNet again (from disk or page cache).
+    /// Read each UNet block while the one before it runs and release its pages after it ran, so
+    /// only that pair is charged, and every step reads the UNet again from disk; the room left
+    /// pins blocks (`stream`).
     Stream,
 }
 
@@ -51,6 +53,9 @@ pub struct Plan {
     /// VAE decode: rows per stored band of each feature map (None = whole maps). Every choice gives
     /// the same output bits (`nn::vae`), so this only trades memory.
     pub vae_band_rows: Option<usize>,
+    /// Streaming: the UNet blocks kept mapped for the whole denoise (read once), as many as the
+    /// denoise stage's budget leaves room for (`stream::pin`); the others are read every step.
+    pub pinned_blocks: Vec<String>,
     pub stages: Vec<Stage>,
 }
 
@@ -78,7 +83,11 @@ pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
         .map(|(r, t)| predict(models, job, budget, r, t))
         .collect();
     if let Some(fitting) = plans.iter().find(|p| p.fits()) {
-        return Ok(fitting.clone());
+        let mut plan = fitting.clone();
+        if plan.residency == Residency::Stream {
+            pin_blocks(models, &mut plan);
+        }
+        return Ok(plan);
     }
     let smallest = plans
         .iter()
@@ -127,24 +136,12 @@ pub fn predict(
     let unet_activations = models
         .unet
         .peak_activation_bytes(batch, lh, lw, &scratch, threads);
+    let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(UNET_PREFIX),
-        Residency::Stream => {
-            let block_bytes: Vec<u64> = models
-                .unet
-                .block_names()
-                .iter()
-                .map(|b| store.bytes_with_prefix(&format!("{UNET_PREFIX}{b}.")))
-                .collect();
-            let largest = block_bytes.iter().copied().max().unwrap_or(0);
-            // The block at work and the next one being prefetched, plus what stays mapped
-            // (time embedding, conv_in, out).
-            let resident = store
-                .bytes_with_prefix(UNET_PREFIX)
-                .saturating_sub(block_bytes.iter().sum());
-            largest.saturating_mul(2).saturating_add(resident)
-        }
+        // Nothing pinned yet (`pin_blocks` fills the room the budget leaves).
+        Residency::Stream => stream_weight_bytes(models, &[]),
     };
 
     let vae_weights = match residency {
@@ -154,8 +151,7 @@ pub fn predict(
                 + store.bytes_with_prefix(&format!("{VAE_PREFIX}post_quant_conv."))
         }
     };
-    let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
-                                                // The decode gets what its weights leave; the smallest bands are the floor if nothing fits.
+    // The decode gets what its weights leave; the smallest bands are the floor if nothing fits.
     let decode_room = budget
         .usable_bytes()
         .saturating_sub(vae_weights.saturating_add(latents));
@@ -176,12 +172,67 @@ pub fn predict(
         residency,
         scratch,
         vae_band_rows: vae_plan.band_rows,
+        pinned_blocks: Vec::new(),
         stages: vec![
             stage("encode", text_activations, text_weights),
             stage("denoise", unet_activations, unet_weights),
             stage("decode", vae_activations, vae_weights),
         ],
     }
+}
+
+/// Bytes of each UNet block's weights, in execution order (the units streaming moves).
+pub fn unet_block_bytes(models: &Models) -> Vec<u64> {
+    models
+        .unet
+        .block_names()
+        .iter()
+        .map(|b| {
+            models
+                .store
+                .bytes_with_prefix(&format!("{UNET_PREFIX}{b}."))
+        })
+        .collect()
+}
+
+/// UNet weights outside the blocks (time embedding, conv_in, out): mapped for the whole denoise.
+fn unet_resident_bytes(models: &Models, block_bytes: &[u64]) -> u64 {
+    models
+        .store
+        .bytes_with_prefix(UNET_PREFIX)
+        .saturating_sub(block_bytes.iter().sum())
+}
+
+/// UNet weight pages charged while streaming with `pinned` blocks (a flag per block of
+/// `unet_block_bytes`; empty for none): what stays mapped plus the worst streamed pair.
+pub fn stream_weight_bytes(models: &Models, pinned: &[bool]) -> u64 {
+    let blocks = unet_block_bytes(models);
+    let pinned = if pinned.is_empty() {
+        vec![false; blocks.len()]
+    } else {
+        pinned.to_vec()
+    };
+    unet_resident_bytes(models, &blocks).saturating_add(stream::peak_bytes(&blocks, &pinned))
+}
+
+/// Pins as many UNet blocks in a fitting streaming plan as the budget leaves the denoise stage
+/// room for, and charges them.
+fn pin_blocks(models: &Models, plan: &mut Plan) {
+    let usable = plan.budget.usable_bytes();
+    let Some(denoise) = plan.stages.iter_mut().find(|s| s.name == "denoise") else {
+        return;
+    };
+    let others = denoise.peak_bytes - denoise.weight_bytes;
+    let blocks = unet_block_bytes(models);
+    let room = usable.saturating_sub(others.saturating_add(unet_resident_bytes(models, &blocks)));
+    let pinned = stream::pin(&blocks, room);
+    let names = models.unet.block_names();
+    plan.pinned_blocks = (0..blocks.len())
+        .filter(|&b| pinned[b])
+        .map(|b| names[b].clone())
+        .collect();
+    denoise.weight_bytes = stream_weight_bytes(models, &pinned);
+    denoise.peak_bytes = others + denoise.weight_bytes;
 }
 
 /// What would fit instead: a smaller image, or a 4-bit model; `smallest` is this job's plan

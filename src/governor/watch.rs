@@ -3,16 +3,22 @@
 //! tiles) and say so once.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::memory;
 use super::plan::{Residency, UNET_PREFIX};
+use super::stream::ReadAhead;
 use crate::kernels::scratch;
-use crate::weights::TensorStore;
+use crate::weights::{Reader, TensorStore};
 
-pub struct Watch<'a> {
-    store: &'a TensorStore,
+pub struct Watch {
+    store: Arc<TensorStore>,
     /// Weight prefixes of the UNet blocks in execution order.
     blocks: Vec<String>,
+    /// Which blocks to read when, while streaming, and the thread that reads them (started when
+    /// streaming starts).
+    reads: ReadAhead,
+    reader: Option<Reader>,
     residency: Residency,
     /// Resident set above this means the prediction was wrong.
     rss_limit_bytes: u64,
@@ -22,20 +28,27 @@ pub struct Watch<'a> {
     tightened: bool,
 }
 
-impl<'a> Watch<'a> {
+impl Watch {
     pub fn new(
-        store: &'a TensorStore,
+        store: &Arc<TensorStore>,
         block_names: &[String],
         residency: Residency,
+        pinned_blocks: &[String],
         rss_limit_bytes: u64,
     ) -> Self {
-        let blocks = block_names
+        let blocks: Vec<String> = block_names
             .iter()
             .map(|b| format!("{UNET_PREFIX}{b}."))
             .collect();
+        let pinned = block_names
+            .iter()
+            .map(|b| pinned_blocks.contains(b))
+            .collect();
         Watch {
-            store,
+            store: store.clone(),
             blocks,
+            reader: None,
+            reads: ReadAhead::new(pinned),
             residency,
             rss_limit_bytes,
             cgroup_file: memory::cgroup_usage_file(),
@@ -49,13 +62,25 @@ impl<'a> Watch<'a> {
         self.residency
     }
 
-    /// Before the first UNet call: start reading the first block when streaming.
-    pub fn start(&self) {
-        if self.residency == Residency::Stream {
-            if let Some(first) = self.blocks.first() {
-                self.store.prefetch(first);
-            }
+    /// Before the first UNet call: start reading the first blocks when streaming.
+    pub fn start(&mut self) {
+        if self.residency == Residency::Stream && !self.blocks.is_empty() {
+            self.read_ahead(0);
         }
+    }
+
+    /// Block `k` is about to run: make sure it and the next streamed block are being read.
+    fn read_ahead(&mut self, k: usize) {
+        let asked = self.reads.before(k);
+        let reader = self.reader();
+        for b in asked {
+            reader.read(b);
+        }
+    }
+
+    fn reader(&mut self) -> &Reader {
+        self.reader
+            .get_or_insert_with(|| Reader::new(self.store.clone(), self.blocks.clone()))
     }
 
     /// After the UNet block `name` ("input_blocks.3", …) finished.
@@ -93,10 +118,12 @@ impl<'a> Watch<'a> {
             let Some(i) = self.blocks.iter().position(|b| *b == prefix) else {
                 return;
             };
-            self.store.release(&self.blocks[i]);
+            if self.reads.streamed(i) {
+                self.reader().release(i);
+                self.reads.released(i);
+            }
             // The next block, wrapping to the first for the next step.
-            self.store
-                .prefetch(&self.blocks[(i + 1) % self.blocks.len()]);
+            self.read_ahead((i + 1) % self.blocks.len());
         }
     }
 

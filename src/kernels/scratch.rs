@@ -36,13 +36,22 @@ pub struct Scratch {
 /// 16 MiB patch and panel (4 MiB panels cost 15% more CPU on the full UNet + VAE), 256-query
 /// attention chunks (up to 8% faster than 64 on SD1.5 shapes), 16 MiB feed-forward chunks
 /// (each chunk converts the feed-forward weights again: at 4 MiB the 16²-level blocks converted
-/// theirs 5–6 times per call, 0.5 CPU-s of a 23 CPU-s step at 512²).
-pub const TIERS: [Scratch; 3] = [
+/// theirs 5–6 times per call, 0.5 CPU-s of a 23 CPU-s step at 512²). The second gives up only
+/// the cheap levers (attention and feed-forward chunks, together 2–4% of a step's CPU) and keeps
+/// the patch and panel Winograd's blocking lives on: smaller patches and panels cost a 512² step
+/// 1.2× (`benches/CAPS.md`).
+pub const TIERS: [Scratch; 4] = [
     Scratch {
         conv_patch: 4 << 20,
         weight_panel: 4 << 20,
         attention_query_chunk: 256,
         ff_chunk: 4 << 20,
+    },
+    Scratch {
+        conv_patch: 4 << 20,
+        weight_panel: 4 << 20,
+        attention_query_chunk: 64,
+        ff_chunk: 1 << 20,
     },
     Scratch {
         conv_patch: 1 << 20,

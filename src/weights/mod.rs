@@ -20,6 +20,7 @@ use rayon::prelude::*;
 
 pub use family::{detect_family, sd1_dims, Family, Sd1Dims};
 pub use quant::gguf::MetaValue;
+pub use residency::Reader;
 use safetensors_file::RawTensor;
 
 use crate::error::{Error, Result};
