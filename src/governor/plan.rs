@@ -73,9 +73,10 @@ pub const RESIDENCIES: [Residency; 3] = [Residency::KeepAll, Residency::Keep, Re
 
 /// The fastest plan whose predicted peak fits the budget, or `Error::CapTooSmall`. Candidates in
 /// order: each scratch tier, fastest first, and within it each residency (keeping weights saves
-/// re-reading them). Smaller scratch costs every step (4 MiB weight panels: +15% CPU), while
-/// streaming from the page cache cost 0.98–1.10× of an uncapped 512² run (`benches/CAPS.md`), so
-/// the tiers are the last resort.
+/// re-reading them). Smaller scratch costs every step (the third tier's smaller Winograd patch
+/// and panel: 1.2× per 512² step), while streaming cost a 512² step 0.96–1.08× of uncapped
+/// (`benches/stream.sh`, `benches/CAPS.md`), so the tiers are the last resort. A streaming plan
+/// then pins what the budget leaves room for (`pin_blocks`).
 pub fn plan(models: &Models, job: &Job, budget: &Budget) -> Result<Plan> {
     let plans: Vec<Plan> = TIERS
         .iter()
