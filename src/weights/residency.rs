@@ -105,7 +105,8 @@ impl TensorStore {
 }
 
 /// A thread that reads groups of weights ahead (`TensorStore::prefetch`) in the order asked, so
-/// the thread that computes never waits on disk submission. Dropping it stops and joins it.
+/// the compute threads find their pages read and mapped instead of faulting them in from disk.
+/// Dropping it stops and joins it.
 pub struct Reader {
     store: Arc<TensorStore>,
     prefixes: Vec<String>,
