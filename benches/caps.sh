@@ -20,11 +20,8 @@ trap 'rm -rf "$out"' EXIT
 
 (cd "$here" && cargo build --release -q)
 if [[ $# -eq 0 ]]; then
-  [[ -f /tmp/sd15.safetensors ]] || "$shared/tools/make-random-model" "$shared/fixtures/layouts/sd15.json" /tmp/sd15.safetensors
-  for t in q4_0 q8_0; do
-    [[ -f /tmp/sd15-$t.gguf ]] || "$sdcap" quantize -m /tmp/sd15.safetensors -o /tmp/sd15-$t.gguf --type $t
-  done
-  set -- /tmp/sd15-q4_0.gguf /tmp/sd15-q8_0.gguf
+  . "$here/benches/models.sh"
+  set -- "$(model_for q4_0)" "$(model_for q8_0)"
 fi
 
 load=$(cut -d' ' -f1 /proc/loadavg)

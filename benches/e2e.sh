@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 SIZES=${1:-"256 512"}
 TYPES=${2:-"f16 q8_0 q4_0"}
 STEPS=${3:-2}
-SD15=${SD15:-/tmp/sd15.safetensors}
+. benches/models.sh
 IDLE_WAIT=${IDLE_WAIT:-120}
 IDLE_LOAD=${IDLE_LOAD:-0.5}
 
@@ -27,15 +27,6 @@ if [ ! -f "$SD15" ]; then
   echo "no $SD15: make one with ../shared/tools/make-random-model" >&2
   exit 2
 fi
-model_for() {
-  case $1 in
-    f16) echo "$SD15" ;;
-    *)
-      local out=${SD15%.safetensors}-$1.gguf
-      [ -f "$out" ] || target/release/sdcap quantize -m "$SD15" --type "$1" -o "$out" >&2
-      echo "$out" ;;
-  esac
-}
 
 wait_idle() {
   local waited=0 load

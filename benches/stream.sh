@@ -18,22 +18,11 @@ sdcap=$here/target/release/sdcap
 reps=${1:-3}
 steps=${STEPS:-3}
 cases=${CASES:-"f16:1G q8_0:512M q4_0:512M q4_0:384M"}
-SD15=${SD15:-/tmp/sd15.safetensors}
+. "$here/benches/models.sh"
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
 (cd "$here" && cargo build --release -q --bin sdcap)
-model_for() {
-  case $1 in
-    f16) echo "$SD15" ;;
-    *)
-      local m=${SD15%.safetensors}-$1.gguf
-      [[ -f $m ]] || "$sdcap" quantize -m "$SD15" --type "$1" -o "$m" >&2
-      echo "$m" ;;
-  esac
-}
-[[ -f $SD15 ]] || "$shared/tools/make-random-model" "$shared/fixtures/layouts/sd15.json" "$SD15"
-
 median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "nan"; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
 
 # One run; prints "step_s decode_s weights exit oom_kills".

@@ -142,7 +142,10 @@ pub fn predict(
         Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(UNET_PREFIX),
         // Nothing pinned yet (`pin_blocks` fills the room the budget leaves).
-        Residency::Stream => stream_weight_bytes(models, &[]),
+        Residency::Stream => {
+            let blocks = unet_block_bytes(models);
+            stream_charge(models, &blocks, &vec![false; blocks.len()])
+        }
     };
 
     let vae_weights = match residency {
@@ -205,15 +208,13 @@ fn unet_resident_bytes(models: &Models, block_bytes: &[u64]) -> u64 {
 }
 
 /// UNet weight pages charged while streaming with `pinned` blocks (a flag per block of
-/// `unet_block_bytes`; empty for none): what stays mapped plus the worst streamed pair.
+/// `unet_block_bytes`): what stays mapped plus the worst streamed pair.
 pub fn stream_weight_bytes(models: &Models, pinned: &[bool]) -> u64 {
-    let blocks = unet_block_bytes(models);
-    let pinned = if pinned.is_empty() {
-        vec![false; blocks.len()]
-    } else {
-        pinned.to_vec()
-    };
-    unet_resident_bytes(models, &blocks).saturating_add(stream::peak_bytes(&blocks, &pinned))
+    stream_charge(models, &unet_block_bytes(models), pinned)
+}
+
+fn stream_charge(models: &Models, block_bytes: &[u64], pinned: &[bool]) -> u64 {
+    unet_resident_bytes(models, block_bytes).saturating_add(stream::peak_bytes(block_bytes, pinned))
 }
 
 /// Pins as many UNet blocks in a fitting streaming plan as the budget leaves the denoise stage
@@ -232,7 +233,7 @@ fn pin_blocks(models: &Models, plan: &mut Plan) {
         .filter(|&b| pinned[b])
         .map(|b| names[b].clone())
         .collect();
-    denoise.weight_bytes = stream_weight_bytes(models, &pinned);
+    denoise.weight_bytes = stream_charge(models, &blocks, &pinned);
     denoise.peak_bytes = others + denoise.weight_bytes;
 }
 
