@@ -21,28 +21,20 @@ use std::time::Instant;
 use common::{
     best_of, contention_note, cpu_time, cpus, peak_flops, thread_cpu_time, unet_ops, Kind,
 };
-use sdcap::governor::{memory, plan};
-use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::governor::memory;
+use sdcap::job::{Job, SamplerKind};
 use sdcap::pipeline::Models;
 use sdcap::tensor::Tensor;
 use sdcap::tokenizer::{Tokenizer, CONTEXT_LEN};
 
 fn job(model: PathBuf, size: u32) -> Job {
     Job {
-        model,
-        vae: None,
-        prompt: "a lighthouse at dusk".into(),
         negative: "blurry".into(),
         width: size,
         height: size,
         steps: 1,
-        cfg_scale: 7.0,
         sampler: SamplerKind::Euler,
-        scheduler: ScheduleKind::Discrete,
-        seed: 42,
-        clip_skip: 1,
-        rng: RngKind::Cpu,
-        ram_cap: None,
+        ..Job::new(model, "a lighthouse at dusk")
     }
 }
 
@@ -65,10 +57,10 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
     let mut ids = tok.encode_padded("blurry", CONTEXT_LEN);
     ids.extend(tok.encode_padded("a lighthouse at dusk", CONTEXT_LEN));
     let t = Instant::now();
-    let context = models.text_encoder.forward(&ids, 2, 1);
+    let context = models.text_encoders[0].forward(&ids, 2, 1);
     let encode = t.elapsed().as_secs_f64();
     let peak_encode = peak_rss();
-    models.store.release(plan::TEXT_PREFIX);
+    models.store.release(models.spec.text_prefix);
     memory::release_free_memory();
 
     let lat = size as usize / 8;
@@ -83,7 +75,7 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
     }
     let unet_cpu = (cpu_time() - c0).as_secs_f64() / w0.elapsed().as_secs_f64();
     let peak_unet = peak_rss();
-    models.store.release(plan::UNET_PREFIX);
+    models.store.release(models.spec.unet_prefix);
     memory::release_free_memory();
 
     let z = Tensor::new(vec![1, 4, lat, lat], common::random(4 * lat * lat, 8));

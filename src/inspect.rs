@@ -7,7 +7,7 @@ use quant::gguf::{ALIGNMENT_KEY, DEFAULT_ALIGNMENT};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::weights::{detect_family, Family, TensorStore};
+use crate::weights::{detect_family, TensorStore};
 
 /// The container a model came in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -77,7 +77,7 @@ pub fn inspect(path: &Path) -> Result<Report> {
         Format::Safetensors
     };
     let (family, supported, unsupported_reason) = match detect_family(&store) {
-        Ok(Family::Sd1) => ("SD1.x".to_string(), true, None),
+        Ok(family) => (family.name().to_string(), true, None),
         Err(Error::UnsupportedModel(reason)) => (family_name(&reason), false, Some(reason)),
         Err(e) => return Err(e),
     };

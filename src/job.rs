@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::family::Prediction;
 
 /// Sampling method (`--sampling-method`, names as in stable-diffusion.cpp).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,9 +86,55 @@ pub struct Job {
     pub rng: RngKind,
     /// `--ram-cap` in bytes; None = the cgroup limit, else available memory.
     pub ram_cap: Option<u64>,
+    /// `--prediction`: None = the file's metadata, else the weights (SD2.x), else the family's.
+    pub prediction: Option<Prediction>,
+    /// SDXL's size conditioning (pixels): `original_size` and `target_size` default to the image
+    /// size, `crop` (top, left) to (0, 0), as diffusers does. Other families ignore them.
+    pub size_cond: SizeConditioning,
+}
+
+/// SDXL's micro-conditioning, in pixels: (height, width) pairs and the crop's (top, left).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SizeConditioning {
+    pub original: Option<(u32, u32)>,
+    pub crop: (u32, u32),
+    pub target: Option<(u32, u32)>,
+}
+
+impl SizeConditioning {
+    /// The six time ids SDXL's UNet embeds: original (h, w), crop (top, left), target (h, w).
+    pub fn time_ids(&self, height: u32, width: u32) -> [f32; 6] {
+        let (oh, ow) = self.original.unwrap_or((height, width));
+        let (th, tw) = self.target.unwrap_or((height, width));
+        let (ct, cl) = self.crop;
+        [oh, ow, ct, cl, th, tw].map(|v| v as f32)
+    }
 }
 
 impl Job {
+    /// A txt2img job with the defaults of `sdcap generate` (SD1.x's: 512², 20 steps, euler_a,
+    /// CFG 7, seed 42).
+    pub fn new(model: PathBuf, prompt: &str) -> Job {
+        Job {
+            model,
+            vae: None,
+            prompt: prompt.to_string(),
+            negative: String::new(),
+            width: 512,
+            height: 512,
+            steps: 20,
+            cfg_scale: 7.0,
+            sampler: SamplerKind::EulerA,
+            scheduler: ScheduleKind::Discrete,
+            seed: 42,
+            clip_skip: 1,
+            rng: RngKind::Cpu,
+            ram_cap: None,
+            prediction: None,
+            size_cond: SizeConditioning::default(),
+        }
+    }
+
     /// Checks everything that can be checked without opening the model.
     pub fn validate(&self) -> Result<()> {
         for (what, v) in [("width", self.width), ("height", self.height)] {

@@ -1,7 +1,6 @@
 //! txt2img orchestration: job → load → encode → denoise → decode.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use std::cell::RefCell;
 
@@ -9,14 +8,12 @@ use crate::error::{Error, Result};
 use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::job::Job;
 use crate::kernels::scratch::{self, Scratch};
-use crate::nn::clip::TextEncoder;
 use crate::nn::unet::UNet;
-use crate::nn::vae::{Decoder, VaePlan, SCALING_FACTOR};
+use crate::nn::vae::{Decoder, VaePlan};
 use crate::output::RgbImage;
 use crate::sampling::{self, rng::TorchRng, NoiseSource};
 use crate::tensor::Tensor;
 use crate::tokenizer::{Tokenizer, CONTEXT_LEN};
-use crate::weights::{TensorStore, Weights};
 
 /// What the pipeline reports while it runs (the CLI turns these into a progress display).
 #[derive(Clone, Debug)]
@@ -44,36 +41,7 @@ pub struct Generated {
     pub peak_cgroup_bytes: u64,
 }
 
-/// The three networks of an SD1.x model, over one mapped store.
-pub struct Models {
-    pub text_encoder: TextEncoder,
-    pub unet: UNet,
-    pub decoder: Decoder,
-    /// The mapped weights (the governor moves their pages).
-    pub store: Arc<TensorStore>,
-}
-
-impl Models {
-    /// Opens the model (file or diffusers folder), optionally replacing its VAE, and checks that it
-    /// is an SD1.x model with every tensor the networks need.
-    pub fn load(job: &Job) -> Result<Self> {
-        let mut store = TensorStore::open(&job.model)?;
-        if let Some(vae) = &job.vae {
-            store = store.with_vae(vae)?;
-        }
-        crate::weights::detect_family(&store)?;
-        let store = Arc::new(store);
-        Ok(Models {
-            text_encoder: TextEncoder::new(&Weights::new(
-                store.clone(),
-                "cond_stage_model.transformer.text_model",
-            ))?,
-            unet: UNet::new(&Weights::new(store.clone(), "model.diffusion_model"))?,
-            decoder: Decoder::new(&Weights::new(store.clone(), "first_stage_model"))?,
-            store,
-        })
-    }
-}
+pub use crate::models::Models;
 
 /// Runs one text-to-image job.
 pub fn txt2img(job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Generated> {
@@ -147,10 +115,11 @@ fn run(
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     job.validate()?;
     let clip_skip = job.clip_skip as usize;
-    if clip_skip > models.text_encoder.num_layers() {
+    let text_encoder = &models.text_encoders[0];
+    if clip_skip > text_encoder.num_layers() {
         return Err(Error::BadRequest(format!(
             "clip-skip {clip_skip} is more than the text encoder's {} layers",
-            models.text_encoder.num_layers()
+            text_encoder.num_layers()
         )));
     }
     let schedule = sampling::schedule(job.sampler, job.scheduler, job.steps as usize)?;
@@ -174,8 +143,8 @@ fn run(
     }
     ids.extend(tokenizer.encode_padded(&job.prompt, CONTEXT_LEN));
     let batch = ids.len() / CONTEXT_LEN;
-    let context = models.text_encoder.forward(&ids, batch, clip_skip);
-    end_stage(models, &plan, governor::plan::TEXT_PREFIX);
+    let context = text_encoder.forward(&ids, batch, clip_skip);
+    end_stage(models, &plan, models.spec.text_prefix);
 
     on_event(Event::Stage("denoise"));
     let denoise_peak = plan
@@ -187,6 +156,7 @@ fn run(
     let rss_limit = denoise_peak.saturating_add(plan.budget.margin_bytes);
     let watch = RefCell::new(Watch::new(
         &models.store,
+        models.spec.unet_prefix,
         &models.unet.block_names(),
         plan.residency,
         &plan.pinned_blocks,
@@ -229,7 +199,7 @@ fn run(
     )?;
     let latent = Tensor::new(shape.clone(), latent);
     let peak_cgroup_bytes = watch.borrow().peak_cgroup_bytes;
-    end_stage(models, &plan, governor::plan::UNET_PREFIX);
+    end_stage(models, &plan, models.spec.unet_prefix);
     if cancelled() {
         return Err(Error::Interrupted);
     }
@@ -239,8 +209,13 @@ fn run(
     let vae_plan = VaePlan {
         band_rows: plan.vae_band_rows,
     };
-    let image = decode(&models.decoder, &latent, &vae_plan);
-    end_stage(models, &plan, governor::plan::VAE_PREFIX);
+    let image = decode(
+        &models.decoder,
+        &latent,
+        models.spec.vae_scaling_factor,
+        &vae_plan,
+    );
+    end_stage(models, &plan, models.spec.vae_prefix);
     Ok(Generated {
         image,
         latent,
@@ -288,12 +263,12 @@ fn predict_noise(
         .collect()
 }
 
-/// Decodes a sampler latent to 8-bit RGB the way diffusers post-processes:
-/// `round(clamp(x / 2 + 0.5, 0, 1) · 255)`.
-pub fn decode(decoder: &Decoder, latent: &Tensor, plan: &VaePlan) -> RgbImage {
+/// Decodes a sampler latent (divided by the family's `scaling_factor` first) to 8-bit RGB the way
+/// diffusers post-processes: `round(clamp(x / 2 + 0.5, 0, 1) · 255)`.
+pub fn decode(decoder: &Decoder, latent: &Tensor, scaling_factor: f32, plan: &VaePlan) -> RgbImage {
     let z = Tensor::new(
         latent.shape.clone(),
-        latent.data.iter().map(|v| v / SCALING_FACTOR).collect(),
+        latent.data.iter().map(|v| v / scaling_factor).collect(),
     );
     to_rgb(&decoder.forward_planned(&z, plan))
 }

@@ -20,6 +20,8 @@ fn job(width: u32, cap: Option<u64>) -> Job {
         height: width,
         steps: 2,
         ram_cap: cap,
+        prediction: None,
+        size_cond: Default::default(),
         ..common::job(common::tiny("tiny-sd-fp32.safetensors"))
     }
 }
@@ -214,7 +216,7 @@ fn scratch_tiers_give_identical_bits() {
     );
     let run = |tier| {
         scratch::set(tier);
-        let context = models.text_encoder.forward(&ids, 2, 1);
+        let context = models.text_encoders[0].forward(&ids, 2, 1);
         let eps = models.unet.forward(&latent, &[999.0, 999.0], &context);
         scratch::set(TIERS[0]);
         (context, eps.data)

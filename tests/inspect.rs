@@ -110,7 +110,7 @@ fn unsupported_family_is_named() {
     ];
     safetensors::serialize_to_file(tensors, None, &path).unwrap();
     let v = json(path.to_str().unwrap());
-    assert_eq!(v["family"], "SDXL");
+    assert_eq!(v["family"], "SDXL refiner");
     assert_eq!(v["supported"], false);
     assert!(v["unsupported_reason"]
         .as_str()

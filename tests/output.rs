@@ -161,6 +161,8 @@ fn job() -> Job {
         clip_skip: 2,
         rng: RngKind::Cpu,
         ram_cap: None,
+        prediction: None,
+        size_cond: Default::default(),
     }
 }
 

@@ -40,6 +40,8 @@ fn job(model: PathBuf, prompt: &str, sampler: &str, cfg: f32, seed: u64) -> Job 
         clip_skip: 1,
         rng: RngKind::Cpu,
         ram_cap: None,
+        prediction: None,
+        size_cond: Default::default(),
     }
 }
 

@@ -3,7 +3,8 @@
 mod common;
 
 use common::{assert_close, read_tensors, tiny, tiny_weights};
-use sdcap::nn::vae::{Decoder, Encoder, SCALING_FACTOR};
+use sdcap::family::SD1;
+use sdcap::nn::vae::{Decoder, Encoder};
 use sdcap::Tensor;
 
 #[test]
@@ -14,7 +15,11 @@ fn vae_decode_matches_diffusers() {
     let latent = &refs["latent"];
     let z = Tensor::new(
         latent.shape.clone(),
-        latent.data.iter().map(|v| v / SCALING_FACTOR).collect(),
+        latent
+            .data
+            .iter()
+            .map(|v| v / SD1.vae_scaling_factor)
+            .collect(),
     );
     // 1e-4 × max|ref|: the bound; observed error is ~1e-6.
     assert_close("decoded", &decoder.forward(&z), &refs["decoded"], 1e-4);

@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use common::{assert_close, read_tensors, tiny, tiny_weights};
-use sdcap::nn::vae::{Decoder, VaePlan, SCALING_FACTOR};
+use sdcap::family::SD1;
+use sdcap::nn::vae::{Decoder, VaePlan};
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
 
@@ -81,7 +82,11 @@ fn golden_latent() -> (Tensor, Tensor) {
     let latent = &refs["latent"];
     let z = Tensor::new(
         latent.shape.clone(),
-        latent.data.iter().map(|v| v / SCALING_FACTOR).collect(),
+        latent
+            .data
+            .iter()
+            .map(|v| v / SD1.vae_scaling_factor)
+            .collect(),
     );
     (z, refs["decoded"].clone())
 }

@@ -137,6 +137,8 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
         clip_skip: args.clip_skip,
         rng: args.rng,
         ram_cap: args.ram_cap,
+        prediction: None,
+        size_cond: Default::default(),
     };
     // Defaults that no job could use are refused before anything starts.
     defaults.validate()?;

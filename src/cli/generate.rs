@@ -36,6 +36,8 @@ impl GenerateArgs {
             clip_skip: self.clip_skip,
             rng: self.rng,
             ram_cap: self.ram_cap,
+            prediction: None,
+            size_cond: Default::default(),
         };
         job.validate()?;
         check_model_file(&job.model, "model")?;

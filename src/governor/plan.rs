@@ -8,14 +8,10 @@ use super::stream;
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::kernels::scratch::{Scratch, SMALLEST, TIERS};
+use crate::models::Models;
 use crate::nn::vae::VaePlan;
-use crate::pipeline::Models;
 
 const MIB: u64 = 1 << 20;
-
-pub const UNET_PREFIX: &str = "model.diffusion_model.";
-pub const TEXT_PREFIX: &str = "cond_stage_model.";
-pub const VAE_PREFIX: &str = "first_stage_model.";
 
 /// What happens to mapped weight pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -116,23 +112,29 @@ pub fn predict(
     scratch: Scratch,
 ) -> Plan {
     let store = &models.store;
+    let spec = models.spec;
     let (lh, lw) = (job.height as usize / 8, job.width as usize / 8);
     let batch = if job.cfg_scale > 1.0 { 2 } else { 1 };
     let threads = rayon::current_num_threads();
 
-    let all_weights = store.bytes_with_prefix(TEXT_PREFIX)
-        + store.bytes_with_prefix(UNET_PREFIX)
-        + store.bytes_with_prefix(VAE_PREFIX);
+    let all_weights = store.bytes_with_prefix(spec.text_prefix)
+        + store.bytes_with_prefix(spec.unet_prefix)
+        + store.bytes_with_prefix(spec.vae_prefix);
     let text_weights = match residency {
         Residency::KeepAll => all_weights,
-        _ => store.bytes_with_prefix(TEXT_PREFIX),
+        _ => store.bytes_with_prefix(spec.text_prefix),
     };
-    let width = models.text_encoder.width() as u64;
-    // Hidden states, q/k/v, attention output and the 4× MLP for 77 tokens per prompt, plus the
-    // kernels' scratch (no convolutions; weight rows up to the MLP's 4× width; 77 keys, heads
-    // at most the full width).
+    // The encoders run one after another: the widest one's working set (hidden states, q/k/v,
+    // attention output and the 4× MLP for 77 tokens per prompt, plus the kernels' scratch: no
+    // convolutions; weight rows up to the MLP's 4× width; 77 keys, heads at most the full
+    // width), plus every encoder's output kept for the context.
+    let widths = models.text_encoders.iter().map(|e| e.width() as u64);
+    let width = widths.clone().max().unwrap_or(0);
+    let outputs = batch as u64 * 77 * 4 * widths.sum::<u64>();
     let text_scratch = scratch.peak_bytes(4 * width as usize, 0, (77, width as usize), threads);
-    let text_activations = (batch as u64 * 77 * width * 4 * 12).saturating_add(text_scratch);
+    let text_activations = (batch as u64 * 77 * width * 4 * 12)
+        .saturating_add(text_scratch)
+        .saturating_add(outputs);
 
     let unet_activations = models
         .unet
@@ -140,7 +142,7 @@ pub fn predict(
     let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,
-        Residency::Keep => store.bytes_with_prefix(UNET_PREFIX),
+        Residency::Keep => store.bytes_with_prefix(spec.unet_prefix),
         // Nothing pinned yet (`pin_blocks` fills the room the budget leaves).
         Residency::Stream => {
             let blocks = unet_block_bytes(models);
@@ -151,8 +153,8 @@ pub fn predict(
     let vae_weights = match residency {
         Residency::KeepAll => all_weights,
         _ => {
-            store.bytes_with_prefix(&format!("{VAE_PREFIX}decoder."))
-                + store.bytes_with_prefix(&format!("{VAE_PREFIX}post_quant_conv."))
+            store.bytes_with_prefix(&format!("{}decoder.", spec.vae_prefix))
+                + store.bytes_with_prefix(&format!("{}post_quant_conv.", spec.vae_prefix))
         }
     };
     // The decode gets what its weights leave; the smallest bands are the floor if nothing fits.
@@ -194,7 +196,7 @@ pub fn unet_block_bytes(models: &Models) -> Vec<u64> {
         .map(|b| {
             models
                 .store
-                .bytes_with_prefix(&format!("{UNET_PREFIX}{b}."))
+                .bytes_with_prefix(&format!("{}{b}.", models.spec.unet_prefix))
         })
         .collect()
 }
@@ -203,7 +205,7 @@ pub fn unet_block_bytes(models: &Models) -> Vec<u64> {
 fn unet_resident_bytes(models: &Models, block_bytes: &[u64]) -> u64 {
     models
         .store
-        .bytes_with_prefix(UNET_PREFIX)
+        .bytes_with_prefix(models.spec.unet_prefix)
         .saturating_sub(block_bytes.iter().sum())
 }
 

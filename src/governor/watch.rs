@@ -6,13 +6,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::memory;
-use super::plan::{Residency, UNET_PREFIX};
+use super::plan::Residency;
 use super::stream::ReadAhead;
 use crate::kernels::scratch;
 use crate::weights::{Reader, TensorStore};
 
 pub struct Watch {
     store: Arc<TensorStore>,
+    /// The family's UNet key prefix (`model.diffusion_model.`).
+    unet_prefix: String,
     /// Weight prefixes of the UNet blocks in execution order.
     blocks: Vec<String>,
     /// Which blocks to read when, while streaming, and the thread that reads them (started when
@@ -31,6 +33,7 @@ pub struct Watch {
 impl Watch {
     pub fn new(
         store: &Arc<TensorStore>,
+        unet_prefix: &str,
         block_names: &[String],
         residency: Residency,
         pinned_blocks: &[String],
@@ -38,7 +41,7 @@ impl Watch {
     ) -> Self {
         let blocks: Vec<String> = block_names
             .iter()
-            .map(|b| format!("{UNET_PREFIX}{b}."))
+            .map(|b| format!("{unet_prefix}{b}."))
             .collect();
         let pinned = block_names
             .iter()
@@ -46,6 +49,7 @@ impl Watch {
             .collect();
         Watch {
             store: store.clone(),
+            unet_prefix: unet_prefix.to_string(),
             blocks,
             reader: None,
             reads: ReadAhead::new(pinned),
@@ -114,7 +118,7 @@ impl Watch {
             }
         }
         if self.residency == Residency::Stream {
-            let prefix = format!("{UNET_PREFIX}{name}.");
+            let prefix = format!("{}{name}.", self.unet_prefix);
             let Some(i) = self.blocks.iter().position(|b| *b == prefix) else {
                 return;
             };

@@ -1,18 +1,14 @@
 //! Which model family a store holds, from its key names and a few shapes.
 //!
-//! sdcap runs SD1.x. Other families are recognised by their telltale keys so that the user gets one line
-//! naming what they passed ("SDXL is not supported yet") instead of a missing-tensor error deep in the UNet.
+//! sdcap runs SD1.x, SD2.x and SDXL (`crate::family`). Other families are recognised by their telltale
+//! keys so that the user gets one line naming what they passed ("SD3 / SD3.5 is not supported yet")
+//! instead of a missing-tensor error deep in the UNet.
 
 use super::key_map::{TEXT_PREFIX, UNET_PREFIX};
 use super::TensorStore;
 use crate::error::{Error, Result};
-
-/// A model family sdcap can run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Family {
-    /// Stable Diffusion 1.x (CLIP ViT-L text encoder, LDM UNet, KL VAE) — any size with that structure.
-    Sd1,
-}
+pub use crate::family::Family;
+use crate::family::Prediction;
 
 /// The widths of an SD1.x model, read from its tensor shapes (SD1.5: 4, 320, 768, 768, 4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +27,9 @@ pub struct Sd1Dims {
 
 /// The error for a family we recognise but do not run.
 pub(super) fn unsupported(family: &str) -> Error {
-    Error::UnsupportedModel(format!("{family} is not supported yet (sdcap runs SD1.x)"))
+    Error::UnsupportedModel(format!(
+        "{family} is not supported yet (sdcap runs SD1.x, SD2.x and SDXL)"
+    ))
 }
 
 /// Names the family of the model in `store`, or says in one line what it is instead.
@@ -44,30 +42,106 @@ pub fn detect_family(store: &TensorStore) -> Result<Family> {
     if has_prefix("double_blocks.") || has_prefix("model.diffusion_model.double_blocks.") {
         return Err(unsupported("Flux"));
     }
-    if has_prefix("conditioner.embedders.") || has_prefix("model.diffusion_model.label_emb.") {
-        if has_part(".time_stack.") {
-            return Err(unsupported("Stable Video Diffusion"));
-        }
-        return Err(unsupported("SDXL"));
+    let family =
+        if has_prefix("conditioner.embedders.") || has_prefix("model.diffusion_model.label_emb.") {
+            if has_part(".time_stack.") {
+                return Err(unsupported("Stable Video Diffusion"));
+            }
+            // The refiner has one text encoder (bigG) under `conditioner.embedders.0.model.`.
+            if !has_prefix("conditioner.embedders.1.") {
+                return Err(unsupported("SDXL refiner"));
+            }
+            Family::Sdxl
+        } else if has_prefix("cond_stage_model.model.") {
+            Family::Sd2
+        } else if context_dims(store).contains(&1024) {
+            // An SD2 UNet with an SD1-style (transformers-named) text encoder is not a file anyone ships.
+            return Err(unsupported("SD2.x UNet with a CLIP ViT-L text encoder"));
+        } else {
+            Family::Sd1
+        };
+    if !store.contains(&format!("{UNET_PREFIX}input_blocks.0.0.weight")) {
+        return Err(Error::UnsupportedModel(unknown_hint(store)));
     }
-    if has_prefix("cond_stage_model.model.") {
-        return Err(unsupported("SD2.x (OpenCLIP text encoder)"));
+    let in_channels = conv_in(store)?.1;
+    if in_channels != 4 {
+        return Err(Error::UnsupportedModel(format!(
+            "this {family} UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix model); \
+             sdcap runs 4-channel text-to-image models"
+        )));
     }
-    if store.contains(&format!("{UNET_PREFIX}input_blocks.0.0.weight")) {
-        let contexts = context_dims(store);
-        if contexts.contains(&1024) {
-            return Err(unsupported("SD2.x (1024-wide text context)"));
+    Ok(family)
+}
+
+/// Where the prediction type came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionSource {
+    /// `--prediction`.
+    Flag,
+    /// The file's metadata (`modelspec.prediction_type`, a `prediction_type` key) or a `v_pred` tensor.
+    File,
+    /// The weights (SD2.x: the spread of a late LayerNorm bias, as ComfyUI decides).
+    Weights,
+    /// The family's default.
+    Family,
+}
+
+/// The model's prediction type when the user did not say, and why: the file's metadata, a `v_pred`
+/// marker tensor, then (SD2.x only) the weights, then the family's default.
+///
+/// The weights rule is ComfyUI's (`supported_models.SD20.model_type`): v-prediction SD2 models were
+/// fine-tuned from the 512 eps base at 768², which left the last output block's first transformer
+/// LayerNorm bias spread wide (population std > 0.09); eps models keep it near zero. ComfyUI reads
+/// `output_blocks.11` (SD2's last); we read the last output block that has a transformer, which is
+/// the same block for SD2 and exists in smaller models of the same structure.
+pub fn detect_prediction(store: &TensorStore, family: Family) -> (Prediction, PredictionSource) {
+    for (key, value) in store.metadata_strings() {
+        if key == "modelspec.prediction_type" || key == "prediction_type" {
+            if let Ok(p) = value.trim().parse::<Prediction>() {
+                return (p, PredictionSource::File);
+            }
         }
-        let in_channels = conv_in(store)?.1;
-        if in_channels != 4 {
-            return Err(Error::UnsupportedModel(format!(
-                "this SD1.x UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix model); \
-                 sdcap runs 4-channel text-to-image SD1.x models"
-            )));
-        }
-        return Ok(Family::Sd1);
     }
-    Err(Error::UnsupportedModel(unknown_hint(store)))
+    if store.contains("v_pred") {
+        return (Prediction::V, PredictionSource::File);
+    }
+    if family == Family::Sd2 {
+        if let Some(std) = late_norm_bias_std(store) {
+            let p = if std > 0.09 {
+                Prediction::V
+            } else {
+                Prediction::Eps
+            };
+            return (p, PredictionSource::Weights);
+        }
+    }
+    (family.spec().prediction, PredictionSource::Family)
+}
+
+/// Population std of `output_blocks.N.1.transformer_blocks.0.norm1.bias` for the last such N.
+fn late_norm_bias_std(store: &TensorStore) -> Option<f64> {
+    let suffix = ".1.transformer_blocks.0.norm1.bias";
+    let prefix = format!("{UNET_PREFIX}output_blocks.");
+    let info = store
+        .tensors()
+        .iter()
+        .filter_map(|t| {
+            let rest = t.name.strip_prefix(&prefix)?.strip_suffix(suffix)?;
+            Some((rest.parse::<usize>().ok()?, t))
+        })
+        .max_by_key(|(n, _)| *n)?
+        .1;
+    let mut values = vec![0f32; info.numel()];
+    store.read_f32(info, &mut values).ok()?;
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = values
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / n;
+    Some(var.sqrt())
 }
 
 /// The widths of an SD1.x model (call after `detect_family` returned `Sd1`).

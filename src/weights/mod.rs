@@ -18,7 +18,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use rayon::prelude::*;
 
-pub use family::{detect_family, sd1_dims, Family, Sd1Dims};
+pub use family::{detect_family, detect_prediction, sd1_dims, Family, PredictionSource, Sd1Dims};
 pub use quant::gguf::MetaValue;
 pub use residency::Reader;
 use safetensors_file::RawTensor;
@@ -116,6 +116,7 @@ pub struct TensorStore {
     tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
     metadata: Vec<(String, MetaValue)>,
+    header_metadata: Vec<(String, String)>,
 }
 
 impl TensorStore {
@@ -139,6 +140,7 @@ impl TensorStore {
         let (map, raws) = safetensors_file::map(path)?;
         let entries = rename_all(path, raws, |name| Ok(Some(key_map::ldm_key(name))))?;
         let mut store = TensorStore::empty();
+        store.header_metadata = safetensors_file::header_metadata(&map);
         store.add_source(path, map, entries)?;
         Ok(store)
     }
@@ -156,7 +158,13 @@ impl TensorStore {
             tensors: Vec::new(),
             index: HashMap::new(),
             metadata: Vec::new(),
+            header_metadata: Vec::new(),
         }
+    }
+
+    /// A single-file safetensors checkpoint's `__metadata__` string pairs (empty for other containers).
+    pub fn metadata_strings(&self) -> &[(String, String)] {
+        &self.header_metadata
     }
 
     /// The key/value metadata of a GGUF model, in file order (empty for other containers).

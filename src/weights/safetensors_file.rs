@@ -66,6 +66,34 @@ pub(super) fn map(path: &Path) -> Result<(Mmap, Vec<RawTensor>)> {
     Ok((map, tensors))
 }
 
+/// The header's `__metadata__` string pairs (e.g. `modelspec.prediction_type`), for a mapping `map`
+/// has already checked; anything that is not a string-to-string object reads as none.
+pub(super) fn header_metadata(bytes: &[u8]) -> Vec<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: Option<std::collections::BTreeMap<String, serde_json::Value>>,
+    }
+    let Some(len) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    else {
+        return Vec::new();
+    };
+    let Some(header) = bytes.get(8..8usize.saturating_add(len as usize)) else {
+        return Vec::new();
+    };
+    let Ok(header) = serde_json::from_slice::<Header>(header) else {
+        return Vec::new();
+    };
+    header
+        .metadata
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v.as_str()?.to_string())))
+        .collect()
+}
+
 /// The one-line reason a model file could not be opened.
 fn open_error(e: &std::io::Error) -> String {
     match e.kind() {

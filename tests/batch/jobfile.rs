@@ -4,25 +4,10 @@ use std::path::{Path, PathBuf};
 
 use sdcap::batch::jobfile::parse_jobs;
 use sdcap::batch::naming::{canonical, output_name};
-use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::job::{Job, SamplerKind, ScheduleKind};
 
 fn defaults() -> Job {
-    Job {
-        model: PathBuf::from("/models/v1-5.safetensors"),
-        vae: None,
-        prompt: String::new(),
-        negative: String::new(),
-        width: 512,
-        height: 512,
-        steps: 20,
-        cfg_scale: 7.0,
-        sampler: SamplerKind::EulerA,
-        scheduler: ScheduleKind::Discrete,
-        seed: 42,
-        clip_skip: 1,
-        rng: RngKind::Cpu,
-        ram_cap: None,
-    }
+    Job::new(PathBuf::from("/models/v1-5.safetensors"), "")
 }
 
 fn parse(text: &str) -> Vec<Result<Job, String>> {

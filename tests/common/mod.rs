@@ -116,5 +116,7 @@ pub fn job(model: PathBuf) -> Job {
         clip_skip: 1,
         rng: RngKind::Cpu,
         ram_cap: None,
+        prediction: None,
+        size_cond: Default::default(),
     }
 }

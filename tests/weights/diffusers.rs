@@ -114,7 +114,7 @@ fn diffusers_folder_problems_are_named() {
         r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
     )
     .unwrap();
-    let msg = assert_open_error(&xl, &["SDXL is not supported yet (sdcap runs SD1.x)"]);
+    let msg = assert_open_error(&xl, &["SDXL is not supported yet"]);
     assert!(msg.starts_with("unsupported model:"), "{msg}");
 }
 

@@ -89,7 +89,7 @@ impl Decoder {
         1 << self.up.iter().filter(|l| l.upsample.is_some()).count()
     }
 
-    /// `z` is the unscaled latent (sampler latent / `SCALING_FACTOR`) → image roughly in [-1, 1],
+    /// `z` is the unscaled latent (sampler latent / the family's `vae_scaling_factor`) → image roughly in [-1, 1],
     /// with the default plan.
     pub fn forward(&self, z: &Tensor) -> Tensor {
         self.forward_planned(z, &VaePlan::default())

@@ -1,4 +1,4 @@
-//! The SD1.x VAE (LDM `first_stage_model.*`): decoder latent → image, encoder image → latent.
+//! The KL VAE of SD1.x/SD2.x/SDXL (LDM `first_stage_model.*`): decoder latent → image, encoder image → latent.
 //!
 //! The decoder runs as streaming passes over feature maps stored in bands of rows (`VaePlan`), with
 //! GroupNorm + SiLU and the 2× upsample fused into each convolution's gather, so its memory is a
@@ -25,8 +25,6 @@ pub use plan::VaePlan;
 const GROUPS: usize = 32;
 /// The LDM VAE normalises with eps 1e-6 (unlike the UNet's 1e-5).
 const EPS: f32 = 1e-6;
-/// SD1.x latent scaling factor.
-pub const SCALING_FACTOR: f32 = 0.18215;
 
 /// Single-head self-attention over all pixels (the mid block of both halves), with residual.
 struct AttnBlock {

@@ -1,0 +1,65 @@
+//! The networks of one model, built from its family's description over one mapped store. The
+//! pipeline runs them; the governor plans them from their shapes (it never imports the pipeline).
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::family::{ModelSpec, Prediction};
+use crate::job::Job;
+use crate::nn::clip::TextEncoder;
+use crate::nn::unet::UNet;
+use crate::nn::vae::Decoder;
+use crate::weights::{self, PredictionSource, TensorStore, Weights};
+
+pub struct Models {
+    /// The family's description (prefixes, encoders, conditioning, scaling).
+    pub spec: &'static ModelSpec,
+    /// What the UNet predicts, and who said so (`--prediction`, the file, the weights, the family).
+    pub prediction: Prediction,
+    pub prediction_source: PredictionSource,
+    /// One per `spec.text_encoders`, in the same order.
+    pub text_encoders: Vec<TextEncoder>,
+    pub unet: UNet,
+    pub decoder: Decoder,
+    /// The mapped weights (the governor moves their pages).
+    pub store: Arc<TensorStore>,
+}
+
+impl Models {
+    /// Opens the model (file or diffusers folder), optionally replacing its VAE, names its family
+    /// and checks that it has every tensor the family's networks need.
+    pub fn load(job: &Job) -> Result<Self> {
+        let mut store = TensorStore::open(&job.model)?;
+        if let Some(vae) = &job.vae {
+            store = store.with_vae(vae)?;
+        }
+        let family = weights::detect_family(&store)?;
+        let spec = family.spec();
+        if family != crate::family::Family::Sd1 {
+            return Err(crate::Error::UnsupportedModel(format!(
+                "{family} is not supported yet (sdcap runs SD1.x)"
+            )));
+        }
+        let (prediction, prediction_source) = match job.prediction {
+            Some(p) => (p, PredictionSource::Flag),
+            None => weights::detect_prediction(&store, family),
+        };
+        let store = Arc::new(store);
+        let text_encoders = spec
+            .text_encoders
+            .iter()
+            .map(|e| TextEncoder::new(&Weights::new(store.clone(), e.prefix)))
+            .collect::<Result<Vec<_>>>()?;
+        let unet_prefix = spec.unet_prefix.trim_end_matches('.');
+        let vae_prefix = spec.vae_prefix.trim_end_matches('.');
+        Ok(Models {
+            spec,
+            prediction,
+            prediction_source,
+            text_encoders,
+            unet: UNet::new(&Weights::new(store.clone(), unet_prefix))?,
+            decoder: Decoder::new(&Weights::new(store.clone(), vae_prefix))?,
+            store,
+        })
+    }
+}
