@@ -10,7 +10,7 @@ use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::job::Job;
 use crate::kernels::scratch::{self, Scratch};
 use crate::nn::clip::TextEncoder;
-use crate::nn::unet::UNet;
+use crate::nn::unet::{HeadsRule, UNet};
 use crate::nn::vae::{Decoder, VaePlan, SCALING_FACTOR};
 use crate::output::RgbImage;
 use crate::sampling::{self, rng::TorchRng, NoiseSource};
@@ -68,7 +68,10 @@ impl Models {
                 store.clone(),
                 "cond_stage_model.transformer.text_model",
             ))?,
-            unet: UNet::new(&Weights::new(store.clone(), "model.diffusion_model"))?,
+            unet: UNet::new(
+                &Weights::new(store.clone(), "model.diffusion_model"),
+                HeadsRule::Fixed(8),
+            )?,
             decoder: Decoder::new(&Weights::new(store.clone(), "first_stage_model"))?,
             store,
         })
