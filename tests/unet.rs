@@ -208,3 +208,17 @@ fn added_conditioning_refuses_mismatched_widths() {
     assert!(UNet::new(&w, HeadsRule::Width(7)).is_err());
     assert!(UNet::new(&w, HeadsRule::Fixed(0)).is_err());
 }
+
+/// The memory model counts the cross-attention's keys and values over the context: a long
+/// prompt (3 chunks of 77 tokens) costs more than one chunk where the maps are small.
+#[test]
+fn memory_model_counts_the_context_tokens() {
+    use sdcap::kernels::scratch::TIERS;
+    for family in ["tiny-sd2", "tiny-sdxl"] {
+        let unet = family_unet(family, HeadsRule::Width(8));
+        let peak = |tokens| unet.peak_activation_bytes(2, (8, 8), tokens, &TIERS[0], 4);
+        // k and v of 154 more tokens at the widest transformer (64 channels), batch 2, f32.
+        let more = 2 * 2 * 154 * 64 * 4;
+        assert!(peak(231) >= peak(77) + more, "{family}: {} vs {}", peak(231), peak(77));
+    }
+}
