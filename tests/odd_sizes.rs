@@ -47,7 +47,10 @@ fn odd_latent_sides_match_diffusers_end_to_end() {
         let want = &refs["final_latents"];
         assert_eq!(got.latent.shape, want.shape, "{name}: latent shape");
         let err = got.latent.max_abs_diff(want);
-        assert!(err <= LATENT_TOL, "{name}: final latent max abs error {err:e}");
+        assert!(
+            err <= LATENT_TOL,
+            "{name}: final latent max abs error {err:e}"
+        );
         // 8-bit image within 1 level on ≥ 99.9% of values (a value at a rounding boundary may
         // round the other way).
         let want = &refs["image_uint8"].data;
@@ -59,13 +62,18 @@ fn odd_latent_sides_match_diffusers_end_to_end() {
             .zip(want)
             .filter(|(a, b)| (**a as f32 - **b).abs() > 1.0)
             .count();
-        assert!(off as f64 <= 0.001 * want.len() as f64, "{name}: {off} values off");
+        assert!(
+            off as f64 <= 0.001 * want.len() as f64,
+            "{name}: {off} values off"
+        );
         eprintln!("{name}: latent error {err:e}, {off} pixel values off by > 1");
     }
 }
 
 fn family_unet(family: &str) -> UNet {
-    let path = fixtures().join(family).join(format!("{family}-fp32.safetensors"));
+    let path = fixtures()
+        .join(family)
+        .join(format!("{family}-fp32.safetensors"));
     let store = TensorStore::open(&path).expect("tiny model opens");
     UNet::new(
         &Weights::new(Arc::new(store), "model.diffusion_model"),
@@ -128,4 +136,26 @@ fn memory_model_walks_odd_sides() {
         let (lo, odd, hi) = (peak(8, 8), peak(9, 11), peak(12, 12));
         assert!(lo <= odd && odd <= hi, "{family}: {lo} {odd} {hi}");
     }
+}
+
+/// The command: `sdcap generate -W 64 -H 72 --steps 1` panicked ("concat shapes", exit
+/// 101); it now writes a 64×72 PNG and exits 0.
+#[test]
+fn the_cli_generates_odd_latent_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("odd.png");
+    let model = tiny("tiny-sd-fp32.safetensors");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_sdcap"))
+        .args(["generate", "-m"])
+        .arg(&model)
+        .args(["-p", "x", "-W", "64", "-H", "72", "--steps", "1", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(0), "{stderr}");
+    let png = std::fs::read(&out).unwrap();
+    // IHDR: width and height, big-endian, at bytes 16..24.
+    let side = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
+    assert_eq!((side(16), side(20)), (64, 72));
 }

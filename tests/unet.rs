@@ -54,9 +54,15 @@ fn unet_forward_matches_diffusers() {
 
 /// The UNet of a family's tiny single file (`model.diffusion_model` prefix).
 fn family_unet(family: &str, heads: HeadsRule) -> UNet {
-    let path = fixtures().join(family).join(format!("{family}-fp32.safetensors"));
+    let path = fixtures()
+        .join(family)
+        .join(format!("{family}-fp32.safetensors"));
     let store = TensorStore::open(&path).expect("tiny model opens");
-    UNet::new(&Weights::new(Arc::new(store), "model.diffusion_model"), heads).unwrap()
+    UNet::new(
+        &Weights::new(Arc::new(store), "model.diffusion_model"),
+        heads,
+    )
+    .unwrap()
 }
 
 /// Compares every `act.*` tensor of a golden with the activation of the same role, and asserts
@@ -154,7 +160,12 @@ fn sdxl_unet_forward_matches_diffusers() {
     assert_close("out", &out, &refs["out"], 1e-4);
     // The size ids' embeddings are the tail of the added conditioning vector.
     let y = &seen["added"];
-    let ids: Vec<f32> = y.data.chunks(68).flat_map(|row| &row[20..]).copied().collect();
+    let ids: Vec<f32> = y
+        .data
+        .chunks(68)
+        .flat_map(|row| &row[20..])
+        .copied()
+        .collect();
     seen.insert("add_time_proj".into(), Tensor::new(vec![2, 48], ids));
     compare_activations(
         &refs,
@@ -219,6 +230,11 @@ fn memory_model_counts_the_context_tokens() {
         let peak = |tokens| unet.peak_activation_bytes(2, (8, 8), tokens, &TIERS[0], 4);
         // k and v of 154 more tokens at the widest transformer (64 channels), batch 2, f32.
         let more = 2 * 2 * 154 * 64 * 4;
-        assert!(peak(231) >= peak(77) + more, "{family}: {} vs {}", peak(231), peak(77));
+        assert!(
+            peak(231) >= peak(77) + more,
+            "{family}: {} vs {}",
+            peak(231),
+            peak(77)
+        );
     }
 }

@@ -134,9 +134,10 @@ pub fn predict(
     let text_scratch = scratch.peak_bytes(4 * width as usize, 0, (77, width as usize), threads);
     let text_activations = (batch as u64 * 77 * width * 4 * 12).saturating_add(text_scratch);
 
-    let unet_activations = models
-        .unet
-        .peak_activation_bytes(batch, (lh, lw), 77, &scratch, threads);
+    let unet_activations =
+        models
+            .unet
+            .peak_activation_bytes(batch, (lh, lw), 77, &scratch, threads);
     let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,

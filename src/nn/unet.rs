@@ -31,7 +31,7 @@ impl HeadsRule {
             HeadsRule::Width(width) if width > 0 => channels / width,
             HeadsRule::Width(_) => 0,
         };
-        if heads == 0 || channels % heads != 0 {
+        if heads == 0 || !channels.is_multiple_of(heads) {
             return Err(Error::UnsupportedModel(format!(
                 "a UNet transformer {channels} channels wide cannot have attention heads {self:?}"
             )));
@@ -55,6 +55,9 @@ struct Block {
     name: String,
     layers: Vec<Layer>,
 }
+
+/// Receives activations by name.
+type Trace<'a> = &'a mut dyn FnMut(&str, &Tensor);
 
 /// What every layer of one UNet call reads besides its input.
 struct Call<'a> {
@@ -107,7 +110,7 @@ impl Block {
         input: BlockInput,
         call: &Call,
         up_to: (usize, usize),
-        mut layers: Option<&mut dyn FnMut(&str, &Tensor)>,
+        mut layers: Option<Trace>,
     ) -> Tensor {
         let mut traced = |i: usize, out: &Tensor| {
             if let Some(trace) = layers.as_mut() {
@@ -270,7 +273,7 @@ impl UNet {
             return unsupported("this UNet takes no added (pooled/size) conditioning".into());
         };
         let n = time_ids.len() / 6;
-        if n == 0 || time_ids.len() != 6 * n || pooled.len() % n != 0 {
+        if n == 0 || time_ids.len() != 6 * n || !pooled.len().is_multiple_of(n) {
             return unsupported(format!(
                 "added conditioning needs 6 size ids per image and one pooled embedding each; got {} ids and {} pooled values",
                 time_ids.len(),
@@ -279,7 +282,7 @@ impl UNet {
         }
         let p = pooled.len() / n;
         let id_width = adm_in.saturating_sub(p) / 6;
-        if p >= adm_in || p + 6 * id_width != adm_in || id_width % 2 != 0 {
+        if p >= adm_in || p + 6 * id_width != adm_in || !id_width.is_multiple_of(2) {
             return unsupported(format!(
                 "a pooled text embedding {p} wide plus 6 size ids does not fill the UNet's {adm_in}-wide added conditioning"
             ));

@@ -155,10 +155,7 @@ fn fused_affine_silu_resize_equals_materialised() {
                 let mut conv = RowConv::with_budget(&weight, Some(&bias), K3, budget);
                 let mut got = vec![0.0; co * sh * sw];
                 conv.rows(&RowVecs::new(&x, (ci, h, w)), t, 0..sh, &mut got);
-                assert!(
-                    got == want.data,
-                    "silu {silu} {resize:?} budget {budget}"
-                );
+                assert!(got == want.data, "silu {silu} {resize:?} budget {budget}");
             }
         }
     }
@@ -169,7 +166,9 @@ fn fused_affine_silu_resize_equals_materialised() {
 #[test]
 fn nearest_source_follows_torch() {
     let indices = |input: usize, output: usize| -> Vec<usize> {
-        (0..output).map(|i| nearest_source(i, input, output)).collect()
+        (0..output)
+            .map(|i| nearest_source(i, input, output))
+            .collect()
     };
     assert_eq!(indices(5, 9), [0, 0, 1, 1, 2, 2, 3, 3, 4]);
     assert_eq!(indices(4, 8), [0, 0, 1, 1, 2, 2, 3, 3]);

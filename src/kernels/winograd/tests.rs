@@ -291,10 +291,7 @@ fn reads_through_input_transforms_as_the_materialised_map() {
         for tile in [WinogradTile::F2, WinogradTile::F4] {
             let got = conv3x3_winograd_read(&inputs, &rows, Some(&bias), tile);
             let want = conv3x3_winograd(&whole, &rows, Some(&bias), tile);
-            assert!(
-                got.data == want.data,
-                "{tile:?} norm {norm} {resize:?}"
-            );
+            assert!(got.data == want.data, "{tile:?} norm {norm} {resize:?}");
         }
     }
 }

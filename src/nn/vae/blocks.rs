@@ -172,7 +172,10 @@ pub(super) fn stream(
     consume: bool,
     mut sink: impl FnMut(usize, usize, &[f32]),
 ) {
-    let up = if convs[0].1.resize == Resize::Twice { 2 } else { 1 };
+    let up = match convs[0].1.resize {
+        Resize::Twice => 2,
+        _ => 1,
+    };
     let (_, h, w) = convs[0].1.seen_dims(src);
     let step = convs[0].0.tile_rows(h, w);
     let widest = convs.iter().map(|(c, _)| c.out_ch).max().unwrap_or(0);
