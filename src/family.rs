@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::job::{SamplerKind, ScheduleKind};
+use crate::nn::unet::HeadsRule;
 
 /// A model family sdcap runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -120,29 +121,6 @@ pub struct TextEncoderSpec {
     pub pooled: bool,
 }
 
-/// How many attention heads a UNet transformer at `channels` has.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HeadsRule {
-    /// The same number at every level (SD1.x: 8).
-    Count(usize),
-    /// Heads of a fixed width (SD2.x, SDXL: 64; LDM's `num_head_channels`).
-    Width(usize),
-}
-
-impl HeadsRule {
-    /// Heads for a transformer of `channels`. Test-sized models (base width below 64) use 8-wide
-    /// heads, as the text encoders do.
-    pub fn heads(self, channels: usize, model_channels: usize) -> usize {
-        match self {
-            HeadsRule::Count(n) => n,
-            HeadsRule::Width(w) => {
-                let width = if model_channels < 64 { 8 } else { w };
-                (channels / width).max(1)
-            }
-        }
-    }
-}
-
 /// One family's description.
 #[derive(Debug)]
 pub struct ModelSpec {
@@ -160,6 +138,7 @@ pub struct ModelSpec {
     /// diffusers' `force_zeros_for_empty_prompt`: with no negative prompt at all, the unconditional
     /// half gets all-zero embeddings (pooled too) instead of the encoded empty prompt.
     pub zero_uncond_without_negative: bool,
+    /// The UNet's attention heads (SD1.x: 8 at every level; SD2.x/SDXL: 64-wide heads).
     pub heads: HeadsRule,
     /// Latents are divided by this before the VAE decoder (and multiplied after the encoder).
     pub vae_scaling_factor: f32,
@@ -179,6 +158,16 @@ impl ModelSpec {
         match prediction {
             Prediction::Eps => self.default_side.0,
             Prediction::V => self.default_side.1,
+        }
+    }
+
+    /// The heads rule for a UNet of this family whose base width is `model_channels`. Test-sized
+    /// models (base width below 64) use 8-wide heads where the real ones use 64-wide heads, as the
+    /// text encoders do.
+    pub fn unet_heads(&self, model_channels: usize) -> HeadsRule {
+        match self.heads {
+            HeadsRule::Width(_) if model_channels < 64 => HeadsRule::Width(8),
+            rule => rule,
         }
     }
 
@@ -206,7 +195,7 @@ pub static SD1: ModelSpec = ModelSpec {
     }],
     size_conditioning: false,
     zero_uncond_without_negative: false,
-    heads: HeadsRule::Count(8),
+    heads: HeadsRule::Fixed(8),
     vae_scaling_factor: 0.18215,
     prediction: Prediction::Eps,
     default_side: (512, 512),
@@ -283,12 +272,12 @@ mod tests {
     #[test]
     fn heads_rule_matches_the_real_and_the_tiny_models() {
         // SD1.5: 8 heads at 320/640/1280; SD2.1: 5/10/20; SDXL: 10/20 (head width 64).
-        assert_eq!(HeadsRule::Count(8).heads(1280, 320), 8);
-        assert_eq!(HeadsRule::Width(64).heads(320, 320), 5);
-        assert_eq!(HeadsRule::Width(64).heads(1280, 320), 20);
+        assert_eq!(SD1.unet_heads(320).heads(1280).unwrap(), 8);
+        assert_eq!(SD2.unet_heads(320).heads(320).unwrap(), 5);
+        assert_eq!(SDXL.unet_heads(320).heads(1280).unwrap(), 20);
         // The tiny SD2/SDXL fixtures: head width 8 (model channels 32).
-        assert_eq!(HeadsRule::Width(64).heads(64, 32), 8);
-        assert_eq!(HeadsRule::Width(64).heads(32, 32), 4);
+        assert_eq!(SDXL.unet_heads(32).heads(64).unwrap(), 8);
+        assert_eq!(SD2.unet_heads(32).heads(32).unwrap(), 4);
     }
 
     #[test]

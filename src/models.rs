@@ -51,13 +51,18 @@ impl Models {
             .map(|e| TextEncoder::new(&Weights::new(store.clone(), e.prefix)))
             .collect::<Result<Vec<_>>>()?;
         let unet_prefix = spec.unet_prefix.trim_end_matches('.');
+        // `detect_family` found `conv_in`; its output width is the UNet's base width.
+        let model_channels = store
+            .get(&format!("{unet_prefix}.input_blocks.0.0.weight"))
+            .map_or(0, |t| t.shape[0]);
+        let heads = spec.unet_heads(model_channels);
         let vae_prefix = spec.vae_prefix.trim_end_matches('.');
         Ok(Models {
             spec,
             prediction,
             prediction_source,
             text_encoders,
-            unet: UNet::new(&Weights::new(store.clone(), unet_prefix))?,
+            unet: UNet::new(&Weights::new(store.clone(), unet_prefix), heads)?,
             decoder: Decoder::new(&Weights::new(store.clone(), vae_prefix))?,
             store,
         })

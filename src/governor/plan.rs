@@ -136,9 +136,10 @@ pub fn predict(
         .saturating_add(text_scratch)
         .saturating_add(outputs);
 
-    let unet_activations = models
-        .unet
-        .peak_activation_bytes(batch, lh, lw, &scratch, threads);
+    let unet_activations =
+        models
+            .unet
+            .peak_activation_bytes(batch, (lh, lw), 77, &scratch, threads);
     let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,

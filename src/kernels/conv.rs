@@ -6,8 +6,8 @@
 //!
 //! The gather reads its input a row at a time through `FeatureRows`, so the input may be stored in
 //! separate bands of rows, and through an `InputTransform`: a per-channel affine + SiLU (a GroupNorm
-//! whose statistics were computed beforehand) and a nearest 2× upsample. So `GroupNorm → SiLU →
-//! conv` and `upsample → conv` never materialise the normalised or the upsampled map, and
+//! whose statistics were computed beforehand) and a nearest resize (2× or to a given size). So
+//! `GroupNorm → SiLU → conv` and `upsample → conv` never materialise the normalised or the upsampled map, and
 //! `RowConv::rows` computes any band of output rows into a caller's buffer.
 
 use std::ops::Range;
@@ -75,65 +75,124 @@ impl FeatureRows for Planes<'_> {
 }
 
 /// How a convolution reads its input while gathering: value `v` of channel `c` becomes
-/// `silu?(v · scale[c] + shift[c])` (exactly the f32 operations of `group_norm` + SiLU), and with
-/// `upsample2x` pixel (y, x) of the seen map is input pixel (y/2, x/2).
+/// `silu?(v · scale[c] + shift[c])` (exactly the f32 operations of `group_norm` + SiLU), and the
+/// map is seen resized (`Resize`: a nearest 2× upsample, or a nearest resize to a given size).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct InputTransform<'a> {
     /// Per input channel `(scale, shift)`.
     pub affine: Option<(&'a [f32], &'a [f32])>,
     pub silu: bool,
-    pub upsample2x: bool,
+    pub resize: Resize,
 }
 
-impl InputTransform<'_> {
-    pub(super) fn factor(&self) -> usize {
-        if self.upsample2x {
-            2
-        } else {
-            1
+/// The nearest-neighbour resize a convolution's gather applies to its input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Resize {
+    /// The map as stored.
+    #[default]
+    None,
+    /// 2× in both directions: seen pixel (y, x) is input pixel (y/2, x/2).
+    Twice,
+    /// To (height, width), as torch's `F.interpolate(size=(height, width), mode="nearest")`
+    /// (`nearest_source`); a UNet upsampler meeting a skip of odd size (diffusers'
+    /// `forward_upsample_size`). To twice the input size it is `Twice`.
+    To(usize, usize),
+}
+
+impl Resize {
+    /// (height, width) of the map seen when reading an `h × w` input.
+    pub fn seen(self, h: usize, w: usize) -> (usize, usize) {
+        match self {
+            Resize::None => (h, w),
+            Resize::Twice => (2 * h, 2 * w),
+            Resize::To(th, tw) => (th, tw),
         }
     }
 
+    /// The input row seen row `y` reads, of an input `input_h` rows high.
+    pub fn source_row(self, y: usize, input_h: usize) -> usize {
+        match self {
+            Resize::None => y,
+            Resize::Twice => y / 2,
+            Resize::To(th, _) => nearest_source(y, input_h, th),
+        }
+    }
+}
+
+/// The input index output index `i` of a nearest resize from `input` to `output` reads, computed
+/// as torch does (`nearest_idx` in ATen's `UpSample.h`): the same index, `i / 2` for an exact 2×,
+/// else `min(floor(i · (input / output as f32)), input − 1)` in f32.
+pub fn nearest_source(i: usize, input: usize, output: usize) -> usize {
+    if output == input {
+        i
+    } else if output == 2 * input {
+        i / 2
+    } else {
+        let scale = input as f32 / output as f32;
+        ((i as f32 * scale).floor() as usize).min(input.saturating_sub(1))
+    }
+}
+
+impl InputTransform<'_> {
     /// (channels, height, width) of the map the convolution sees when reading `input`.
     pub fn seen_dims(&self, input: &dyn FeatureRows) -> (usize, usize, usize) {
         let (c, h, w) = input.dims();
-        (c, h * self.factor(), w * self.factor())
+        let (sh, sw) = self.resize.seen(h, w);
+        (c, sh, sw)
     }
 
     /// Whether the convolution sees its input as stored.
     pub(super) fn is_identity(&self) -> bool {
-        self.affine.is_none() && !self.silu && !self.upsample2x
+        self.affine.is_none() && !self.silu && self.resize == Resize::None
     }
 
-    /// Transforms one input row of channel `c` into `dst` (`factor` × as long).
+    /// Transforms one input row of channel `c` into `dst` (a row of the seen map).
     pub(super) fn apply(&self, c: usize, src: &[f32], dst: &mut [f32]) {
+        let resize = self.resize;
         match (self.affine, self.silu) {
             (Some((scale, shift)), true) => {
                 let (a, b) = (scale[c], shift[c]);
-                map_row(src, dst, self.upsample2x, |v| silu_scalar(v * a + b))
+                map_row(src, dst, resize, |v| silu_scalar(v * a + b))
             }
             (Some((scale, shift)), false) => {
                 let (a, b) = (scale[c], shift[c]);
-                map_row(src, dst, self.upsample2x, |v| v * a + b)
+                map_row(src, dst, resize, |v| v * a + b)
             }
-            (None, true) => map_row(src, dst, self.upsample2x, silu_scalar),
-            (None, false) => map_row(src, dst, self.upsample2x, |v| v),
+            (None, true) => map_row(src, dst, resize, silu_scalar),
+            (None, false) => map_row(src, dst, resize, |v| v),
         }
     }
 }
 
 #[inline(always)]
-fn map_row(src: &[f32], dst: &mut [f32], twice: bool, f: impl Fn(f32) -> f32) {
-    if twice {
-        for (pair, &v) in dst.chunks_exact_mut(2).zip(src) {
-            let y = f(v);
-            pair[0] = y;
-            pair[1] = y;
+fn map_row(src: &[f32], dst: &mut [f32], resize: Resize, f: impl Fn(f32) -> f32) {
+    let (w, tw) = (src.len(), dst.len());
+    match resize {
+        Resize::Twice => twice(src, dst, f),
+        Resize::To(_, tw) if tw == 2 * w => twice(src, dst, f),
+        Resize::None => once(src, dst, f),
+        Resize::To(_, tw) if tw == w => once(src, dst, f),
+        Resize::To(..) => {
+            for (x, d) in dst.iter_mut().enumerate() {
+                *d = f(src[nearest_source(x, w, tw)]);
+            }
         }
-    } else {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = f(v);
-        }
+    }
+}
+
+#[inline(always)]
+fn twice(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+    for (pair, &v) in dst.chunks_exact_mut(2).zip(src) {
+        let y = f(v);
+        pair[0] = y;
+        pair[1] = y;
+    }
+}
+
+#[inline(always)]
+fn once(src: &[f32], dst: &mut [f32], f: impl Fn(f32) -> f32) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = f(v);
     }
 }
 
@@ -346,14 +405,19 @@ fn gather_patch(
     patch: &mut [f32],
 ) {
     let (k, stride, pad) = (geo.kernel, geo.stride, geo.pad);
-    let up = t.factor();
     let (_, h, w) = input.dims();
-    let (sh, sw) = (h * up, w * up);
+    let (sh, sw) = t.resize.seen(h, w);
+    let source = |y: usize| t.resize.source_row(y, h);
     let cols = rows * ow;
-    // Seen rows this tile reads, clamped to the map; then the input rows behind them.
+    // Seen rows this tile reads, clamped to the map; then the input rows behind them (the
+    // source row never decreases with the seen row).
     let first = geo.first_input_row(row0).min(sh);
     let end = ((row0 + rows - 1) * stride + k).saturating_sub(pad).min(sh);
-    let (src0, src1) = (first / up, end.div_ceil(up));
+    let (src0, src1) = if end > first {
+        (source(first), source(end - 1) + 1)
+    } else {
+        (0, 0)
+    };
     let line_len = sw + 2 * pad;
     patch
         .par_chunks_mut(k * k * cols)
@@ -374,7 +438,7 @@ fn gather_patch(
                             dst_row.fill(0.0);
                             continue;
                         }
-                        let line = (py - pad) / up - src0;
+                        let line = source(py - pad) - src0;
                         let line = &lines[line * line_len..(line + 1) * line_len];
                         if stride == 1 {
                             dst_row.copy_from_slice(&line[dx..dx + ow]);

@@ -16,7 +16,7 @@ pub use activation::{geglu, quick_gelu, silu};
 pub use attention::{attention, attention_chunked, attention_scratch_bytes, AttentionShape};
 pub use conv::{
     conv2d, conv2d_implicit_gemm, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows,
-    InputTransform, Planes, RowConv,
+    InputTransform, Planes, Resize, RowConv,
 };
 pub use denormals::{compute_pool, denormals_flushed, flush_denormals};
 pub use matmul::{matmul, Transpose};

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::kernels::{
-    self, Conv2dGeometry, FeatureRows, InputTransform, RowConv, WeightRows, WinogradInput,
+    self, Conv2dGeometry, FeatureRows, InputTransform, Resize, RowConv, WeightRows, WinogradInput,
 };
 use crate::tensor::{zeroed, Tensor};
 use crate::weights::{Param, Weights};
@@ -150,26 +150,26 @@ impl Conv2d {
         y
     }
 
-    /// The convolution of `x` read through `read` (per-image GroupNorm + SiLU, 2× upsample), without
+    /// The convolution of `x` read through `read` (per-image GroupNorm + SiLU, resize), without
     /// the bias, which the caller adds in its own pass (`bias`). The normalised or upsampled map is
     /// never stored.
     pub fn product(&self, x: MapRef, read: &ReadAs) -> Tensor {
         let (n, c, h, w) = x.nchw();
         assert_eq!(c, self.in_ch, "conv input channels");
-        if let (MapRef::One(x), None, false) = (x, &read.norm, read.upsample2x) {
+        if let (MapRef::One(x), None, Resize::None) = (x, &read.norm, read.resize) {
             return kernels::conv2d(x, &self.weight, None, self.geo);
         }
-        let up = if read.upsample2x { 2 } else { 1 };
         let transform = |b: usize| InputTransform {
             affine: read
                 .norm
                 .as_ref()
                 .map(|norm| (&norm[b].0[..], &norm[b].1[..])),
             silu: read.silu,
-            upsample2x: read.upsample2x,
+            resize: read.resize,
         };
         let images: Vec<ImageRows> = (0..n).map(|b| x.image(b)).collect();
-        let seen = (n, c, h * up, w * up);
+        let (sh, sw) = read.resize.seen(h, w);
+        let seen = (n, c, sh, sw);
         if let Some(tile) = kernels::winograd_choice(self.geo, seen, self.out_ch) {
             let inputs: Vec<WinogradInput> = images
                 .iter()
@@ -178,7 +178,7 @@ impl Conv2d {
                 .collect();
             return kernels::conv3x3_winograd_read(&inputs, &self.weight, None, tile);
         }
-        let (oh, ow) = self.geo.out_size(h * up, w * up);
+        let (oh, ow) = self.geo.out_size(sh, sw);
         let mut out = Tensor::zeros(vec![n, self.out_ch, oh, ow]);
         let mut conv = RowConv::new(&self.weight, None, self.geo);
         for (b, out) in out.data.chunks_mut(self.out_ch * oh * ow).enumerate() {
@@ -199,8 +199,8 @@ pub struct ReadAs {
     pub norm: Option<Vec<(Vec<f32>, Vec<f32>)>>,
     /// SiLU after the norm.
     pub silu: bool,
-    /// Nearest-neighbour 2× upsampling.
-    pub upsample2x: bool,
+    /// Nearest-neighbour resize: 2×, or to a given size (a UNet upsampler meeting an odd skip).
+    pub resize: Resize,
 }
 
 /// `v += bias[c]` over every plane of an NCHW map, in parallel.

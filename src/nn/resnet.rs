@@ -2,6 +2,7 @@
 
 use super::layers::{for_each_plane, Conv2d, GroupNorm, Linear, MapRef, ReadAs};
 use crate::error::Result;
+use crate::kernels::Resize;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -64,7 +65,7 @@ impl ResnetBlock {
         let read_normed = |norm: &GroupNorm, x: MapRef| ReadAs {
             norm: Some(norm.per_image(x)),
             silu: true,
-            upsample2x: false,
+            resize: Resize::None,
         };
         let mut h = self.conv1.product(x, &read_normed(&self.norm1, x));
         let bias1 = self.conv1.bias();

@@ -123,6 +123,7 @@ pub struct SpatialTransformer {
     blocks: Vec<TransformerBlock>,
     proj_out: Linear,
     context_dim: usize,
+    heads: usize,
     pub channels: usize,
 }
 
@@ -144,11 +145,22 @@ impl SpatialTransformer {
             blocks,
             proj_out: Linear::new(&w.pp("proj_out"), channels, channels, true)?,
             context_dim,
+            heads,
             channels,
         })
     }
 
-    /// `context` [n, tokens, context_dim].
+    /// Width of one attention head.
+    pub fn head_width(&self) -> usize {
+        self.channels / self.heads
+    }
+
+    /// Width of the context the cross-attentions read (768 SD1, 1024 SD2, 2048 SDXL).
+    pub fn context_dim(&self) -> usize {
+        self.context_dim
+    }
+
+    /// `context` [n, tokens, context_dim], any number of tokens.
     pub fn forward(&self, x: &Tensor, context: &[f32]) -> Tensor {
         let (n, c, h, w) = x.nchw();
         let ctx_tokens = context.len() / (n * self.context_dim);

@@ -110,11 +110,11 @@ impl FeatureRows for RowVecs {
     }
 }
 
-/// GroupNorm-style affine + SiLU and the 2× upsample, fused into the gather, give the same bits as
-/// materialising the transformed map and convolving it: the same f32 operations per value and the
-/// same GEMM calls.
+/// GroupNorm-style affine + SiLU and a resize (2×, or nearest to another size: an odd skip's, a
+/// smaller one), fused into the gather, give the same bits as materialising the transformed map
+/// and convolving it: the same f32 operations per value and the same GEMM calls.
 #[test]
-fn fused_affine_silu_upsample_equals_materialised() {
+fn fused_affine_silu_resize_equals_materialised() {
     let (ci, co, h, w) = (6, 70, 7, 9);
     let x = values(ci * h * w, 37, 29);
     let wt = values(co * ci * 9, 11, 13);
@@ -125,33 +125,59 @@ fn fused_affine_silu_upsample_equals_materialised() {
         data: &wt,
         rows: co,
     };
-    for (silu, up) in [(true, false), (false, false), (true, true), (false, true)] {
-        let f = if up { 2 } else { 1 };
-        let (sh, sw) = (h * f, w * f);
-        let mut seen = Tensor::zeros(vec![1, ci, sh, sw]);
-        for c in 0..ci {
-            for y in 0..sh {
-                for xx in 0..sw {
-                    let v = x[(c * h + y / f) * w + xx / f] * scale[c] + shift[c];
-                    seen.data[(c * sh + y) * sw + xx] = if silu { silu_scalar(v) } else { v };
+    let resizes = [
+        Resize::None,
+        Resize::Twice,
+        Resize::To(2 * h, 2 * w),
+        Resize::To(2 * h - 1, 2 * w - 1),
+        Resize::To(h + 3, w - 2),
+    ];
+    for silu in [true, false] {
+        for resize in resizes {
+            let (sh, sw) = resize.seen(h, w);
+            let mut seen = Tensor::zeros(vec![1, ci, sh, sw]);
+            for c in 0..ci {
+                for y in 0..sh {
+                    for xx in 0..sw {
+                        // Nearest: floor(i · in / out) (torch's f32 rule agrees at these sizes).
+                        let v = x[(c * h + y * h / sh) * w + xx * w / sw] * scale[c] + shift[c];
+                        seen.data[(c * sh + y) * sw + xx] = if silu { silu_scalar(v) } else { v };
+                    }
                 }
             }
+            for budget in [TIERS[0].conv_patch, 1, 2 * ci * 9 * sw] {
+                let want = conv2d_tiled(&seen, &weight, Some(&bias), K3, budget);
+                let t = InputTransform {
+                    affine: Some((&scale, &shift)),
+                    silu,
+                    resize,
+                };
+                let mut conv = RowConv::with_budget(&weight, Some(&bias), K3, budget);
+                let mut got = vec![0.0; co * sh * sw];
+                conv.rows(&RowVecs::new(&x, (ci, h, w)), t, 0..sh, &mut got);
+                assert!(got == want.data, "silu {silu} {resize:?} budget {budget}");
+            }
         }
-        for budget in [TIERS[0].conv_patch, 1, 2 * ci * 9 * sw] {
-            let want = conv2d_tiled(&seen, &weight, Some(&bias), K3, budget);
-            let t = InputTransform {
-                affine: Some((&scale, &shift)),
-                silu,
-                upsample2x: up,
-            };
-            let mut conv = RowConv::with_budget(&weight, Some(&bias), K3, budget);
-            let mut got = vec![0.0; co * sh * sw];
-            conv.rows(&RowVecs::new(&x, (ci, h, w)), t, 0..sh, &mut got);
-            assert!(
-                got == want.data,
-                "silu {silu} upsample {up} budget {budget}"
-            );
-        }
+    }
+}
+
+/// The source index of a nearest resize, as torch's `F.interpolate(size=…, mode="nearest")`
+/// gives it (values worked out from ATen's rule: same size, exact 2×, else floor(i · in/out) in f32).
+#[test]
+fn nearest_source_follows_torch() {
+    let indices = |input: usize, output: usize| -> Vec<usize> {
+        (0..output)
+            .map(|i| nearest_source(i, input, output))
+            .collect()
+    };
+    assert_eq!(indices(5, 9), [0, 0, 1, 1, 2, 2, 3, 3, 4]);
+    assert_eq!(indices(4, 8), [0, 0, 1, 1, 2, 2, 3, 3]);
+    assert_eq!(indices(7, 10), [0, 0, 1, 2, 2, 3, 4, 4, 5, 6]);
+    assert_eq!(indices(4, 3), [0, 1, 2]);
+    assert_eq!(indices(3, 3), [0, 1, 2]);
+    // An upsampler meeting an odd skip (out = 2·in − 1) reads what the 2× upsample reads.
+    for input in 1..300 {
+        assert!((0..2 * input - 1).all(|i| nearest_source(i, input, 2 * input - 1) == i / 2));
     }
 }
 

@@ -1,5 +1,5 @@
 use super::*;
-use crate::kernels::conv::conv2d_implicit_gemm;
+use crate::kernels::conv::{conv2d_implicit_gemm, Resize};
 use crate::kernels::scratch::TIERS;
 use crate::kernels::DenseRows;
 
@@ -228,20 +228,21 @@ fn scratch_bounded_by_budgets() {
 /// The map a convolution sees through `t`, materialised with the gather's own operations.
 fn seen_map(x: &Tensor, t: InputTransform) -> Tensor {
     let (n, ci, h, w) = x.nchw();
-    let up = t.factor();
-    let mut data = vec![0.0f32; n * ci * h * up * w * up];
-    for (i, plane) in data.chunks_mut(h * up * w * up).enumerate() {
+    let (sh, sw) = t.resize.seen(h, w);
+    let mut data = vec![0.0f32; n * ci * sh * sw];
+    for (i, plane) in data.chunks_mut(sh * sw).enumerate() {
         let src = &x.data[i * h * w..(i + 1) * h * w];
-        for (y, row) in plane.chunks_mut(w * up).enumerate() {
-            t.apply(i % ci, &src[(y / up) * w..(y / up + 1) * w], row);
+        for (y, row) in plane.chunks_mut(sw).enumerate() {
+            let y = t.resize.source_row(y, h);
+            t.apply(i % ci, &src[y * w..(y + 1) * w], row);
         }
     }
-    Tensor::new(vec![n, ci, h * up, w * up], data)
+    Tensor::new(vec![n, ci, sh, sw], data)
 }
 
-/// Reading through a GroupNorm + SiLU affine, a 2× upsample or both gives the bits of convolving
-/// the materialised map (the UNet's ResNet and upsampler convolutions take this path), per image
-/// with its own affine.
+/// Reading through a GroupNorm + SiLU affine, a resize (2×, or to an odd skip's size) or both
+/// gives the bits of convolving the materialised map (the UNet's ResNet and upsampler
+/// convolutions take this path), per image with its own affine.
 #[test]
 fn reads_through_input_transforms_as_the_materialised_map() {
     let (n, ci, co, h, w) = (2, 40, 70, 7, 9);
@@ -253,11 +254,19 @@ fn reads_through_input_transforms_as_the_materialised_map() {
     let affine: Vec<(Vec<f32>, Vec<f32>)> = (0..n as u64)
         .map(|b| (uniform(ci, 10 + b, 2.0), uniform(ci, 20 + b, 1.0)))
         .collect();
-    for (norm, upsample2x) in [(true, false), (false, true), (true, true)] {
+    let odd = Resize::To(2 * h - 1, 2 * w - 1);
+    let cases = [
+        (true, Resize::None),
+        (false, Resize::Twice),
+        (true, Resize::Twice),
+        (true, odd),
+        (false, Resize::To(h + 4, w + 2)),
+    ];
+    for (norm, resize) in cases {
         let transform = |b: usize| InputTransform {
             affine: norm.then(|| (&affine[b].0[..], &affine[b].1[..])),
             silu: norm,
-            upsample2x,
+            resize,
         };
         let planes: Vec<Planes> = x
             .data
@@ -282,10 +291,7 @@ fn reads_through_input_transforms_as_the_materialised_map() {
         for tile in [WinogradTile::F2, WinogradTile::F4] {
             let got = conv3x3_winograd_read(&inputs, &rows, Some(&bias), tile);
             let want = conv3x3_winograd(&whole, &rows, Some(&bias), tile);
-            assert!(
-                got.data == want.data,
-                "{tile:?} norm {norm} up {upsample2x}"
-            );
+            assert!(got.data == want.data, "{tile:?} norm {norm} {resize:?}");
         }
     }
 }

@@ -136,7 +136,8 @@ fn load_lines<const M: usize, const A: usize>(
         let row = if t.is_identity() {
             rows.row(c, y)
         } else {
-            t.apply(c, rows.row(c, y / t.factor()), &mut seen_row[..w]);
+            let source = t.resize.source_row(y, rows.dims().1);
+            t.apply(c, rows.row(c, source), &mut seen_row[..w]);
             &seen_row[..w]
         };
         // Input column x is padded column px = x + 1: x = M·q + k − 1 goes to slot q of phase

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::{
     conv_patch_bytes, conv_tile_rows, group_norm_stats, group_norm_stats_bytes, panel_bytes,
-    winograd_choice, Conv2dGeometry, FeatureRows, InputTransform, RowConv, WinogradConv,
+    winograd_choice, Conv2dGeometry, FeatureRows, InputTransform, Resize, RowConv, WinogradConv,
     WinogradTile,
 };
 use crate::weights::{Param, Weights};
@@ -152,14 +152,14 @@ pub(super) fn norm_silu<'a>((scale, shift): &'a (Vec<f32>, Vec<f32>)) -> InputTr
     InputTransform {
         affine: Some((scale, shift)),
         silu: true,
-        upsample2x: false,
+        resize: Resize::None,
     }
 }
 
 pub(super) const UPSAMPLE: InputTransform<'static> = InputTransform {
     affine: None,
     silu: false,
-    upsample2x: true,
+    resize: Resize::Twice,
 };
 
 /// One streaming pass over `src`: tile by tile (the tiles of `convs[0]`), each convolution computes
@@ -172,7 +172,10 @@ pub(super) fn stream(
     consume: bool,
     mut sink: impl FnMut(usize, usize, &[f32]),
 ) {
-    let up = if convs[0].1.upsample2x { 2 } else { 1 };
+    let up = match convs[0].1.resize {
+        Resize::Twice => 2,
+        _ => 1,
+    };
     let (_, h, w) = convs[0].1.seen_dims(src);
     let step = convs[0].0.tile_rows(h, w);
     let widest = convs.iter().map(|(c, _)| c.out_ch).max().unwrap_or(0);
