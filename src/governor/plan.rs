@@ -137,7 +137,8 @@ pub fn predict(
     let unet_activations = models
         .unet
         .peak_activation_bytes(batch, lh, lw, &scratch, threads);
-    let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
+    // Latent, noise, sampler history, and what the model file's metadata keeps resident.
+    let latents = ((lh * lw * 4 * 4 * 4) as u64).saturating_add(store.metadata_bytes());
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(UNET_PREFIX),
