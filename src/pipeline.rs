@@ -173,6 +173,10 @@ fn run(
         ids.extend(tokenizer.encode_padded(&job.negative, CONTEXT_LEN));
     }
     ids.extend(tokenizer.encode_padded(&job.prompt, CONTEXT_LEN));
+    let negative = guided.then_some(job.negative.as_str());
+    if let Some(notice) = crate::tokenizer::truncation_notice(&job.prompt, negative) {
+        on_event(Event::Notice(notice));
+    }
     let batch = ids.len() / CONTEXT_LEN;
     let context = models.text_encoder.forward(&ids, batch, clip_skip);
     end_stage(models, &plan, governor::plan::TEXT_PREFIX);
