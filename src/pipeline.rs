@@ -179,6 +179,7 @@ fn run(
     }
     let batch = ids.len() / CONTEXT_LEN;
     let context = models.text_encoder.forward(&ids, batch, clip_skip);
+    sampling::check_finite("text encoder", || "encoding the prompt".into(), &context)?;
     end_stage(models, &plan, governor::plan::TEXT_PREFIX);
 
     on_event(Event::Stage("denoise"));
@@ -203,7 +204,7 @@ fn run(
         }
         let x = Tensor::new(shape.clone(), input.to_vec());
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
-        Ok(predict_noise(
+        let eps = predict_noise(
             &models.unet,
             &x,
             t,
@@ -211,7 +212,9 @@ fn run(
             batch,
             job.cfg_scale,
             &mut after_block,
-        ))
+        );
+        sampling::check_finite("UNet", || format!("at timestep {t}"), &eps)?;
+        Ok(eps)
     };
     let total = schedule.timesteps.len();
     let mut on_step = |i: usize, _n: usize| {
@@ -243,7 +246,7 @@ fn run(
     let vae_plan = VaePlan {
         band_rows: plan.vae_band_rows,
     };
-    let image = decode(&models.decoder, &latent, &vae_plan);
+    let image = decode(&models.decoder, &latent, &vae_plan)?;
     end_stage(models, &plan, governor::plan::VAE_PREFIX);
     Ok(Generated {
         image,
@@ -294,12 +297,15 @@ fn predict_noise(
 
 /// Decodes a sampler latent to 8-bit RGB the way diffusers post-processes:
 /// `round(clamp(x / 2 + 0.5, 0, 1) · 255)`.
-pub fn decode(decoder: &Decoder, latent: &Tensor, plan: &VaePlan) -> RgbImage {
+/// Fails with `Error::NonFinite` when the VAE produced NaN or infinite values.
+pub fn decode(decoder: &Decoder, latent: &Tensor, plan: &VaePlan) -> Result<RgbImage> {
     let z = Tensor::new(
         latent.shape.clone(),
         latent.data.iter().map(|v| v / SCALING_FACTOR).collect(),
     );
-    to_rgb(&decoder.forward_planned(&z, plan))
+    let image = decoder.forward_planned(&z, plan);
+    sampling::check_finite("VAE decoder", || "decoding the image".into(), &image.data)?;
+    Ok(to_rgb(&image))
 }
 
 fn to_rgb(image: &Tensor) -> RgbImage {
