@@ -172,7 +172,10 @@ impl Tokenizer {
     /// bytes (invalid UTF-8 replaced), each word end a space, trimmed. A leading BOS and trailing
     /// EOS ids are left out; special ids elsewhere become their literal text.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let byte_of: HashMap<char, u8> = bytes_to_unicode().into_iter().map(|(b, c)| (c, b)).collect();
+        let byte_of: HashMap<char, u8> = bytes_to_unicode()
+            .into_iter()
+            .map(|(b, c)| (c, b))
+            .collect();
         let ids = ids.strip_prefix(&[BOS]).unwrap_or(ids);
         let ids = ids.strip_suffix(&[EOS]).unwrap_or(ids);
         let mut bytes = Vec::new();

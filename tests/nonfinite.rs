@@ -60,20 +60,33 @@ fn non_finite_weights_stop_the_run_naming_the_stage() {
         assert_eq!(err.exit_code(), 1);
         let msg = err.to_string();
         assert!(msg.contains(stage), "{name} = {value}: {msg}");
-        assert!(msg.starts_with("a tensor with NaN or infinite values"), "{msg}");
+        assert!(
+            msg.starts_with("a tensor with NaN or infinite values"),
+            "{msg}"
+        );
     }
     // The same model with a finite value there runs.
-    let job = common::job(poisoned(dir.path(), "first_stage_model.decoder.conv_in.bias", 0.5));
+    let job = common::job(poisoned(
+        dir.path(),
+        "first_stage_model.decoder.conv_in.bias",
+        0.5,
+    ));
     pipeline::txt2img(&job, &mut |_| {}).unwrap();
 }
 
 #[test]
 fn the_cli_exits_1_with_one_line_and_no_png() {
     let dir = tempfile::tempdir().unwrap();
-    let model = poisoned(dir.path(), "model.diffusion_model.input_blocks.0.0.weight", f32::NAN);
+    let model = poisoned(
+        dir.path(),
+        "model.diffusion_model.input_blocks.0.0.weight",
+        f32::NAN,
+    );
     let png = dir.path().join("o.png");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcap"))
-        .args(["generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1", "-t", "1"])
+        .args([
+            "generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1", "-t", "1",
+        ])
         .args(["--progress", "none", "-m"])
         .arg(&model)
         .arg("-o")

@@ -125,7 +125,10 @@ fn names_with_separators_stay_one_field() {
     let (prompt, negative, fields) = parse_a1111(&text);
     assert_eq!((prompt.as_str(), negative.as_str()), ("a cat", ""));
     check_fields(&fields, &j, &text);
-    assert_eq!(fields["Model"], "evil, Seed: 7, Steps: 1\nNegative prompt: x");
+    assert_eq!(
+        fields["Model"],
+        "evil, Seed: 7, Steps: 1\nNegative prompt: x"
+    );
     assert_eq!(fields["VAE"], "a:b,c.safetensors");
 }
 
@@ -146,7 +149,10 @@ fn a_cut_prompt_stores_what_the_text_encoder_read() {
     assert_eq!(tokens(&negative), tokens(&b));
     // 60 head words then 15 tail words fill the 75 positions.
     assert_eq!(prompt.split(' ').count(), 75, "{prompt}");
-    assert!(prompt.ends_with(&format!("hat{}", " dog".repeat(15))), "{prompt}");
+    assert!(
+        prompt.ends_with(&format!("hat{}", " dog".repeat(15))),
+        "{prompt}"
+    );
     // Two prompts that differ only past the cut are the same job, and say so.
     let changed_at_the_end = format!("{} tree", a.strip_suffix(" dog").unwrap());
     assert_eq!(
@@ -161,16 +167,27 @@ fn a_cut_prompt_stores_what_the_text_encoder_read() {
 fn the_cut_is_noticed_once_with_both_counts() {
     let a = long_prompt("dog");
     let notice = sdcap::tokenizer::truncation_notice(&a, Some("short")).unwrap();
-    assert!(notice.contains("425 tokens of the prompt and 0 of the negative"), "{notice}");
+    assert!(
+        notice.contains("425 tokens of the prompt and 0 of the negative"),
+        "{notice}"
+    );
     let notice = sdcap::tokenizer::truncation_notice("short", Some(&a)).unwrap();
-    assert!(notice.contains("0 tokens of the prompt and 425 of the negative"), "{notice}");
+    assert!(
+        notice.contains("0 tokens of the prompt and 425 of the negative"),
+        "{notice}"
+    );
     assert_eq!(sdcap::tokenizer::truncation_notice("short", Some("")), None);
-    assert_eq!(sdcap::tokenizer::truncation_notice(&long_prompt("x")[..200], None), None);
+    assert_eq!(
+        sdcap::tokenizer::truncation_notice(&long_prompt("x")[..200], None),
+        None
+    );
 
     // The CLI says it in its JSON progress.
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcap"))
-        .args(["generate", "-W", "64", "-H", "64", "--steps", "1", "-t", "1"])
+        .args([
+            "generate", "-W", "64", "-H", "64", "--steps", "1", "-t", "1",
+        ])
         .args(["--progress", "json", "-p", &a, "-m"])
         .arg(common::tiny("tiny-sd-fp32.safetensors"))
         .arg("-o")

@@ -23,7 +23,9 @@ fn available() -> String {
 
 /// `sdcap plan --json` with `--threads threads`: (predicted peak bytes, stderr).
 fn planned_peak(threads: &str) -> (u64, String) {
-    let out = sdcap(&["plan", "-p", "x", "-W", "512", "-H", "512", "--json", "-t", threads]);
+    let out = sdcap(&[
+        "plan", "-p", "x", "-W", "512", "-H", "512", "--json", "-t", threads,
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -51,8 +53,21 @@ fn generate_cuts_threads_with_one_json_notice() {
     let png = png.to_str().unwrap();
     let run = |threads: &str| {
         let out = sdcap(&[
-            "generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1", "--progress", "json",
-            "-o", png, "-t", threads,
+            "generate",
+            "-p",
+            "x",
+            "-W",
+            "64",
+            "-H",
+            "64",
+            "--steps",
+            "1",
+            "--progress",
+            "json",
+            "-o",
+            png,
+            "-t",
+            threads,
         ]);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{stderr}");
@@ -72,6 +87,9 @@ fn generate_cuts_threads_with_one_json_notice() {
     let (all, none) = run(&available());
     assert_eq!(clamped, all);
     assert_eq!(notices.len(), 1, "{notices:?}");
-    assert!(notices[0].starts_with("--threads 1000 is more than the"), "{notices:?}");
+    assert!(
+        notices[0].starts_with("--threads 1000 is more than the"),
+        "{notices:?}"
+    );
     assert!(none.is_empty(), "{none:?}");
 }

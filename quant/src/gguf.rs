@@ -242,9 +242,9 @@ impl<'a> MetaRef<'a> {
     pub fn decode(&self) -> MetaValue {
         match self.item {
             MetaItem::Scalar(v) => v.clone(),
-            &MetaItem::String { start, len } => MetaValue::String(
-                String::from_utf8_lossy(self.range(start, len)).into_owned(),
-            ),
+            &MetaItem::String { start, len } => {
+                MetaValue::String(String::from_utf8_lossy(self.range(start, len)).into_owned())
+            }
             &MetaItem::Array {
                 item_ty,
                 count,
@@ -311,7 +311,10 @@ impl fmt::Display for MetaRef<'_> {
             MetaItem::Scalar(ref v) => write!(f, "{v}"),
             MetaItem::String { start, len } => {
                 let bytes = self.range(start, len.min(4 * MAX_CHARS));
-                let text: String = String::from_utf8_lossy(bytes).chars().take(MAX_CHARS).collect();
+                let text: String = String::from_utf8_lossy(bytes)
+                    .chars()
+                    .take(MAX_CHARS)
+                    .collect();
                 if text.len() < len {
                     write!(f, "{text:?}… ({len} bytes)")
                 } else {
@@ -326,7 +329,11 @@ impl fmt::Display for MetaRef<'_> {
             } => {
                 const SHOWN: usize = 8;
                 f.write_str("[")?;
-                for (i, item) in self.items(item_ty, count, start, len).take(SHOWN).enumerate() {
+                for (i, item) in self
+                    .items(item_ty, count, start, len)
+                    .take(SHOWN)
+                    .enumerate()
+                {
                     if i > 0 {
                         f.write_str(", ")?;
                     }

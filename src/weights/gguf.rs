@@ -271,8 +271,8 @@ fn apply_logical_shapes(
                     .collect::<Option<Vec<usize>>>()
             })
             .ok_or_else(|| {
-            format!("`{key}` must be an array of at most {MAX_LOGICAL_RANK} u64 dims")
-        })?;
+                format!("`{key}` must be an array of at most {MAX_LOGICAL_RANK} u64 dims")
+            })?;
         let numel: usize = tensor.shape.iter().product();
         if dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) != Some(numel) {
             return Err(format!(
@@ -421,7 +421,11 @@ impl<'a> Cursor<'a> {
 
     /// An array's item type and count, then its items checked: fixed-size items by one bounds
     /// check (bools byte by byte), strings and nested arrays one at a time.
-    fn array_values(&mut self, what: &str, depth: usize) -> std::result::Result<(u32, u64), String> {
+    fn array_values(
+        &mut self,
+        what: &str,
+        depth: usize,
+    ) -> std::result::Result<(u32, u64), String> {
         if depth == MAX_ARRAY_DEPTH {
             return Err(format!(
                 "{what} nests arrays more than {MAX_ARRAY_DEPTH} deep"

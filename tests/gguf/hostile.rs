@@ -417,7 +417,9 @@ fn with_u8_array(model: &[u8], count: u64) -> Vec<u8> {
 /// `sdcap generate --progress json` on `model`: (planned peak MiB, peak RSS MiB).
 fn planned_and_peak_mib(model: &Path, dir: &Path) -> (u64, u64) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcap"))
-        .args(["generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1", "-t", "1"])
+        .args([
+            "generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1", "-t", "1",
+        ])
         .args(["--progress", "json", "-m"])
         .arg(model)
         .arg("-o")
@@ -454,9 +456,16 @@ fn a_huge_metadata_array_costs_its_file_bytes_and_is_planned() {
 
     let store = TensorStore::open(&hostile).unwrap();
     let blob = store.metadata().iter().next().unwrap().1;
-    assert_eq!(blob.to_string(), "[7, 7, 7, 7, 7, 7, 7, 7, … (50000000 values)]");
+    assert_eq!(
+        blob.to_string(),
+        "[7, 7, 7, 7, 7, 7, 7, 7, … (50000000 values)]"
+    );
     assert!(store.metadata_bytes() >= COUNT);
-    assert!(store.metadata_bytes() <= COUNT + MIB, "{}", store.metadata_bytes());
+    assert!(
+        store.metadata_bytes() <= COUNT + MIB,
+        "{}",
+        store.metadata_bytes()
+    );
     drop(store);
 
     let (plain_plan, plain_peak) = planned_and_peak_mib(&plain, dir.path());
