@@ -37,6 +37,10 @@ pub enum Error {
         available_mib: u64,
         hint: String,
     },
+    /// A network produced NaN or infinite values (non-finite weights, or an overflow); nothing was
+    /// written. `stage` names the network, `at` where in the run (e.g. "step 3 of 20").
+    #[error("a tensor with NaN or infinite values was produced in the {stage} ({at}): the model file holds non-finite weights or the values overflowed; nothing was written")]
+    NonFinite { stage: &'static str, at: String },
     /// The run was interrupted by a signal; nothing partial was written.
     #[error("interrupted")]
     Interrupted,
@@ -58,7 +62,7 @@ impl Error {
             | Error::UnsupportedModel(_)
             | Error::MissingTensor(_)
             | Error::BadShape { .. } => 2,
-            Error::Io { .. } => 1,
+            Error::Io { .. } | Error::NonFinite { .. } => 1,
             Error::CapTooSmall { .. } => 3,
             Error::Interrupted => 130,
         }

@@ -142,9 +142,8 @@ fn gguf_facts(path: &Path, store: &TensorStore) -> Result<GgufFacts> {
         .map_err(|e| Error::bad_file(path, format!("cannot read the GGUF header: {e}")))?;
     let alignment = store
         .metadata()
-        .iter()
-        .find(|(k, _)| k == ALIGNMENT_KEY)
-        .and_then(|(_, v)| v.as_u64())
+        .get(ALIGNMENT_KEY)
+        .and_then(|v| v.scalar()?.as_u64())
         .unwrap_or(DEFAULT_ALIGNMENT as u64);
     Ok(GgufFacts {
         version: u32::from_le_bytes([head[4], head[5], head[6], head[7]]),

@@ -11,6 +11,7 @@ use std::path::Path;
 use crate::atomic_file::{write_atomically, Existing};
 use crate::error::{Error, Result};
 use crate::job::{Job, SamplerKind, ScheduleKind};
+use crate::tokenizer::{Tokenizer, CONTEXT_LEN};
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
 #[derive(Clone, Debug, PartialEq)]
@@ -73,14 +74,16 @@ fn png_err(e: png::EncodingError) -> io::Error {
 /// Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly, RNG: CPU, Version: sdcap 0.1.0
 /// ```
 ///
-/// The negative line is left out when empty and `Clip skip` when it is 1. The Karras schedule is
+/// The negative line is left out when empty and `Clip skip` when it is 1. The prompts are what the
+/// model read ([`infotext_prompt`]); values with `,`, `:` or a newline are JSON-quoted, as A1111's
+/// `quote` does. The Karras schedule is
 /// written the legacy way, as a suffix of the sampler name (`DPM++ 2M Karras`): older A1111 versions
 /// only understand that form, and newer ones split the suffix back into their `Schedule type`.
 pub fn parameters_text(job: &Job) -> String {
-    let mut text = job.prompt.clone();
+    let mut text = infotext_prompt(&job.prompt);
     if !job.negative.is_empty() {
         text.push_str("\nNegative prompt: ");
-        text.push_str(&job.negative);
+        text.push_str(&infotext_prompt(&job.negative));
     }
     let mut fields = vec![
         format!("Steps: {}", job.steps),
@@ -91,10 +94,10 @@ pub fn parameters_text(job: &Job) -> String {
         format!("CFG scale: {}", job.cfg_scale),
         format!("Seed: {}", job.seed),
         format!("Size: {}x{}", job.width, job.height),
-        format!("Model: {}", model_name(&job.model)),
+        format!("Model: {}", quote(&model_name(&job.model))),
     ];
     if let Some(vae) = &job.vae {
-        fields.push(format!("VAE: {}", file_label(vae)));
+        fields.push(format!("VAE: {}", quote(&file_label(vae))));
     }
     if job.clip_skip > 1 {
         fields.push(format!("Clip skip: {}", job.clip_skip));
@@ -105,6 +108,51 @@ pub fn parameters_text(job: &Job) -> String {
     text.push('\n');
     text.push_str(&fields.join(", "));
     text
+}
+
+/// A prompt as the `parameters` chunk stores it. A1111 writes prompts as they are, newlines
+/// included, and its reader (`parse_generation_parameters`) takes every line that starts with
+/// `Negative prompt:` (after trimming) as the start of the negative prompt. So, changing nothing the
+/// text encoder sees:
+/// - the part the text encoder read ([`Tokenizer::kept_text`]: the prompt itself unless the 77
+///   positions cut it);
+/// - control characters dropped, except newline; the whitespace ones (tab, CR, …) and the Unicode
+///   line and paragraph separators become a space (CLIP splits words at any whitespace);
+/// - a line starting with `Negative prompt:` gets a lower-case `n` (CLIP lower-cases, so the
+///   tokens are the same, and A1111's reader, which is case-sensitive, keeps the line where it is).
+pub fn infotext_prompt(text: &str) -> String {
+    let kept = Tokenizer::clip().kept_text(text, CONTEXT_LEN);
+    let cleaned: String = kept
+        .chars()
+        .filter_map(|c| match c {
+            '\n' => Some(c),
+            '\u{2028}' | '\u{2029}' => Some(' '),
+            c if c.is_control() && c.is_whitespace() => Some(' '),
+            c if c.is_control() => None,
+            c => Some(c),
+        })
+        .collect();
+    cleaned
+        .split('\n')
+        .map(|line| {
+            let body = line.trim_start();
+            match body.strip_prefix("Negative prompt:") {
+                Some(rest) => format!("{}negative prompt:{rest}", &line[..line.len() - body.len()]),
+                None => line.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A1111's `quote`: a value holding `,`, `:` or a newline (here also any control character) is
+/// written as a JSON string, so it stays one field of the last line.
+fn quote(value: &str) -> String {
+    if value.contains([',', ':', '\n']) || value.chars().any(char::is_control) {
+        serde_json::to_string(value).expect("a string serialises")
+    } else {
+        value.to_string()
+    }
 }
 
 /// The sampler as A1111 names it. The Karras suffix only goes on the sigma-based samplers, the ones

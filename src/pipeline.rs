@@ -142,8 +142,13 @@ fn run(
         ids.extend(tokenizer.encode_padded(&job.negative, CONTEXT_LEN));
     }
     ids.extend(tokenizer.encode_padded(&job.prompt, CONTEXT_LEN));
+    let negative = guided.then_some(job.negative.as_str());
+    if let Some(notice) = crate::tokenizer::truncation_notice(&job.prompt, negative) {
+        on_event(Event::Notice(notice));
+    }
     let batch = ids.len() / CONTEXT_LEN;
     let context = text_encoder.forward(&ids, batch, clip_skip);
+    sampling::check_finite("text encoder", || "encoding the prompt".into(), &context)?;
     end_stage(models, &plan, models.spec.text_prefix);
 
     on_event(Event::Stage("denoise"));
@@ -169,7 +174,7 @@ fn run(
         }
         let x = Tensor::new(shape.clone(), input.to_vec());
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
-        Ok(predict_noise(
+        let eps = predict_noise(
             &models.unet,
             &x,
             t,
@@ -177,7 +182,9 @@ fn run(
             batch,
             job.cfg_scale,
             &mut after_block,
-        ))
+        );
+        sampling::check_finite("UNet", || format!("at timestep {t}"), &eps)?;
+        Ok(eps)
     };
     let total = schedule.timesteps.len();
     let mut on_step = |i: usize, _n: usize| {
@@ -214,7 +221,7 @@ fn run(
         &latent,
         models.spec.vae_scaling_factor,
         &vae_plan,
-    );
+    )?;
     end_stage(models, &plan, models.spec.vae_prefix);
     Ok(Generated {
         image,
@@ -265,12 +272,20 @@ fn predict_noise(
 
 /// Decodes a sampler latent (divided by the family's `scaling_factor` first) to 8-bit RGB the way
 /// diffusers post-processes: `round(clamp(x / 2 + 0.5, 0, 1) · 255)`.
-pub fn decode(decoder: &Decoder, latent: &Tensor, scaling_factor: f32, plan: &VaePlan) -> RgbImage {
+/// Fails with `Error::NonFinite` when the VAE produced NaN or infinite values.
+pub fn decode(
+    decoder: &Decoder,
+    latent: &Tensor,
+    scaling_factor: f32,
+    plan: &VaePlan,
+) -> Result<RgbImage> {
     let z = Tensor::new(
         latent.shape.clone(),
         latent.data.iter().map(|v| v / scaling_factor).collect(),
     );
-    to_rgb(&decoder.forward_planned(&z, plan))
+    let image = decoder.forward_planned(&z, plan);
+    sampling::check_finite("VAE decoder", || "decoding the image".into(), &image.data)?;
+    Ok(to_rgb(&image))
 }
 
 fn to_rgb(image: &Tensor) -> RgbImage {

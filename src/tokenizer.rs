@@ -151,6 +151,54 @@ impl Tokenizer {
         ids
     }
 
+    /// Tokens of `text` that an encoder of `len` positions does not read (0 when it all fits):
+    /// [`encode_padded`](Self::encode_padded) keeps the first `len - 2` between BOS and EOS.
+    pub fn dropped_tokens(&self, text: &str, len: usize) -> usize {
+        self.encode(text).len().saturating_sub(len.max(2))
+    }
+
+    /// What an encoder of `len` positions reads of `text`: `text` itself when nothing is dropped,
+    /// else the kept tokens decoded ([`decode`](Self::decode): lower case, CLIP's spacing; a word
+    /// cut by the limit ends where the model's input ended).
+    pub fn kept_text<'t>(&self, text: &'t str, len: usize) -> std::borrow::Cow<'t, str> {
+        let ids = self.encode(text);
+        if ids.len() <= len.max(2) {
+            return text.into();
+        }
+        self.decode(&ids[1..len.max(2) - 1]).into()
+    }
+
+    /// Text of `ids` as HF's `CLIPTokenizer.decode` gives it: tokens joined, byte characters back to
+    /// bytes (invalid UTF-8 replaced), each word end a space, trimmed. A leading BOS and trailing
+    /// EOS ids are left out; special ids elsewhere become their literal text.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        let byte_of: HashMap<char, u8> = bytes_to_unicode()
+            .into_iter()
+            .map(|(b, c)| (c, b))
+            .collect();
+        let ids = ids.strip_prefix(&[BOS]).unwrap_or(ids);
+        let ids = ids.strip_suffix(&[EOS]).unwrap_or(ids);
+        let mut bytes = Vec::new();
+        for &id in ids {
+            let Some(token) = self.vocab.get(id as usize) else {
+                continue;
+            };
+            if id >= BOS {
+                bytes.extend_from_slice(token.as_bytes());
+                continue;
+            }
+            let (body, word_end) = match token.strip_suffix("</w>") {
+                Some(body) => (body, true),
+                None => (token.as_str(), false),
+            };
+            bytes.extend(body.chars().filter_map(|c| byte_of.get(&c)));
+            if word_end {
+                bytes.push(b' ');
+            }
+        }
+        String::from_utf8_lossy(&bytes).trim().to_string()
+    }
+
     /// Appends the ids of text that holds no special token.
     fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) {
         // Per char as HF does; `str::to_lowercase` would write a word-final Σ as ς.
@@ -225,6 +273,24 @@ impl Tokenizer {
         }
         ids.extend((0..len).filter(|&i| alive[i]).map(|i| symbols[i]));
     }
+}
+
+/// The one line to tell the user when the SD1.x text encoder's 77 positions cut a prompt (long
+/// prompts are not supported yet): how many tokens of the prompt and of the negative prompt (None
+/// when it is not used) were dropped. None when nothing was.
+pub fn truncation_notice(prompt: &str, negative: Option<&str>) -> Option<String> {
+    let clip = Tokenizer::clip();
+    let prompt_dropped = clip.dropped_tokens(prompt, CONTEXT_LEN);
+    let negative_dropped = negative.map_or(0, |n| clip.dropped_tokens(n, CONTEXT_LEN));
+    if prompt_dropped == 0 && negative_dropped == 0 {
+        return None;
+    }
+    Some(format!(
+        "the text encoder reads {} tokens per prompt: {prompt_dropped} tokens of the prompt and \
+         {negative_dropped} of the negative prompt were dropped (long prompts are not supported \
+         yet; the PNG's parameters hold the text that was used)",
+        CONTEXT_LEN - 2
+    ))
 }
 
 /// GPT-2/CLIP's byte ↔ character table, in vocabulary order: printable Latin-1 bytes stand for

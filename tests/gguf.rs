@@ -235,7 +235,7 @@ fn written_files_read_back_with_metadata_types_and_logical_shapes() {
     write_file(&path, &meta, &tensors, 64, &data);
 
     let store = TensorStore::open(&path).unwrap();
-    assert_eq!(store.metadata(), &meta[..]);
+    assert_eq!(store.metadata().to_values(), meta);
     let read: Vec<&TensorInfo> = store.tensors().iter().collect();
     assert_eq!(read.len(), tensors.len());
     for ((got, want), bytes) in read.iter().zip(&tensors).zip(&data) {
@@ -262,7 +262,7 @@ fn written_files_read_back_with_metadata_types_and_logical_shapes() {
     let back: Vec<Vec<u8>> = read.iter().map(|t| store.bytes(t).to_vec()).collect();
     let mut entries = entries(&store);
     entries[0].shape = vec![4, 288];
-    write_file(&again, store.metadata(), &entries, 64, &back);
+    write_file(&again, &store.metadata().to_values(), &entries, 64, &back);
     assert!(std::fs::read(&again).unwrap() == std::fs::read(&path).unwrap());
 }
 

@@ -168,7 +168,7 @@ fn default_mode_quantizes_convs_compat_does_not() {
     assert!(default
         .metadata()
         .iter()
-        .any(|(k, _)| k == &format!("sdcap.shape.{CONV}")));
+        .any(|(k, _)| k == format!("sdcap.shape.{CONV}")));
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Writing GGUF files (v3, little-endian), and the metadata value type the reader shares.
+//! Writing GGUF files (v3, little-endian), the metadata value type, and the reader's view of
+//! metadata (values left in the file and decoded on use).
 //!
 //! Layout (ggml `docs/gguf.md`): magic `GGUF`, version, tensor count, key/value count, the key/value
 //! pairs, one info per tensor (name, dims innermost first, type id, data offset), zero padding to the
@@ -140,6 +141,257 @@ impl fmt::Display for MetaValue {
             MetaValue::F64(v) => write!(f, "{v}"),
         }
     }
+}
+
+/// How the reader keeps one metadata value: numbers decoded, strings and arrays left in the file as
+/// byte ranges and decoded on use. A value costs the same few words whatever it holds, so a file's
+/// metadata costs O(its entries), never its values' count times an enum's size.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaItem {
+    /// Any type but string and array, decoded.
+    Scalar(MetaValue),
+    /// A string's bytes at `start..start + len` of the file (decoded lossily as UTF-8).
+    String { start: usize, len: usize },
+    /// `count` values of type `item_ty` stored at `start..start + len` of the file.
+    Array {
+        item_ty: u32,
+        count: u64,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// One metadata entry as the reader keeps it: the key's bytes (UTF-8, checked when the file was
+/// read) at `key_start..key_start + key_len` of the file, and the value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetaEntry {
+    pub key_start: usize,
+    pub key_len: usize,
+    pub value: MetaItem,
+}
+
+/// A file's metadata, in file order, over the file's bytes (the reader validated every entry).
+#[derive(Clone, Copy)]
+pub struct Metadata<'a> {
+    entries: &'a [MetaEntry],
+    file: &'a [u8],
+}
+
+/// One value of [`Metadata`].
+#[derive(Clone, Copy)]
+pub struct MetaRef<'a> {
+    item: &'a MetaItem,
+    file: &'a [u8],
+}
+
+impl<'a> Metadata<'a> {
+    /// `entries` made by a reader of `file`; ranges outside `file` decode as empty, never panic.
+    pub fn new(entries: &'a [MetaEntry], file: &'a [u8]) -> Self {
+        Metadata { entries, file }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Keys and values in file order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, MetaRef<'a>)> + 'a {
+        let file = self.file;
+        self.entries.iter().map(move |e| {
+            let key = file
+                .get(e.key_start..e.key_start.saturating_add(e.key_len))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .unwrap_or("");
+            (
+                key,
+                MetaRef {
+                    item: &e.value,
+                    file,
+                },
+            )
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<MetaRef<'a>> {
+        self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// Every entry decoded (memory in proportion to the values: for tests and small files).
+    pub fn to_values(&self) -> Vec<(String, MetaValue)> {
+        self.iter()
+            .map(|(k, v)| (k.to_string(), v.decode()))
+            .collect()
+    }
+}
+
+impl<'a> MetaRef<'a> {
+    /// The GGUF value type id.
+    pub fn type_id(&self) -> u32 {
+        match self.item {
+            MetaItem::Scalar(v) => v.type_id(),
+            MetaItem::String { .. } => 8,
+            MetaItem::Array { .. } => 9,
+        }
+    }
+
+    /// The decoded value (an array allocates one `MetaValue` per item).
+    pub fn decode(&self) -> MetaValue {
+        match self.item {
+            MetaItem::Scalar(v) => v.clone(),
+            &MetaItem::String { start, len } => {
+                MetaValue::String(String::from_utf8_lossy(self.range(start, len)).into_owned())
+            }
+            &MetaItem::Array {
+                item_ty,
+                count,
+                start,
+                len,
+            } => MetaValue::Array(self.items(item_ty, count, start, len).collect()),
+        }
+    }
+
+    /// A scalar's value, or None for strings and arrays.
+    pub fn scalar(&self) -> Option<&'a MetaValue> {
+        match self.item {
+            MetaItem::Scalar(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The items of an array of u64 when it has at most `max` of them (else, or for any other
+    /// value, None); decodes only those.
+    pub fn u64_array(&self, max: usize) -> Option<Vec<u64>> {
+        match *self.item {
+            MetaItem::Array {
+                item_ty: 10,
+                count,
+                start,
+                len,
+            } if count <= max as u64 => self
+                .items(10, count, start, len)
+                .map(|v| match v {
+                    MetaValue::U64(d) => Some(d),
+                    _ => None,
+                })
+                .collect(),
+            _ => None,
+        }
+    }
+
+    fn range(&self, start: usize, len: usize) -> &'a [u8] {
+        self.file
+            .get(start..start.saturating_add(len))
+            .unwrap_or(&[])
+    }
+
+    /// An array's items one at a time (stops early if the bytes run out).
+    fn items(
+        &self,
+        item_ty: u32,
+        count: u64,
+        start: usize,
+        len: usize,
+    ) -> impl Iterator<Item = MetaValue> + 'a {
+        let bytes = self.range(start, len);
+        let mut pos = 0;
+        (0..count).map_while(move |_| read_value(item_ty, bytes, &mut pos))
+    }
+}
+
+/// Compact, one line, bounded whatever the value holds: as [`MetaValue`]'s display, with strings
+/// cut after 120 characters and only the first 8 items of an array decoded.
+impl fmt::Display for MetaRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MAX_CHARS: usize = 120;
+        match *self.item {
+            MetaItem::Scalar(ref v) => write!(f, "{v}"),
+            MetaItem::String { start, len } => {
+                let bytes = self.range(start, len.min(4 * MAX_CHARS));
+                let text: String = String::from_utf8_lossy(bytes)
+                    .chars()
+                    .take(MAX_CHARS)
+                    .collect();
+                if text.len() < len {
+                    write!(f, "{text:?}… ({len} bytes)")
+                } else {
+                    write!(f, "{text:?}")
+                }
+            }
+            MetaItem::Array {
+                item_ty,
+                count,
+                start,
+                len,
+            } => {
+                const SHOWN: usize = 8;
+                f.write_str("[")?;
+                for (i, item) in self
+                    .items(item_ty, count, start, len)
+                    .take(SHOWN)
+                    .enumerate()
+                {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{item}")?;
+                }
+                if count > SHOWN as u64 {
+                    write!(f, ", … ({count} values)")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// Decodes one value of type `ty` at `bytes[*pos..]` and moves past it; None if the bytes end first
+/// or the type is unknown (the reader checked both, so that only happens to a file changed under us).
+pub fn read_value(ty: u32, bytes: &[u8], pos: &mut usize) -> Option<MetaValue> {
+    fn take<'b>(bytes: &'b [u8], pos: &mut usize, n: usize) -> Option<&'b [u8]> {
+        let out = bytes.get(*pos..pos.checked_add(n)?)?;
+        *pos += n;
+        Some(out)
+    }
+    fn fixed<const N: usize>(bytes: &[u8], pos: &mut usize) -> Option<[u8; N]> {
+        take(bytes, pos, N)?.try_into().ok()
+    }
+    fn u64_at(bytes: &[u8], pos: &mut usize) -> Option<u64> {
+        fixed(bytes, pos).map(u64::from_le_bytes)
+    }
+    Some(match ty {
+        0 => MetaValue::U8(u8::from_le_bytes(fixed(bytes, pos)?)),
+        1 => MetaValue::I8(i8::from_le_bytes(fixed(bytes, pos)?)),
+        2 => MetaValue::U16(u16::from_le_bytes(fixed(bytes, pos)?)),
+        3 => MetaValue::I16(i16::from_le_bytes(fixed(bytes, pos)?)),
+        4 => MetaValue::U32(u32::from_le_bytes(fixed(bytes, pos)?)),
+        5 => MetaValue::I32(i32::from_le_bytes(fixed(bytes, pos)?)),
+        6 => MetaValue::F32(f32::from_le_bytes(fixed(bytes, pos)?)),
+        7 => MetaValue::Bool(fixed::<1>(bytes, pos)?[0] != 0),
+        8 => {
+            let len = usize::try_from(u64_at(bytes, pos)?).ok()?;
+            MetaValue::String(String::from_utf8_lossy(take(bytes, pos, len)?).into_owned())
+        }
+        9 => {
+            let item_ty = u32::from_le_bytes(fixed(bytes, pos)?);
+            let count = u64_at(bytes, pos)?;
+            // Each item takes at least one byte: a count beyond the bytes left is a broken file.
+            if count > (bytes.len() - *pos) as u64 {
+                return None;
+            }
+            let items = (0..count)
+                .map(|_| read_value(item_ty, bytes, pos))
+                .collect::<Option<Vec<_>>>()?;
+            MetaValue::Array(items)
+        }
+        10 => MetaValue::U64(u64::from_le_bytes(fixed(bytes, pos)?)),
+        11 => MetaValue::I64(i64::from_le_bytes(fixed(bytes, pos)?)),
+        12 => MetaValue::F64(f64::from_le_bytes(fixed(bytes, pos)?)),
+        _ => return None,
+    })
 }
 
 /// One tensor to write.

@@ -164,10 +164,13 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
-    start_pool(args.threads)?;
+    let threads_notice = start_pool(args.threads)?;
     let cancel = cancel_on_signals()?;
 
     let mut progress = Progress::new(args.progress);
+    if let Some(notice) = threads_notice {
+        progress.on_event(sdcap::pipeline::Event::Notice(notice));
+    }
     let demo_notice = default_model && mine().any(|j| j.model == defaults.model);
     let mut running = false;
     let summary = batch::run(

@@ -66,7 +66,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     // Before the pool and the model: no usable GPU is a one-line refusal (exit 2).
     sdcap::backend::select(args.backend)?;
 
-    start_pool(args.threads)?;
+    if let Some(notice) = start_pool(args.threads)? {
+        progress.on_event(pipeline::Event::Notice(notice));
+    }
 
     // SIGINT/SIGTERM abandon the run at the next step: no file is written, exit 130.
     let cancel = cancel_on_signals()?;

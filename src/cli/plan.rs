@@ -10,6 +10,10 @@ const MIB: u64 = 1 << 20;
 
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let job = args.generate.to_job()?;
+    // The pool `generate` would start: the plan counts its threads.
+    if let Some(notice) = super::threads::start_pool(args.generate.threads)? {
+        eprintln!("sdcap: {notice}");
+    }
     // As generate: no usable GPU is a one-line refusal (exit 2); with one, the budget sets the
     // CUDA libraries' host memory aside and the device memory is checked below.
     sdcap::backend::select(args.generate.backend)?;

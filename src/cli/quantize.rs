@@ -115,7 +115,9 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
         force: args.force,
     };
 
-    start_pool(args.threads)?;
+    if let Some(notice) = start_pool(args.threads)? {
+        eprintln!("sdcap: {notice}");
+    }
 
     // Ctrl-C / SIGTERM stop the run between tensors, so the temporary file is removed.
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -140,7 +140,8 @@ pub fn predict(
         models
             .unet
             .peak_activation_bytes(batch, (lh, lw), 77, &scratch, threads);
-    let latents = (lh * lw * 4 * 4 * 4) as u64; // latent, noise, sampler history
+    // Latent, noise, sampler history, and what the model file's metadata keeps resident.
+    let latents = ((lh * lw * 4 * 4 * 4) as u64).saturating_add(store.metadata_bytes());
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(spec.unet_prefix),

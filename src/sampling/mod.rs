@@ -120,3 +120,18 @@ fn scale_by_sigma(x: &[f32], sigma: f32) -> Vec<f32> {
     let scale = (sigma * sigma + 1.0).sqrt();
     x.iter().map(|v| v / scale).collect()
 }
+
+/// Stops a run whose `stage` produced NaN or infinite values (A1111: "A tensor with all NaNs was
+/// produced in Unet"): every later stage would only carry them into a flat image. `at` says where
+/// in the run. One pass over the values; cheap next to the network that made them.
+pub fn check_finite(
+    stage: &'static str,
+    at: impl FnOnce() -> String,
+    values: &[f32],
+) -> Result<()> {
+    if values.iter().all(|v| v.is_finite()) {
+        Ok(())
+    } else {
+        Err(Error::NonFinite { stage, at: at() })
+    }
+}

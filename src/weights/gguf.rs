@@ -4,14 +4,19 @@
 //! Every count and length the file states is checked against the bytes that remain before it is
 //! used: a claimed count is capped by what the rest of the file could hold (each entry takes at least
 //! a known number of bytes), so nothing is allocated in proportion to a number the file merely
-//! claims, and all offset arithmetic is checked.
+//! claims, and all offset arithmetic is checked. Metadata values are validated but not decoded:
+//! strings and arrays stay in the mapping as byte ranges (`quant::gguf::MetaItem`), so what the
+//! metadata costs is a few words per entry, whatever its values hold.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::Path;
 
 use memmap2::Mmap;
-use quant::gguf::{MetaValue, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAX_DIMS, SHAPE_KEY_PREFIX};
+use quant::gguf::{
+    MetaEntry, MetaItem, MetaValue, Metadata, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAX_DIMS,
+    SHAPE_KEY_PREFIX,
+};
 use quant::GgmlType;
 
 use super::safetensors_file::RawTensor;
@@ -30,7 +35,10 @@ const MIN_TENSOR_INFO_BYTES: usize = 8 + 4 + 4 + 8;
 
 /// Metadata and tensors of one GGUF file; tensor ranges are absolute positions in the mapping.
 pub(super) struct Parsed {
-    pub metadata: Vec<(String, MetaValue)>,
+    pub metadata: Vec<MetaEntry>,
+    /// Bytes before the tensor data (header, metadata, tensor infos): read while parsing, so
+    /// resident as mapped pages.
+    pub header_bytes: usize,
     pub tensors: Vec<RawTensor>,
 }
 
@@ -97,16 +105,23 @@ fn parse(bytes: &[u8]) -> std::result::Result<Parsed, String> {
     let mut metadata = Vec::with_capacity(n_kv);
     let mut keys = HashSet::with_capacity(n_kv);
     for _ in 0..n_kv {
+        let key_start = c.pos + 8;
         let key = c.str("a metadata key")?;
         if !keys.insert(key) {
             return Err(format!("metadata key `{}` appears twice", shown(key)));
         }
         let what = format!("the value of `{}`", shown(key));
         let ty = c.u32(&what)?;
-        let value = c.value(ty, &what, 0)?;
-        metadata.push((key.to_string(), value));
+        let value = c.item(ty, &what)?;
+        metadata.push(MetaEntry {
+            key_start,
+            key_len: key.len(),
+            value,
+        });
     }
-    let alignment = alignment(&metadata)?;
+    drop(keys);
+    let metadata_view = Metadata::new(&metadata, bytes);
+    let alignment = alignment(metadata_view)?;
 
     let n_tensors = c.cap(n_tensors, MIN_TENSOR_INFO_BYTES, "tensor infos")?;
     let mut infos = Vec::with_capacity(n_tensors);
@@ -124,25 +139,27 @@ fn parse(bytes: &[u8]) -> std::result::Result<Parsed, String> {
         tensors.push(raw);
     }
     check_overlaps(&tensors)?;
-    apply_logical_shapes(&metadata, &mut tensors, &index)?;
-    Ok(Parsed { metadata, tensors })
+    apply_logical_shapes(metadata_view, &mut tensors, &index)?;
+    Ok(Parsed {
+        metadata,
+        header_bytes: data_start.min(bytes.len()),
+        tensors,
+    })
 }
 
 /// `general.alignment`: a u32 power of two; 32 when absent.
-fn alignment(metadata: &[(String, MetaValue)]) -> std::result::Result<usize, String> {
-    match metadata
-        .iter()
-        .find(|(k, _)| k == ALIGNMENT_KEY)
-        .map(|(_, v)| v)
-    {
-        None => Ok(DEFAULT_ALIGNMENT),
+fn alignment(metadata: Metadata) -> std::result::Result<usize, String> {
+    let Some(value) = metadata.get(ALIGNMENT_KEY) else {
+        return Ok(DEFAULT_ALIGNMENT);
+    };
+    match value.scalar() {
         Some(MetaValue::U32(a)) if a.is_power_of_two() => Ok(*a as usize),
         Some(MetaValue::U32(a)) => {
             Err(format!("{ALIGNMENT_KEY} is {a}; it must be a power of two"))
         }
-        Some(v) => Err(format!(
+        _ => Err(format!(
             "{ALIGNMENT_KEY} has value type {}; it must be a u32",
-            v.type_id()
+            value.type_id()
         )),
     }
 }
@@ -233,11 +250,11 @@ fn check_overlaps(tensors: &[RawTensor]) -> std::result::Result<(), String> {
 
 /// `sdcap.shape.<name>` gives a tensor its PyTorch shape back (same values in the same C order).
 fn apply_logical_shapes(
-    metadata: &[(String, MetaValue)],
+    metadata: Metadata,
     tensors: &mut [RawTensor],
     index: &HashMap<String, usize>,
 ) -> std::result::Result<(), String> {
-    for (key, value) in metadata {
+    for (key, value) in metadata.iter() {
         let Some(name) = key.strip_prefix(SHAPE_KEY_PREFIX) else {
             continue;
         };
@@ -246,19 +263,16 @@ fn apply_logical_shapes(
             .get(name)
             .map(|&i| &mut tensors[i])
             .ok_or_else(|| format!("`{key}` names no tensor in the file"))?;
-        let dims = match value {
-            MetaValue::Array(items) if items.len() <= MAX_LOGICAL_RANK => items
-                .iter()
-                .map(|v| match v {
-                    MetaValue::U64(d) => usize::try_from(*d).ok(),
-                    _ => None,
-                })
-                .collect::<Option<Vec<usize>>>(),
-            _ => None,
-        }
-        .ok_or_else(|| {
-            format!("`{key}` must be an array of at most {MAX_LOGICAL_RANK} u64 dims")
-        })?;
+        let dims = value
+            .u64_array(MAX_LOGICAL_RANK)
+            .and_then(|dims| {
+                dims.into_iter()
+                    .map(|d| usize::try_from(d).ok())
+                    .collect::<Option<Vec<usize>>>()
+            })
+            .ok_or_else(|| {
+                format!("`{key}` must be an array of at most {MAX_LOGICAL_RANK} u64 dims")
+            })?;
         let numel: usize = tensor.shape.iter().product();
         if dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) != Some(numel) {
             return Err(format!(
@@ -356,57 +370,92 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// A value of type `ty`; `what` names it in errors (made once per key, not per array element).
-    fn value(
-        &mut self,
-        ty: u32,
-        what: &str,
-        depth: usize,
-    ) -> std::result::Result<MetaValue, String> {
+    /// A top-level value of type `ty`: numbers decoded, strings and arrays validated and kept as
+    /// their byte range. `what` names it in errors (made once per key, not per array element).
+    fn item(&mut self, ty: u32, what: &str) -> std::result::Result<MetaItem, String> {
+        let at = self.pos;
         Ok(match ty {
-            0 => MetaValue::U8(u8::from_le_bytes(self.array(what)?)),
-            1 => MetaValue::I8(i8::from_le_bytes(self.array(what)?)),
-            2 => MetaValue::U16(u16::from_le_bytes(self.array(what)?)),
-            3 => MetaValue::I16(i16::from_le_bytes(self.array(what)?)),
-            4 => MetaValue::U32(u32::from_le_bytes(self.array(what)?)),
-            5 => MetaValue::I32(i32::from_le_bytes(self.array(what)?)),
-            6 => MetaValue::F32(f32::from_le_bytes(self.array(what)?)),
+            8 => {
+                let len = self.raw_string(what)?.len();
+                MetaItem::String {
+                    start: self.pos - len,
+                    len,
+                }
+            }
+            9 => {
+                let (item_ty, count) = self.array_values(what, 0)?;
+                MetaItem::Array {
+                    item_ty,
+                    count,
+                    start: at + 12,
+                    len: self.pos - (at + 12),
+                }
+            }
+            _ => {
+                self.skip(ty, what, 0)?;
+                let mut pos = 0;
+                let value = quant::gguf::read_value(ty, &self.bytes[at..self.pos], &mut pos)
+                    .ok_or_else(|| format!("{what} cannot be read"))?;
+                MetaItem::Scalar(value)
+            }
+        })
+    }
+
+    /// Checks one value of type `ty` and moves past it, allocating nothing.
+    fn skip(&mut self, ty: u32, what: &str, depth: usize) -> std::result::Result<(), String> {
+        match ty {
+            0 | 1 => drop(self.take(1, what)?),
+            2 | 3 => drop(self.take(2, what)?),
+            4..=6 => drop(self.take(4, what)?),
             7 => match self.array::<1>(what)? {
-                [0] => MetaValue::Bool(false),
-                [1] => MetaValue::Bool(true),
+                [0 | 1] => {}
                 [b] => return Err(format!("{what} is a bool stored as {b} (must be 0 or 1)")),
             },
-            8 => MetaValue::String(String::from_utf8_lossy(self.raw_string(what)?).into_owned()),
-            9 => {
-                if depth == MAX_ARRAY_DEPTH {
-                    return Err(format!(
-                        "{what} nests arrays more than {MAX_ARRAY_DEPTH} deep"
-                    ));
-                }
-                let item_ty = self.u32(what)?;
-                let len = self.u64(what)?;
-                let min_bytes = match item_ty {
-                    0 | 1 | 7 => 1,
-                    2 | 3 => 2,
-                    4..=6 => 4,
-                    8 | 10..=12 => 8,
-                    9 => 12,
-                    other => {
-                        return Err(format!("{what} is an array of unknown value type {other}"))
-                    }
-                };
-                let len = self.cap(len, min_bytes, &format!("array values in {what}"))?;
-                let mut items = Vec::with_capacity(len);
-                for _ in 0..len {
-                    items.push(self.value(item_ty, what, depth + 1)?);
-                }
-                MetaValue::Array(items)
-            }
-            10 => MetaValue::U64(u64::from_le_bytes(self.array(what)?)),
-            11 => MetaValue::I64(i64::from_le_bytes(self.array(what)?)),
-            12 => MetaValue::F64(f64::from_le_bytes(self.array(what)?)),
+            8 => drop(self.raw_string(what)?),
+            9 => drop(self.array_values(what, depth)?),
+            10..=12 => drop(self.take(8, what)?),
             other => return Err(format!("{what} has unknown value type {other}")),
-        })
+        }
+        Ok(())
+    }
+
+    /// An array's item type and count, then its items checked: fixed-size items by one bounds
+    /// check (bools byte by byte), strings and nested arrays one at a time.
+    fn array_values(
+        &mut self,
+        what: &str,
+        depth: usize,
+    ) -> std::result::Result<(u32, u64), String> {
+        if depth == MAX_ARRAY_DEPTH {
+            return Err(format!(
+                "{what} nests arrays more than {MAX_ARRAY_DEPTH} deep"
+            ));
+        }
+        let item_ty = self.u32(what)?;
+        let len = self.u64(what)?;
+        let (min_bytes, fixed) = match item_ty {
+            0 | 1 | 7 => (1, true),
+            2 | 3 => (2, true),
+            4..=6 => (4, true),
+            10..=12 => (8, true),
+            8 => (8, false),
+            9 => (12, false),
+            other => return Err(format!("{what} is an array of unknown value type {other}")),
+        };
+        let count = self.cap(len, min_bytes, &format!("array values in {what}"))?;
+        if fixed {
+            let values = self.take((count * min_bytes) as u64, what)?;
+            if item_ty == 7 {
+                if let Some(b) = values.iter().find(|&&b| b > 1) {
+                    return Err(format!("{what} is a bool stored as {b} (must be 0 or 1)"));
+                }
+            }
+        } else {
+            for _ in 0..count {
+                self.skip(item_ty, what, depth + 1)?;
+            }
+        }
+        Ok((item_ty, count as u64))
     }
 
     fn tensor_info(&mut self) -> std::result::Result<TensorHeader<'a>, String> {

@@ -19,7 +19,7 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 
 pub use family::{detect_family, detect_prediction, sd1_dims, Family, PredictionSource, Sd1Dims};
-pub use quant::gguf::MetaValue;
+pub use quant::gguf::{MetaRef, MetaValue, Metadata};
 pub use residency::Reader;
 use safetensors_file::RawTensor;
 
@@ -115,7 +115,11 @@ pub struct TensorStore {
     sources: Vec<Source>,
     tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
-    metadata: Vec<(String, MetaValue)>,
+    /// GGUF metadata, over the mapping of `sources[0]` (values decoded on use).
+    metadata: Vec<quant::gguf::MetaEntry>,
+    /// Bytes of the GGUF file before its tensor data, read while parsing.
+    metadata_header_bytes: usize,
+    /// A single-file safetensors checkpoint's `__metadata__` string pairs.
     header_metadata: Vec<(String, String)>,
 }
 
@@ -135,6 +139,7 @@ impl TensorStore {
             let mut store = TensorStore::empty();
             store.add_source(path, map, entries)?;
             store.metadata = parsed.metadata;
+            store.metadata_header_bytes = parsed.header_bytes;
             return Ok(store);
         }
         let (map, raws) = safetensors_file::map(path)?;
@@ -158,6 +163,7 @@ impl TensorStore {
             tensors: Vec::new(),
             index: HashMap::new(),
             metadata: Vec::new(),
+            metadata_header_bytes: 0,
             header_metadata: Vec::new(),
         }
     }
@@ -168,8 +174,19 @@ impl TensorStore {
     }
 
     /// The key/value metadata of a GGUF model, in file order (empty for other containers).
-    pub fn metadata(&self) -> &[(String, MetaValue)] {
-        &self.metadata
+    pub fn metadata(&self) -> Metadata<'_> {
+        match self.sources.first() {
+            Some(source) if !self.metadata.is_empty() => Metadata::new(&self.metadata, &source.map),
+            _ => Metadata::new(&[], &[]),
+        }
+    }
+
+    /// What the metadata keeps resident for the life of the store: its entries (a few words each,
+    /// whatever the values hold) and the file's header pages, read while parsing. O(file bytes)
+    /// at most; the plan charges it to every stage.
+    pub fn metadata_bytes(&self) -> u64 {
+        let entries = self.metadata.capacity() * std::mem::size_of::<quant::gguf::MetaEntry>();
+        (entries + self.metadata_header_bytes) as u64
     }
 
     /// Adds the tensors of one mapped file under the given names. Two tensors of one file may not share a

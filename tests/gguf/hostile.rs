@@ -392,3 +392,92 @@ fn cli_exits_2_on_a_hostile_gguf() {
     );
     assert!(!dir.path().join("out.png").exists());
 }
+
+/// A copy of `model` with one more metadata entry, `hostile.blob` = an array of `count` u8 values,
+/// inserted before the others. The entry is padded (by its key) to whole 4096 bytes, so the tensor
+/// data, aligned to at most that, keeps its offsets.
+fn with_u8_array(model: &[u8], count: u64) -> Vec<u8> {
+    let head = 4 + 4 + 8 + 8;
+    let fixed = 8 + 4 + 4 + 8; // key length, value type, item type, count
+    let key_len = (fixed + count as usize + "hostile.blob".len()).next_multiple_of(4096)
+        - fixed
+        - count as usize;
+    let key = format!("hostile.blob{}", "_".repeat(key_len - "hostile.blob".len()));
+    let n_kv = u64::from_le_bytes(model[16..24].try_into().unwrap());
+    let mut out = Vec::with_capacity(model.len() + key_len + fixed + count as usize);
+    out.extend_from_slice(&model[..16]);
+    out.extend_from_slice(&(n_kv + 1).to_le_bytes());
+    let entry = Raw(Vec::new()).str(&key).u32(9).u32(0).u64(count);
+    out.extend_from_slice(&entry.0);
+    out.resize(out.len() + count as usize, 7);
+    out.extend_from_slice(&model[head..]);
+    out
+}
+
+/// `sdcap generate --progress json` on `model`: (planned peak MiB, peak RSS MiB).
+fn planned_and_peak_mib(model: &Path, dir: &Path) -> (u64, u64) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcap"))
+        .args([
+            "generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1", "-t", "1",
+        ])
+        .args(["--progress", "json", "-m"])
+        .arg(model)
+        .arg("-o")
+        .arg(dir.join("out.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", model.display());
+    let field = |event: &str, key: &str| {
+        stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == event)
+            .and_then(|v| v[key].as_u64())
+            .unwrap_or_else(|| panic!("no {event}.{key} in {stderr}"))
+    };
+    (field("plan", "peak_mib"), field("summary", "peak_rss_mib"))
+}
+
+/// Issue 14 (2): a GGUF whose metadata holds one array of 50 million u8 values peaked at 1.55 GiB
+/// (each value decoded into a 32-byte enum) and the plan did not count it. Metadata now stays in
+/// the mapping: the process grows by about the file's extra bytes (its header pages are read once
+/// while parsing), and the plan charges at least that.
+#[test]
+fn a_huge_metadata_array_costs_its_file_bytes_and_is_planned() {
+    const COUNT: u64 = 50_000_000;
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = crate::fixture("f16");
+    let hostile = dir.path().join("hostile.gguf");
+    let bytes = std::fs::read(&plain).unwrap();
+    std::fs::write(&hostile, with_u8_array(&bytes, COUNT)).unwrap();
+    let added_mib = (std::fs::metadata(&hostile).unwrap().len() - bytes.len() as u64) / MIB;
+
+    let store = TensorStore::open(&hostile).unwrap();
+    let blob = store.metadata().iter().next().unwrap().1;
+    assert_eq!(
+        blob.to_string(),
+        "[7, 7, 7, 7, 7, 7, 7, 7, … (50000000 values)]"
+    );
+    assert!(store.metadata_bytes() >= COUNT);
+    assert!(
+        store.metadata_bytes() <= COUNT + MIB,
+        "{}",
+        store.metadata_bytes()
+    );
+    drop(store);
+
+    let (plain_plan, plain_peak) = planned_and_peak_mib(&plain, dir.path());
+    let (hostile_plan, hostile_peak) = planned_and_peak_mib(&hostile, dir.path());
+    // Slack for allocator noise between two runs; decoding the array would add ~1.5 GiB.
+    let grown = hostile_peak.saturating_sub(plain_peak);
+    assert!(
+        grown <= added_mib + 16,
+        "peak RSS grew {grown} MiB for {added_mib} MiB of metadata"
+    );
+    assert!(
+        hostile_plan >= plain_plan + added_mib,
+        "plan {plain_plan} → {hostile_plan} MiB for {added_mib} MiB of metadata"
+    );
+}
