@@ -150,8 +150,8 @@ pub fn resolve_target(target: &Path) -> Result<PathBuf> {
                 return if dir.is_dir() {
                     Ok(path)
                 } else {
-                    Err(bad(format!(
-                        "directory {} does not exist (create it first)",
+                    Err(Error::BadRequest(format!(
+                        "output directory {} does not exist (create it first)",
                         dir.display()
                     )))
                 };
@@ -171,14 +171,13 @@ pub fn resolve_target(target: &Path) -> Result<PathBuf> {
                 path.join("output.png").display()
             )));
         } else {
-            let shown = if path == target {
-                String::new()
+            let what = if path == target {
+                kind_name(&kind).to_string()
             } else {
-                format!(" (link to {})", path.display())
+                format!("a link to {}, {}", path.display(), kind_name(&kind))
             };
             return Err(bad(format!(
-                "exists and is not a regular file{shown} ({}); refusing to replace it",
-                kind_name(&kind)
+                "is {what}, not a regular file; refusing to replace it"
             )));
         }
     }
