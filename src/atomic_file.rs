@@ -279,7 +279,9 @@ fn place(tmp: &Path, target: &Path, shown: &Path, existing: Existing) -> Result<
         // A link fails rather than replace a file that appeared since the caller's check.
         match fs::hard_link(tmp, target) {
             Ok(()) => return fs::remove_file(tmp).map_err(|e| io_err(e, "remove")),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(already_exists(shown)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(already_exists(shown))
+            }
             // A filesystem without hard links: fall back to a checked rename.
             Err(_) if fs::symlink_metadata(target).is_err() => {}
             Err(e) => return Err(io_err(e, "link")),

@@ -367,7 +367,11 @@ fn assert_one_line_exit_2(out: &Output, what: &str, want: &[&str]) {
 fn mkfifo(path: &str) {
     let c = std::ffi::CString::new(path).unwrap();
     // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo {path}");
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {path}"
+    );
 }
 
 /// `mknod PATH c 1 3` (a /dev/null twin); false where it is not permitted (not root, no CAP_MKNOD).
@@ -413,7 +417,9 @@ fn output_that_is_not_a_regular_file_is_refused() {
     let before = s.entries();
     for (target, kind) in &targets {
         for cmd in [
-            vec!["generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1"],
+            vec![
+                "generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1",
+            ],
             vec!["quantize", "-m", super_tiny(), "--type", "q8_0", "--force"],
         ] {
             let mut args = cmd.clone();
@@ -454,7 +460,11 @@ fn model_that_is_not_a_regular_file_or_directory() {
     ];
     for args in cases {
         let run = sdcap_promptly(&args);
-        assert_one_line_exit_2(&run, &format!("{args:?}"), &["not a regular file or directory"]);
+        assert_one_line_exit_2(
+            &run,
+            &format!("{args:?}"),
+            &["not a regular file or directory"],
+        );
     }
     assert!(!std::path::Path::new(&out).exists());
 }

@@ -3,8 +3,8 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
 use sdcap::atomic_file::{Existing, PendingFile};
+use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
 use sdcap::output::{self, parameters_text, write_png, RgbImage};
 
 fn gradient(width: u32, height: u32) -> RgbImage {
@@ -269,7 +269,10 @@ fn a_link_is_followed_and_kept() {
         // Round 0: the link dangles, the file is created; round 1: it is replaced.
         let image = gradient(8 + round, 8);
         write_png(&link, &image, "p").unwrap();
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(fs::read_link(&link).unwrap(), real);
         assert_eq!(decode(&real).4, image.pixels);
         assert_eq!(names(links.path()), ["out.png"]);
@@ -364,13 +367,24 @@ fn dash_writes_the_png_to_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("file.png");
     let run = generate(file.to_str().unwrap()).output().unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let piped = generate("-").output().unwrap();
-    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
     assert_eq!(piped.stdout, fs::read(&file).unwrap());
     assert!(!String::from_utf8_lossy(&piped.stderr).contains("sdcap: error"));
 
-    let full = fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
     let run = generate("-").stdout(full).output().unwrap();
     assert_eq!(run.status.code(), Some(1));
     let line = error_line(&run);
@@ -433,7 +447,10 @@ fn a_read_only_directory_is_refused_before_loading() {
     let run = generate(out.to_str().unwrap()).output().unwrap();
     assert_eq!(run.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(!stderr.contains(r#""load""#), "refused before loading: {stderr}");
+    assert!(
+        !stderr.contains(r#""load""#),
+        "refused before loading: {stderr}"
+    );
     let line = error_line(&run);
     assert!(line.contains("cannot create a file in"), "{line}");
     assert!(names(&dir).is_empty());

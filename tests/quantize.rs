@@ -347,7 +347,10 @@ fn a_link_as_output_is_followed() {
     let link = scratch.path("link.gguf");
     std::os::unix::fs::symlink("real.gguf", &link).unwrap();
     quantize_tiny(&scratch, "link.gguf", &["--type", "q8_0", "--force"]);
-    assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
     assert_eq!(&fs::read(&real).unwrap()[..4], b"GGUF");
     assert_eq!(scratch.entries(), ["link.gguf", "real.gguf"]);
 

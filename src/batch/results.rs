@@ -190,7 +190,10 @@ mod tests {
     fn a_torn_last_line_is_cut_whole_lines_stay() {
         assert_eq!(repaired(b""), b"");
         assert_eq!(repaired(b"{\"a\":1}\n"), b"{\"a\":1}\n");
-        assert_eq!(repaired(b"{\"a\":1}\n{\"b\":2}\n{\"c\":"), b"{\"a\":1}\n{\"b\":2}\n");
+        assert_eq!(
+            repaired(b"{\"a\":1}\n{\"b\":2}\n{\"c\":"),
+            b"{\"a\":1}\n{\"b\":2}\n"
+        );
         assert_eq!(repaired(b"{\"job\":0,\"li"), b"");
         // A fragment longer than one read-back chunk.
         let mut long = b"{\"a\":1}\n".to_vec();

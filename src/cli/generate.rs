@@ -6,8 +6,8 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use sdcap::backend::Backend;
 use sdcap::atomic_file::{Existing, PendingFile};
+use sdcap::backend::Backend;
 use sdcap::job::{Job, ScheduleKind};
 use sdcap::output::RgbImage;
 use sdcap::weights::TensorStore;

@@ -158,7 +158,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "NAME", default_value = "cpu")]
     pub backend: sdcap::backend::Backend,
 
-    /// Output PNG; written only once the image is complete, replacing any file there.
+    /// Output PNG; written only once the image is complete, replacing any file there (a link is
+    /// followed: the file it points to is replaced; a device, FIFO, socket or directory is
+    /// refused). `-` writes the PNG to standard output (a pipe or file, not a terminal).
     #[arg(short = 'o', long, value_name = "PATH", default_value = "output.png")]
     pub output: PathBuf,
 

@@ -135,7 +135,10 @@ fn a_locked_directory_is_refused_with_one_line() {
     let _lines = super::signals::wait_for_step(&mut holder, Some(0));
     let out = batch(&jobs, &out_dir, &[]);
     let pid = format!("(pid {})", holder.id());
-    assert_cannot_start(&out, &["in use by another sdcap batch", ".sdcap.lock", &pid]);
+    assert_cannot_start(
+        &out,
+        &["in use by another sdcap batch", ".sdcap.lock", &pid],
+    );
     // A shard must be refused too while an unsharded run holds the directory.
     let out = batch(&jobs, &out_dir, &["--shard", "0/2"]);
     assert_cannot_start(&out, &["in use"]);
