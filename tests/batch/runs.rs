@@ -323,3 +323,35 @@ fn a_torn_results_line_and_a_dead_runs_temp_file_are_cleaned_up() {
     assert!(!stale.exists());
     assert!(leftovers(&out_dir).is_empty());
 }
+
+/// A job whose model is a FIFO fails at once ("not a regular file or directory", never opened)
+/// and the batch goes on; the same FIFO as the batch's `-m` stops it with exit 2.
+#[test]
+fn a_fifo_as_a_jobs_model_fails_that_job_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path in a scratch directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let lines = vec![
+        r#"{"prompt": "fifo", "model": "model.safetensors"}"#.to_string(),
+        r#"{"prompt": "fine", "seed": 1}"#.to_string(),
+    ];
+    let jobs = write_jobs(dir.path(), "jobs.jsonl", &lines);
+    let out_dir = dir.path().join("out");
+    let out = batch(&jobs, &out_dir, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let recs = results(&out_dir);
+    let statuses: Vec<Status> = recs.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [Status::Failed, Status::Ok]);
+    let error = recs[0].error.as_deref().unwrap();
+    assert!(error.contains("not a regular file or directory"), "{error}");
+
+    let out = batch(
+        &jobs,
+        &dir.path().join("out2"),
+        &["-m", fifo.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not a regular file or directory"));
+}
