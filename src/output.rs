@@ -4,8 +4,7 @@
 //! the target: a reader never sees a partial PNG, and a failed write leaves the old file (if any) as it
 //! was and no temporary file behind.
 
-use std::fs::File;
-use std::io::{self, BufWriter};
+use std::io::{self, BufWriter, Write};
 use std::path::Path;
 
 use crate::atomic_file::{write_atomically, Existing};
@@ -41,8 +40,10 @@ pub fn write_png(path: &Path, image: &RgbImage, parameters: &str) -> Result<()> 
     })
 }
 
-fn encode(file: &File, image: &RgbImage, parameters: &str) -> io::Result<()> {
-    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width, image.height);
+/// Writes `image` as PNG to `out` (buffered here), as [`write_png`] writes it into its file; the
+/// caller checks the buffer's size. For `-o -` and for a temporary file created before the run.
+pub fn encode<W: Write>(out: W, image: &RgbImage, parameters: &str) -> io::Result<()> {
+    let mut encoder = png::Encoder::new(BufWriter::new(out), image.width, image.height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     // tEXt is Latin-1 only; a prompt beyond that goes in an iTXt chunk (UTF-8), as A1111 does.

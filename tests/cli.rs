@@ -330,3 +330,141 @@ fn checks_run_before_the_default_model_notice() {
     let msg = assert_bad_input(&s, &["--steps", "0", "-o", &s.out()], &[]);
     assert!(!msg.contains("demo model"), "{msg}");
 }
+
+/// Runs `sdcap ARGS`, failing the test if it has not ended within 30 s (a FIFO opened for reading
+/// would block forever).
+fn sdcap_promptly(args: &[&str]) -> Output {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run sdcap");
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sdcap {args:?} still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn assert_one_line_exit_2(out: &Output, what: &str, want: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{what}: {stderr}");
+    assert!(stderr.starts_with("sdcap: error: "), "{what}: {stderr}");
+    for w in want {
+        assert!(stderr.contains(w), "{what}: expected {w:?} in {stderr}");
+    }
+}
+
+fn mkfifo(path: &str) {
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {path}"
+    );
+}
+
+/// `mknod PATH c 1 3` (a /dev/null twin); false where it is not permitted (not root, no CAP_MKNOD).
+fn mknod_null(path: &str) -> bool {
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: a valid NUL-terminated path; the node is made in a scratch directory.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    if rc != 0 {
+        eprintln!(
+            "skipping the device-node case: mknod is not permitted here ({})",
+            std::io::Error::last_os_error()
+        );
+    }
+    rc == 0
+}
+
+fn file_kind(path: &str) -> fs::FileType {
+    fs::symlink_metadata(path).unwrap().file_type()
+}
+
+/// An existing output that is not a regular file (a device, a FIFO, a socket, a link to one, and
+/// /dev/full) is refused at once with exit 2 and left as it was; no temporary file stays.
+#[test]
+fn output_that_is_not_a_regular_file_is_refused() {
+    use std::os::unix::fs::FileTypeExt;
+    let s = Scratch::new();
+    let fifo = s.path("fifo.png");
+    mkfifo(&fifo);
+    let socket = s.path("socket.png");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let link = s.path("link.png");
+    std::os::unix::fs::symlink(&fifo, &link).unwrap();
+    let mut targets = vec![
+        (fifo.clone(), "a FIFO"),
+        (socket.clone(), "a socket"),
+        (link.clone(), "a link to"),
+        ("/dev/full".to_string(), "a character device"),
+    ];
+    let device = s.path("device.png");
+    if mknod_null(&device) {
+        targets.push((device.clone(), "a character device"));
+    }
+    let before = s.entries();
+    for (target, kind) in &targets {
+        for cmd in [
+            vec![
+                "generate", "-p", "x", "-W", "64", "-H", "64", "--steps", "1",
+            ],
+            vec!["quantize", "-m", super_tiny(), "--type", "q8_0", "--force"],
+        ] {
+            let mut args = cmd.clone();
+            args.extend(["-o", target.as_str()]);
+            let out = sdcap_promptly(&args);
+            assert_one_line_exit_2(&out, target, &["not a regular file", kind]);
+            assert!(out.stdout.is_empty());
+        }
+        assert_eq!(s.entries(), before, "{target}: nothing created or removed");
+    }
+    assert!(file_kind(&fifo).is_fifo());
+    assert!(file_kind(&socket).is_socket());
+    assert!(file_kind(&link).is_symlink());
+    assert!(file_kind("/dev/full").is_char_device());
+    if targets.len() == 5 {
+        assert!(file_kind(&device).is_char_device());
+    }
+}
+
+fn super_tiny() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-sd.safetensors")
+}
+
+/// A FIFO (or a device) given as the model or VAE is refused at once, never opened.
+#[test]
+fn model_that_is_not_a_regular_file_or_directory() {
+    let s = Scratch::new();
+    let fifo = s.path("model.safetensors");
+    mkfifo(&fifo);
+    let out = s.out();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["inspect", &fifo],
+        vec!["generate", "-p", "x", "-m", &fifo, "-o", &out],
+        vec!["plan", "-p", "x", "-m", &fifo],
+        vec!["generate", "-p", "x", "--vae", &fifo, "-o", &out],
+        vec!["quantize", "-m", &fifo, "-o", &out, "--type", "q8_0"],
+        vec!["inspect", "/dev/zero"],
+    ];
+    for args in cases {
+        let run = sdcap_promptly(&args);
+        assert_one_line_exit_2(
+            &run,
+            &format!("{args:?}"),
+            &["not a regular file or directory"],
+        );
+    }
+    assert!(!std::path::Path::new(&out).exists());
+}

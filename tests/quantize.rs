@@ -307,3 +307,60 @@ fn interrupted_run_leaves_no_file() {
     assert!(scratch.entries().is_empty(), "{:?}", scratch.entries());
     assert!(!Path::new(&request.output).exists());
 }
+
+/// A real SIGINT that arrives while the last tensor is converted (after the last check between
+/// tensors) still stops the run: exit 130, no output, no temporary file. The run is held inside
+/// the last tensor by a test hook until the signal comes, so the moment is exact.
+#[test]
+fn a_signal_during_the_last_tensor_stops_the_run() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let scratch = Scratch::new();
+    let out = scratch.path("out.gguf");
+    let src = source();
+    let mut child = Command::new(BIN)
+        .args(["quantize", "-m", &src, "-o", &out, "--type", "q8_0"])
+        .env("SDCAP_TEST_HOLD_LAST_TENSOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let held = lines.next().expect("a line").unwrap();
+    assert!(held.contains("holding the last tensor"), "{held}");
+    // SAFETY: signals our own child, which is alive (it has not been waited for).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest:?}");
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert!(rest[0].starts_with("sdcap: error: interrupted"), "{rest:?}");
+    assert!(scratch.entries().is_empty(), "{:?}", scratch.entries());
+}
+
+/// `-o LINK --force`: the file the link points to is replaced, the link stays; a link to the input
+/// is the input.
+#[test]
+fn a_link_as_output_is_followed() {
+    let scratch = Scratch::new();
+    let real = scratch.path("real.gguf");
+    fs::write(&real, b"old").unwrap();
+    let link = scratch.path("link.gguf");
+    std::os::unix::fs::symlink("real.gguf", &link).unwrap();
+    quantize_tiny(&scratch, "link.gguf", &["--type", "q8_0", "--force"]);
+    assert!(fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(&fs::read(&real).unwrap()[..4], b"GGUF");
+    assert_eq!(scratch.entries(), ["link.gguf", "real.gguf"]);
+
+    let copy = scratch.path("model.safetensors");
+    fs::copy(source(), &copy).unwrap();
+    std::os::unix::fs::symlink("model.safetensors", scratch.path("to-input.gguf")).unwrap();
+    let to_input = scratch.path("to-input.gguf");
+    let run = sdcap(&[
+        "quantize", "-m", &copy, "-o", &to_input, "--type", "q8_0", "--force",
+    ]);
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    assert!(stderr(&run).contains("is the input model"));
+}

@@ -75,14 +75,22 @@ pub struct ResultsLog {
 impl ResultsLog {
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(RESULTS_FILE);
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
         let file = OpenOptions::new()
+            .read(true)
             .append(true)
             .create(true)
             .open(&path)
-            .map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(io)?;
+        // Under the lock the appends take, so no shard is halfway through a line of its own.
+        file.lock().map_err(io)?;
+        let repaired = drop_torn_line(&file);
+        let unlocked = file.unlock();
+        repaired.map_err(io)?;
+        unlocked.map_err(io)?;
         Ok(ResultsLog { file, path })
     }
 
@@ -99,6 +107,34 @@ impl ResultsLog {
         written.map_err(io)?;
         unlocked.map_err(io)
     }
+}
+
+/// A run killed in the middle of an append leaves a last line without its newline; the next
+/// record would be glued to it and both lost. The fragment is cut off (every whole line stays), so
+/// the file remains valid JSON Lines.
+fn drop_torn_line(file: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 << 10];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        file.read_exact_at(chunk, start)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            let whole = start + i as u64 + 1;
+            if whole == len {
+                return Ok(());
+            }
+            return file.set_len(whole);
+        }
+        end = start;
+    }
+    // No newline at all: the file holds only a fragment.
+    if len > 0 {
+        file.set_len(0)?;
+    }
+    Ok(())
 }
 
 /// Reads a results file back (for tests and tools); lines that do not parse are skipped.
@@ -137,4 +173,31 @@ pub fn unix_time() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repaired(content: &[u8]) -> Vec<u8> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(RESULTS_FILE), content).unwrap();
+        drop(ResultsLog::open(dir.path()).unwrap());
+        std::fs::read(dir.path().join(RESULTS_FILE)).unwrap()
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_whole_lines_stay() {
+        assert_eq!(repaired(b""), b"");
+        assert_eq!(repaired(b"{\"a\":1}\n"), b"{\"a\":1}\n");
+        assert_eq!(
+            repaired(b"{\"a\":1}\n{\"b\":2}\n{\"c\":"),
+            b"{\"a\":1}\n{\"b\":2}\n"
+        );
+        assert_eq!(repaired(b"{\"job\":0,\"li"), b"");
+        // A fragment longer than one read-back chunk.
+        let mut long = b"{\"a\":1}\n".to_vec();
+        long.extend(std::iter::repeat_n(b'x', 200_000));
+        assert_eq!(repaired(&long), b"{\"a\":1}\n");
+    }
 }

@@ -9,6 +9,7 @@ use super::lock::lock_dir;
 use super::naming::output_name;
 use super::results::{self, Record, ResultsLog, Status};
 use super::shard::Shard;
+use crate::atomic_file::{Existing, PendingFile};
 use crate::error::{Error, Result};
 use crate::job::Job;
 use crate::output;
@@ -83,6 +84,9 @@ pub fn run(
         })
         .map_err(unusable)?;
     let _lock = lock_dir(dir, shard).map_err(unusable)?;
+    // A directory where no PNG can be created (read-only, no inodes) stops the batch now, not
+    // after the first model load; this also clears temporary files left by killed runs.
+    drop(PendingFile::create(&dir.join(".sdcap.probe"), Existing::Replace).map_err(unusable)?);
     let mut log = ResultsLog::open(dir).map_err(unusable)?;
     let mut summary = Summary::default();
     let mut done = |rec: Record, s: &mut Summary, on_event: &mut dyn FnMut(BatchEvent)| {
@@ -195,13 +199,20 @@ fn run_one(
         job: t.job,
     });
     let path = dir.join(&t.name);
-    let generated = pipeline::generate_with_cancel(models, t.job, cancel, &mut |event| {
-        on_event(BatchEvent::Pipeline { index, event })
-    });
     let mut planned_mib = None;
-    let outcome = generated.and_then(|g| {
+    // The temporary file first: an output that cannot be written fails the job before it runs.
+    let outcome = PendingFile::create(&path, Existing::Replace).and_then(|pending| {
+        let g = pipeline::generate_with_cancel(models, t.job, cancel, &mut |event| {
+            on_event(BatchEvent::Pipeline { index, event })
+        })?;
         planned_mib = Some(results::to_mib(g.plan.peak_bytes()));
-        output::write_png(&path, &g.image, &output::parameters_text(t.job))
+        output::encode(pending.file(), &g.image, &output::parameters_text(t.job)).map_err(
+            |source| Error::Io {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        pending.commit()
         // `g` is dropped here, before the RSS reading below.
     });
     let over_cap = matches!(outcome, Err(Error::CapTooSmall { .. }));

@@ -271,8 +271,8 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// SIGINT and SIGTERM set the returned flag: the run stops at the next step boundary and cleans
-/// up. A second signal, while the first is being handled, exits at once with 130 (a PNG being
-/// written at that instant may leave its hidden temporary file).
+/// up. A second signal, while the first is being handled, exits at once with 130 (the output's
+/// hidden temporary file may stay; the next run into that directory removes it).
 pub fn cancel_on_signals() -> Result<Arc<AtomicBool>, Error> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let flag = Arc::new(AtomicBool::new(false));

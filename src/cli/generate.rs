@@ -2,11 +2,14 @@
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use sdcap::atomic_file::{Existing, PendingFile};
 use sdcap::backend::Backend;
 use sdcap::job::{Job, ScheduleKind};
+use sdcap::output::RgbImage;
 use sdcap::weights::TensorStore;
 use sdcap::{output, pipeline, Error};
 
@@ -52,8 +55,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let default_model = args.model.is_none();
     // Everything that can be refused is refused before any work starts, so a bad request costs
-    // nothing and leaves no file.
-    check_output(&args.output)?;
+    // nothing and leaves no file. The output's temporary file is created now: a directory where
+    // it cannot be written is found before the model is loaded.
+    let sink = Sink::open(&args.output)?;
     let job = args.to_job()?;
     let mut progress = Progress::new(args.progress);
     if default_model {
@@ -82,11 +86,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let generated = pipeline::generate_with_cancel(&models, &job, &cancel, &mut on_event)?;
     drop(models);
 
-    output::write_png(
-        &args.output,
-        &generated.image,
-        &output::parameters_text(&job),
-    )?;
+    sink.write(&generated.image, &output::parameters_text(&job))?;
     let seconds = started.elapsed().as_secs_f64();
     let plan = &generated.plan;
     progress.summary(
@@ -138,32 +138,53 @@ fn sampler_label(job: &Job) -> String {
     }
 }
 
-/// The output's directory must exist now: finding out after a long run would waste it.
-fn check_output(path: &Path) -> sdcap::Result<()> {
-    if path.is_dir() {
-        return Err(Error::BadRequest(format!(
-            "output {} is a directory; give a file name such as {}",
-            path.display(),
-            path.join("output.png").display()
-        )));
+/// Where the PNG goes: a file (its temporary file already created) or standard output (`-o -`).
+enum Sink {
+    File(PendingFile),
+    Stdout,
+}
+
+impl Sink {
+    fn open(path: &Path) -> sdcap::Result<Sink> {
+        if path.as_os_str() != "-" {
+            return PendingFile::create(path, Existing::Replace).map(Sink::File);
+        }
+        if std::io::stdout().is_terminal() {
+            return Err(Error::BadRequest(
+                "-o - writes the PNG to standard output, which is a terminal; redirect it to a \
+                 file or a pipe"
+                    .into(),
+            ));
+        }
+        Ok(Sink::Stdout)
     }
-    if path.file_name().is_none() {
-        return Err(Error::BadRequest(format!(
-            "output {} has no file name",
-            path.display()
-        )));
+
+    /// Encodes the PNG into the temporary file and moves it into place, or writes it to stdout
+    /// (encoded first, so a failed encode writes nothing).
+    fn write(self, image: &RgbImage, parameters: &str) -> sdcap::Result<()> {
+        match self {
+            Sink::File(pending) => {
+                output::encode(pending.file(), image, parameters).map_err(|source| Error::Io {
+                    path: pending.path().to_path_buf(),
+                    source,
+                })?;
+                pending.commit()
+            }
+            Sink::Stdout => {
+                let mut png = Vec::new();
+                output::encode(&mut png, image, parameters)
+                    .and_then(|()| {
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&png)?;
+                        out.flush()
+                    })
+                    .map_err(|source| Error::Io {
+                        path: PathBuf::from("<stdout>"),
+                        source,
+                    })
+            }
+        }
     }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        return Err(Error::BadRequest(format!(
-            "output directory {} does not exist (create it first)",
-            dir.display()
-        )));
-    }
-    Ok(())
 }
 
 /// A missing or malformed model file is reported here, before the thread pool starts: it must open

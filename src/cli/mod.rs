@@ -158,7 +158,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "NAME", default_value = "cpu")]
     pub backend: sdcap::backend::Backend,
 
-    /// Output PNG; written only once the image is complete, replacing any file there.
+    /// Output PNG; written only once the image is complete, replacing any file there (a link is
+    /// followed: the file it points to is replaced; a device, FIFO, socket or directory is
+    /// refused). `-` writes the PNG to standard output (a pipe or file, not a terminal).
     #[arg(short = 'o', long, value_name = "PATH", default_value = "output.png")]
     pub output: PathBuf,
 
@@ -196,7 +198,7 @@ pub fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("sdcap: error: {}", one_line(&format!("{e:#}")));
+            eprintln!("sdcap: error: {}", one_line(&message(&e)));
             ExitCode::from(exit_code(&e))
         }
     }
@@ -240,6 +242,23 @@ fn clap_exit(e: clap::Error) -> ExitCode {
     }
 }
 
+/// The error and its causes joined by ": ", as `{:#}` prints them, but a cause that the text
+/// already ends with is not repeated: `sdcap::Error::Io` shows its `io::Error` and also names it as
+/// its source, which printed "No space left on device (os error 28)" twice.
+fn message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.is_empty() {
+            text = part;
+        } else if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
 /// Error messages may quote user text or wrap multi-line causes; the contract is one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -247,4 +266,23 @@ fn one_line(s: &str) -> String {
 
 fn parse_ram_cap(text: &str) -> Result<u64, String> {
     sdcap::governor::parse_size(text).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_shown_is_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let shown = io.to_string();
+        let e = anyhow::Error::new(sdcap::Error::Io {
+            path: PathBuf::from("out.png"),
+            source: io,
+        });
+        assert_eq!(format!("{e:#}"), format!("out.png: {shown}: {shown}"));
+        assert_eq!(message(&e), format!("out.png: {shown}"));
+        let wrapped = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(message(&wrapped), "outer: inner");
+    }
 }

@@ -127,9 +127,13 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
     }
 
     let bar = std::io::stderr().is_terminal().then(new_bar);
+    let hold_last = std::env::var_os(HOLD_LAST_TENSOR).is_some();
     let summary = quantize::quantize_model(
         &request,
         &mut |event| {
+            if hold_last && event.index + 1 == event.count {
+                hold_until_signal(&interrupted);
+            }
             if let Some(bar) = &bar {
                 bar.set_length(event.values_total);
                 bar.set_position(event.values_done);
@@ -154,6 +158,19 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Test hook (tests/quantize.rs): with this variable set, the run stops inside the last tensor, says
+/// so on stderr, and waits there (at most a minute) until a signal arrives, so that a test can send
+/// a real SIGINT at exactly that moment.
+const HOLD_LAST_TENSOR: &str = "SDCAP_TEST_HOLD_LAST_TENSOR";
+
+fn hold_until_signal(interrupted: &AtomicBool) {
+    eprintln!("sdcap: test hook: holding the last tensor until a signal");
+    let until = Instant::now() + Duration::from_secs(60);
+    while !interrupted.load(Ordering::Relaxed) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn new_bar() -> ProgressBar {

@@ -130,8 +130,8 @@ fn metadata(plan: &Plan) -> Vec<(String, MetaValue)> {
         .collect()
 }
 
-/// Runs a request: checks, plans, writes `output` atomically. `cancelled` is polled between tensors;
-/// when it says so the run stops with `Error::Interrupted` and leaves no file behind.
+/// Runs a request: checks, plans, writes `output` atomically. `cancelled` is polled between tensors
+/// and once more before the file is moved into place; when it says so the run stops with `Error::Interrupted` and leaves no file behind.
 pub fn quantize_model(
     req: &Request,
     on_event: &mut dyn FnMut(Event),
@@ -231,7 +231,13 @@ fn write_file(
     written.map_err(WriteError::Io)?;
     out.flush().map_err(WriteError::Io)?;
     drop(out);
-    file.sync_all().map_err(WriteError::Io)
+    file.sync_all().map_err(WriteError::Io)?;
+    // A signal during the last tensor (or the sync) arrived after the last check between tensors:
+    // it still stops the run before the file is moved into place.
+    if cancelled() {
+        return Err(WriteError::Lib(Error::Interrupted));
+    }
+    Ok(())
 }
 
 fn numel(shape: &[u64]) -> u64 {
@@ -340,41 +346,15 @@ fn summarize(store: &TensorStore, plan: &Plan, output_bytes: u64) -> Summary {
     }
 }
 
-fn output_dir(output: &Path) -> &Path {
-    match output.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// Refuses an output that is a directory, lies in a missing directory, exists (without `force`), or
-/// is the input itself.
+/// Refuses an output that is not a regular file (a directory, a device, a FIFO; a link is followed),
+/// lies in a missing directory, exists (without `force`), or is the input itself.
 fn check_output(req: &Request) -> Result<()> {
     let out = &req.output;
-    if out.file_name().is_none() {
-        return Err(Error::BadRequest(format!(
-            "output {} has no file name",
-            out.display()
-        )));
-    }
-    let dir = output_dir(out);
-    if !dir.is_dir() {
-        return Err(Error::BadRequest(format!(
-            "output directory {} does not exist (create it first)",
-            dir.display()
-        )));
-    }
-    let Ok(meta) = fs::metadata(out) else {
+    let target = crate::atomic_file::resolve_target(out)?;
+    if fs::symlink_metadata(&target).is_err() {
         return Ok(());
-    };
-    if meta.is_dir() {
-        return Err(Error::BadRequest(format!(
-            "output {} is a directory; give a file name such as {}",
-            out.display(),
-            out.join("model.gguf").display()
-        )));
     }
-    if same_file(&req.input, out) {
+    if same_file(&req.input, &target) {
         return Err(Error::BadRequest(format!(
             "output {} is the input model; write to another file",
             out.display()

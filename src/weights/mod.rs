@@ -123,11 +123,24 @@ pub struct TensorStore {
     header_metadata: Vec<(String, String)>,
 }
 
+/// A model path must be a regular file or a directory (links followed). Checked before anything is
+/// opened: opening a FIFO for reading would block until a writer comes, a device could be endless.
+pub fn check_model_path(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
+            Err(Error::bad_file(path, "not a regular file or directory"))
+        }
+        // A missing file is reported by the opener, in its words.
+        _ => Ok(()),
+    }
+}
+
 impl TensorStore {
     /// Opens a model: a single-file `.safetensors` checkpoint in the LDM layout, a GGUF file (found by
     /// its magic or a `.gguf` name; LDM names, as stable-diffusion.cpp writes them), or a diffusers
     /// pipeline folder (`unet/`, `vae/`, `text_encoder/`) whose names are mapped to the LDM ones.
     pub fn open(path: &Path) -> Result<Self> {
+        check_model_path(path)?;
         if path.is_dir() {
             return diffusers::open(path);
         }
@@ -154,6 +167,7 @@ impl TensorStore {
     /// (LDM keys `encoder.*`/`decoder.*`/`quant_conv.*`/`post_quant_conv.*`, as users download them),
     /// a checkpoint's `first_stage_model.*` tensors, or a diffusers VAE (file, `vae/` folder or pipeline folder).
     pub fn with_vae(self, path: &Path) -> Result<Self> {
+        check_model_path(path)?;
         vae_file::replace_vae(self, path)
     }
 

@@ -111,24 +111,44 @@ fn missing_model_or_bad_defaults() {
     no_png(&out_dir);
 }
 
+/// The holder is another sdcap process, never a lock taken in this test process: the test harness
+/// runs tests on parallel threads that spawn processes, and every child forked while this process
+/// held the lock file open shared its open file description (and so the `flock`) until it called
+/// exec. Dropping the lock here then left it held for a moment by some other test's child, and the
+/// run that should succeed was refused "in use by another sdcap batch" (the flaky failure). A
+/// holder in its own process has no such copies, and is gone once waited for.
 #[test]
 fn a_locked_directory_is_refused_with_one_line() {
+    use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let jobs = write_jobs(dir.path(), "jobs.jsonl", &simple_jobs(2));
+    let long = write_jobs(
+        dir.path(),
+        "long.jsonl",
+        &[r#"{"prompt": "long", "seed": 9, "width": 128, "height": 128, "steps": 500}"#.into()],
+    );
     let out_dir = dir.path().join("out");
-    fs::create_dir(&out_dir).unwrap();
-    // Another run, as far as flock is concerned.
-    let held = fs::File::create(out_dir.join(".sdcap.lock")).unwrap();
-    held.try_lock().unwrap();
+    let mut holder = batch_command(&long, &out_dir, &[])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _lines = super::signals::wait_for_step(&mut holder, Some(0));
     let out = batch(&jobs, &out_dir, &[]);
-    assert_cannot_start(&out, &["in use by another sdcap batch", ".sdcap.lock"]);
+    let pid = format!("(pid {})", holder.id());
+    assert_cannot_start(
+        &out,
+        &["in use by another sdcap batch", ".sdcap.lock", &pid],
+    );
     // A shard must be refused too while an unsharded run holds the directory.
     let out = batch(&jobs, &out_dir, &["--shard", "0/2"]);
     assert_cannot_start(&out, &["in use"]);
-    no_png(&out_dir);
-    drop(held);
+    assert_eq!(super::pngs(&out_dir).len(), 0);
+    // SAFETY: signals our own child, not yet waited for.
+    assert_eq!(unsafe { libc::kill(holder.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(holder.wait().unwrap().code(), Some(130));
     let out = batch(&jobs, &out_dir, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(super::pngs(&out_dir).len(), 2);
 }
 
 #[test]

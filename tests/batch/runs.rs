@@ -289,3 +289,69 @@ fn jobs_over_the_ram_cap_fail_alone() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(pngs(&all_over).is_empty());
 }
+
+/// A run killed while appending left a torn last line in `results.jsonl`, and one killed while
+/// writing a PNG left its temporary file. The next run cuts the fragment off (every whole line
+/// stays, every line is JSON) and removes the dead run's temporary file.
+#[test]
+fn a_torn_results_line_and_a_dead_runs_temp_file_are_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let jobs = write_jobs(dir.path(), "jobs.jsonl", &simple_jobs(2));
+    let out_dir = dir.path().join("out");
+    assert_eq!(batch(&jobs, &out_dir, &[]).status.code(), Some(0));
+    let log = out_dir.join(sdcap::batch::results::RESULTS_FILE);
+    let whole = fs::read_to_string(&log).unwrap();
+    let mut torn = whole.clone();
+    torn.push_str(r#"{"job":0,"line":1,"shard":"0/1","sta"#);
+    fs::write(&log, &torn).unwrap();
+    // No process can have PID 4999999 (PID_MAX_LIMIT is 2^22).
+    let stale = out_dir.join(".000001-abc.png.4999999.0.tmp");
+    fs::write(&stale, b"half a png").unwrap();
+
+    let more = write_jobs(dir.path(), "jobs.jsonl", &simple_jobs(3));
+    let out = batch(&more, &out_dir, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with(&whole), "whole lines kept");
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+    let statuses: Vec<Status> = results(&out_dir).iter().map(|r| r.status).collect();
+    use Status::{Ok, Skipped};
+    assert_eq!(statuses, [Ok, Ok, Skipped, Skipped, Ok]);
+    assert!(!stale.exists());
+    assert!(leftovers(&out_dir).is_empty());
+}
+
+/// A job whose model is a FIFO fails at once ("not a regular file or directory", never opened)
+/// and the batch goes on; the same FIFO as the batch's `-m` stops it with exit 2.
+#[test]
+fn a_fifo_as_a_jobs_model_fails_that_job_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path in a scratch directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let lines = vec![
+        r#"{"prompt": "fifo", "model": "model.safetensors"}"#.to_string(),
+        r#"{"prompt": "fine", "seed": 1}"#.to_string(),
+    ];
+    let jobs = write_jobs(dir.path(), "jobs.jsonl", &lines);
+    let out_dir = dir.path().join("out");
+    let out = batch(&jobs, &out_dir, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let recs = results(&out_dir);
+    let statuses: Vec<Status> = recs.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [Status::Failed, Status::Ok]);
+    let error = recs[0].error.as_deref().unwrap();
+    assert!(error.contains("not a regular file or directory"), "{error}");
+
+    let out = batch(
+        &jobs,
+        &dir.path().join("out2"),
+        &["-m", fifo.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not a regular file or directory"));
+}

@@ -13,7 +13,7 @@ use super::{batch, batch_command, leftovers, pngs, results, stderr, tiny_model, 
 
 /// Waits until the child's JSON progress shows a step of `job` (or of `generate` when `None`),
 /// passing the lines on; panics if the child ends first or after a minute.
-fn wait_for_step(child: &mut Child, job: Option<u64>) -> mpsc::Receiver<String> {
+pub fn wait_for_step(child: &mut Child, job: Option<u64>) -> mpsc::Receiver<String> {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
