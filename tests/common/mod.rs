@@ -116,8 +116,15 @@ pub struct Delta {
 }
 
 enum Segment {
-    Literal { at: usize, len: usize },
-    Base { path: PathBuf, at: usize, len: usize },
+    Literal {
+        at: usize,
+        len: usize,
+    },
+    Base {
+        path: PathBuf,
+        at: usize,
+        len: usize,
+    },
 }
 
 impl Delta {
