@@ -7,6 +7,8 @@
 //! Cases per property are few (CI runs it in a few seconds); `PROPTEST_CASES` raises them for a longer
 //! local run.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::Path;
@@ -164,16 +166,7 @@ fn small_safetensors() -> Vec<u8> {
 
 /// The first `header_bytes` of a fixture: real headers whose tensors then lie past the (new) end.
 fn fixture_prefix(rel: &str, header_bytes: impl Fn(&[u8]) -> usize) -> Vec<u8> {
-    let dir = std::env::var("SDCAP_FIXTURES").map_or_else(
-        |_| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .ancestors()
-                .map(|d| d.join("shared/fixtures"))
-                .find(|d| d.is_dir())
-                .expect("shared/fixtures")
-        },
-        Into::into,
-    );
+    let dir = common::fixtures();
     let bytes = std::fs::read(dir.join("tiny-sd").join(rel)).unwrap();
     let n = header_bytes(&bytes).min(bytes.len());
     bytes[..n].to_vec()

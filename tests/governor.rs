@@ -1,5 +1,5 @@
 //! The memory governor: plans that are sane arithmetic, refusal with exit 3, and real runs under a
-//! memory cgroup (`../shared/tools/memcap`), where one exists.
+//! memory cgroup (`tests/data/tools/memcap`), where one exists.
 
 mod common;
 
@@ -268,14 +268,20 @@ fn impossible_cap_exits_3_before_work_and_writes_nothing() {
 
 /// `memcap LIMIT -- sdcap …`, or None (with the reason printed) where no memory cgroup can be made.
 fn memcap(limit: &str, args: &[&str]) -> Option<(Option<i32>, String)> {
-    let tool = common::fixtures().join("../tools/memcap");
-    let o = Command::new(&tool)
+    let tool = common::tool("memcap");
+    let o = match Command::new(&tool)
         .arg(limit)
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_sdcap"))
         .args(args)
         .output()
-        .ok()?;
+    {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("not run: {}: {e}", tool.display());
+            return None;
+        }
+    };
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     if o.status.code() == Some(3) && stderr.contains("no writable memory cgroup") {
         eprintln!("not run: {}", stderr.trim());

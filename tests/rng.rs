@@ -1,27 +1,20 @@
-//! `TorchRng` against the golden tensors of `shared/fixtures/rng` (torch 2.15.0, x86-64).
+//! `TorchRng` against the golden tensors of `tests/data/rng` (torch 2.15.0, x86-64).
 //!
 //! Every key of the fixture files is parsed and checked; a key this test does not understand is
 //! a failure, so no case is skipped silently.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use safetensors::{Dtype, SafeTensors};
 use sdcap::sampling::rng::TorchRng;
 
-/// `shared/fixtures/rng`: `$SDCAP_FIXTURES/rng` if set, else the first `shared/fixtures/rng` found
-/// beside the crate or one of its ancestors (works from the main checkout and from worktrees).
+/// The torch generator goldens (`tests/data/rng`, or `$SDCAP_FIXTURES/rng`).
 fn fixture_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("SDCAP_FIXTURES") {
-        return PathBuf::from(dir).join("rng");
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .ancestors()
-        .map(|dir| dir.join("shared/fixtures/rng"))
-        .find(|dir| dir.is_dir())
-        .expect("shared/fixtures/rng not found above the crate; set SDCAP_FIXTURES")
+    common::fixtures().join("rng")
 }
 
 fn read_fixture(name: &str) -> Vec<u8> {

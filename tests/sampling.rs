@@ -4,6 +4,8 @@
 //! step noise comes from the recorded draws. Every sampler named in a fixture is mapped explicitly, so a
 //! fixture for an unknown sampler fails instead of being skipped.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -14,17 +16,9 @@ use serde_json::Value;
 // ---------------------------------------------------------------------------------------------------------
 // Fixture access
 
-/// `$SDCAP_FIXTURES`, else the first `shared/fixtures/tiny-sd` above the crate (works from worktrees).
+/// The tiny-sd fixtures (`tests/data/tiny-sd`, or `$SDCAP_FIXTURES/tiny-sd`).
 fn fixtures() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SDCAP_FIXTURES") {
-        return PathBuf::from(dir).join("tiny-sd");
-    }
-    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-    crate_dir
-        .ancestors()
-        .map(|a| a.join("shared/fixtures/tiny-sd"))
-        .find(|p| p.is_dir())
-        .expect("fixtures not found: set SDCAP_FIXTURES to the shared/fixtures folder")
+    common::fixtures().join("tiny-sd")
 }
 
 fn json(path: &Path) -> Value {

@@ -1,27 +1,15 @@
 //! The CLIP tokenizer against the golden fixtures (HF fast tokenizer output, diffusers 0.42 /
-//! transformers 5.23) in `shared/fixtures`.
+//! transformers 5.23) in `tests/data`.
+
+mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 
 use sdcap::tokenizer::{Tokenizer, BOS, CONTEXT_LEN, EOS};
 use serde::Deserialize;
 
-/// `$SDCAP_FIXTURES`, else the first `shared/fixtures` found walking up from the crate root (the
-/// crate lives in `/work/main` or a worktree below `/work/wt`, the fixtures in `/work/shared`).
-fn fixtures() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SDCAP_FIXTURES") {
-        return dir.into();
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|dir| dir.join("shared/fixtures"))
-        .find(|dir| dir.is_dir())
-        .expect("shared/fixtures not found above the crate; set SDCAP_FIXTURES")
-}
-
 fn read(relative: &str) -> Vec<u8> {
-    let path = fixtures().join(relative);
+    let path = common::fixtures().join(relative);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

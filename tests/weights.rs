@@ -1,9 +1,11 @@
 //! Model loading: diffusers folders and separate VAEs mapped to LDM names, family detection, element
 //! types, and hostile files (each must give one line naming the problem, never a panic).
 //!
-//! Fixtures: `shared/fixtures/tiny-sd` (the same random weights as an LDM file and a diffusers folder) and
-//! `shared/fixtures/layouts/sd15.json` (names and shapes of the real SD1.5 checkpoint). Hostile and
+//! Fixtures: `tests/data/tiny-sd` (the same random weights as an LDM file and a diffusers folder) and
+//! `tests/data/layouts/sd15.json` (names and shapes of the real SD1.5 checkpoint). Hostile and
 //! synthetic files are generated in a per-test folder under `CARGO_TARGET_TMPDIR`.
+
+mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -14,17 +16,7 @@ use sdcap::weights::key_map::{self, UnetLayout};
 use sdcap::weights::{detect_family, sd1_dims, DType, Family, Sd1Dims, TensorStore, Weights};
 use sdcap::Error;
 
-/// `shared/fixtures`: `$SDCAP_FIXTURES` if set, else the first `shared/fixtures` above the crate.
-fn fixtures() -> PathBuf {
-    if let Ok(dir) = std::env::var("SDCAP_FIXTURES") {
-        return PathBuf::from(dir);
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|dir| dir.join("shared/fixtures"))
-        .find(|dir| dir.is_dir())
-        .expect("shared/fixtures not found above the crate; set SDCAP_FIXTURES")
-}
+use common::fixtures;
 
 fn tiny() -> PathBuf {
     fixtures().join("tiny-sd")

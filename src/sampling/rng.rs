@@ -18,7 +18,7 @@
 //!   `log1p`/`sin`/`cos`, as torch does, so a libm other than glibc could in principle move a value
 //!   by one float32 ulp.
 //!
-//! The facts (and golden tensors) are in `shared/fixtures/rng/README.md`.
+//! The facts (and golden tensors) are in `tests/data/rng/README.md`.
 
 const STATE_WORDS: usize = 624;
 const SHIFT_WORDS: usize = 397;

@@ -2,27 +2,213 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use safetensors::{Dtype, SafeTensors};
 use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
 
-/// `$SDCAP_FIXTURES`, else `shared/fixtures` in the crate folder or one of its parents.
+/// The test data: `$SDCAP_FIXTURES` if set (a full fixtures folder), else `tests/data` of the crate
+/// as the tests read it, made once per process under `CARGO_TARGET_TMPDIR` (see [`materialize`]).
 pub fn fixtures() -> PathBuf {
-    if let Ok(dir) = std::env::var("SDCAP_FIXTURES") {
+    if let Some(dir) = std::env::var_os("SDCAP_FIXTURES") {
         return PathBuf::from(dir);
     }
-    let mut dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    loop {
-        let candidate = dir.join("shared/fixtures");
-        if candidate.is_dir() {
-            return candidate;
-        }
-        assert!(dir.pop(), "fixtures not found: set SDCAP_FIXTURES");
+    static DATA: OnceLock<PathBuf> = OnceLock::new();
+    DATA.get_or_init(|| {
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-data");
+        materialize(&data_dir(), &out);
+        out
+    })
+    .clone()
+}
+
+/// `tests/data` in the crate: what the repository carries (see its README.md and MANIFEST).
+pub fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data")
+}
+
+/// A helper program the tests run (`tests/data/tools/NAME`), carried whatever `$SDCAP_FIXTURES` says.
+pub fn tool(name: &str) -> PathBuf {
+    data_dir().join("tools").join(name)
+}
+
+/// Makes `out` a copy of the data folder `data` in which every `X.delta` is rebuilt as `X`: each file
+/// is (re)written only when missing or different, through a temporary name and a rename (so that
+/// test processes running at once never see half a file), and files of `out` that `data` no longer
+/// has are removed. A rebuilt file must have the size and CRC-32 its delta records.
+pub fn materialize(data: &Path, out: &Path) {
+    let mut wanted = std::collections::HashSet::new();
+    for file in files_below(data) {
+        let rel = file.strip_prefix(data).unwrap();
+        let name = rel.to_str().expect("data file names are UTF-8");
+        let (target, bytes) = match name.strip_suffix(".delta") {
+            Some(stem) => (out.join(stem), None),
+            None => (out.join(rel), Some(read(&file))),
+        };
+        wanted.insert(target.clone());
+        let current = std::fs::read(&target).ok();
+        let bytes = match bytes {
+            Some(bytes) if current.as_ref() == Some(&bytes) => continue,
+            Some(bytes) => bytes,
+            None => {
+                let delta = Delta::read(&file);
+                if current.is_some_and(|c| delta.matches(&c)) {
+                    continue;
+                }
+                delta.rebuild(&file)
+            }
+        };
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        let tmp = target.with_file_name(format!(
+            ".{}.{}.tmp",
+            target.file_name().unwrap().to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::write(&tmp, &bytes).unwrap_or_else(|e| panic!("{}: {e}", tmp.display()));
+        let mode = std::fs::metadata(&file).unwrap().permissions();
+        std::fs::set_permissions(&tmp, mode).unwrap();
+        std::fs::rename(&tmp, &target).unwrap();
     }
+    for file in files_below(out) {
+        let hidden = file.file_name().unwrap().to_string_lossy().starts_with('.');
+        if !hidden && !wanted.contains(&file) {
+            let _ = std::fs::remove_file(&file);
+        }
+    }
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every file below `dir` (none if it does not exist).
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// A `.delta` file of `tests/data` (written by `tests/data/refresh.py`): 8-byte little-endian header
+/// length, a JSON header, then literal bytes. The file it stands for is the header's segments in
+/// order, each either a range of the literal bytes or a range of a base file of the crate.
+pub struct Delta {
+    size: u64,
+    crc32: u32,
+    segments: Vec<Segment>,
+    literal: Vec<u8>,
+}
+
+enum Segment {
+    Literal {
+        at: usize,
+        len: usize,
+    },
+    Base {
+        path: PathBuf,
+        at: usize,
+        len: usize,
+    },
+}
+
+impl Delta {
+    pub fn read(path: &Path) -> Delta {
+        let bytes = read(path);
+        let bad = |what: &str| -> ! { panic!("{}: {what}", path.display()) };
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value =
+            serde_json::from_slice(&bytes[8..8 + n]).unwrap_or_else(|e| bad(&e.to_string()));
+        if header["format"] != "sdcap test-data delta 1" {
+            bad("not a delta of format 1");
+        }
+        let num = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| bad("bad number")) as usize;
+        let segments = header["segments"]
+            .as_array()
+            .unwrap_or_else(|| bad("no segments"))
+            .iter()
+            .map(|s| match s.get("literal") {
+                Some(l) => Segment::Literal {
+                    at: num(&l[0]),
+                    len: num(&l[1]),
+                },
+                None => Segment::Base {
+                    path: Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join(s["base"].as_str().unwrap_or_else(|| bad("bad base"))),
+                    at: num(&s["at"]),
+                    len: num(&s["len"]),
+                },
+            })
+            .collect();
+        Delta {
+            size: num(&header["size"]) as u64,
+            crc32: num(&header["crc32"]) as u32,
+            segments,
+            literal: bytes[8 + n..].to_vec(),
+        }
+    }
+
+    /// Whether `bytes` has the recorded size and CRC-32.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        bytes.len() as u64 == self.size && crc32(bytes) == self.crc32
+    }
+
+    /// The file the delta stands for; panics unless it has the recorded size and CRC-32.
+    pub fn rebuild(&self, path: &Path) -> Vec<u8> {
+        let mut bases: HashMap<&Path, Vec<u8>> = HashMap::new();
+        let mut out = Vec::with_capacity(self.size as usize);
+        for segment in &self.segments {
+            match segment {
+                Segment::Literal { at, len } => out.extend_from_slice(&self.literal[*at..at + len]),
+                Segment::Base { path, at, len } => {
+                    let base = bases.entry(path).or_insert_with(|| read(path));
+                    out.extend_from_slice(&base[*at..at + len]);
+                }
+            }
+        }
+        assert!(
+            self.matches(&out),
+            "{}: rebuilt {} bytes that differ from what the delta records (was a base file changed? \
+             run tests/data/refresh.py)",
+            path.display(),
+            out.len()
+        );
+        out
+    }
+}
+
+/// CRC-32 (IEEE 802.3, as Python's `zlib.crc32`).
+pub fn crc32(bytes: &[u8]) -> u32 {
+    static TABLE: OnceLock<[u32; 256]> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        std::array::from_fn(|i| {
+            (0..8).fold(i as u32, |c, _| {
+                if c & 1 == 1 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                }
+            })
+        })
+    });
+    !bytes.iter().fold(!0u32, |c, &b| {
+        table[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8)
+    })
 }
 
 /// Sets up threads as the CLI does (`start_pool`): the global rayon pool's workers and the calling
