@@ -14,6 +14,7 @@ pub mod kernels;
 pub mod nn;
 pub mod output;
 pub mod pipeline;
+pub mod prompt;
 pub mod quantize;
 pub mod sampling;
 pub mod tensor;
