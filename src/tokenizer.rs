@@ -134,7 +134,10 @@ impl Tokenizer {
 
     /// Id of a token given in its vocabulary form (`,</w>` is a comma ending a word).
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        (0u32..).zip(&self.vocab).find(|(_, t)| *t == token).map(|(id, _)| id)
+        (0u32..)
+            .zip(&self.vocab)
+            .find(|(_, t)| *t == token)
+            .map(|(id, _)| id)
     }
 
     /// Appends the ids of `text`, special-token texts included, without framing it.

@@ -250,7 +250,10 @@ mod tests {
             ]
         );
         // Not a whole upper-case word: plain text.
-        assert_eq!(parse("BREAKS break xBREAK"), [text("BREAKS break xBREAK", 1.0)]);
+        assert_eq!(
+            parse("BREAKS break xBREAK"),
+            [text("BREAKS break xBREAK", 1.0)]
+        );
         // The pieces around a break keep their weights; the break sits between two empty pieces.
         assert_eq!(
             parse("(a) BREAK (b)"),
@@ -265,11 +268,7 @@ mod tests {
         // Inside brackets, A1111 multiplies the marker's weight too: it becomes the word, weighted.
         assert_eq!(
             parse("(a BREAK b)"),
-            [
-                text("a", 1.1),
-                text("BREAK", -1.1),
-                text("b", 1.1)
-            ]
+            [text("a", 1.1), text("BREAK", -1.1), text("b", 1.1)]
         );
     }
 }

@@ -48,12 +48,18 @@ pub struct Tokenized {
 impl Tokenized {
     /// All chunks' ids, chunk after chunk: the encoder input for a batch of `chunks.len()`.
     pub fn ids(&self) -> Vec<u32> {
-        self.chunks.iter().flat_map(|c| c.ids.iter().copied()).collect()
+        self.chunks
+            .iter()
+            .flat_map(|c| c.ids.iter().copied())
+            .collect()
     }
 
     /// All chunks' weights, in the order of [`Tokenized::ids`].
     pub fn weights(&self) -> Vec<f32> {
-        self.chunks.iter().flat_map(|c| c.weights.iter().copied()).collect()
+        self.chunks
+            .iter()
+            .flat_map(|c| c.weights.iter().copied())
+            .collect()
     }
 }
 

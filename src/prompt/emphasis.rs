@@ -21,21 +21,26 @@ pub fn apply_emphasis(z: &mut [f32], weights: &[f32], width: usize) {
         if weights.iter().all(|&w| w == 1.0) {
             continue;
         }
-        let original_sum = sum_f64(z);
-        for (row, &w) in z.chunks_mut(width).zip(weights) {
-            row.iter_mut().for_each(|v| *v *= w);
-        }
+        // In f64 from the f32 outputs, with one rounding at the end: the mean of a LayerNorm output
+        // can be near 0, where rounded products would make the rescale noisy.
+        let original_sum: f64 = z.iter().map(|&v| f64::from(v)).sum();
+        let weighted_sum: f64 = z
+            .chunks(width)
+            .zip(weights)
+            .map(|(row, &w)| f64::from(w) * row.iter().map(|&v| f64::from(v)).sum::<f64>())
+            .sum();
         // Sums over the same count: their ratio is the ratio of the means.
-        let weighted_sum = sum_f64(z);
-        if weighted_sum != 0.0 {
-            let rescale = (original_sum / weighted_sum) as f32;
-            z.iter_mut().for_each(|v| *v *= rescale);
+        let rescale = if weighted_sum != 0.0 {
+            original_sum / weighted_sum
+        } else {
+            1.0
+        };
+        for (row, &w) in z.chunks_mut(width).zip(weights) {
+            let by = f64::from(w) * rescale;
+            row.iter_mut()
+                .for_each(|v| *v = (f64::from(*v) * by) as f32);
         }
     }
-}
-
-fn sum_f64(values: &[f32]) -> f64 {
-    values.iter().map(|&v| f64::from(v)).sum()
 }
 
 /// The conditioning of `chunks` [chunks × 77, width]: `encode(ids, n)` runs the text encoder on a

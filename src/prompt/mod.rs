@@ -65,11 +65,7 @@ impl PromptSyntax {
     /// ([`PAD_CLIP_L`], [`PAD_OPEN_CLIP`]).
     pub fn tokenize(self, tokenizer: &Tokenizer, text: &str, pad_id: u32) -> Result<Tokenized> {
         match self {
-            PromptSyntax::A1111 => Ok(chunk_segments(
-                tokenizer,
-                &parse_attention(text)?,
-                pad_id,
-            )),
+            PromptSyntax::A1111 => Ok(chunk_segments(tokenizer, &parse_attention(text)?, pad_id)),
             PromptSyntax::Plain => Ok(truncate_plain(tokenizer, text, pad_id)),
         }
     }
@@ -116,7 +112,9 @@ mod tests {
 
     #[test]
     fn plain_keeps_tags_and_brackets_as_text() {
-        let (text, tags) = PromptSyntax::Plain.extract_tags("(a:2) <lora:x:1>").unwrap();
+        let (text, tags) = PromptSyntax::Plain
+            .extract_tags("(a:2) <lora:x:1>")
+            .unwrap();
         assert_eq!(text, "(a:2) <lora:x:1>");
         assert_eq!(tags, ExtraNetworks::default());
         let t = PromptSyntax::Plain
