@@ -16,6 +16,7 @@ pub mod models;
 pub mod nn;
 pub mod output;
 pub mod pipeline;
+pub mod prompt;
 pub mod quantize;
 pub mod sampling;
 pub mod tensor;

@@ -119,9 +119,32 @@ impl Tokenizer {
     /// Never fails: every byte sequence has a token.
     pub fn encode(&self, text: &str) -> Vec<u32> {
         let mut ids = vec![BOS];
+        self.encode_into(text, &mut ids);
+        ids.push(EOS);
+        ids
+    }
+
+    /// Token ids of `text` without [`BOS`] and [`EOS`] (HF's `add_special_tokens=False`), as A1111
+    /// tokenizes each weighted piece of a prompt before it packs them into chunks.
+    pub fn encode_words(&self, text: &str) -> Vec<u32> {
+        let mut ids = Vec::new();
+        self.encode_into(text, &mut ids);
+        ids
+    }
+
+    /// Id of a token given in its vocabulary form (`,</w>` is a comma ending a word).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        (0u32..)
+            .zip(&self.vocab)
+            .find(|(_, t)| *t == token)
+            .map(|(id, _)| id)
+    }
+
+    /// Appends the ids of `text`, special-token texts included, without framing it.
+    fn encode_into(&self, text: &str, ids: &mut Vec<u32>) {
         let mut start = 0;
         for special in self.special.find_iter(text) {
-            self.encode_plain(&text[start..special.start()], &mut ids);
+            self.encode_plain(&text[start..special.start()], ids);
             ids.push(if special.as_str() == "<|startoftext|>" {
                 BOS
             } else {
@@ -129,9 +152,7 @@ impl Tokenizer {
             });
             start = special.end();
         }
-        self.encode_plain(&text[start..], &mut ids);
-        ids.push(EOS);
-        ids
+        self.encode_plain(&text[start..], ids);
     }
 
     /// Ids for an SD1.x text encoder of `len` positions (77): [`BOS`], the tokens cut so that
