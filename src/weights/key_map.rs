@@ -617,7 +617,7 @@ mod tests {
     fn names_outside_the_sd1_unet_map_to_none() {
         let l = sd15();
         for hf in [
-            "add_embedding.linear_1.weight",
+            "add_embedding.linear_3.weight",
             "down_blocks.4.resnets.0.conv1.weight",
             "down_blocks.0.resnets.2.conv1.weight",
             "down_blocks.0.resnets.0.conv9.weight",
@@ -627,6 +627,57 @@ mod tests {
         ] {
             assert_eq!(unet_key(hf, &l), None, "{hf}");
         }
+    }
+
+    #[test]
+    fn sdxl_unet_names() {
+        // 3 levels, no attention at level 0 (so up_blocks.2, its output level, has none either).
+        let l = UnetLayout {
+            layers_per_block: 2,
+            levels: 3,
+            up_has_attention: vec![true, true, false],
+        };
+        let cases = [
+            ("add_embedding.linear_1.weight", "label_emb.0.0.weight"),
+            ("add_embedding.linear_2.bias", "label_emb.0.2.bias"),
+            (
+                "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj.weight",
+                "input_blocks.8.1.transformer_blocks.9.ff.net.0.proj.weight",
+            ),
+            (
+                "up_blocks.0.upsamplers.0.conv.weight",
+                "output_blocks.2.2.conv.weight",
+            ),
+            (
+                "up_blocks.2.resnets.2.conv_shortcut.bias",
+                "output_blocks.8.0.skip_connection.bias",
+            ),
+        ];
+        for (hf, ldm) in cases {
+            assert_eq!(
+                unet_key(hf, &l),
+                Some(format!("{UNET_PREFIX}{ldm}")),
+                "{hf}"
+            );
+            assert_eq!(unet_diffusers_key(ldm, 2).as_deref(), Some(hf), "{ldm}");
+        }
+    }
+
+    #[test]
+    fn inverse_refuses_names_outside_the_blocks() {
+        for ldm in [
+            "input_blocks.0.1.weight",
+            "input_blocks.1.2.in_layers.0.weight",
+            "output_blocks.0.1.conv.weight",
+            "middle_block.3.in_layers.0.weight",
+            "label_emb.1.0.weight",
+            "time_embed.1.weight",
+            "foo.weight",
+        ] {
+            assert_eq!(unet_diffusers_key(ldm, 2), None, "{ldm}");
+        }
+        assert_eq!(vae_diffusers_key("decoder.up.4.block.0.conv1.weight", 4), None);
+        assert_eq!(vae_diffusers_key("decoder.mid.attn_1.x.weight", 4), None);
     }
 
     #[test]
