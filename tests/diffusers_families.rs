@@ -81,32 +81,54 @@ fn check_store_against_single(folder_dir: &Path, tensors: &Tensors, plan: &Folde
         .iter()
         .map(|e| (store_name(plan.family, e), e))
         .collect();
-    assert_eq!(by_store_name.len(), plan.entries.len(), "store names collide");
+    assert_eq!(
+        by_store_name.len(),
+        plan.entries.len(),
+        "store names collide"
+    );
     for t in store.tensors() {
-        let entry = by_store_name
-            .get(&t.name)
-            .unwrap_or_else(|| panic!("{}: store tensor `{}` comes from no single-file tensor", folder_dir.display(), t.name));
+        let entry = by_store_name.get(&t.name).unwrap_or_else(|| {
+            panic!(
+                "{}: store tensor `{}` comes from no single-file tensor",
+                folder_dir.display(),
+                t.name
+            )
+        });
         let (_, shape, bytes) = diffusers_folder::materialize(tensors, entry);
         assert_eq!(t.shape, shape, "{}", t.name);
-        assert!(store.bytes(t) == bytes.as_slice(), "bytes differ: {}", t.name);
+        assert!(
+            store.bytes(t) == bytes.as_slice(),
+            "bytes differ: {}",
+            t.name
+        );
         if matches!(entry.component, "unet" | "vae") {
             // Renamed only: the single file's tensor of the same name, bit for bit.
             assert_eq!(t.name, entry.source);
-            assert!(store.bytes(t) == tensors[&t.name].2.as_slice(), "{}", t.name);
+            assert!(
+                store.bytes(t) == tensors[&t.name].2.as_slice(),
+                "{}",
+                t.name
+            );
         }
     }
     let missing: Vec<&String> = by_store_name
         .keys()
         .filter(|n| !store.contains(n))
         .collect();
-    assert!(missing.is_empty(), "planned but not in the store: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "planned but not in the store: {missing:?}"
+    );
     assert_eq!(store.tensors().len(), plan.entries.len());
     let unexpected: Vec<&String> = plan
         .unused
         .iter()
         .filter(|n| !expected_unused(plan.family, n))
         .collect();
-    assert!(unexpected.is_empty(), "single-file tensors dropped: {unexpected:?}");
+    assert!(
+        unexpected.is_empty(),
+        "single-file tensors dropped: {unexpected:?}"
+    );
 }
 
 #[test]
@@ -114,7 +136,9 @@ fn real_diffusers_folders_equal_their_single_files() {
     for (dir, file, family) in FAMILIES {
         let real = common::fixtures().join(dir).join("diffusers");
         if !real.is_dir() {
-            eprintln!("{dir}: no diffusers folder in the fixtures; the built-folder test covers it");
+            eprintln!(
+                "{dir}: no diffusers folder in the fixtures; the built-folder test covers it"
+            );
             continue;
         }
         let tensors = diffusers_folder::read_tensors(&single_file(dir, file));
@@ -130,7 +154,10 @@ fn real_diffusers_folders_equal_their_single_files() {
             };
             let path = real.join(component).join(format!("{stem}.safetensors"));
             if !path.is_file() {
-                assert!(plan.entries.iter().all(|e| e.component != component), "{dir}: {component} missing");
+                assert!(
+                    plan.entries.iter().all(|e| e.component != component),
+                    "{dir}: {component} missing"
+                );
                 continue;
             }
             let raw = diffusers_folder::read_tensors(&path);
@@ -186,8 +213,14 @@ fn folders_built_from_single_files_map_back_onto_them() {
 #[test]
 fn text_encoders_are_named_for_their_family() {
     let dir = temp_dir("text_names");
-    diffusers_folder::build(&single_file("tiny-sd2", "tiny-sd2-fp32.safetensors"), &dir.join("sd2"));
-    diffusers_folder::build(&single_file("tiny-sdxl", "tiny-sdxl-fp32.safetensors"), &dir.join("xl"));
+    diffusers_folder::build(
+        &single_file("tiny-sd2", "tiny-sd2-fp32.safetensors"),
+        &dir.join("sd2"),
+    );
+    diffusers_folder::build(
+        &single_file("tiny-sdxl", "tiny-sdxl-fp32.safetensors"),
+        &dir.join("xl"),
+    );
     let sd2 = TensorStore::open(&dir.join("sd2")).unwrap();
     // SD2.x: transformers names under the OpenCLIP prefix, 4 = R - 1 layers, no projection head.
     let q = sd2
@@ -205,14 +238,23 @@ fn text_encoders_are_named_for_their_family() {
     let row = 32 * 4;
     for (i, p) in ["q", "k", "v"].iter().enumerate() {
         let t = sd2
-            .get(&format!("cond_stage_model.model.text_model.encoder.layers.3.self_attn.{p}_proj.weight"))
+            .get(&format!(
+                "cond_stage_model.model.text_model.encoder.layers.3.self_attn.{p}_proj.weight"
+            ))
             .unwrap();
-        assert!(sd2.bytes(t) == &single.bytes(fused)[i * 32 * row..(i + 1) * 32 * row], "{p}");
+        assert!(
+            sd2.bytes(t) == &single.bytes(fused)[i * 32 * row..(i + 1) * 32 * row],
+            "{p}"
+        );
     }
 
     let xl = TensorStore::open(&dir.join("xl")).unwrap();
-    assert!(xl.contains("conditioner.embedders.0.transformer.text_model.encoder.layers.3.mlp.fc2.weight"));
-    assert!(xl.contains("conditioner.embedders.1.model.text_model.encoder.layers.4.self_attn.v_proj.bias"));
+    assert!(xl.contains(
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.3.mlp.fc2.weight"
+    ));
+    assert!(xl.contains(
+        "conditioner.embedders.1.model.text_model.encoder.layers.4.self_attn.v_proj.bias"
+    ));
     let proj = xl
         .get("conditioner.embedders.1.model.text_projection.weight")
         .unwrap();
@@ -275,7 +317,11 @@ fn full_size_layouts_round_trip_through_the_key_map() {
             );
         }
         let distinct: BTreeSet<&String> = hf_unet.iter().collect();
-        assert_eq!(distinct.len(), unet.len(), "{layout}: two UNet names share a diffusers name");
+        assert_eq!(
+            distinct.len(),
+            unet.len(),
+            "{layout}: two UNet names share a diffusers name"
+        );
         let vae_levels = key_map::ldm_vae_levels(vae.iter().copied());
         assert_eq!(vae_levels, 4);
         for ldm in &vae {
@@ -329,7 +375,10 @@ fn sdxl_folder_problems_are_named() {
     let no_te2 = linked_copy(&xl, "xl_no_te2", &["text_encoder_2"]);
     let err = open_error(&no_te2);
     let msg = err.to_string();
-    assert!(msg.contains("text_encoder_2/model.safetensors") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("text_encoder_2/model.safetensors") && msg.contains("missing"),
+        "{msg}"
+    );
     assert!(!msg.contains('\n') && err.exit_code() == 2, "{msg}");
     // Even without model_index.json, the UNet's add_embedding says SDXL.
     let no_index = linked_copy(&xl, "xl_no_index", &["text_encoder_2", "model_index.json"]);
@@ -359,7 +408,10 @@ fn sdxl_folder_problems_are_named() {
     )
     .unwrap();
     let msg = open_error(&no_proj).to_string();
-    assert!(msg.contains("text_projection.weight") && msg.contains("text_encoder_2"), "{msg}");
+    assert!(
+        msg.contains("text_projection.weight") && msg.contains("text_encoder_2"),
+        "{msg}"
+    );
 }
 
 /// Without a text-encoder config, SD2.x is told from SD1.x by the UNet's linear proj_in.
@@ -370,5 +422,8 @@ fn sd2_folder_without_text_config_is_still_open_clip() {
     let bare = linked_copy(&src, "sd2_bare", &["text_encoder/config.json"]);
     let store = TensorStore::open(&bare).unwrap();
     assert!(store.contains("cond_stage_model.model.text_model.final_layer_norm.weight"));
-    assert!(!store.tensors().iter().any(|t| t.name.starts_with(key_map::TEXT_PREFIX)));
+    assert!(!store
+        .tensors()
+        .iter()
+        .any(|t| t.name.starts_with(key_map::TEXT_PREFIX)));
 }

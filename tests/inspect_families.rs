@@ -44,5 +44,8 @@ fn sd2_and_sdxl_are_named_in_both_layouts() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success() && text.contains("family:  SD2.x"), "{text}");
+    assert!(
+        run.status.success() && text.contains("family:  SD2.x"),
+        "{text}"
+    );
 }

@@ -37,7 +37,9 @@ pub(super) fn open(dir: &Path) -> Result<TensorStore> {
     let second = dir.join(TEXT_ENCODER_2.0);
     // The SDXL refiner has only the bigG encoder (text_encoder: null in its model_index.json).
     if text.is_err() && second.is_dir() {
-        return Err(unsupported("the SDXL refiner (text_encoder_2/ without text_encoder/)"));
+        return Err(unsupported(
+            "the SDXL refiner (text_encoder_2/ without text_encoder/)",
+        ));
     }
     let text = text?;
     let mut store = TensorStore::empty();
@@ -188,14 +190,20 @@ fn add_text_encoder(
     projection: bool,
 ) -> Result<()> {
     let (map, raws) = safetensors_file::map(path)?;
-    let entries = rename_all(path, raws, |name| match key_map::hf_text_key(name, prefix) {
-        Some(ldm) => Ok(Some(ldm)),
-        None if name == "text_projection.weight" => {
-            Ok(projection.then(|| format!("{prefix}{name}")))
+    let entries = rename_all(path, raws, |name| {
+        match key_map::hf_text_key(name, prefix) {
+            Some(ldm) => Ok(Some(ldm)),
+            None if name == "text_projection.weight" => {
+                Ok(projection.then(|| format!("{prefix}{name}")))
+            }
+            None => Err(format!("tensor `{name}` is not part of a CLIP text model")),
         }
-        None => Err(format!("tensor `{name}` is not part of a CLIP text model")),
     })?;
-    if projection && !entries.iter().any(|(n, _)| n.ends_with(".text_projection.weight")) {
+    if projection
+        && !entries
+            .iter()
+            .any(|(n, _)| n.ends_with(".text_projection.weight"))
+    {
         return Err(Error::bad_file(
             path,
             "has no `text_projection.weight`: SDXL's second text encoder is a CLIPTextModelWithProjection",

@@ -25,8 +25,16 @@ pub const SDXL_TEXT1_PREFIX: &str = "conditioner.embedders.0.transformer.";
 pub const SDXL_TEXT2_PREFIX: &str = "conditioner.embedders.1.model.";
 
 /// A single-file checkpoint's name as the networks expect it. Checkpoints saved with transformers < 4.20
-/// lack the `text_model.` level in the CLIP names (`cond_stage_model.transformer.embeddings.…`).
+/// lack the `text_model.` level in the CLIP names (`cond_stage_model.transformer.embeddings.…`). An SDXL
+/// bigG in transformers names under `conditioner.embedders.1.transformer.` (where stable-diffusion.cpp
+/// reads them; `sdcap quantize --compat sdcpp` of a diffusers folder writes them there) goes under
+/// `SDXL_TEXT2_PREFIX`, as from the diffusers folder itself.
 pub fn ldm_key(name: &str) -> String {
+    if let Some(rest) = name.strip_prefix("conditioner.embedders.1.transformer.") {
+        if rest.starts_with("text_model.") || rest == "text_projection.weight" {
+            return format!("{SDXL_TEXT2_PREFIX}{rest}");
+        }
+    }
     match name.strip_prefix(TEXT_PREFIX) {
         Some(rest) if !rest.starts_with("text_model.") => format!("{TEXT_PREFIX}text_model.{rest}"),
         _ => name.to_string(),
@@ -264,7 +272,10 @@ pub fn unet_diffusers_key(ldm: &str, layers_per_block: usize) -> Option<String> 
                     "down_blocks.{i}.resnets.{j}.{}",
                     unet_resnet_diffusers(rest)?
                 )),
-                1 => Some(format!("down_blocks.{i}.attentions.{j}.{}", transformer(rest)?)),
+                1 => Some(format!(
+                    "down_blocks.{i}.attentions.{j}.{}",
+                    transformer(rest)?
+                )),
                 _ => None,
             }
         }
@@ -280,7 +291,10 @@ pub fn unet_diffusers_key(ldm: &str, layers_per_block: usize) -> Option<String> 
                     "up_blocks.{i}.upsamplers.0.conv.{}",
                     param_name(param)?
                 )),
-                (1, None) => Some(format!("up_blocks.{i}.attentions.{j}.{}", transformer(rest)?)),
+                (1, None) => Some(format!(
+                    "up_blocks.{i}.attentions.{j}.{}",
+                    transformer(rest)?
+                )),
                 _ => None,
             }
         }
@@ -350,10 +364,9 @@ pub fn vae_diffusers_key(ldm: &str, levels: usize) -> Option<String> {
                         vae_resnet_diffusers(rest)?
                     )
                 }
-                ("downsample", rest) => format!(
-                    "down_blocks.{i}.downsamplers.0.conv.{}",
-                    conv_param(rest)?
-                ),
+                ("downsample", rest) => {
+                    format!("down_blocks.{i}.downsamplers.0.conv.{}", conv_param(rest)?)
+                }
                 _ => return None,
             }
         }
@@ -403,7 +416,13 @@ pub fn vae_diffusers_key(ldm: &str, levels: usize) -> Option<String> {
 pub fn ldm_vae_levels<'a>(names: impl IntoIterator<Item = &'a str>) -> usize {
     names
         .into_iter()
-        .filter_map(|n| n.strip_prefix("encoder.down.")?.split('.').next()?.parse::<usize>().ok())
+        .filter_map(|n| {
+            n.strip_prefix("encoder.down.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
         .max()
         .map_or(0, |i| i + 1)
 }
@@ -676,7 +695,10 @@ mod tests {
         ] {
             assert_eq!(unet_diffusers_key(ldm, 2), None, "{ldm}");
         }
-        assert_eq!(vae_diffusers_key("decoder.up.4.block.0.conv1.weight", 4), None);
+        assert_eq!(
+            vae_diffusers_key("decoder.up.4.block.0.conv1.weight", 4),
+            None
+        );
         assert_eq!(vae_diffusers_key("decoder.mid.attn_1.x.weight", 4), None);
     }
 

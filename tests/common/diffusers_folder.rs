@@ -70,7 +70,10 @@ pub fn read_tensors(path: &Path) -> Tensors {
 }
 
 pub fn family_of(tensors: &Tensors) -> Family {
-    if tensors.keys().any(|n| n.starts_with("conditioner.embedders.")) {
+    if tensors
+        .keys()
+        .any(|n| n.starts_with("conditioner.embedders."))
+    {
         Family::Sdxl
     } else if tensors.keys().any(|n| n.starts_with(SD2_TEXT_PREFIX)) {
         Family::Sd2
@@ -278,14 +281,15 @@ pub fn materialize(tensors: &Tensors, entry: &Entry) -> (Dtype, Vec<usize>, Vec<
 pub fn build(single: &Path, out: &Path) -> Folder {
     let tensors = read_tensors(single);
     let folder = plan(&tensors);
-    let mut components: BTreeMap<&str, Vec<(String, Dtype, Vec<usize>, Vec<u8>)>> =
-        BTreeMap::new();
+    let mut components: BTreeMap<&str, Vec<(String, Dtype, Vec<usize>, Vec<u8>)>> = BTreeMap::new();
     for entry in &folder.entries {
         let (dtype, shape, data) = materialize(&tensors, entry);
-        components
-            .entry(entry.component)
-            .or_default()
-            .push((entry.name.clone(), dtype, shape, data));
+        components.entry(entry.component).or_default().push((
+            entry.name.clone(),
+            dtype,
+            shape,
+            data,
+        ));
     }
     for (component, list) in &components {
         let dir = out.join(component);
@@ -302,7 +306,8 @@ pub fn build(single: &Path, out: &Path) -> Folder {
         });
         std::fs::write(dir.join(file), safetensors::serialize(views, None).unwrap()).unwrap();
     }
-    let gelu = |act: &str| format!(r#"{{"architectures": ["CLIPTextModel"], "hidden_act": "{act}"}}"#);
+    let gelu =
+        |act: &str| format!(r#"{{"architectures": ["CLIPTextModel"], "hidden_act": "{act}"}}"#);
     let (class, text_act) = match folder.family {
         Family::Sd1 => ("StableDiffusionPipeline", "quick_gelu"),
         Family::Sd2 => ("StableDiffusionPipeline", "gelu"),

@@ -125,7 +125,10 @@ fn diffusers_folder_problems_are_named() {
     .unwrap();
     let err = TensorStore::open(&sd3).err().unwrap();
     let msg = err.to_string();
-    assert!(msg.starts_with("unsupported model:") && msg.contains("SD3"), "{msg}");
+    assert!(
+        msg.starts_with("unsupported model:") && msg.contains("SD3"),
+        "{msg}"
+    );
 }
 
 /// LDM → diffusers for SD1.5, from the fixed tables of diffusers' `convert_diffusers_to_original_stable_
