@@ -57,8 +57,11 @@ pub struct Folder {
     pub unused: Vec<String>,
 }
 
+/// One tensor's dtype, shape and bytes.
+pub type Data = (Dtype, Vec<usize>, Vec<u8>);
+
 /// The single file's tensors: name → (dtype, shape, bytes).
-pub type Tensors = BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>;
+pub type Tensors = BTreeMap<String, Data>;
 
 pub fn read_tensors(path: &Path) -> Tensors {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -243,7 +246,7 @@ fn dtype_size(dtype: Dtype) -> usize {
 }
 
 /// The dtype, shape and bytes `entry` holds.
-pub fn materialize(tensors: &Tensors, entry: &Entry) -> (Dtype, Vec<usize>, Vec<u8>) {
+pub fn materialize(tensors: &Tensors, entry: &Entry) -> Data {
     let (dtype, shape, data) = &tensors[&entry.source];
     let size = dtype_size(*dtype);
     match entry.part {
@@ -281,15 +284,12 @@ pub fn materialize(tensors: &Tensors, entry: &Entry) -> (Dtype, Vec<usize>, Vec<
 pub fn build(single: &Path, out: &Path) -> Folder {
     let tensors = read_tensors(single);
     let folder = plan(&tensors);
-    let mut components: BTreeMap<&str, Vec<(String, Dtype, Vec<usize>, Vec<u8>)>> = BTreeMap::new();
+    let mut components: BTreeMap<&str, Vec<(String, Data)>> = BTreeMap::new();
     for entry in &folder.entries {
-        let (dtype, shape, data) = materialize(&tensors, entry);
-        components.entry(entry.component).or_default().push((
-            entry.name.clone(),
-            dtype,
-            shape,
-            data,
-        ));
+        components
+            .entry(entry.component)
+            .or_default()
+            .push((entry.name.clone(), materialize(&tensors, entry)));
     }
     for (component, list) in &components {
         let dir = out.join(component);
@@ -298,7 +298,7 @@ pub fn build(single: &Path, out: &Path) -> Folder {
             "unet" | "vae" => "diffusion_pytorch_model.safetensors",
             _ => "model.safetensors",
         };
-        let views = list.iter().map(|(n, d, s, b)| {
+        let views = list.iter().map(|(n, (d, s, b))| {
             (
                 n.clone(),
                 TensorView::new(*d, s.clone(), b).expect("consistent tensor"),
