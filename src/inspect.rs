@@ -50,7 +50,7 @@ pub struct GgufFacts {
 pub struct Report {
     pub path: PathBuf,
     pub format: Format,
-    /// The family's name: `SD1.x`, or what the model is instead (`SDXL`, `Flux`, `unknown`).
+    /// The family's name: `SD1.x`, `SD2.x`, `SDXL`, or what the model is instead (`Flux`, `unknown`).
     pub family: String,
     /// Whether sdcap runs this family.
     pub supported: bool,
@@ -115,9 +115,12 @@ pub fn inspect(path: &Path) -> Result<Report> {
     })
 }
 
-/// The family named in `detect_family`'s "X is not supported yet (…)" line, else `unknown`.
+/// The family named in `detect_family`'s "X is not supported yet (…)" line, else `unknown`. The name is
+/// the family's alone: `SD2.x (OpenCLIP text encoder)` and `SD2.x (1024-wide text context)` (how it was
+/// recognised) are both `SD2.x`.
 fn family_name(reason: &str) -> String {
     match reason.split_once(" is not supported yet") {
+        Some((name, _)) if name.starts_with("SD2.x") => "SD2.x".to_string(),
         Some((name, _)) => name.to_string(),
         None if reason.contains("SD1.x UNet takes") => "SD1.x (not text-to-image)".to_string(),
         None => "unknown".to_string(),

@@ -110,7 +110,7 @@ pub fn plan(store: &TensorStore, policy: &Policy) -> Result<Plan> {
                 flattened,
             } => plan.tensors.push(Planned {
                 source,
-                name: info.name.clone(),
+                name: policy::written_name(policy.compat, &info.name),
                 ty,
                 // GGML tensors have at least one dim.
                 shape: if shape.is_empty() { vec![1] } else { shape },

@@ -30,8 +30,11 @@ pub const TARGET_TYPES: &[GgmlType] = &[
 pub const MIN_QUANT_VALUES: usize = 4096;
 
 /// Name prefixes of tensors no SD runtime reads: the DDPM training buffers (except `alphas_cumprod`),
-/// CLIP's `position_ids`, EMA bookkeeping and the like. stable-diffusion.cpp's `unused_tensors`
-/// list; both policies drop them.
+/// CLIP's `position_ids`, the CLIP logit scales (0-d), EMA bookkeeping and the like.
+/// stable-diffusion.cpp's `unused_tensors` list (src/model_loader.cpp), whose SD1/SD2/SDXL entries
+/// are all here; both policies drop them. Not dropped: `v_pred` and `edm_vpred.sigma_max` (markers
+/// that tell a v-prediction model, read by sd.cpp and by sdcap), SDXL's bigG `text_projection`
+/// (pools the conditioning), `label_emb` (SDXL's size conditioning).
 const UNUSED_PREFIXES: &[&str] = &[
     "betas",
     "alphas_cumprod_prev",
@@ -45,7 +48,11 @@ const UNUSED_PREFIXES: &[&str] = &[
     "posterior_mean_coef1",
     "posterior_mean_coef2",
     "cond_stage_model.transformer.text_model.embeddings.position_ids",
+    "cond_stage_model.1.model.text_model.embeddings.position_ids",
+    "cond_stage_model.transformer.vision_model.embeddings.position_ids",
     "cond_stage_model.model.logit_scale",
+    // Not in sd.cpp's list: SD2.x conditions on hidden states, its projection head is never read
+    // (sd.cpp's OpenCLIP-H has no such parameter and only warns about it).
     "cond_stage_model.model.text_projection",
     "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
     "conditioner.embedders.0.model.logit_scale",
@@ -57,7 +64,17 @@ const UNUSED_PREFIXES: &[&str] = &[
     "model_ema.diffusion_model",
     "embedding_manager",
     "denoiser.sigmas",
+    "ztsnr",
+    "edm_vpred.sigma_min",
 ];
+
+/// Prefixes of the transformers-named text towers a diffusers SD2.x / SDXL folder gives
+/// (`key_map::SD2_TEXT_PREFIX`, `SDXL_TEXT2_PREFIX` + `text_model.`), which sd.cpp does not read.
+const SD2_HF_TEXT: &str = "cond_stage_model.model.text_model.";
+const SDXL_HF_TEXT2: &str = "conditioner.embedders.1.model.";
+/// Where sd.cpp reads a transformers-named bigG (its name conversion maps `conditioner.embedders.1.` to
+/// `cond_stage_model.1.` and expects `transformer.text_model.…`, `transformer.text_projection.weight`).
+const SDCPP_HF_TEXT2: &str = "conditioner.embedders.1.transformer.";
 
 /// Which policy decides the types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +151,14 @@ impl Policy {
         if is_unused(name) || !dtype.is_float() {
             return Ok(Choice::Drop);
         }
+        if self.compat == Some(Compat::Sdcpp) && name.starts_with(SD2_HF_TEXT) {
+            return Err(Error::BadRequest(format!(
+                "--compat sdcpp: `{name}` is an SD2.x text encoder from a diffusers folder; stable-diffusion.cpp \
+                 reads SD2.x's text encoder under open_clip names (fused attn.in_proj_weight), which separate \
+                 q/k/v tensors cannot give without copying them; quantize the single-file checkpoint, or leave \
+                 out --compat"
+            )));
+        }
         if let Some(rule) = self.rules.iter().find(|r| r.pattern.is_match(name)) {
             return match self.layout(&info, rule.ty) {
                 Some((shape, flattened)) => Ok(Choice::Write {
@@ -196,6 +221,20 @@ impl Policy {
     }
 }
 
+/// The name a tensor is written under: its store name, except that `--compat sdcpp` moves a diffusers
+/// SDXL folder's transformers-named bigG (`conditioner.embedders.1.model.text_model.…`,
+/// `….model.text_projection.weight`) to `conditioner.embedders.1.transformer.…`, the only place sd.cpp
+/// reads transformers names for it. sdcap reads both (`key_map::ldm_key` maps it back).
+pub fn written_name(compat: Option<Compat>, name: &str) -> String {
+    let hf_bigg = name
+        .strip_prefix(SDXL_HF_TEXT2)
+        .filter(|rest| rest.starts_with("text_model.") || *rest == "text_projection.weight");
+    match (compat, hf_bigg) {
+        (Some(Compat::Sdcpp), Some(rest)) => format!("{SDCPP_HF_TEXT2}{rest}"),
+        _ => name.to_string(),
+    }
+}
+
 /// What the policy looks at.
 struct Tensor<'a> {
     name: &'a str,
@@ -244,7 +283,9 @@ fn source_type(dtype: DType) -> GgmlType {
 /// else in f16. Everything else keeps its float type (`keep_type`).
 fn default_type(info: &Tensor, target: GgmlType) -> GgmlType {
     let name = info.name;
-    let is_matrix = name.ends_with(".weight")
+    // open_clip's fused q;k;v (`attn.in_proj_weight`, SD2.x and SDXL's bigG) is a linear weight too:
+    // whole rows of it are what the text encoder reads as q, k and v.
+    let is_matrix = (name.ends_with(".weight") || name.ends_with(".in_proj_weight"))
         && info.shape.len() >= 2
         && !is_embedding(name)
         && info.numel() >= MIN_QUANT_VALUES;
@@ -411,6 +452,94 @@ mod tests {
         assert_eq!(
             written(&p, "alphas_cumprod", DType::F32, &[1000]).0,
             GgmlType::F16
+        );
+    }
+
+    #[test]
+    fn sd2_and_sdxl_tensors() {
+        let p = policy(GgmlType::Q4_0, None, "");
+        // open_clip's fused q;k;v is a linear weight (SD2.x's OpenCLIP-H, SDXL's bigG).
+        let in_proj = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight";
+        assert_eq!(
+            written(&p, in_proj, DType::F16, &[3840, 1280]),
+            (GgmlType::Q4_0, vec![3840, 1280])
+        );
+        let in_bias = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_bias";
+        assert_eq!(written(&p, in_bias, DType::F16, &[3072]).0, GgmlType::F16);
+        // SDXL's size conditioning and pooled projection stay float; the v-prediction marker is kept.
+        for (name, shape) in [
+            (
+                "model.diffusion_model.label_emb.0.0.weight",
+                &[1280, 2816][..],
+            ),
+            (
+                "conditioner.embedders.1.model.text_projection",
+                &[1280, 1280],
+            ),
+            ("v_pred", &[]),
+        ] {
+            assert_eq!(
+                written(&p, name, DType::F16, shape).0,
+                GgmlType::F16,
+                "{name}"
+            );
+        }
+        for (name, dtype, shape) in [
+            ("cond_stage_model.model.logit_scale", DType::F32, &[][..]),
+            ("conditioner.embedders.1.model.logit_scale", DType::F32, &[]),
+            (
+                "cond_stage_model.model.text_projection",
+                DType::F32,
+                &[1024, 1024],
+            ),
+            (
+                "conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+                DType::I64,
+                &[1, 77],
+            ),
+            ("ztsnr", DType::F32, &[]),
+        ] {
+            assert_eq!(
+                p.choose(name, dtype, shape).unwrap(),
+                Choice::Drop,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn sdcpp_names_for_diffusers_text_encoders() {
+        let compat = Some(Compat::Sdcpp);
+        for (name, want) in [
+            (
+                "conditioner.embedders.1.model.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                "conditioner.embedders.1.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+            ),
+            (
+                "conditioner.embedders.1.model.text_projection.weight",
+                "conditioner.embedders.1.transformer.text_projection.weight",
+            ),
+            // Single-file names are sd.cpp's own.
+            (
+                "conditioner.embedders.1.model.text_projection",
+                "conditioner.embedders.1.model.text_projection",
+            ),
+            (
+                "conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.0.ln_1.weight",
+            ),
+        ] {
+            assert_eq!(written_name(compat, name), want);
+            assert_eq!(written_name(None, name), name);
+        }
+        let p = policy(GgmlType::Q8_0, compat, "");
+        let sd2 = "cond_stage_model.model.text_model.encoder.layers.0.self_attn.q_proj.weight";
+        let err = p.choose(sd2, DType::F16, &[1024, 1024]).unwrap_err();
+        assert!(matches!(err, Error::BadRequest(_)), "{err}");
+        let p = policy(GgmlType::Q8_0, None, "");
+        assert_eq!(
+            written(&p, sd2, DType::F16, &[1024, 1024]).0,
+            GgmlType::Q8_0
         );
     }
 

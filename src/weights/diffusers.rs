@@ -1,7 +1,9 @@
-//! A diffusers pipeline folder → one `TensorStore` under LDM names.
+//! A diffusers pipeline folder → one `TensorStore` under LDM/SGM names.
 //!
-//! Reads `unet/`, `vae/` and `text_encoder/` (the plain `.safetensors` weights, else the `fp16`/`bf16`
-//! variant), derives the block layout from the tensor names and checks it against each `config.json`.
+//! Reads `unet/`, `vae/`, `text_encoder/` and, for SDXL, `text_encoder_2/` (the plain `.safetensors`
+//! weights, else the `fp16`/`bf16` variant), derives the block layout from the tensor names and checks it
+//! against each `config.json`. The text encoders keep transformers' names under the prefix the family's
+//! single file uses for that encoder (`key_map::*TEXT*_PREFIX`), so family detection reads one layout.
 
 use std::path::{Path, PathBuf};
 
@@ -16,12 +18,13 @@ use crate::error::{Error, Result};
 const UNET: (&str, &str) = ("unet", "diffusion_pytorch_model");
 const VAE: (&str, &str) = ("vae", "diffusion_pytorch_model");
 const TEXT_ENCODER: (&str, &str) = ("text_encoder", "model");
+const TEXT_ENCODER_2: (&str, &str) = ("text_encoder_2", "model");
 const VARIANTS: [&str; 3] = ["", ".fp16", ".bf16"];
 /// Config files are a few KB; refuse to read anything much larger.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 pub(super) fn open(dir: &Path) -> Result<TensorStore> {
-    check_pipeline_class(dir)?;
+    let class = check_pipeline_class(dir)?;
     let found = [UNET, VAE, TEXT_ENCODER].map(|(sub, stem)| weights_file(&dir.join(sub), stem));
     if found.iter().all(|f| f.is_err()) {
         return Err(Error::bad_file(
@@ -30,12 +33,45 @@ pub(super) fn open(dir: &Path) -> Result<TensorStore> {
         ));
     }
     let [unet, vae, text] = found;
-    let (unet, vae, text) = (unet?, vae?, text?);
+    let (unet, vae) = (unet?, vae?);
+    let second = dir.join(TEXT_ENCODER_2.0);
+    // The SDXL refiner has only the bigG encoder (text_encoder: null in its model_index.json).
+    if text.is_err() && second.is_dir() {
+        return Err(unsupported(
+            "the SDXL refiner (text_encoder_2/ without text_encoder/)",
+        ));
+    }
+    let text = text?;
     let mut store = TensorStore::empty();
-    add_unet(&mut store, &unet)?;
+    let xl = add_unet(&mut store, &unet)? || second.is_dir() || class.contains("StableDiffusionXL");
     add_vae(&mut store, &vae)?;
-    add_text_encoder(&mut store, &text)?;
+    if xl {
+        add_text_encoder(&mut store, &text, key_map::SDXL_TEXT1_PREFIX, false)?;
+        let second = weights_file(&second, TEXT_ENCODER_2.1)?;
+        add_text_encoder(&mut store, &second, key_map::SDXL_TEXT2_PREFIX, true)?;
+    } else if is_open_clip(&text, &store)? {
+        add_text_encoder(&mut store, &text, key_map::SD2_TEXT_PREFIX, false)?;
+    } else {
+        add_text_encoder(&mut store, &text, key_map::TEXT_PREFIX, false)?;
+    }
     Ok(store)
+}
+
+/// Whether a single text encoder is SD2.x's OpenCLIP-H (as `CLIPTextModel`): its config says exact GELU
+/// (SD1's CLIP ViT-L uses quick_gelu); without a config, the UNet's linear `proj_in` (SD2.x) says so.
+fn is_open_clip(text: &Path, store: &TensorStore) -> Result<bool> {
+    let config = config_path(text);
+    if let Some(act) = read_json(&config)?
+        .as_ref()
+        .and_then(|c| c.get("hidden_act"))
+        .and_then(Value::as_str)
+    {
+        return Ok(act == "gelu");
+    }
+    Ok(store
+        .tensors()
+        .iter()
+        .any(|t| t.name.ends_with(".proj_in.weight") && t.shape.len() == 2))
 }
 
 /// The weights file of one component: `stem.safetensors`, else a `stem.fp16.safetensors`-style variant.
@@ -81,16 +117,16 @@ pub(super) fn read_json(path: &Path) -> Result<Option<Value>> {
 }
 
 /// `model_index.json` names the pipeline class: refuse the families we know we cannot run, early.
-fn check_pipeline_class(dir: &Path) -> Result<()> {
+/// Returns the class name ("" without a `model_index.json`).
+fn check_pipeline_class(dir: &Path) -> Result<String> {
     let Some(index) = read_json(&dir.join("model_index.json"))? else {
-        return Ok(());
+        return Ok(String::new());
     };
     let class = index
         .get("_class_name")
         .and_then(Value::as_str)
         .unwrap_or("");
-    const FAMILIES: [(&str, &str); 8] = [
-        ("StableDiffusionXL", "SDXL"),
+    const FAMILIES: [(&str, &str); 7] = [
         ("StableDiffusion3", "SD3 / SD3.5"),
         ("Flux", "Flux"),
         ("StableCascade", "Stable Cascade"),
@@ -101,15 +137,14 @@ fn check_pipeline_class(dir: &Path) -> Result<()> {
     ];
     match FAMILIES.iter().find(|(marker, _)| class.contains(marker)) {
         Some((_, family)) => Err(unsupported(family)),
-        None => Ok(()),
+        None => Ok(class.to_string()),
     }
 }
 
-fn add_unet(store: &mut TensorStore, path: &Path) -> Result<()> {
+/// Adds the UNet; true when it has SDXL's added conditioning (`add_embedding`).
+fn add_unet(store: &mut TensorStore, path: &Path) -> Result<bool> {
     let (map, raws) = safetensors_file::map(path)?;
-    if raws.iter().any(|r| r.name.starts_with("add_embedding.")) {
-        return Err(unsupported("SDXL"));
-    }
+    let xl = raws.iter().any(|r| r.name.starts_with("add_embedding."));
     let layout = UnetLayout::from_names(raws.iter().map(|r| r.name.as_str()));
     if layout.levels == 0 || layout.layers_per_block == 0 {
         return Err(Error::bad_file(
@@ -123,10 +158,11 @@ fn add_unet(store: &mut TensorStore, path: &Path) -> Result<()> {
     let entries = rename_all(path, raws, |name| match key_map::unet_key(name, &layout) {
         Some(ldm) => Ok(Some(ldm)),
         None => Err(format!(
-            "tensor `{name}` is not part of an SD1.x UNet (another architecture?)"
+            "tensor `{name}` is not part of an SD1.x, SD2.x or SDXL UNet (another architecture?)"
         )),
     })?;
-    store.add_source(path, map, entries)
+    store.add_source(path, map, entries)?;
+    Ok(xl)
 }
 
 fn add_vae(store: &mut TensorStore, path: &Path) -> Result<()> {
@@ -144,14 +180,35 @@ fn add_vae(store: &mut TensorStore, path: &Path) -> Result<()> {
     store.add_source(path, map, entries)
 }
 
-fn add_text_encoder(store: &mut TensorStore, path: &Path) -> Result<()> {
+/// Adds a transformers CLIP text model under `prefix`. `projection`: keep `text_projection.weight`
+/// (SDXL's bigG pools through it); otherwise it is a head the family does not use (SD1.x/SD2.x condition
+/// on hidden states) and is left out.
+fn add_text_encoder(
+    store: &mut TensorStore,
+    path: &Path,
+    prefix: &str,
+    projection: bool,
+) -> Result<()> {
     let (map, raws) = safetensors_file::map(path)?;
-    let entries = rename_all(path, raws, |name| match key_map::text_encoder_key(name) {
-        Some(ldm) => Ok(Some(ldm)),
-        // CLIPTextModelWithProjection's head: SD1.x conditions on the hidden states, not the projection.
-        None if name == "text_projection.weight" => Ok(None),
-        None => Err(format!("tensor `{name}` is not part of a CLIP text model")),
+    let entries = rename_all(path, raws, |name| {
+        match key_map::hf_text_key(name, prefix) {
+            Some(ldm) => Ok(Some(ldm)),
+            None if name == "text_projection.weight" => {
+                Ok(projection.then(|| format!("{prefix}{name}")))
+            }
+            None => Err(format!("tensor `{name}` is not part of a CLIP text model")),
+        }
     })?;
+    if projection
+        && !entries
+            .iter()
+            .any(|(n, _)| n.ends_with(".text_projection.weight"))
+    {
+        return Err(Error::bad_file(
+            path,
+            "has no `text_projection.weight`: SDXL's second text encoder is a CLIPTextModelWithProjection",
+        ));
+    }
     store.add_source(path, map, entries)
 }
 
@@ -167,7 +224,7 @@ fn check_unet_config(path: &Path, config: &Value, layout: &UnetLayout) -> Result
             let first = per_level.first().and_then(Value::as_u64);
             if per_level.iter().any(|v| v.as_u64() != first) {
                 return Err(Error::UnsupportedModel(format!(
-                    "{}: a different layers_per_block per level is not SD1.x",
+                    "{}: a different layers_per_block per level is not SD1.x, SD2.x or SDXL",
                     path.display()
                 )));
             }

@@ -108,14 +108,27 @@ fn diffusers_folder_problems_are_named() {
     std::fs::write(config.join("unet/config.json"), "{not json").unwrap();
     assert_open_error(&config, &["unet/config.json", "not valid JSON"]);
 
+    // A class that says SDXL makes text_encoder_2/ required.
     let xl = linked_folder("sdxl_folder", &|f| f.to_string());
     std::fs::write(
         xl.join("model_index.json"),
         r#"{"_class_name": "StableDiffusionXLPipeline"}"#,
     )
     .unwrap();
-    let msg = assert_open_error(&xl, &["SDXL is not supported yet"]);
-    assert!(msg.starts_with("unsupported model:"), "{msg}");
+    assert_open_error(&xl, &["text_encoder_2/model.safetensors", "missing"]);
+
+    let sd3 = linked_folder("sd3_folder", &|f| f.to_string());
+    std::fs::write(
+        sd3.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusion3Pipeline"}"#,
+    )
+    .unwrap();
+    let err = TensorStore::open(&sd3).err().unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("unsupported model:") && msg.contains("SD3"),
+        "{msg}"
+    );
 }
 
 /// LDM → diffusers for SD1.5, from the fixed tables of diffusers' `convert_diffusers_to_original_stable_
