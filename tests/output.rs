@@ -212,7 +212,11 @@ fn sampler_names_follow_a1111() {
         (SamplerKind::Lcm, ScheduleKind::Discrete, "LCM"),
         (SamplerKind::Heun, ScheduleKind::Discrete, "Heun"),
         (SamplerKind::Heun, ScheduleKind::Karras, "Heun Karras"),
-        (SamplerKind::DpmPp2mSde, ScheduleKind::Discrete, "DPM++ 2M SDE"),
+        (
+            SamplerKind::DpmPp2mSde,
+            ScheduleKind::Discrete,
+            "DPM++ 2M SDE",
+        ),
         (
             SamplerKind::DpmPp2mSde,
             ScheduleKind::Karras,

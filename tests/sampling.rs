@@ -220,7 +220,11 @@ fn check_schedule(what: &str, s: &Schedule, table: &Value) {
     // interpolated ones) come from diffusers' `_sigma_to_t` on numpy's float32 SIMD log, a few ulps
     // from a correctly rounded log: to TABLE_TOL (DPM2's are off by ≤ 2 float32 ulps, 1.3e-7).
     for (i, (&ours, &theirs)) in s.timesteps.iter().zip(&timesteps).enumerate() {
-        let tol = if theirs.fract() == 0.0 { 0.0 } else { TABLE_TOL };
+        let tol = if theirs.fract() == 0.0 {
+            0.0
+        } else {
+            TABLE_TOL
+        };
         let err = elementwise_rel_err(&[ours], &[theirs]);
         assert!(
             err <= tol,
@@ -292,12 +296,20 @@ fn fixture_configs_are_the_modelled_ones() {
             assert_eq!(&c[key], value, "{name}: {key}");
         }
         let unipc = case["scheduler_class"] == "UniPCMultistepScheduler";
-        let applies = |k: &&str| !(unipc && *k == "solver_type") && !c[*k].is_null();
+        let skip = |k: &str| c[k].is_null() || (unipc && k == "solver_type");
+        let applies = |k: &&str| !skip(k);
         for (key, value) in optional.iter().filter(|(k, _)| applies(k)) {
             assert_eq!(&c[key], value, "{name}: {key}");
         }
-        for key in ["use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"] {
-            assert!(matches!(c[key].as_bool(), None | Some(false)), "{name}: {key}");
+        for key in [
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_flow_sigmas",
+        ] {
+            assert!(
+                matches!(c[key].as_bool(), None | Some(false)),
+                "{name}: {key}"
+            );
         }
     }
 }
@@ -534,7 +546,10 @@ fn e2e_samplers_schedules_and_draws() {
     }
     // Every new sampler has a case, and dpm++2m_sde also with Karras.
     for sampler in &ALL_SAMPLERS[5..] {
-        assert!(seen.contains(&(*sampler, ScheduleKind::Discrete)), "{sampler}");
+        assert!(
+            seen.contains(&(*sampler, ScheduleKind::Discrete)),
+            "{sampler}"
+        );
     }
     assert!(seen.contains(&(SamplerKind::DpmPp2mSde, ScheduleKind::Karras)));
 }
@@ -551,9 +566,9 @@ fn heun_and_dpm2_lay_out_eulers_schedule() {
             let heun = schedule(SamplerKind::Heun, kind, n).unwrap();
             let mut t = vec![euler.timesteps[0]];
             let mut s = vec![es[0]];
-            for i in 1..n {
-                t.extend([euler.timesteps[i]; 2]);
-                s.extend([es[i]; 2]);
+            for (&ti, &si) in euler.timesteps.iter().zip(es).skip(1) {
+                t.extend([ti; 2]);
+                s.extend([si; 2]);
             }
             s.push(0.0);
             assert_eq!(heun.timesteps, t, "heun {kind} {n}");

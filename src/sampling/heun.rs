@@ -22,11 +22,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             .zip(&denoised)
             .map(|(v, d)| (v - d) / sigma)
             .collect();
-        let stepped: Vec<f32> = x
-            .iter()
-            .zip(&derivative)
-            .map(|(v, d)| v + d * dt)
-            .collect();
+        let stepped: Vec<f32> = x.iter().zip(&derivative).map(|(v, d)| v + d * dt).collect();
         steps.done(call, calls);
         call += 1;
         if i + 1 == n {

@@ -13,18 +13,23 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     let sigmas = sigmas(schedule)?;
     let n = schedule.steps();
     // Newest first.
-    let mut derivatives: VecDeque<Vec<f32>> = VecDeque::with_capacity(ORDER + 1);
+    let mut derivatives: VecDeque<Vec<f32>> = VecDeque::with_capacity(ORDER);
     for (i, &t) in schedule.timesteps.iter().enumerate() {
         let sigma = sigmas[i];
         let out = steps.eps(&scale_by_sigma(&x, sigma), t)?;
         let denoised = ve_denoised(&x, &out, sigma);
+        drop(out);
+        // Keep at most ORDER derivatives (the oldest goes before the new one is made).
+        if derivatives.len() == ORDER {
+            derivatives.pop_back();
+        }
         derivatives.push_front(
             x.iter()
                 .zip(&denoised)
                 .map(|(v, d)| (v - d) / sigma)
                 .collect(),
         );
-        derivatives.truncate(ORDER);
+        drop(denoised);
         let order = (i + 1).min(ORDER);
         let coeffs: Vec<f32> = (0..order)
             .map(|j| lms_coefficient(sigmas, order, i, j) as f32)
@@ -73,9 +78,14 @@ mod tests {
         let sigmas = [8.0f32, 4.0, 2.0, 1.0, 0.5, 0.0];
         for i in 0..5 {
             let order = (i + 1).min(ORDER);
-            let total: f64 = (0..order).map(|j| lms_coefficient(&sigmas, order, i, j)).sum();
+            let total: f64 = (0..order)
+                .map(|j| lms_coefficient(&sigmas, order, i, j))
+                .sum();
             let width = f64::from(sigmas[i + 1] - sigmas[i]);
-            assert!((total - width).abs() < 1e-12, "step {i}: {total} vs {width}");
+            assert!(
+                (total - width).abs() < 1e-12,
+                "step {i}: {total} vs {width}"
+            );
         }
         // Order 2 at step 1: nodes 4 (j = 0) and 8 (j = 1) over [4, 2]:
         // ∫ (τ - 8)/(4 - 8) dτ = [(τ - 8)²/(-8)] from 4 to 2 = (36 - 16)/(-8) = -2.5.

@@ -24,8 +24,8 @@ mod euler_ancestral;
 mod heun;
 mod lcm;
 mod lms;
-mod unipc;
 pub mod schedule;
+mod unipc;
 
 pub use schedule::{schedule, Schedule};
 
