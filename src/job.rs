@@ -15,6 +15,11 @@ pub enum SamplerKind {
     DpmPp2m,
     Ddim,
     Lcm,
+    Heun,
+    DpmPp2mSde,
+    Dpm2,
+    UniPc,
+    Lms,
 }
 
 /// Noise schedule (`--scheduler`). `Karras` only changes the sigma-based samplers.
@@ -57,7 +62,8 @@ macro_rules! named_enum {
 }
 
 named_enum!(SamplerKind, "sampling method",
-    Euler => "euler", EulerA => "euler_a", DpmPp2m => "dpm++2m", Ddim => "ddim", Lcm => "lcm");
+    Euler => "euler", EulerA => "euler_a", DpmPp2m => "dpm++2m", Ddim => "ddim", Lcm => "lcm",
+    Heun => "heun", DpmPp2mSde => "dpm++2m_sde", Dpm2 => "dpm2", UniPc => "unipc", Lms => "lms");
 named_enum!(ScheduleKind, "scheduler", Discrete => "discrete", Karras => "karras");
 named_enum!(RngKind, "rng", Cpu => "cpu");
 

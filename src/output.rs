@@ -165,6 +165,11 @@ fn a1111_sampler_name(sampler: SamplerKind, scheduler: ScheduleKind) -> String {
         SamplerKind::DpmPp2m => ("DPM++ 2M", true),
         SamplerKind::Ddim => ("DDIM", false),
         SamplerKind::Lcm => ("LCM", false),
+        SamplerKind::Heun => ("Heun", true),
+        SamplerKind::DpmPp2mSde => ("DPM++ 2M SDE", true),
+        SamplerKind::Dpm2 => ("DPM2", true),
+        SamplerKind::UniPc => ("UniPC", true),
+        SamplerKind::Lms => ("LMS", true),
     };
     match scheduler {
         ScheduleKind::Karras if sigma_based => format!("{name} Karras"),

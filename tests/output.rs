@@ -221,6 +221,23 @@ fn sampler_names_follow_a1111() {
         (SamplerKind::Ddim, ScheduleKind::Discrete, "DDIM"),
         (SamplerKind::Ddim, ScheduleKind::Karras, "DDIM"),
         (SamplerKind::Lcm, ScheduleKind::Discrete, "LCM"),
+        (SamplerKind::Heun, ScheduleKind::Discrete, "Heun"),
+        (SamplerKind::Heun, ScheduleKind::Karras, "Heun Karras"),
+        (
+            SamplerKind::DpmPp2mSde,
+            ScheduleKind::Discrete,
+            "DPM++ 2M SDE",
+        ),
+        (
+            SamplerKind::DpmPp2mSde,
+            ScheduleKind::Karras,
+            "DPM++ 2M SDE Karras",
+        ),
+        (SamplerKind::Dpm2, ScheduleKind::Discrete, "DPM2"),
+        (SamplerKind::Dpm2, ScheduleKind::Karras, "DPM2 Karras"),
+        (SamplerKind::UniPc, ScheduleKind::Discrete, "UniPC"),
+        (SamplerKind::Lms, ScheduleKind::Discrete, "LMS"),
+        (SamplerKind::Lms, ScheduleKind::Karras, "LMS Karras"),
     ];
     for (sampler, scheduler, name) in cases {
         let mut j = job();

@@ -1,4 +1,5 @@
-//! Schedules and samplers against diffusers 0.42.1 goldens (fixtures/tiny-sd/golden and e2e).
+//! Schedules and samplers against diffusers 0.42.1 goldens (fixtures/tiny-sd/golden, e2e and
+//! e2e-samplers).
 //!
 //! The samplers are replayed without a model: the model callback answers with the recorded UNet outputs,
 //! step noise comes from the recorded draws. Every sampler named in a fixture is mapped explicitly, so a
@@ -72,12 +73,27 @@ fn kinds(class: &str, config: &Value) -> (SamplerKind, ScheduleKind) {
         "EulerDiscreteScheduler" => SamplerKind::Euler,
         "EulerAncestralDiscreteScheduler" => SamplerKind::EulerA,
         "DPMSolverMultistepScheduler" => {
-            assert_eq!(config["algorithm_type"], "dpmsolver++");
             assert_eq!(config["solver_order"], 2);
-            SamplerKind::DpmPp2m
+            match config["algorithm_type"].as_str() {
+                Some("dpmsolver++") => SamplerKind::DpmPp2m,
+                Some("sde-dpmsolver++") => SamplerKind::DpmPp2mSde,
+                other => panic!("DPM-Solver algorithm {other:?} is not modelled"),
+            }
         }
         "DDIMScheduler" => SamplerKind::Ddim,
         "LCMScheduler" => SamplerKind::Lcm,
+        "HeunDiscreteScheduler" => SamplerKind::Heun,
+        "KDPM2DiscreteScheduler" => SamplerKind::Dpm2,
+        "LMSDiscreteScheduler" => SamplerKind::Lms,
+        "UniPCMultistepScheduler" => {
+            assert_eq!(config["solver_order"], 2);
+            assert_eq!(config["solver_type"], "bh2");
+            assert_eq!(config["predict_x0"], true);
+            assert_eq!(config["lower_order_final"], true);
+            assert_eq!(config["disable_corrector"], serde_json::json!([]));
+            assert!(config["solver_p"].is_null());
+            SamplerKind::UniPc
+        }
         other => panic!("fixture uses scheduler {other}, which sdcap does not map yet"),
     };
     (sampler, scheduler)
@@ -194,13 +210,21 @@ fn schedules_match_scheduler_tables() {
 fn check_schedule(what: &str, s: &Schedule, table: &Value) {
     let timesteps = floats(&table["timesteps"]);
     assert_eq!(s.timesteps.len(), timesteps.len(), "{what}: step count");
-    // Timesteps are integers (or float32 fractions for Euler+Karras, not in the fixtures): exact.
-    let t_err = elementwise_rel_err(&s.timesteps, &timesteps);
-    assert_eq!(
-        t_err, 0.0,
-        "{what}: timesteps {:?} vs {timesteps:?}",
-        s.timesteps
-    );
+    // Integer timesteps exactly. Fractional ones (Euler-type + Karras, not in the fixtures; DPM2's
+    // interpolated ones) come from diffusers' `_sigma_to_t` on numpy's float32 SIMD log, a few ulps
+    // from a correctly rounded log: to TABLE_TOL (DPM2's are off by ≤ 2 float32 ulps, 1.3e-7).
+    for (i, (&ours, &theirs)) in s.timesteps.iter().zip(&timesteps).enumerate() {
+        let tol = if theirs.fract() == 0.0 {
+            0.0
+        } else {
+            TABLE_TOL
+        };
+        let err = elementwise_rel_err(&[ours], &[theirs]);
+        assert!(
+            err <= tol,
+            "{what}: timestep {i} {ours} vs {theirs} ({err:e})"
+        );
+    }
     match (&s.sigmas, table["sigmas"].is_null()) {
         (None, true) => {}
         (Some(ours), false) => {
@@ -258,6 +282,30 @@ fn fixture_configs_are_the_modelled_ones() {
             assert_eq!(&c[key], value, "{name}: {key}");
         }
     }
+    // The extra samplers' configs (UniPC's solver_type "bh2" is checked by `kinds`).
+    let manifest = json(&fixtures().join("e2e-samplers/manifest.json"));
+    for case in manifest["cases"].as_array().expect("cases") {
+        let (name, c) = (&case["name"], &case["scheduler_config"]);
+        for (key, value) in &required {
+            assert_eq!(&c[key], value, "{name}: {key}");
+        }
+        let unipc = case["scheduler_class"] == "UniPCMultistepScheduler";
+        let skip = |k: &str| c[k].is_null() || (unipc && k == "solver_type");
+        let applies = |k: &&str| !skip(k);
+        for (key, value) in optional.iter().filter(|(k, _)| applies(k)) {
+            assert_eq!(&c[key], value, "{name}: {key}");
+        }
+        for key in [
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "use_flow_sigmas",
+        ] {
+            assert!(
+                matches!(c[key].as_bool(), None | Some(false)),
+                "{name}: {key}"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -293,7 +341,7 @@ struct Errors {
 /// the timestep against `timesteps[i]`, the latent after the previous step against
 /// `run.latents_after_step.{i-1}`, and the result against the last step and `final_latents`.
 fn replay(sampler: SamplerKind, s: &Schedule, run: &Tensors, unet: &Tensors) -> Errors {
-    let n = s.steps();
+    let n = s.timesteps.len();
     let sigmas = s.sigmas.clone();
     let guidance = unet.get("guidance_scale")[0];
     let timesteps = unet.get("timesteps").to_vec();
@@ -454,6 +502,86 @@ fn e2e_cases_schedules_draws_and_replays() {
     }
 }
 
+/// The extra samplers' seeded runs record no UNet outputs, so here: schedule (timesteps exactly,
+/// sigmas and init_noise_sigma to TABLE_TOL, in diffusers' layout), the recorded tensors, and the
+/// number of step-noise draws. Their latents are checked end to end in tests/txt2img.rs.
+#[test]
+fn e2e_samplers_schedules_and_draws() {
+    let dir = fixtures().join("e2e-samplers");
+    let manifest = json(&dir.join("manifest.json"));
+    let cases = manifest["cases"].as_array().expect("cases");
+    let mut seen = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().expect("name");
+        let class = case["scheduler_class"].as_str().expect("class");
+        let (sampler, scheduler) = kinds(class, &case["scheduler_config"]);
+        seen.push((sampler, scheduler));
+        let steps = case["steps"].as_u64().expect("steps") as usize;
+        let s = schedule(sampler, scheduler, steps).expect("schedule");
+        assert_eq!(s.steps(), steps, "{name}");
+        check_schedule(name, &s, case);
+        let t = Tensors::load(&dir.join(format!("{name}.safetensors")));
+        let err = rel_err(&s.timesteps, t.get("timesteps"));
+        assert!(err <= TABLE_TOL, "{name}: recorded timesteps {err:e}");
+        let recorded_sigmas = t.get("sigmas");
+        let ours = s.sigmas.as_deref().expect("sigmas");
+        let err = rel_err(ours, recorded_sigmas);
+        assert!(err <= TABLE_TOL, "{name}: recorded sigmas {err:e}");
+        // One scheduler step per model call: latents_after_step.i for every timestep.
+        assert_eq!(t.count("latents_after_step"), s.timesteps.len(), "{name}");
+        let calls = case["rng_calls"].as_array().expect("rng_calls");
+        assert_eq!(calls[0]["by"], "pipeline_stable_diffusion", "{name}");
+        let by_sampler = |c: &Value| c["by"].as_str().unwrap().starts_with("scheduling_");
+        assert!(calls[1..].iter().all(by_sampler), "{name}");
+        let draws = calls.len() - 1;
+        assert_eq!(t.count("step_noise"), draws, "{name}: recorded step noise");
+        let ours = count_draws(sampler, &s, t.get("initial_noise").len());
+        assert_eq!(ours, draws, "{name}: our draws");
+    }
+    // Every new sampler has a case, and dpm++2m_sde also with Karras.
+    for sampler in &ALL_SAMPLERS[5..] {
+        assert!(
+            seen.contains(&(*sampler, ScheduleKind::Discrete)),
+            "{sampler}"
+        );
+    }
+    assert!(seen.contains(&(SamplerKind::DpmPp2mSde, ScheduleKind::Karras)));
+}
+
+/// Heun's schedule is Euler's with the inner points repeated, with Karras too (diffusers builds both
+/// the same way; the fixtures hold Heun only with the discrete schedule), and DPM2's first timestep
+/// and sigmas are Euler's.
+#[test]
+fn heun_and_dpm2_lay_out_eulers_schedule() {
+    for kind in [ScheduleKind::Discrete, ScheduleKind::Karras] {
+        for n in [1, 2, 4, 20] {
+            let euler = schedule(SamplerKind::Euler, kind, n).unwrap();
+            let es = euler.sigmas.as_deref().unwrap();
+            let heun = schedule(SamplerKind::Heun, kind, n).unwrap();
+            let mut t = vec![euler.timesteps[0]];
+            let mut s = vec![es[0]];
+            for (&ti, &si) in euler.timesteps.iter().zip(es).skip(1) {
+                t.extend([ti; 2]);
+                s.extend([si; 2]);
+            }
+            s.push(0.0);
+            assert_eq!(heun.timesteps, t, "heun {kind} {n}");
+            assert_eq!(heun.sigmas.as_deref(), Some(&s[..]), "heun {kind} {n}");
+            assert_eq!(heun.init_noise_sigma, euler.init_noise_sigma);
+            let dpm2 = schedule(SamplerKind::Dpm2, kind, n).unwrap();
+            let ds = dpm2.sigmas.as_deref().unwrap();
+            assert_eq!(ds.len(), 2 * n + 2, "dpm2 {kind} {n}");
+            assert_eq!(dpm2.timesteps.len(), 2 * n - 1, "dpm2 {kind} {n}");
+            assert_eq!(&ds[..2 * n], &s[..2 * n], "dpm2 {kind} {n}");
+            assert_eq!(&ds[2 * n..], [0.0, 0.0]);
+            // Interpolated timesteps lie between their neighbours.
+            for w in dpm2.timesteps.windows(2) {
+                assert!(w[0] > w[1], "dpm2 {kind} {n}: {:?}", dpm2.timesteps);
+            }
+        }
+    }
+}
+
 /// How many noise draws `sampler` makes over a whole run (with a zero model).
 fn count_draws(sampler: SamplerKind, s: &Schedule, len: usize) -> usize {
     struct Counter(usize);
@@ -480,14 +608,23 @@ fn count_draws(sampler: SamplerKind, s: &Schedule, len: usize) -> usize {
 // ---------------------------------------------------------------------------------------------------------
 // Errors and invariants
 
-/// The sigma-based samplers first.
-const ALL_SAMPLERS: [SamplerKind; 5] = [
+/// The first five are the original ones, the rest issue 15's; all but DDIM and LCM are sigma-based.
+const ALL_SAMPLERS: [SamplerKind; 10] = [
     SamplerKind::Euler,
     SamplerKind::EulerA,
     SamplerKind::DpmPp2m,
     SamplerKind::Ddim,
     SamplerKind::Lcm,
+    SamplerKind::Heun,
+    SamplerKind::DpmPp2mSde,
+    SamplerKind::Dpm2,
+    SamplerKind::UniPc,
+    SamplerKind::Lms,
 ];
+
+fn sigma_based(sampler: SamplerKind) -> bool {
+    !matches!(sampler, SamplerKind::Ddim | SamplerKind::Lcm)
+}
 
 fn bad_request(r: sdcap::Result<Schedule>) -> String {
     match r {
@@ -506,8 +643,8 @@ fn karras_is_refused_for_ddim_and_lcm() {
         );
         assert!(!msg.contains('\n'), "one line: {msg}");
     }
-    for sampler in &ALL_SAMPLERS[..3] {
-        schedule(*sampler, ScheduleKind::Karras, 20).expect("karras applies");
+    for sampler in ALL_SAMPLERS.into_iter().filter(|s| sigma_based(*s)) {
+        schedule(sampler, ScheduleKind::Karras, 20).expect("karras applies");
     }
 }
 
@@ -552,13 +689,17 @@ fn schedules_are_well_formed_for_all_step_counts() {
     for sampler in ALL_SAMPLERS {
         for kind in [ScheduleKind::Discrete, ScheduleKind::Karras] {
             for n in [0, 1, 2, 3, 7, 10, 25, 50, 51, 150, 998, 999, 1000, 1001] {
-                let no_sigmas = matches!(sampler, SamplerKind::Ddim | SamplerKind::Lcm);
+                let no_sigmas = !sigma_based(sampler);
+                let dpm_type = matches!(
+                    sampler,
+                    SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc
+                );
                 // LCM picks from a 50-step distillation schedule; "leading" spacing with steps_offset 1
                 // puts a timestep at 1000 at 1000 steps (DPM's variant already at 999); Karras DPM
                 // does not use those timesteps.
                 let most = match (sampler, kind) {
-                    (SamplerKind::DpmPp2m, ScheduleKind::Karras) => 1000,
-                    (SamplerKind::DpmPp2m, _) => 998,
+                    (_, ScheduleKind::Karras) if dpm_type => 1000,
+                    _ if dpm_type => 998,
                     (SamplerKind::Lcm, _) => 50,
                     _ => 999,
                 };
@@ -570,6 +711,10 @@ fn schedules_are_well_formed_for_all_step_counts() {
                 };
                 let what = format!("{sampler} {kind} {n}");
                 assert_eq!(s.steps(), n);
+                // Heun and DPM2 evaluate the model twice per step but the last.
+                let two_calls = matches!(sampler, SamplerKind::Heun | SamplerKind::Dpm2);
+                let calls = if two_calls { 2 * n - 1 } else { n };
+                assert_eq!(s.timesteps.len(), calls, "{sampler} {kind} {n}");
                 assert!(
                     s.timesteps.iter().all(|&t| (0.0..1000.0).contains(&t)),
                     "{what}"
@@ -579,7 +724,12 @@ fn schedules_are_well_formed_for_all_step_counts() {
                     "{what}"
                 );
                 if let Some(sg) = &s.sigmas {
-                    assert!(sg.len() == n + 1 && sg[n] == 0.0, "{what}");
+                    let len = match sampler {
+                        SamplerKind::Heun => 2 * n,
+                        SamplerKind::Dpm2 => 2 * n + 2,
+                        _ => n + 1,
+                    };
+                    assert!(sg.len() == len && sg[len - 1] == 0.0, "{what}");
                     assert!(sg.windows(2).all(|w| w[0] >= w[1]), "{what}: {sg:?}");
                 }
             }

@@ -19,6 +19,8 @@ const LATENT_TOL: f32 = 1e-3;
 fn sampler_of(name: &str) -> (SamplerKind, ScheduleKind) {
     match name {
         "dpmpp_2m_karras" => (SamplerKind::DpmPp2m, ScheduleKind::Karras),
+        "dpmpp_2m_sde" => (SamplerKind::DpmPp2mSde, ScheduleKind::Discrete),
+        "dpmpp_2m_sde_karras" => (SamplerKind::DpmPp2mSde, ScheduleKind::Karras),
         other => (other.parse().unwrap(), ScheduleKind::Discrete),
     }
 }
@@ -136,6 +138,45 @@ fn seeded_runs_match_diffusers_end_to_end() {
             name,
             &got,
             &read_tensors(&tiny(&format!("e2e/{name}.safetensors"))),
+        );
+    }
+}
+
+/// Issue 15's samplers, seeded through the public API like `seeded_runs_match_diffusers_end_to_end`
+/// (same bounds): the initial latent and DPM++ 2M SDE's per-step noise come from one torch generator.
+#[test]
+fn seeded_runs_of_more_samplers_match_diffusers() {
+    common::compute_threads();
+    let manifest = common::read_manifest(&tiny("e2e-samplers/manifest.json"));
+    let cases = manifest["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let mut job = job(
+            tiny("tiny-sd-fp32.safetensors"),
+            case["prompt"].as_str().unwrap(),
+            case["sampler"].as_str().unwrap(),
+            case["cfg"].as_f64().unwrap() as f32,
+            case["seed"].as_u64().unwrap(),
+        );
+        job.negative = case["negative"].as_str().unwrap().into();
+        job.steps = case["steps"].as_u64().unwrap() as u32;
+        job.clip_skip = case["clip_skip"].as_u64().unwrap() as u32;
+        let mut evaluations = 0;
+        let got = pipeline::txt2img(&job, &mut |e| {
+            if let pipeline::Event::Step { index, total } = e {
+                evaluations = total;
+                assert!(index <= total);
+            }
+        })
+        .unwrap();
+        // Progress counts UNet evaluations: one per diffusers timestep (Heun and DPM2: 2N-1).
+        let timesteps = case["timesteps"].as_array().unwrap().len();
+        assert_eq!(evaluations, timesteps, "{name}: evaluations");
+        assert_matches(
+            name,
+            &got,
+            &read_tensors(&tiny(&format!("e2e-samplers/{name}.safetensors"))),
         );
     }
 }

@@ -4,7 +4,7 @@
 //! It works on the data prediction x0 in log-SNR time lambda = log(alpha / sigma): the first and the
 //! last step are first order (DDIM-like), the others add a midpoint correction from the previous x0.
 
-use super::{sigmas, Schedule, Steps};
+use super::{sigmas, vp_denoised, Schedule, Steps};
 use crate::Result;
 
 pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Result<Vec<f32>> {
@@ -16,11 +16,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
         let eps = steps.eps(&x, t)?;
         let s0 = VpPoint::new(sigmas[i]);
         let target = VpPoint::new(sigmas[i + 1]);
-        let denoised: Vec<f32> = x
-            .iter()
-            .zip(&eps)
-            .map(|(v, e)| (v - s0.sigma * e) / s0.alpha)
-            .collect();
+        let denoised = vp_denoised(&x, &eps, s0.alpha, s0.sigma);
 
         let h = target.lambda - s0.lambda;
         let ratio = target.sigma / s0.sigma;
@@ -52,14 +48,14 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
 /// A Karras-style sigma seen as a VP point: `alpha = 1/sqrt(sigma^2+1)`, `sigma_t = sigma*alpha`,
 /// `lambda = log(alpha) - log(sigma_t)`, all in float32 like diffusers' 0-dim tensors. At sigma 0,
 /// lambda is +inf and the first-order step returns x0 exactly.
-struct VpPoint {
-    alpha: f32,
-    sigma: f32,
-    lambda: f32,
+pub(super) struct VpPoint {
+    pub(super) alpha: f32,
+    pub(super) sigma: f32,
+    pub(super) lambda: f32,
 }
 
 impl VpPoint {
-    fn new(sigma: f32) -> Self {
+    pub(super) fn new(sigma: f32) -> Self {
         let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
         let sigma = sigma * alpha;
         VpPoint {

@@ -1,6 +1,6 @@
 //! Euler (Karras et al. 2022, Algorithm 2 without churn), as diffusers' EulerDiscreteScheduler.
 
-use super::{scale_by_sigma, sigmas, Schedule, Steps};
+use super::{scale_by_sigma, sigmas, ve_denoised, Schedule, Steps};
 use crate::Result;
 
 pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Result<Vec<f32>> {
@@ -11,8 +11,8 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
         let eps = steps.eps(&scale_by_sigma(&x, sigma), t)?;
         let dt = sigmas[i + 1] - sigma;
         // diffusers' operation order in float32: x0 = x - sigma*eps, d = (x - x0)/sigma, x += d*dt.
-        for (v, e) in x.iter_mut().zip(&eps) {
-            let denoised = *v - sigma * e;
+        let denoised = ve_denoised(&x, &eps, sigma);
+        for (v, denoised) in x.iter_mut().zip(&denoised) {
             let derivative = (*v - denoised) / sigma;
             *v += derivative * dt;
         }

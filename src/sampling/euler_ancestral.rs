@@ -1,7 +1,7 @@
 //! Euler ancestral, as diffusers' EulerAncestralDiscreteScheduler: an Euler step down to `sigma_down`,
 //! then fresh noise of std `sigma_up` so that the marginal lands on the next sigma.
 
-use super::{scale_by_sigma, sigmas, Schedule, Steps};
+use super::{scale_by_sigma, sigmas, ve_denoised, Schedule, Steps};
 use crate::Result;
 
 pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Result<Vec<f32>> {
@@ -14,8 +14,8 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
         let dt = sigma_down - sigma;
-        for (v, e) in x.iter_mut().zip(&eps) {
-            let denoised = *v - sigma * e;
+        let denoised = ve_denoised(&x, &eps, sigma);
+        for (v, denoised) in x.iter_mut().zip(&denoised) {
             let derivative = (*v - denoised) / sigma;
             *v += derivative * dt;
         }

@@ -3,16 +3,29 @@
 //! Each sampler reproduces one diffusers scheduler's `scale_model_input` + `step` loop, with the same
 //! float32 operation order on latents, so latents agree with diffusers to float32 rounding:
 //! `euler` = EulerDiscreteScheduler, `euler_a` = EulerAncestralDiscreteScheduler, `dpm++2m` =
-//! DPMSolverMultistepScheduler (dpmsolver++, order 2), `ddim` = DDIMScheduler (eta 0), `lcm` = LCMScheduler.
+//! DPMSolverMultistepScheduler (dpmsolver++, order 2), `ddim` = DDIMScheduler (eta 0), `lcm` = LCMScheduler,
+//! `heun` = HeunDiscreteScheduler, `dpm++2m_sde` = DPMSolverMultistepScheduler (sde-dpmsolver++, order 2),
+//! `dpm2` = KDPM2DiscreteScheduler, `unipc` = UniPCMultistepScheduler (bh2, order 2), `lms` =
+//! LMSDiscreteScheduler (order 4).
+//!
+//! The sigma-based samplers turn the model output into the denoised latent x0 only through
+//! [`ve_denoised`] (latent `x = x0 + sigma * eps`: Euler-type, Heun, DPM2, LMS) or [`vp_denoised`]
+//! (`x = alpha * x0 + sigma_t * eps`: DPM-Solver++, UniPC): the one place another prediction type
+//! (v-prediction) changes.
 
 pub mod rng;
 
 mod ddim;
+mod dpm2;
 mod dpm_solver;
+mod dpm_solver_sde;
 mod euler;
 mod euler_ancestral;
+mod heun;
 mod lcm;
+mod lms;
 pub mod schedule;
+mod unipc;
 
 pub use schedule::{schedule, Schedule};
 
@@ -34,8 +47,11 @@ pub type Model<'a> = &'a mut dyn FnMut(&[f32], f32) -> Result<Vec<f32>>;
 /// (already classifier-free-guided by the caller). `on_step(i, n)` is called after step `i` (0-based)
 /// of `n`. Returns the final latent (before VAE scaling).
 ///
-/// Step noise is drawn from `noise` exactly when diffusers draws from its generator: Euler a once per
-/// step (every step), LCM once per step but the last, the others never.
+/// `on_step(i, n)` counts model evaluations: `n` is `schedule.timesteps.len()`, which is the step count
+/// except for Heun and DPM2 (2 evaluations per step but the last).
+///
+/// Step noise is drawn from `noise` exactly when diffusers draws from its generator: Euler a and
+/// DPM++ 2M SDE once per step (every step), LCM once per step but the last, the others never.
 pub fn sample(
     sampler: SamplerKind,
     schedule: &Schedule,
@@ -66,6 +82,11 @@ pub fn sample(
         SamplerKind::DpmPp2m => dpm_solver::run(schedule, x, &mut steps),
         SamplerKind::Ddim => ddim::run(schedule, x, &mut steps),
         SamplerKind::Lcm => lcm::run(schedule, x, &mut steps),
+        SamplerKind::Heun => heun::run(schedule, x, &mut steps),
+        SamplerKind::DpmPp2mSde => dpm_solver_sde::run(schedule, x, &mut steps),
+        SamplerKind::Dpm2 => dpm2::run(schedule, x, &mut steps),
+        SamplerKind::UniPc => unipc::run(schedule, x, &mut steps),
+        SamplerKind::Lms => lms::run(schedule, x, &mut steps),
     }
 }
 
@@ -113,6 +134,32 @@ fn sigmas(schedule: &Schedule) -> Result<&[f32]> {
     schedule.sigmas.as_deref().ok_or_else(|| {
         Error::BadRequest(format!("schedule for {} has no sigmas", schedule.sampler))
     })
+}
+
+/// The per-step sigmas of a sigma-based schedule, one per step plus the final 0 (Heun's and DPM2's
+/// repeats removed).
+fn step_sigmas(schedule: &Schedule) -> Result<Vec<f32>> {
+    schedule.step_sigmas().ok_or_else(|| {
+        Error::BadRequest(format!("schedule for {} has no sigmas", schedule.sampler))
+    })
+}
+
+/// The denoised latent x0 from the model output for a latent `x = x0 + sigma * eps` (the
+/// Karras/"VE" form of Euler-type samplers, Heun, DPM2, LMS): `x - sigma * eps` in float32.
+fn ve_denoised(x: &[f32], model_output: &[f32], sigma: f32) -> Vec<f32> {
+    x.iter()
+        .zip(model_output)
+        .map(|(v, e)| v - sigma * e)
+        .collect()
+}
+
+/// The denoised latent x0 from the model output for a latent `x = alpha * x0 + sigma_t * eps` (the
+/// VP form of DPM-Solver++ and UniPC): `(x - sigma_t * eps) / alpha` in float32.
+fn vp_denoised(x: &[f32], model_output: &[f32], alpha: f32, sigma_t: f32) -> Vec<f32> {
+    x.iter()
+        .zip(model_output)
+        .map(|(v, e)| (v - sigma_t * e) / alpha)
+        .collect()
 }
 
 /// Euler-type `scale_model_input`: `x / sqrt(sigma^2 + 1)` in float32.

@@ -23,14 +23,20 @@ const KARRAS_RHO: f64 = 7.0;
 /// Timesteps and sigmas for one run, SD1.x training schedule.
 #[derive(Clone, Debug)]
 pub struct Schedule {
-    /// The timestep the UNet sees at each step, as diffusers passes it (integers except Euler with Karras).
+    /// The timestep the UNet sees at each model evaluation, as diffusers passes it (diffusers'
+    /// `scheduler.timesteps`; integers except Euler-type with Karras and DPM2's interpolated ones). One
+    /// per step, except Heun and DPM2, which evaluate the model twice per step but the last (2N-1).
     pub timesteps: Vec<f32>,
-    /// One per step plus a final 0 (Euler, Euler a, DPM++ 2M); `None` for DDIM and LCM.
+    /// diffusers' `scheduler.sigmas`: one per step plus a final 0 (Euler, Euler a, LMS, DPM++ 2M (SDE),
+    /// UniPC); Heun and DPM2 repeat the inner ones as diffusers does (`[s0, s1, s1, …, 0]`, DPM2 with
+    /// two more 0); `None` for DDIM and LCM.
     pub sigmas: Option<Vec<f32>>,
     /// The unit-normal initial noise is multiplied by this before the first step.
     pub init_noise_sigma: f32,
     pub(crate) sampler: SamplerKind,
     pub(crate) alphas_cumprod: Vec<f32>,
+    /// Sampling steps asked for (`timesteps.len()` is the number of model evaluations).
+    pub(crate) steps: usize,
 }
 
 impl Schedule {
@@ -44,8 +50,22 @@ impl Schedule {
         &self.alphas_cumprod
     }
 
+    /// Sampling steps asked for; the model is evaluated `timesteps.len()` times.
     pub fn steps(&self) -> usize {
-        self.timesteps.len()
+        self.steps
+    }
+
+    /// The sigma at the start of each step plus the final 0 (`steps() + 1` values): `sigmas` without
+    /// the repeats of Heun's and DPM2's layout.
+    pub(crate) fn step_sigmas(&self) -> Option<Vec<f32>> {
+        let sigmas = self.sigmas.as_deref()?;
+        Some(match self.sampler {
+            SamplerKind::Heun | SamplerKind::Dpm2 => std::iter::once(sigmas[0])
+                .chain(sigmas[1..].iter().step_by(2).copied())
+                .take(self.steps + 1)
+                .collect(),
+            _ => sigmas.to_vec(),
+        })
     }
 }
 
@@ -68,19 +88,35 @@ pub fn schedule(sampler: SamplerKind, scheduler: ScheduleKind, steps: usize) -> 
     let alphas_cumprod = alphas_cumprod();
     let train_sigmas = train_sigmas(&alphas_cumprod);
     let (timesteps, sigmas) = match sampler {
-        SamplerKind::Euler | SamplerKind::EulerA => {
+        SamplerKind::Euler | SamplerKind::EulerA | SamplerKind::Lms => {
             euler_schedule(&train_sigmas, in_range(leading(steps))?, karras)
         }
+        SamplerKind::Heun => {
+            let (t, s) = euler_schedule(&train_sigmas, in_range(leading(steps))?, karras);
+            heun_layout(t, s.unwrap_or_default())
+        }
+        SamplerKind::Dpm2 => dpm2_schedule(&train_sigmas, in_range(leading(steps))?, karras),
         // With Karras the "leading" timesteps are replaced, never used to index the table.
-        SamplerKind::DpmPp2m if karras => dpm_solver_karras(&train_sigmas, steps),
-        SamplerKind::DpmPp2m => dpm_solver_schedule(&train_sigmas, in_range(dpm_leading(steps))?),
+        SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc if karras => {
+            dpm_solver_karras(&train_sigmas, steps)
+        }
+        SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc => {
+            dpm_solver_schedule(&train_sigmas, in_range(dpm_leading(steps))?)
+        }
         SamplerKind::Ddim => (to_f32(&in_range(leading(steps))?), None),
         SamplerKind::Lcm => (to_f32(&lcm_timesteps(steps)?), None),
     };
     let init_noise_sigma = match (sampler, &sigmas) {
         // Euler-type with "leading" spacing: the first latent is a VE sample at sigma_max, whose std is
         // sqrt(sigma_max^2 + 1) because the UNet input is later divided by that.
-        (SamplerKind::Euler | SamplerKind::EulerA, Some(s)) => {
+        (
+            SamplerKind::Euler
+            | SamplerKind::EulerA
+            | SamplerKind::Heun
+            | SamplerKind::Dpm2
+            | SamplerKind::Lms,
+            Some(s),
+        ) => {
             let max = s.iter().copied().fold(f32::MIN, f32::max);
             (max * max + 1.0).sqrt()
         }
@@ -93,6 +129,7 @@ pub fn schedule(sampler: SamplerKind, scheduler: ScheduleKind, steps: usize) -> 
         init_noise_sigma,
         sampler,
         alphas_cumprod,
+        steps,
     })
 }
 
@@ -177,6 +214,66 @@ fn euler_schedule(
         .map(|&s| sigma_to_t(s, &log_sigmas) as f32)
         .collect();
     (t, Some(with_final_zero(&sigmas)))
+}
+
+/// HeunDiscreteScheduler's layout of an Euler schedule: every timestep but the first twice, every
+/// sigma but the first and the final 0 twice (the second evaluation of a step reuses its end point).
+fn heun_layout(timesteps: Vec<f32>, sigmas: Vec<f32>) -> (Vec<f32>, Option<Vec<f32>>) {
+    let n = timesteps.len();
+    let t = std::iter::once(timesteps[0])
+        .chain(timesteps[1..].iter().flat_map(|&t| [t, t]))
+        .collect();
+    let s = std::iter::once(sigmas[0])
+        .chain(sigmas[1..n].iter().flat_map(|&s| [s, s]))
+        .chain(std::iter::once(sigmas[n]))
+        .collect();
+    (t, Some(s))
+}
+
+/// KDPM2DiscreteScheduler: Euler's "leading" timesteps and sigmas (with Karras the timesteps rounded),
+/// laid out as `[s0, s1, s1, …, sN, sN, sN]` with sN = 0, and the timesteps `[t0, t'1, t1, …, t'(N-1),
+/// t(N-1)]` where t'j is the (fractional) timestep of the log-space midpoint between s(j-1) and sj.
+/// diffusers finds t'j from numpy's float32 `log` (a SIMD one, a few ulps from the correctly rounded
+/// one), so t'j agrees with it to a few float32 ulps, not bit for bit.
+fn dpm2_schedule(
+    train: &[f32],
+    timesteps: Vec<usize>,
+    karras: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let steps = timesteps.len();
+    let (timesteps, sigmas): (Vec<f32>, Vec<f32>) = if karras {
+        let picked: Vec<f64> = timesteps.iter().map(|&t| f64::from(train[t])).collect();
+        let sigmas = karras_sigmas(picked[steps - 1], picked[0], steps);
+        let log_sigmas = log_sigmas(train);
+        let t = sigmas
+            .iter()
+            .map(|&s| sigma_to_t(s, &log_sigmas).round_ties_even() as f32)
+            .collect();
+        (t, with_final_zero(&sigmas))
+    } else {
+        let picked: Vec<f64> = timesteps.iter().map(|&t| f64::from(train[t])).collect();
+        (to_f32(&timesteps), with_final_zero(&picked))
+    };
+    let log_sigmas = log_sigmas(train);
+    let mut t = vec![timesteps[0]];
+    for j in 1..steps {
+        let mid = dpm2_midpoint(sigmas[j - 1], sigmas[j]);
+        t.push(sigma_to_t(f64::from(mid), &log_sigmas) as f32);
+        t.push(timesteps[j]);
+    }
+    let s = std::iter::once(sigmas[0])
+        .chain(sigmas[1..].iter().flat_map(|&s| [s, s]))
+        .chain(std::iter::once(sigmas[steps]))
+        .collect();
+    (t, Some(s))
+}
+
+/// DPM2's interpolated sigma between `from` and `to`, as diffusers computes it on float32 tensors:
+/// `exp(lerp(log(to), log(from), 0.5))`, torch's lerp at weight 0.5 being `end - (end - start) * 0.5`.
+/// With `to` = 0 it is 0.
+pub(super) fn dpm2_midpoint(from: f32, to: f32) -> f32 {
+    let (start, end) = (to.ln(), from.ln());
+    (end - (end - start) * 0.5).exp()
 }
 
 /// DPMSolverMultistepScheduler: sigmas read off the training table at its "leading" timesteps.

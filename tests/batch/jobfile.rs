@@ -74,7 +74,7 @@ fn bad_lines_fail_alone_with_a_reason() {
         r#"{"prompt":"ok"}
 {"prompt":"x","colour":"red"}
 {"prompt":"x","width":500}
-{"prompt":"x","sampler":"heun"}
+{"prompt":"x","sampler":"ipndm"}
 {"prompt":"x","seed":-1}
 {"seed":1}
 [1,2]
@@ -85,7 +85,7 @@ fn bad_lines_fail_alone_with_a_reason() {
     for (reason, want) in reasons.iter().zip([
         "unknown field `colour`",
         "width 500 is not a multiple of 8",
-        "unknown sampling method `heun`",
+        "unknown sampling method `ipndm`",
         "seed -1 is negative",
         "no `prompt`",
         "not a valid job",

@@ -18,7 +18,7 @@ fn bad_jobs_are_recorded_and_the_rest_run() {
         r#"{"prompt": "fine", "seed": 1}"#.to_string(),
         r#"{"prompt": "odd size", "width": 500}"#.to_string(),
         r#"{"prompt": "typo", "sede": 3}"#.to_string(),
-        r#"{"prompt": "no such sampler", "sampler": "heun"}"#.to_string(),
+        r#"{"prompt": "no such sampler", "sampler": "ipndm"}"#.to_string(),
         r#"{"prompt": "missing model", "model": "nowhere.safetensors"}"#.to_string(),
         "{broken".to_string(),
         r#"{"prompt": "also fine", "seed": 2, "sampler": "dpm++2m", "cfg": 1}"#.to_string(),
@@ -41,7 +41,7 @@ fn bad_jobs_are_recorded_and_the_rest_run() {
     for (i, reason) in [
         (1, "width 500"),
         (2, "unknown field `sede`"),
-        (3, "heun"),
+        (3, "ipndm"),
         (4, "nowhere.safetensors"),
         (5, "not a valid job"),
     ] {
