@@ -357,7 +357,7 @@ fn bad_requests_are_one_line_errors() {
         (ids.clone(), 1, PENULTIMATE_AND_POOLED, "text_projection"),
     ];
     for (ids, n, request, needle) in cases {
-        let err = clip_l.encode(&ids, n, request).err().expect(needle);
+        let err = clip_l.encode(&ids, n, request).expect_err(needle);
         let msg = err.to_string();
         assert!(
             !msg.contains('\n') && msg.contains(needle),

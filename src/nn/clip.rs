@@ -380,7 +380,7 @@ impl TextEncoder {
     /// Encodes token ids [n, tokens] as `request` says (see [`TextOutput`]). Runs the layers up to
     /// the one asked for, or all of them in one pass when the pooled embedding is asked for.
     pub fn encode(&self, ids: &[u32], n: usize, request: TextOutput) -> Result<TextEncoding> {
-        let tokens = if n == 0 { 0 } else { ids.len() / n };
+        let tokens = ids.len().checked_div(n).unwrap_or(0);
         if n == 0 || tokens == 0 || tokens * n != ids.len() || tokens > self.positions() {
             return Err(Error::BadRequest(format!(
                 "the text encoder takes 1 to {} tokens per sequence; got {} ids for {n} sequences",

@@ -16,7 +16,7 @@ const GROUPS: usize = 32;
 const EPS: f32 = 1e-5;
 
 enum Layer {
-    Res(ResnetBlock),
+    Res(Box<ResnetBlock>),
     Attn(SpatialTransformer),
     Down(Conv2d),
     Up(Conv2d),
@@ -107,7 +107,9 @@ impl UNet {
             loop {
                 let lw = bw.pp(i.to_string());
                 if lw.contains("in_layers.0.weight") {
-                    layers.push(Layer::Res(ResnetBlock::unet(&lw, temb_dim, GROUPS, EPS)?));
+                    layers.push(Layer::Res(Box::new(ResnetBlock::unet(
+                        &lw, temb_dim, GROUPS, EPS,
+                    )?)));
                 } else if lw.contains("proj_in.weight") {
                     let channels = lw.param_any("proj_in.weight")?.shape()[0];
                     layers.push(Layer::Attn(SpatialTransformer::new(

@@ -349,21 +349,30 @@ unsafe fn f16_to_f32_f16c(bytes: &[u8], out: &mut [f32]) {
 pub struct Param {
     store: Arc<TensorStore>,
     index: usize,
-    /// The stored tensor's outer row this param starts at (0 unless it is a row range).
+    /// Set for a row range only (boxed, so that whole params, nearly all of them, stay three words).
+    range: Option<Box<RowRange>>,
+}
+
+#[derive(Clone)]
+struct RowRange {
+    /// The stored tensor's outer row the range starts at.
     first_row: usize,
-    /// The stored tensor's shape, with only the range's outer rows for a row range.
+    /// The stored tensor's shape with only the range's outer rows.
     shape: Vec<usize>,
 }
 
 impl Param {
     fn whole(store: Arc<TensorStore>, index: usize) -> Param {
-        let shape = store.tensors[index].shape.clone();
         Param {
             store,
             index,
-            first_row: 0,
-            shape,
+            range: None,
         }
+    }
+
+    /// The stored tensor's outer row this param starts at (0 unless it is a row range).
+    fn first_row(&self) -> usize {
+        self.range.as_ref().map_or(0, |r| r.first_row)
     }
 
     /// The stored tensor this param reads (all of it, also for a row range).
@@ -372,16 +381,19 @@ impl Param {
     }
 
     pub fn shape(&self) -> &[usize] {
-        &self.shape
+        match &self.range {
+            Some(range) => &range.shape,
+            None => &self.info().shape,
+        }
     }
 
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape().iter().product()
     }
 
     /// Outer rows (the first dimension: output features or output channels).
     pub fn rows(&self) -> usize {
-        self.shape.first().copied().unwrap_or(1)
+        self.shape().first().copied().unwrap_or(1)
     }
 
     /// Values per outer row.
@@ -396,32 +408,34 @@ impl Param {
     pub fn row_range(&self, first: usize, count: usize) -> Result<Param> {
         let info = self.info();
         let (row_len, block) = (self.row_len(), info.dtype.block_elems());
-        let within = self.shape.len() >= 1
+        let within = !self.shape().is_empty()
             && first
                 .checked_add(count)
                 .is_some_and(|end| end <= self.rows());
-        let whole_blocks =
-            (self.first_row + first) * row_len % block == 0 && count * row_len % block == 0;
+        let whole_blocks = ((self.first_row() + first) * row_len).is_multiple_of(block)
+            && (count * row_len).is_multiple_of(block);
         if !(within && whole_blocks) {
             return Err(Error::bad_file(
                 self.store.path_of(info),
                 format!(
                     "weight `{}` {:?} cannot be read as rows {first}..{} ({} values per {} block)",
                     info.name,
-                    self.shape,
+                    self.shape(),
                     first.saturating_add(count),
                     block,
                     info.dtype.name()
                 ),
             ));
         }
-        let mut shape = self.shape.clone();
+        let mut shape = self.shape().to_vec();
         shape[0] = count;
         Ok(Param {
             store: self.store.clone(),
             index: self.index,
-            first_row: self.first_row + first,
-            shape,
+            range: Some(Box::new(RowRange {
+                first_row: self.first_row() + first,
+                shape,
+            })),
         })
     }
 
@@ -435,14 +449,14 @@ impl Param {
             "rows past the end of `{}`",
             self.info().name
         );
-        let first = self.first_row + first;
+        let first = self.first_row() + first;
         // Conversion is exact, so splitting it over threads cannot change a value; done serially it
         // was a third of a UNet step's single-threaded time (benches/PROFILE.md). Rows of a
         // multi-row tensor are whole blocks (checked in `Weights::param_any`).
         const ROWS_PER_TASK_VALUES: usize = 1 << 16;
         let rows_per_task = (ROWS_PER_TASK_VALUES / row_len.max(1)).max(1);
         let info = self.info();
-        if count <= rows_per_task || self.shape.len() < 2 {
+        if count <= rows_per_task || self.shape().len() < 2 {
             self.store
                 .read_f32_range(info, first * row_len, out)
                 .expect("param dtype checked at build time");
@@ -464,7 +478,7 @@ impl Param {
         // Params are only built for computable dtypes (checked in `Weights::param`), row ranges on
         // block boundaries (`row_range`).
         self.store
-            .read_f32_range(self.info(), self.first_row * self.row_len(), &mut out)
+            .read_f32_range(self.info(), self.first_row() * self.row_len(), &mut out)
             .expect("param dtype checked at build time");
         out
     }
