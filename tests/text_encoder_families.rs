@@ -367,36 +367,47 @@ fn bad_requests_are_one_line_errors() {
     }
 }
 
-/// A fused `in_proj_weight` that is not [3·width, width] is refused when the network is built.
+/// A fused `in_proj_weight` that is not [3·width, width], or a position table that is not
+/// [77, width], is refused when the network is built.
 #[test]
-fn a_misshapen_fused_attention_weight_is_refused() {
+fn misshapen_open_clip_weights_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let source = std::fs::read(fixture("tiny-sd2/tiny-sd2-fp32.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&source).unwrap();
-    let bad = "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight";
-    let views: Vec<(String, safetensors::tensor::TensorView)> = st
-        .tensors()
-        .into_iter()
-        .filter(|(name, _)| name.starts_with("cond_stage_model."))
-        .map(|(name, view)| {
-            let view = if name == bad {
-                safetensors::tensor::TensorView::new(view.dtype(), vec![64, 48], view.data())
-                    .unwrap()
-            } else {
-                view
-            };
-            (name, view)
-        })
-        .collect();
-    let path = dir.path().join("bad.safetensors");
-    safetensors::serialize_to_file(views, None, &path).unwrap();
-    let err = TextEncoder::with_activation(
-        &weights(&path, "cond_stage_model.model"),
-        TextActivation::Gelu,
-    )
-    .err()
-    .expect("refused");
-    let msg = err.to_string();
-    assert!(msg.contains(bad) && msg.contains("[64, 48]"), "{msg}");
-    assert_eq!(err.exit_code(), 2);
+    let cases = [
+        (
+            "cond_stage_model.model.transformer.resblocks.2.attn.in_proj_weight",
+            vec![64, 48],
+        ),
+        ("cond_stage_model.model.positional_embedding", vec![11, 224]),
+    ];
+    for (bad, shape) in cases {
+        let views = st
+            .tensors()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("cond_stage_model."))
+            .map(|(name, view)| {
+                let view = if name == bad {
+                    safetensors::tensor::TensorView::new(view.dtype(), shape.clone(), view.data())
+                        .unwrap()
+                } else {
+                    view
+                };
+                (name, view)
+            });
+        let path = dir.path().join("bad.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let err = TextEncoder::with_activation(
+            &weights(&path, "cond_stage_model.model"),
+            TextActivation::Gelu,
+        )
+        .err()
+        .expect("refused");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(bad) && msg.contains(&format!("{shape:?}")),
+            "{msg}"
+        );
+        assert_eq!(err.exit_code(), 2);
+    }
 }

@@ -15,6 +15,7 @@
 use super::layers::{add_assign, LayerNorm, Linear};
 use crate::error::{Error, Result};
 use crate::kernels::{self, AttentionShape};
+use crate::tokenizer::CONTEXT_LEN;
 use crate::weights::{Param, Weights};
 
 /// The MLP activation of a text encoder.
@@ -323,15 +324,13 @@ impl TextEncoder {
         activation: TextActivation,
     ) -> Result<Self> {
         let dim = token_embedding.shape()[1];
-        match position_embedding.shape() {
-            &[positions, width] if width == dim && positions > 0 => {}
-            found => {
-                return Err(Error::BadShape {
-                    name: position_embedding.info().name.clone(),
-                    found: found.to_vec(),
-                    expected: vec![77, dim],
-                })
-            }
+        // Every Stable Diffusion text encoder, and so the tokenizer, has 77 positions.
+        if position_embedding.shape() != [CONTEXT_LEN, dim] {
+            return Err(Error::BadShape {
+                name: position_embedding.info().name.clone(),
+                found: position_embedding.shape().to_vec(),
+                expected: vec![CONTEXT_LEN, dim],
+            });
         }
         Ok(TextEncoder {
             token_embedding,
@@ -353,7 +352,7 @@ impl TextEncoder {
         self.layers.len()
     }
 
-    /// Token positions the encoder has embeddings for (77).
+    /// Token positions the encoder has embeddings for ([`CONTEXT_LEN`], checked when built).
     pub fn positions(&self) -> usize {
         self.position_embedding.len() / self.dim
     }
@@ -365,7 +364,8 @@ impl TextEncoder {
 
     /// Encodes token ids [n, tokens] → conditioning [n, tokens, dim]: the final layer norm applied to
     /// the output of the layer `clip_skip` from the end (1 = last layer, 2 = penultimate; clamped to
-    /// the layers there are). SD1.x's conditioning.
+    /// the layers there are). SD1.x's conditioning. Panics on ids that are not `n` sequences of at
+    /// most [`CONTEXT_LEN`] (the pipeline's own tokenizer output); `encode` returns that as an error.
     pub fn forward(&self, ids: &[u32], n: usize, clip_skip: usize) -> Vec<f32> {
         let request = TextOutput {
             skip_layers: clip_skip.clamp(1, self.layers.len()) - 1,
