@@ -1,4 +1,6 @@
-//! CLIP BPE tokenizer of the SD1.x text encoder (OpenAI CLIP ViT-L/14), written out by hand.
+//! CLIP BPE tokenizer of the SD1.x text encoder (OpenAI CLIP ViT-L/14), written out by hand; the
+//! OpenCLIP text encoders of SD2.x and SDXL use the same vocabulary and differ only in padding
+//! ([`PadToken`]).
 //!
 //! Convention: we reproduce the Hugging Face *fast* tokenizer (NFC, lower-case, no ftfy, no HTML
 //! unescaping), because since transformers 5 diffusers' `CLIPTokenizer` *is* that tokenizer, and the
@@ -35,6 +37,28 @@ pub const EOS: u32 = 49407;
 /// Number of token positions of the SD1.x text encoder.
 pub const CONTEXT_LEN: usize = 77;
 
+/// The pad token of a text encoder's tokenizer, as its diffusers `tokenizer_config.json` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PadToken {
+    /// `<|endoftext|>` ([`EOS`]): CLIP ViT-L's tokenizer (SD1.x, SDXL's first text encoder).
+    EndOfText,
+    /// `"!"` (id 0): the OpenCLIP tokenizers (SD2.x, SDXL's second text encoder), whose original
+    /// `open_clip.tokenize` zero-fills. diffusers registers `"!"` as a special token, so every `!`
+    /// in the text also becomes id 0 (`"cat!"` → `cat`, 0 where open_clip gives `cat`, `!</w>`);
+    /// we follow diffusers (huggingface/diffusers#4153).
+    Exclamation,
+}
+
+impl PadToken {
+    /// The id padding positions get.
+    pub fn id(self) -> u32 {
+        match self {
+            PadToken::EndOfText => EOS,
+            PadToken::Exclamation => 0,
+        }
+    }
+}
+
 const MERGES_TXT: &str = include_str!("../models/clip-merges.txt");
 /// CLIP's vocabulary is 49 408 = 256 bytes × 2 + this many merges + 2 special tokens.
 const MERGE_COUNT: usize = 49152 - 256 - 2;
@@ -47,6 +71,8 @@ const FIRST_MERGE_ID: u32 = 512;
 const SPLIT_PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 const SPECIAL_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>";
+/// With `"!"` as a special token ([`PadToken::Exclamation`]).
+const SPECIAL_BANG_PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|!";
 
 pub struct Tokenizer {
     /// Token text by id, in CLIP's byte-level form (`</w>` marks a word end).
@@ -57,6 +83,7 @@ pub struct Tokenizer {
     byte_id: [u32; 256],
     split: Regex,
     special: Regex,
+    special_bang: Regex,
 }
 
 impl Tokenizer {
@@ -107,6 +134,7 @@ impl Tokenizer {
             byte_id,
             split: Regex::new(SPLIT_PATTERN).expect("valid pattern"),
             special: Regex::new(SPECIAL_PATTERN).expect("valid pattern"),
+            special_bang: Regex::new(SPECIAL_BANG_PATTERN).expect("valid pattern"),
         }
     }
 
@@ -116,10 +144,16 @@ impl Tokenizer {
     }
 
     /// Token ids of `text`, starting with [`BOS`] and ending with [`EOS`]; no padding, no truncation.
-    /// Never fails: every byte sequence has a token.
+    /// Never fails: every byte sequence has a token. CLIP ViT-L's tokenizer (SD1.x).
     pub fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_with(text, PadToken::EndOfText)
+    }
+
+    /// [`encode`](Self::encode) for the tokenizer whose pad token is `pad`: with
+    /// [`PadToken::Exclamation`] every `!` is the special token 0.
+    pub fn encode_with(&self, text: &str, pad: PadToken) -> Vec<u32> {
         let mut ids = vec![BOS];
-        self.encode_into(text, &mut ids);
+        self.encode_into(text, &mut ids, pad);
         ids.push(EOS);
         ids
     }
@@ -128,7 +162,7 @@ impl Tokenizer {
     /// tokenizes each weighted piece of a prompt before it packs them into chunks.
     pub fn encode_words(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::new();
-        self.encode_into(text, &mut ids);
+        self.encode_into(text, &mut ids, PadToken::EndOfText);
         ids
     }
 
@@ -140,17 +174,22 @@ impl Tokenizer {
             .map(|(id, _)| id)
     }
 
-    /// Appends the ids of `text`, special-token texts included, without framing it.
-    fn encode_into(&self, text: &str, ids: &mut Vec<u32>) {
+    /// Appends the ids of `text`, special-token texts included, without framing it; with
+    /// [`PadToken::Exclamation`] every `!` is the pad token.
+    fn encode_into(&self, text: &str, ids: &mut Vec<u32>, pad: PadToken) {
+        let special = match pad {
+            PadToken::EndOfText => &self.special,
+            PadToken::Exclamation => &self.special_bang,
+        };
         let mut start = 0;
-        for special in self.special.find_iter(text) {
-            self.encode_plain(&text[start..special.start()], ids);
-            ids.push(if special.as_str() == "<|startoftext|>" {
-                BOS
-            } else {
-                EOS
+        for found in special.find_iter(text) {
+            self.encode_plain(&text[start..found.start()], ids);
+            ids.push(match found.as_str() {
+                "<|startoftext|>" => BOS,
+                "<|endoftext|>" => EOS,
+                _ => pad.id(),
             });
-            start = special.end();
+            start = found.end();
         }
         self.encode_plain(&text[start..], ids);
     }
@@ -159,7 +198,13 @@ impl Tokenizer {
     /// [`EOS`] still fits, [`EOS`], then [`EOS`] padding up to `len`. (A `len` below 2 cannot hold
     /// both; it gets the first `len` ids.)
     pub fn encode_padded(&self, text: &str, len: usize) -> Vec<u32> {
-        let mut ids = self.encode(text);
+        self.encode_padded_with(text, len, PadToken::EndOfText)
+    }
+
+    /// [`encode_padded`](Self::encode_padded) for the tokenizer whose pad token is `pad`
+    /// ([`encode_with`](Self::encode_with)), padded with `pad.id()`.
+    pub fn encode_padded_with(&self, text: &str, len: usize, pad: PadToken) -> Vec<u32> {
+        let mut ids = self.encode_with(text, pad);
         if len < 2 {
             ids.truncate(len);
             return ids;
@@ -168,7 +213,7 @@ impl Tokenizer {
             ids.truncate(len - 1);
             ids.push(EOS);
         }
-        ids.resize(len, EOS);
+        ids.resize(len, pad.id());
         ids
     }
 

@@ -12,7 +12,7 @@ mod panel;
 pub mod scratch;
 mod winograd;
 
-pub use activation::{geglu, quick_gelu, silu};
+pub use activation::{geglu, gelu, quick_gelu, silu};
 pub use attention::{attention, attention_chunked, attention_scratch_bytes, AttentionShape};
 pub use conv::{
     conv2d, conv2d_implicit_gemm, conv_patch_bytes, conv_tile_rows, Conv2dGeometry, FeatureRows,

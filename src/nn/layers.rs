@@ -46,6 +46,31 @@ impl Linear {
         })
     }
 
+    /// A layer over weights found another way (e.g. row ranges of a fused weight): `weight`
+    /// [out, in], `bias` [out].
+    pub fn from_params(weight: Param, bias: Option<Param>) -> Result<Self> {
+        let &[out_dim, in_dim] = weight.shape() else {
+            return Err(crate::Error::BadShape {
+                name: weight.info().name.clone(),
+                found: weight.shape().to_vec(),
+                expected: vec![0, 0],
+            });
+        };
+        if let Some(b) = bias.as_ref().filter(|b| b.shape() != [out_dim]) {
+            return Err(crate::Error::BadShape {
+                name: b.info().name.clone(),
+                found: b.shape().to_vec(),
+                expected: vec![out_dim],
+            });
+        }
+        Ok(Linear {
+            weight,
+            bias,
+            in_dim,
+            out_dim,
+        })
+    }
+
     /// Reads the dimensions from the stored weight.
     pub fn from_weights(w: &Weights, bias: bool) -> Result<Self> {
         let shape = w.param_any("weight")?.shape().to_vec();

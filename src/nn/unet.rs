@@ -44,7 +44,7 @@ const GROUPS: usize = 32;
 const EPS: f32 = 1e-5;
 
 enum Layer {
-    Res(ResnetBlock),
+    Res(Box<ResnetBlock>),
     Attn(SpatialTransformer),
     Down(Conv2d),
     Up(Conv2d),
@@ -198,7 +198,9 @@ impl UNet {
             loop {
                 let lw = bw.pp(i.to_string());
                 if lw.contains("in_layers.0.weight") {
-                    layers.push(Layer::Res(ResnetBlock::unet(&lw, temb_dim, GROUPS, EPS)?));
+                    layers.push(Layer::Res(Box::new(ResnetBlock::unet(
+                        &lw, temb_dim, GROUPS, EPS,
+                    )?)));
                 } else if lw.contains("proj_in.weight") {
                     // [C, C, 1, 1] (SD1) or [C, C] (SD2/SDXL): either acts per token.
                     let channels = lw.param_any("proj_in.weight")?.shape()[0];

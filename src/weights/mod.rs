@@ -381,20 +381,53 @@ unsafe fn f16_to_f32_f16c(bytes: &[u8], out: &mut [f32]) {
     f16_to_f32_scalar(&bytes[2 * whole..], &mut out[whole..]);
 }
 
-/// One weight tensor of a network: a handle into the shared store, checked for shape when built.
+/// One weight tensor of a network: a handle into the shared store, checked for shape when built. It
+/// may be a range of the stored tensor's outer rows (`row_range`: a fused q/k/v weight read as three
+/// matrices), still read straight from the mapping.
 #[derive(Clone)]
 pub struct Param {
     store: Arc<TensorStore>,
     index: usize,
+    /// Set for a row range only (boxed, so that whole params, nearly all of them, stay three words).
+    range: Option<Box<RowRange>>,
+}
+
+#[derive(Clone)]
+struct RowRange {
+    /// The stored tensor's outer row the range starts at.
+    first_row: usize,
+    /// The stored tensor's shape with only the range's outer rows.
+    shape: Vec<usize>,
 }
 
 impl Param {
+    fn whole(store: Arc<TensorStore>, index: usize) -> Param {
+        Param {
+            store,
+            index,
+            range: None,
+        }
+    }
+
+    /// The stored tensor's outer row this param starts at (0 unless it is a row range).
+    fn first_row(&self) -> usize {
+        self.range.as_ref().map_or(0, |r| r.first_row)
+    }
+
+    /// The stored tensor this param reads (all of it, also for a row range).
     pub fn info(&self) -> &TensorInfo {
         &self.store.tensors[self.index]
     }
 
     pub fn shape(&self) -> &[usize] {
-        &self.info().shape
+        match &self.range {
+            Some(range) => &range.shape,
+            None => &self.info().shape,
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape().iter().product()
     }
 
     /// Outer rows (the first dimension: output features or output channels).
@@ -404,7 +437,45 @@ impl Param {
 
     /// Values per outer row.
     pub fn row_len(&self) -> usize {
-        self.info().numel() / self.rows().max(1)
+        self.numel() / self.rows().max(1)
+    }
+
+    /// Outer rows `first .. first + count` of this param as a param of their own, reading the same
+    /// mapping (nothing is copied): e.g. the q, k and v thirds of open_clip's fused `in_proj_weight`.
+    /// For a GGML block type the range must start and end on block boundaries (always true for a
+    /// matrix, whose rows are whole blocks; a 1-D tensor's rows are single values).
+    pub fn row_range(&self, first: usize, count: usize) -> Result<Param> {
+        let info = self.info();
+        let (row_len, block) = (self.row_len(), info.dtype.block_elems());
+        let within = !self.shape().is_empty()
+            && first
+                .checked_add(count)
+                .is_some_and(|end| end <= self.rows());
+        let whole_blocks = ((self.first_row() + first) * row_len).is_multiple_of(block)
+            && (count * row_len).is_multiple_of(block);
+        if !(within && whole_blocks) {
+            return Err(Error::bad_file(
+                self.store.path_of(info),
+                format!(
+                    "weight `{}` {:?} cannot be read as rows {first}..{} ({} values per {} block)",
+                    info.name,
+                    self.shape(),
+                    first.saturating_add(count),
+                    block,
+                    info.dtype.name()
+                ),
+            ));
+        }
+        let mut shape = self.shape().to_vec();
+        shape[0] = count;
+        Ok(Param {
+            store: self.store.clone(),
+            index: self.index,
+            range: Some(Box::new(RowRange {
+                first_row: self.first_row() + first,
+                shape,
+            })),
+        })
     }
 
     /// Rows `first .. first + count` as f32 into `out` (count · row_len values): the panel read that
@@ -412,13 +483,19 @@ impl Param {
     pub fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
         let row_len = self.row_len();
         assert_eq!(out.len(), count * row_len);
+        assert!(
+            first + count <= self.rows(),
+            "rows past the end of `{}`",
+            self.info().name
+        );
+        let first = self.first_row() + first;
         // Conversion is exact, so splitting it over threads cannot change a value; done serially it
         // was a third of a UNet step's single-threaded time (benches/PROFILE.md). Rows of a
         // multi-row tensor are whole blocks (checked in `Weights::param_any`).
         const ROWS_PER_TASK_VALUES: usize = 1 << 16;
         let rows_per_task = (ROWS_PER_TASK_VALUES / row_len.max(1)).max(1);
         let info = self.info();
-        if count <= rows_per_task || info.shape.len() < 2 {
+        if count <= rows_per_task || self.shape().len() < 2 {
             self.store
                 .read_f32_range(info, first * row_len, out)
                 .expect("param dtype checked at build time");
@@ -436,11 +513,11 @@ impl Param {
     /// The weight as f32 values (a transient copy; the mapping stays the only resident form). For
     /// small tensors (biases, norms); matrices are read in panels with `read_rows`.
     pub fn to_f32(&self) -> Vec<f32> {
-        let info = self.info();
-        let mut out = vec![0.0; info.numel()];
-        // Params are only built for computable dtypes (checked in `Weights::param`).
+        let mut out = vec![0.0; self.numel()];
+        // Params are only built for computable dtypes (checked in `Weights::param`), row ranges on
+        // block boundaries (`row_range`).
         self.store
-            .read_f32(info, &mut out)
+            .read_f32_range(self.info(), self.first_row() * self.row_len(), &mut out)
             .expect("param dtype checked at build time");
         out
     }
@@ -490,7 +567,7 @@ impl Weights {
         let param = self.param_any(name)?;
         if param.shape() != shape {
             // A 1x1 conv stored as a linear weight (or the reverse) holds the same numbers.
-            let same_numel = param.info().numel() == shape.iter().product::<usize>();
+            let same_numel = param.numel() == shape.iter().product::<usize>();
             let squeezed = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
             if !(same_numel && squeezed(param.shape()) == squeezed(shape)) {
                 return Err(Error::BadShape {
@@ -535,10 +612,7 @@ impl Weights {
                 ),
             ));
         }
-        Ok(Param {
-            store: self.store.clone(),
-            index,
-        })
+        Ok(Param::whole(self.store.clone(), index))
     }
 }
 
@@ -562,6 +636,90 @@ fn rename_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store of one GGUF file holding `w` [6, 64] q8_0 (rows of two blocks) and `b` [96] q8_0,
+    /// and the f32 values they dequantize to.
+    fn q8_store(dir: &Path) -> (Arc<TensorStore>, Vec<f32>, Vec<f32>) {
+        use quant::gguf::{write_gguf, TensorEntry};
+        use quant::GgmlType;
+        let values = |n: usize| {
+            (0..n)
+                .map(|i| (i as f32 * 0.37).sin() * 3.0)
+                .collect::<Vec<_>>()
+        };
+        let (w, b) = (values(6 * 64), values(96));
+        let quantized = |v: &[f32]| {
+            let mut out = vec![0u8; GgmlType::Q8_0.bytes_for(v.len() as u64).unwrap() as usize];
+            quant::quantize(GgmlType::Q8_0, v, &mut out);
+            out
+        };
+        let data = [quantized(&w), quantized(&b)];
+        let entry = |name: &str, shape: Vec<u64>| TensorEntry {
+            name: name.into(),
+            ty: GgmlType::Q8_0,
+            shape,
+        };
+        let path = dir.join("rows.gguf");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let entries = [entry("w", vec![6, 64]), entry("b", vec![96])];
+        write_gguf(&mut file, &[], &entries, 32, &mut |i, buf| {
+            buf.extend_from_slice(&data[i]);
+            Ok(())
+        })
+        .unwrap();
+        let store = Arc::new(TensorStore::open(&path).unwrap());
+        let dequantized = |name: &str| {
+            let info = store.get(name).unwrap();
+            let mut out = vec![0.0; info.numel()];
+            store.read_f32(info, &mut out).unwrap();
+            out
+        };
+        let (w, b) = (dequantized("w"), dequantized("b"));
+        (store, w, b)
+    }
+
+    /// A row range reads exactly the stored tensor's rows (block rows as a byte range), reports the
+    /// range's shape, nests, and refuses ranges past the end or across a block.
+    #[test]
+    fn a_row_range_reads_the_stored_rows_without_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, w_all, b_all) = q8_store(dir.path());
+        let weights = Weights::new(store, "");
+        let w = weights.param_any("w").unwrap();
+        let middle = w.row_range(2, 3).unwrap();
+        assert_eq!(middle.shape(), [3, 64]);
+        assert_eq!(
+            (middle.rows(), middle.row_len(), middle.numel()),
+            (3, 64, 192)
+        );
+        assert_eq!(middle.to_f32(), w_all[2 * 64..5 * 64]);
+        let mut row = vec![0.0; 64];
+        middle.read_rows(1, 1, &mut row);
+        assert_eq!(row, w_all[3 * 64..4 * 64]);
+        let last = middle.row_range(2, 1).unwrap();
+        assert_eq!(last.to_f32(), w_all[4 * 64..5 * 64]);
+        assert_eq!(last.info().name, "w");
+
+        let b = weights.param_any("b").unwrap();
+        let third = b.row_range(64, 32).unwrap();
+        assert_eq!(third.shape(), [32]);
+        assert_eq!(third.to_f32(), b_all[64..]);
+
+        for (param, first, count) in [
+            (&w, 4, 3),
+            (&w, 7, 0),
+            (&middle, 0, 4),
+            (&b, 16, 32),
+            (&b, 32, 16),
+        ] {
+            let err = param.row_range(first, count).err().expect("refused");
+            assert_eq!(err.exit_code(), 2);
+            assert!(
+                err.to_string().contains(&format!("rows {first}..")),
+                "{err}"
+            );
+        }
+    }
 
     /// Every f16 bit pattern (normals, subnormals, infinities, NaNs) converts to `half`'s value,
     /// read at an odd byte offset (mapped tensor data need not be aligned) with a tail shorter
