@@ -29,7 +29,7 @@ use sdcap::tokenizer::{Tokenizer, CONTEXT_LEN};
 
 fn job(model: PathBuf, size: u32) -> Job {
     Job {
-        negative: "blurry".into(),
+        negative: Some("blurry".into()),
         width: size,
         height: size,
         steps: 1,

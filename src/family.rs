@@ -4,15 +4,17 @@
 //! does not state: where each component's weights live, which text encoders there are and which hidden
 //! state each contributes, the extra conditioning, the attention heads rule, the VAE's scaling factor and
 //! the defaults a user expects. The weights code, the governor and the pipeline all read it; adding a
-//! family is adding a description here plus the layers it needs. This module depends on nothing else in
-//! the crate but the request's names (`job`), so everything can read it without an import circle.
+//! family is adding a description here plus the layers it needs. It names the layers' own options
+//! (`nn::clip::TextActivation`, `nn::unet::HeadsRule`, `tokenizer::PadToken`) but builds nothing.
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::job::{SamplerKind, ScheduleKind};
+use crate::nn::clip::TextActivation;
 use crate::nn::unet::HeadsRule;
+use crate::tokenizer::PadToken;
 
 /// A model family sdcap runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -85,15 +87,6 @@ impl fmt::Display for Prediction {
     }
 }
 
-/// The feed-forward activation of a text encoder.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TextActivation {
-    /// `x·σ(1.702x)`: OpenAI's CLIP (ViT-L/14).
-    QuickGelu,
-    /// Exact (erf) GELU: OpenCLIP (ViT-H/14, ViT-bigG/14).
-    Gelu,
-}
-
 /// Which hidden state of a text encoder conditions the UNet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HiddenState {
@@ -101,7 +94,8 @@ pub enum HiddenState {
     /// the last layer unless the user asks otherwise).
     ClipSkipNormed,
     /// The final layer norm applied to the penultimate layer's output (SD2.x: LDM's
-    /// `FrozenOpenCLIPEmbedder(layer="penultimate")`).
+    /// `FrozenOpenCLIPEmbedder(layer="penultimate")`); in a diffusers folder, whose encoder
+    /// ends at that layer, the last layer's.
     PenultimateNormed,
     /// The penultimate layer's output as it is, no final norm (SDXL's `hidden_states[-2]`).
     Penultimate,
@@ -113,9 +107,9 @@ pub struct TextEncoderSpec {
     /// Key prefix of the encoder in the single-file layout (without the trailing dot).
     pub prefix: &'static str,
     pub activation: TextActivation,
-    /// Token id the tokenizer pads with: CLIP's end-of-text (49407) or 0 (`"!"`, the OpenCLIP
+    /// What the tokenizer pads with: CLIP's end-of-text (49407) or `"!"` = 0 (the OpenCLIP
     /// tokenizers; diffusers then also maps every `!` in the text to 0).
-    pub pad_id: u32,
+    pub pad: PadToken,
     pub hidden: HiddenState,
     /// Whether its pooled, projected output conditions the UNet (SDXL's bigG `text_embeds`).
     pub pooled: bool,
@@ -177,9 +171,6 @@ impl ModelSpec {
     }
 }
 
-/// The CLIP end-of-text id, SD1's padding.
-pub const EOT_ID: u32 = 49407;
-
 pub static SD1: ModelSpec = ModelSpec {
     family: Family::Sd1,
     name: "SD1.x",
@@ -189,7 +180,7 @@ pub static SD1: ModelSpec = ModelSpec {
     text_encoders: &[TextEncoderSpec {
         prefix: "cond_stage_model.transformer.text_model",
         activation: TextActivation::QuickGelu,
-        pad_id: EOT_ID,
+        pad: PadToken::EndOfText,
         hidden: HiddenState::ClipSkipNormed,
         pooled: false,
     }],
@@ -214,7 +205,7 @@ pub static SD2: ModelSpec = ModelSpec {
     text_encoders: &[TextEncoderSpec {
         prefix: "cond_stage_model.model",
         activation: TextActivation::Gelu,
-        pad_id: 0,
+        pad: PadToken::Exclamation,
         hidden: HiddenState::PenultimateNormed,
         pooled: false,
     }],
@@ -241,14 +232,14 @@ pub static SDXL: ModelSpec = ModelSpec {
         TextEncoderSpec {
             prefix: "conditioner.embedders.0.transformer.text_model",
             activation: TextActivation::QuickGelu,
-            pad_id: EOT_ID,
+            pad: PadToken::EndOfText,
             hidden: HiddenState::Penultimate,
             pooled: false,
         },
         TextEncoderSpec {
             prefix: "conditioner.embedders.1.model",
             activation: TextActivation::Gelu,
-            pad_id: 0,
+            pad: PadToken::Exclamation,
             hidden: HiddenState::Penultimate,
             pooled: true,
         },

@@ -79,7 +79,9 @@ pub struct Job {
     /// Separate VAE file replacing the model's own.
     pub vae: Option<PathBuf>,
     pub prompt: String,
-    pub negative: String,
+    /// None = no negative prompt (SDXL then guides against all-zero embeddings); `Some("")` is
+    /// encoded like any prompt.
+    pub negative: Option<String>,
     pub width: u32,
     pub height: u32,
     pub steps: u32,
@@ -118,6 +120,11 @@ impl SizeConditioning {
 }
 
 impl Job {
+    /// The negative prompt's text ("" when there is none).
+    pub fn negative_text(&self) -> &str {
+        self.negative.as_deref().unwrap_or("")
+    }
+
     /// A txt2img job with the defaults of `sdcap generate` (SD1.x's: 512², 20 steps, euler_a,
     /// CFG 7, seed 42).
     pub fn new(model: PathBuf, prompt: &str) -> Job {
@@ -125,7 +132,7 @@ impl Job {
             model,
             vae: None,
             prompt: prompt.to_string(),
-            negative: String::new(),
+            negative: None,
             width: 512,
             height: 512,
             steps: 20,

@@ -6,6 +6,7 @@
 pub mod atomic_file;
 pub mod backend;
 pub mod batch;
+pub mod conditioning;
 pub mod error;
 pub mod family;
 pub mod governor;

@@ -35,11 +35,6 @@ impl Models {
         }
         let family = weights::detect_family(&store)?;
         let spec = family.spec();
-        if family != crate::family::Family::Sd1 {
-            return Err(crate::Error::UnsupportedModel(format!(
-                "{family} is not supported yet (sdcap runs SD1.x)"
-            )));
-        }
         let (prediction, prediction_source) = match job.prediction {
             Some(p) => (p, PredictionSource::Flag),
             None => weights::detect_prediction(&store, family),
@@ -48,7 +43,9 @@ impl Models {
         let text_encoders = spec
             .text_encoders
             .iter()
-            .map(|e| TextEncoder::new(&Weights::new(store.clone(), e.prefix)))
+            .map(|e| {
+                TextEncoder::with_activation(&Weights::new(store.clone(), e.prefix), e.activation)
+            })
             .collect::<Result<Vec<_>>>()?;
         let unet_prefix = spec.unet_prefix.trim_end_matches('.');
         // `detect_family` found `conv_in`; its output width is the UNet's base width.

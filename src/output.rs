@@ -82,9 +82,9 @@ fn png_err(e: png::EncodingError) -> io::Error {
 /// only understand that form, and newer ones split the suffix back into their `Schedule type`.
 pub fn parameters_text(job: &Job) -> String {
     let mut text = infotext_prompt(&job.prompt);
-    if !job.negative.is_empty() {
+    if !job.negative_text().is_empty() {
         text.push_str("\nNegative prompt: ");
-        text.push_str(&infotext_prompt(&job.negative));
+        text.push_str(&infotext_prompt(job.negative_text()));
     }
     let mut fields = vec![
         format!("Steps: {}", job.steps),

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::cell::RefCell;
 
+use crate::conditioning::{self, Conditioning};
 use crate::error::{Error, Result};
 use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::job::Job;
@@ -13,7 +14,6 @@ use crate::nn::vae::{Decoder, VaePlan};
 use crate::output::RgbImage;
 use crate::sampling::{self, rng::TorchRng, NoiseSource};
 use crate::tensor::Tensor;
-use crate::tokenizer::{Tokenizer, CONTEXT_LEN};
 
 /// What the pipeline reports while it runs (the CLI turns these into a progress display).
 #[derive(Clone, Debug)]
@@ -114,14 +114,6 @@ fn run(
 ) -> Result<Generated> {
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     job.validate()?;
-    let clip_skip = job.clip_skip as usize;
-    let text_encoder = &models.text_encoders[0];
-    if clip_skip > text_encoder.num_layers() {
-        return Err(Error::BadRequest(format!(
-            "clip-skip {clip_skip} is more than the text encoder's {} layers",
-            text_encoder.num_layers()
-        )));
-    }
     let schedule = sampling::schedule(job.sampler, job.scheduler, job.steps as usize)?;
     let plan = plan(models, job)?;
     on_event(Event::Planned(Box::new(plan.clone())));
@@ -136,19 +128,11 @@ fn run(
     scratch::set(plan.scratch);
     // diffusers applies classifier-free guidance only when the scale is above 1.
     let guided = job.cfg_scale > 1.0;
-    let tokenizer = Tokenizer::clip();
-    let mut ids = Vec::with_capacity(2 * CONTEXT_LEN);
-    if guided {
-        ids.extend(tokenizer.encode_padded(&job.negative, CONTEXT_LEN));
-    }
-    ids.extend(tokenizer.encode_padded(&job.prompt, CONTEXT_LEN));
-    let negative = guided.then_some(job.negative.as_str());
+    let negative = guided.then_some(job.negative_text());
     if let Some(notice) = crate::tokenizer::truncation_notice(&job.prompt, negative) {
         on_event(Event::Notice(notice));
     }
-    let batch = ids.len() / CONTEXT_LEN;
-    let context = text_encoder.forward(&ids, batch, clip_skip);
-    sampling::check_finite("text encoder", || "encoding the prompt".into(), &context)?;
+    let cond = conditioning::encode(models, job, guided)?;
     end_stage(models, &plan, models.spec.text_prefix);
 
     on_event(Event::Stage("denoise"));
@@ -174,15 +158,7 @@ fn run(
         }
         let x = Tensor::new(shape.clone(), input.to_vec());
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
-        let eps = predict_noise(
-            &models.unet,
-            &x,
-            t,
-            &context,
-            batch,
-            job.cfg_scale,
-            &mut after_block,
-        );
+        let eps = predict_noise(&models.unet, &x, t, &cond, job.cfg_scale, &mut after_block);
         sampling::check_finite("UNet", || format!("at timestep {t}"), &eps)?;
         Ok(eps)
     };
@@ -241,26 +217,28 @@ fn end_stage(models: &Models, plan: &Plan, weights_prefix: &str) {
     memory::release_free_memory();
 }
 
-/// The UNet's epsilon for `x`, guided: with a [uncond, cond] context the batch is run twice over
-/// and combined as `u + scale·(c − u)`.
+/// The UNet's output for `x`, guided: with a [uncond, cond] conditioning the batch is run twice
+/// over and combined as `u + scale·(c − u)`.
 fn predict_noise(
     unet: &UNet,
     x: &Tensor,
     t: f32,
-    context: &[f32],
-    batch: usize,
+    cond: &Conditioning,
     scale: f32,
     after_block: &mut dyn FnMut(&str),
 ) -> Vec<f32> {
     let mut trace = |name: &str, _: &Tensor| after_block(name);
-    if batch == 1 {
-        return unet.forward_traced(x, &[t], context, &mut trace).data;
+    let added = cond.added.as_deref();
+    if cond.batch == 1 {
+        return unet
+            .forward_added(x, &[t], &cond.context, added, &mut trace)
+            .data;
     }
     let mut shape = x.shape.clone();
     shape[0] = 2;
     let doubled = Tensor::new(shape, [x.data.as_slice(), x.data.as_slice()].concat());
     let eps = unet
-        .forward_traced(&doubled, &[t, t], context, &mut trace)
+        .forward_added(&doubled, &[t, t], &cond.context, added, &mut trace)
         .data;
     let (uncond, cond) = eps.split_at(x.numel());
     uncond

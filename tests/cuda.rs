@@ -109,7 +109,7 @@ mod gpu {
             )),
             vae: None,
             prompt: "a red cube".into(),
-            negative: String::new(),
+            negative: None,
             width: 64,
             height: 64,
             steps: 4,

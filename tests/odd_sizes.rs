@@ -27,7 +27,7 @@ fn odd_latent_sides_match_diffusers_end_to_end() {
     for case in cases {
         let name = case["name"].as_str().unwrap();
         let job = Job {
-            negative: case["negative"].as_str().unwrap().into(),
+            negative: Some(case["negative"].as_str().unwrap().into()),
             width: case["width"].as_u64().unwrap() as u32,
             height: case["height"].as_u64().unwrap() as u32,
             steps: case["steps"].as_u64().unwrap() as u32,

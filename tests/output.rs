@@ -159,7 +159,7 @@ fn job() -> Job {
         model: PathBuf::from("/models/v1-5-pruned-emaonly.safetensors"),
         vae: None,
         prompt: "a lighthouse at dusk".into(),
-        negative: "blurry".into(),
+        negative: Some("blurry".into()),
         width: 512,
         height: 512,
         steps: 20,
@@ -191,7 +191,7 @@ fn parameters_in_a1111_format() {
 #[test]
 fn parameters_leave_out_defaults() {
     let mut j = job();
-    j.negative.clear();
+    j.negative = None;
     j.clip_skip = 1;
     j.cfg_scale = 7.5;
     j.width = 768;

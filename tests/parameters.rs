@@ -58,7 +58,7 @@ fn parse_a1111(text: &str) -> (String, String, HashMap<String, String>) {
 fn job(prompt: &str, negative: &str) -> Job {
     let mut j = common::job(PathBuf::from("/models/v1-5.safetensors"));
     j.prompt = prompt.into();
-    j.negative = negative.into();
+    j.negative = Some(negative.into());
     j
 }
 

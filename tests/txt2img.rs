@@ -31,7 +31,7 @@ fn job(model: PathBuf, prompt: &str, sampler: &str, cfg: f32, seed: u64) -> Job 
         model,
         vae: None,
         prompt: prompt.into(),
-        negative: String::new(),
+        negative: None,
         width: 64,
         height: 64,
         steps: 4,
@@ -130,7 +130,7 @@ fn seeded_runs_match_diffusers_end_to_end() {
             case["cfg"].as_f64().unwrap() as f32,
             case["seed"].as_u64().unwrap(),
         );
-        job.negative = case["negative"].as_str().unwrap().into();
+        job.negative = Some(case["negative"].as_str().unwrap().into());
         job.steps = case["steps"].as_u64().unwrap() as u32;
         job.clip_skip = case["clip_skip"].as_u64().unwrap() as u32;
         let got = pipeline::txt2img(&job, &mut |_| {}).unwrap();
@@ -159,7 +159,7 @@ fn seeded_runs_of_more_samplers_match_diffusers() {
             case["cfg"].as_f64().unwrap() as f32,
             case["seed"].as_u64().unwrap(),
         );
-        job.negative = case["negative"].as_str().unwrap().into();
+        job.negative = Some(case["negative"].as_str().unwrap().into());
         job.steps = case["steps"].as_u64().unwrap() as u32;
         job.clip_skip = case["clip_skip"].as_u64().unwrap() as u32;
         let mut evaluations = 0;

@@ -103,7 +103,9 @@ fn parse_line(text: &str, defaults: &Job, base: &Path) -> std::result::Result<Jo
     } else if job.prompt.is_empty() {
         return Err("the job has no `prompt` (and no --prompt default was given)".into());
     }
-    set(&mut job.negative, line.negative);
+    if line.negative.is_some() {
+        job.negative = line.negative;
+    }
     set(&mut job.width, line.width);
     set(&mut job.height, line.height);
     set(&mut job.steps, line.steps);

@@ -41,7 +41,7 @@ pub fn canonical(job: &Job) -> String {
         model: file_name(&job.model),
         vae: job.vae.as_deref().map(file_name),
         prompt: &job.prompt,
-        negative: &job.negative,
+        negative: job.negative_text(),
         width: job.width,
         height: job.height,
         steps: job.steps,

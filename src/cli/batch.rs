@@ -65,9 +65,9 @@ pub struct BatchArgs {
     #[arg(short = 'p', long, value_name = "TEXT")]
     pub prompt: Option<String>,
 
-    /// Default negative prompt.
-    #[arg(short = 'n', long, value_name = "TEXT", default_value = "")]
-    pub negative_prompt: String,
+    /// Default negative prompt (none: SDXL guides against all-zero embeddings).
+    #[arg(short = 'n', long, value_name = "TEXT")]
+    pub negative_prompt: Option<String>,
 
     /// Default image width in pixels (multiple of 8, 64..=2048).
     #[arg(short = 'W', long, value_name = "PX", default_value_t = 512)]

@@ -74,9 +74,10 @@ pub struct GenerateArgs {
     #[arg(short = 'p', long, value_name = "TEXT")]
     pub prompt: String,
 
-    /// The negative prompt.
-    #[arg(short = 'n', long, value_name = "TEXT", default_value = "")]
-    pub negative_prompt: String,
+    /// The negative prompt. Without one, SDXL's unconditional half is all zeros (as diffusers);
+    /// `-n ""` encodes the empty prompt like any other (SD1.x and SD2.x do that either way).
+    #[arg(short = 'n', long, value_name = "TEXT")]
+    pub negative_prompt: Option<String>,
 
     /// Image width in pixels (multiple of 8, 64..=2048).
     #[arg(

@@ -152,25 +152,42 @@ impl EncoderLayer {
 }
 
 /// The pooled embedding's projection, in the orientation its naming stores it.
+/// The pooled output's projection. Both layouts sum x[i]·P[i, j] over i in order, one product and
+/// one addition at a time, so a diffusers folder and the single file give the same bits (a GEMM
+/// would order the sums by layout); it runs once per prompt.
 enum Projection {
     /// open_clip's `text_projection` [width, proj], applied as x · P.
     Matrix(Param),
-    /// transformers' `text_projection.weight` [proj, width], a Linear without bias.
-    Linear(Linear),
+    /// transformers' `text_projection.weight` [proj, width] (= Pᵀ), a Linear without bias.
+    Transposed(Param),
 }
 
 impl Projection {
     fn out_dim(&self) -> usize {
         match self {
             Projection::Matrix(p) => p.shape()[1],
-            Projection::Linear(l) => l.out_dim,
+            Projection::Transposed(w) => w.rows(),
         }
     }
 
     /// rows [n, width] → [n, proj].
     fn forward(&self, rows: &[f32]) -> Vec<f32> {
         match self {
-            Projection::Linear(l) => l.forward(rows),
+            Projection::Transposed(w) => {
+                let (proj, width) = (w.rows(), w.row_len());
+                let weight = w.to_f32();
+                let mut out = Vec::with_capacity(rows.len() / width * proj);
+                for x in rows.chunks(width) {
+                    out.extend(weight.chunks(width).map(|w_row| {
+                        let mut y = 0.0f32;
+                        for (&xi, &p) in x.iter().zip(w_row) {
+                            y += xi * p;
+                        }
+                        y
+                    }));
+                }
+                out
+            }
             Projection::Matrix(p) => {
                 let (width, proj) = (p.rows(), p.row_len());
                 let n = rows.len() / width;
@@ -240,8 +257,9 @@ impl TextEncoder {
         let projection = match root {
             Some(root) if root.contains("text_projection.weight") => {
                 let w = root.pp("text_projection");
-                let proj = match w.param_any("weight")?.shape() {
-                    &[proj, width] if width == dim => proj,
+                let weight = w.param_any("weight")?;
+                match weight.shape() {
+                    &[_, width] if width == dim => {}
                     found => {
                         return Err(Error::BadShape {
                             name: format!("{}.weight", w.prefix()),
@@ -250,7 +268,7 @@ impl TextEncoder {
                         })
                     }
                 };
-                Some(Projection::Linear(Linear::new(&w, dim, proj, false)?))
+                Some(Projection::Transposed(weight))
             }
             _ => None,
         };

@@ -24,7 +24,7 @@ fn fields_override_defaults_and_aliases_work() {
 {"prompt":"b","negative_prompt":"nn","cfg_scale":3,"sampling_method":"ddim"}"#,
     );
     let a = jobs[0].as_ref().unwrap();
-    assert_eq!((a.prompt.as_str(), a.negative.as_str()), ("a", "n"));
+    assert_eq!((a.prompt.as_str(), a.negative_text()), ("a", "n"));
     assert_eq!((a.seed, a.width, a.height, a.steps), (7, 640, 448, 4));
     assert_eq!(
         (a.sampler, a.scheduler),
@@ -38,7 +38,7 @@ fn fields_override_defaults_and_aliases_work() {
     );
     assert_eq!(a.vae.as_deref(), Some(Path::new("/v/vae.safetensors")));
     let b = jobs[1].as_ref().unwrap();
-    assert_eq!((b.negative.as_str(), b.cfg_scale), ("nn", 3.0));
+    assert_eq!((b.negative_text(), b.cfg_scale), ("nn", 3.0));
     assert_eq!((b.sampler, b.seed, b.width), (SamplerKind::Ddim, 42, 512));
     assert_eq!(b.model, Path::new("/models/v1-5.safetensors"));
 }
@@ -137,7 +137,7 @@ fn names_follow_settings_not_paths() {
     );
     let variants: Vec<Change> = vec![
         Box::new(|j| j.prompt.push('!')),
-        Box::new(|j| j.negative = "n".into()),
+        Box::new(|j| j.negative = Some("n".into())),
         Box::new(|j| j.seed += 1),
         Box::new(|j| j.width = 256),
         Box::new(|j| j.height = 256),

@@ -291,7 +291,7 @@ pub fn job(model: PathBuf) -> Job {
         model,
         vae: None,
         prompt: "a photo of a cat".into(),
-        negative: String::new(),
+        negative: None,
         width: 64,
         height: 64,
         steps: 4,
