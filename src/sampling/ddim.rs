@@ -19,7 +19,8 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
         // With eta 0 the noise std is 0, so the direction term keeps all of 1 - alpha_prev.
         let direction = (1.0 - alpha_prev).sqrt();
         for (v, &m) in x.iter_mut().zip(&out) {
-            let (denoised, eps) = vp_denoised_and_eps(steps.prediction, *v, m, sqrt_alpha, sqrt_beta);
+            let (denoised, eps) =
+                vp_denoised_and_eps(steps.prediction, *v, m, sqrt_alpha, sqrt_beta);
             *v = sqrt_alpha_prev * denoised + direction * eps;
         }
         steps.done(i, n);
