@@ -131,11 +131,7 @@ fn holds_what_manifest_names(data: &Path) {
                 rel == *path
             }
         });
-        assert!(
-            listed,
-            "{}/{rel} is not in its MANIFEST",
-            data.display()
-        );
+        assert!(listed, "{}/{rel} is not in its MANIFEST", data.display());
     }
     for (path, folder, delta) in &entries {
         let there = match (folder, delta) {
@@ -289,7 +285,8 @@ fn token_tables_keep_exactly_the_golden_rows() {
 fn a_dropped_token_row_is_caught() {
     common::compute_threads();
     let data = carried();
-    let store = Arc::new(TensorStore::open(&data.join("tiny-sd2/tiny-sd2-fp32.safetensors")).unwrap());
+    let store =
+        Arc::new(TensorStore::open(&data.join("tiny-sd2/tiny-sd2-fp32.safetensors")).unwrap());
     let encoder = TextEncoder::with_activation(
         &Weights::new(store, "cond_stage_model.model"),
         TextActivation::Gelu,
