@@ -273,8 +273,8 @@ fn seeds_are_valid_files() {
     }
 }
 
-/// The allocation bound holds for the metadata that expands most (one-byte values), and the counter
-/// does count.
+/// The allocation bound holds for the metadata that used to expand most (one-byte values): arrays
+/// are views into the mapping, so opening costs next to nothing; and the counter does count.
 #[test]
 fn densest_metadata_stays_within_the_bound() {
     let dir = tempfile::tempdir().unwrap();
@@ -301,7 +301,13 @@ fn densest_metadata_stays_within_the_bound() {
         bytes.len(),
         peak as f64 / bytes.len() as f64
     );
-    assert!(peak > 32 * n as isize, "the counter sees the parse");
+    // Metadata stays in the mapping (decoded on use): opening allocates a few entries, not one
+    // value per array element (it was 32 bytes per element before, issue 14 defect 2).
+    assert!(peak > 0, "the counter sees the parse");
+    assert!(
+        peak < (n / 10) as isize,
+        "metadata arrays were expanded: {peak} heap bytes"
+    );
     assert!(peak <= allowed_bytes(bytes.len()));
     let fixture = fixture_prefix("gguf/tiny-sd-q8_0.gguf", |b| b.len());
     let peak = open_peak(dir.path(), "q8_0.gguf", &fixture);
