@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::family::Prediction;
+use crate::family::{ModelSpec, Prediction};
 
 /// Sampling method (`--sampling-method`, names as in stable-diffusion.cpp).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +71,9 @@ named_enum!(RngKind, "rng", Cpu => "cpu");
 /// cleanly; 2048 keeps the activation arithmetic far from overflow.
 pub const MIN_SIDE: u32 = 64;
 pub const MAX_SIDE: u32 = 2048;
+/// Bound on SDXL's size-conditioning values (pixels): far above any training size, and small enough
+/// that the embedding's arithmetic is exact in f32.
+pub const MAX_COND_PX: u32 = 16384;
 
 #[derive(Clone, Debug)]
 pub struct Job {
@@ -110,6 +113,56 @@ pub struct SizeConditioning {
 }
 
 impl SizeConditioning {
+    /// Parses `WxH` (`--original-size`, `--target-size`) into the (height, width) pair diffusers
+    /// passes. `what` names the setting in the error.
+    pub fn parse_size(what: &str, text: &str) -> Result<(u32, u32)> {
+        let bad = || {
+            Error::BadRequest(format!(
+                "{what} `{text}` is not a size WxH in pixels (e.g. 1024x1024)"
+            ))
+        };
+        let (w, h) = text.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+        let w: u32 = w.trim().parse().map_err(|_| bad())?;
+        let h: u32 = h.trim().parse().map_err(|_| bad())?;
+        Ok((h, w))
+    }
+
+    /// Parses `TOP,LEFT` (`--crop-coords`, diffusers' `crops_coords_top_left`).
+    pub fn parse_crop(text: &str) -> Result<(u32, u32)> {
+        let bad = || {
+            Error::BadRequest(format!(
+                "crop-coords `{text}` is not TOP,LEFT in pixels (e.g. 0,0)"
+            ))
+        };
+        let (t, l) = text.trim().split_once(',').ok_or_else(bad)?;
+        let t: u32 = t.trim().parse().map_err(|_| bad())?;
+        let l: u32 = l.trim().parse().map_err(|_| bad())?;
+        Ok((t, l))
+    }
+
+    /// Whether anything differs from diffusers' defaults (image size, crop at (0, 0)).
+    pub fn is_set(&self) -> bool {
+        self.original.is_some() || self.target.is_some() || self.crop != (0, 0)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let sizes = [("original-size", self.original), ("target-size", self.target)];
+        for (what, (h, w)) in sizes.iter().filter_map(|(n, v)| v.map(|v| (n, v))) {
+            if !(1..=MAX_COND_PX).contains(&h) || !(1..=MAX_COND_PX).contains(&w) {
+                return Err(Error::BadRequest(format!(
+                    "{what} {w}x{h} is out of range (1..={MAX_COND_PX} per side)"
+                )));
+            }
+        }
+        let (t, l) = self.crop;
+        if t > MAX_COND_PX || l > MAX_COND_PX {
+            return Err(Error::BadRequest(format!(
+                "crop-coords {t},{l} is out of range (0..={MAX_COND_PX})"
+            )));
+        }
+        Ok(())
+    }
+
     /// The six time ids SDXL's UNet embeds: original (h, w), crop (top, left), target (h, w).
     pub fn time_ids(&self, height: u32, width: u32) -> [f32; 6] {
         let (oh, ow) = self.original.unwrap_or((height, width));
@@ -119,7 +172,57 @@ impl SizeConditioning {
     }
 }
 
+/// Which of a job's settings with a per-family default the user gave (a flag, or a job-file field).
+/// Until the model is known the others hold placeholders (SD1.x's defaults, as [`Job::new`] sets
+/// them); [`Job::apply_defaults`] then fills them from the model's family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Given {
+    pub width: bool,
+    pub height: bool,
+    pub steps: bool,
+    pub cfg_scale: bool,
+    pub sampler: bool,
+    pub scheduler: bool,
+}
+
+impl Given {
+    /// Everything given: `apply_defaults` changes nothing (a library caller that set every field).
+    pub const ALL: Given = Given {
+        width: true,
+        height: true,
+        steps: true,
+        cfg_scale: true,
+        sampler: true,
+        scheduler: true,
+    };
+}
+
 impl Job {
+    /// The one place where per-family defaults are applied (`generate`, `plan` and every batch job
+    /// go through it): each setting the user did not give takes the value of the model's
+    /// `ModelSpec`; the side depends on the prediction type (SD2.x: 512 for eps, 768 for v).
+    pub fn apply_defaults(&mut self, spec: &ModelSpec, prediction: Prediction, given: Given) {
+        let side = spec.default_side(prediction);
+        if !given.width {
+            self.width = side;
+        }
+        if !given.height {
+            self.height = side;
+        }
+        if !given.steps {
+            self.steps = spec.default_steps;
+        }
+        if !given.cfg_scale {
+            self.cfg_scale = spec.default_cfg_scale;
+        }
+        if !given.sampler {
+            self.sampler = spec.default_sampler;
+        }
+        if !given.scheduler {
+            self.scheduler = spec.default_scheduler;
+        }
+    }
+
     /// The negative prompt's text ("" when there is none).
     pub fn negative_text(&self) -> &str {
         self.negative.as_deref().unwrap_or("")
@@ -181,6 +284,6 @@ impl Job {
                 "clip-skip must be at least 1 (1 = last layer)".into(),
             ));
         }
-        Ok(())
+        self.size_cond.validate()
     }
 }

@@ -16,7 +16,8 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
-use sdcap::job::{RngKind, SamplerKind, ScheduleKind};
+use sdcap::family::Prediction;
+use sdcap::job::{RngKind, SamplerKind, ScheduleKind, SizeConditioning};
 
 /// The demo model shipped with the crate: tiny, random weights, so its images are noise.
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-sd.safetensors");
@@ -79,49 +80,33 @@ pub struct GenerateArgs {
     #[arg(short = 'n', long, value_name = "TEXT")]
     pub negative_prompt: Option<String>,
 
-    /// Image width in pixels (multiple of 8, 64..=2048).
-    #[arg(
-        short = 'W',
-        long,
-        value_name = "PX",
-        default_value_t = 512,
-        allow_negative_numbers = true
-    )]
-    pub width: u32,
+    /// Image width in pixels (multiple of 8, 64..=2048)
+    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
+    #[arg(short = 'W', long, value_name = "PX", allow_negative_numbers = true)]
+    pub width: Option<u32>,
 
-    /// Image height in pixels (multiple of 8, 64..=2048).
-    #[arg(
-        short = 'H',
-        long,
-        value_name = "PX",
-        default_value_t = 512,
-        allow_negative_numbers = true
-    )]
-    pub height: u32,
+    /// Image height in pixels (multiple of 8, 64..=2048)
+    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
+    #[arg(short = 'H', long, value_name = "PX", allow_negative_numbers = true)]
+    pub height: Option<u32>,
 
-    /// Number of sampling steps.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 20,
-        allow_negative_numbers = true
-    )]
-    pub steps: u32,
+    /// Number of sampling steps [default: per model family (20)].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub steps: Option<u32>,
 
-    /// Classifier-free guidance scale.
-    #[arg(
-        long,
-        value_name = "SCALE",
-        default_value_t = 7.0,
-        allow_negative_numbers = true
-    )]
-    pub cfg_scale: f32,
+    /// Classifier-free guidance scale; 1 or less runs the UNet on the prompt only
+    /// [default: per model family (7)].
+    #[arg(long, value_name = "SCALE", allow_negative_numbers = true)]
+    pub cfg_scale: Option<f32>,
 
-    #[arg(long, value_name = "NAME", default_value = "euler_a", help = names_help("Sampling method", SamplerKind::NAMES))]
-    pub sampling_method: SamplerKind,
+    #[arg(long, value_name = "NAME", help = names_help("Sampling method [default: per model family (euler_a)]", SamplerKind::NAMES))]
+    pub sampling_method: Option<SamplerKind>,
 
-    #[arg(long, value_name = "NAME", default_value = "discrete", help = names_help("Noise schedule", ScheduleKind::NAMES))]
-    pub scheduler: ScheduleKind,
+    #[arg(long, value_name = "NAME", help = names_help("Noise schedule [default: per model family (discrete)]", ScheduleKind::NAMES))]
+    pub scheduler: Option<ScheduleKind>,
+
+    #[command(flatten)]
+    pub family: FamilyArgs,
 
     /// Seed; a negative value picks a random seed (printed in the summary).
     #[arg(
@@ -168,6 +153,57 @@ pub struct GenerateArgs {
     /// Progress display: auto = a bar on a terminal, JSON lines on stderr otherwise.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = progress::ProgressMode::Auto)]
     pub progress: progress::ProgressMode,
+}
+
+/// The flags for what only some families read, shared by `generate`, `plan` and `batch`.
+#[derive(Debug, Args)]
+pub struct FamilyArgs {
+    /// What the UNet predicts: eps (noise) or v (velocity, SD2.x 768-v models) [default: the
+    /// file's metadata, else the weights (SD2.x), else the family's (eps)].
+    #[arg(long, value_name = "TYPE")]
+    pub prediction: Option<Prediction>,
+
+    /// SDXL size conditioning: diffusers' `original_size`, WxH [default: the image size].
+    #[arg(long, value_name = "WxH", value_parser = parse_original_size)]
+    pub original_size: Option<(u32, u32)>,
+
+    /// SDXL crop conditioning: diffusers' `crops_coords_top_left`, TOP,LEFT [default: 0,0].
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_crop)]
+    pub crop_coords: Option<(u32, u32)>,
+
+    /// SDXL size conditioning: diffusers' `target_size`, WxH [default: the image size].
+    #[arg(long, value_name = "WxH", value_parser = parse_target_size)]
+    pub target_size: Option<(u32, u32)>,
+}
+
+impl FamilyArgs {
+    /// Sets the job's prediction and size conditioning from these flags (those given).
+    pub fn apply(&self, job: &mut sdcap::job::Job) {
+        if self.prediction.is_some() {
+            job.prediction = self.prediction;
+        }
+        if self.original_size.is_some() {
+            job.size_cond.original = self.original_size;
+        }
+        if let Some(crop) = self.crop_coords {
+            job.size_cond.crop = crop;
+        }
+        if self.target_size.is_some() {
+            job.size_cond.target = self.target_size;
+        }
+    }
+}
+
+fn parse_original_size(s: &str) -> Result<(u32, u32), String> {
+    SizeConditioning::parse_size("original-size", s).map_err(|e| e.to_string())
+}
+
+fn parse_target_size(s: &str) -> Result<(u32, u32), String> {
+    SizeConditioning::parse_size("target-size", s).map_err(|e| e.to_string())
+}
+
+fn parse_crop(s: &str) -> Result<(u32, u32), String> {
+    SizeConditioning::parse_crop(s).map_err(|e| e.to_string())
 }
 
 fn names_help(what: &str, names: &[&str]) -> String {
