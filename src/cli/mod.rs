@@ -225,20 +225,42 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_exit(e),
     };
-    let outcome = match cli.command {
+    quiet_panics();
+    // The job boundary: a panic anywhere below (a bug) is one line and exit 1, never a backtrace.
+    // A batch also catches each job's own panic, records it and goes on (`batch::runner`).
+    let outcome = std::panic::catch_unwind(|| match cli.command {
         Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Quantize(args) => quantize::run(args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::run(args).map(|()| ExitCode::SUCCESS),
         Command::Batch(args) => batch::run(args),
-    };
+    });
     match outcome {
-        Ok(code) => code,
-        Err(e) => {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("sdcap: error: {}", one_line(&message(&e)));
             ExitCode::from(exit_code(&e))
         }
+        Err(payload) => {
+            let msg = sdcap::batch::runner::panic_message(payload.as_ref());
+            eprintln!("sdcap: error: internal error: {}", one_line(&msg));
+            ExitCode::from(1)
+        }
     }
+}
+
+/// Replaces the default panic hook, which prints "thread … panicked at …" and a backtrace note on
+/// stderr, with one that prints nothing: every panic is caught at a job boundary and reported there
+/// as one line. `SDCAP_BACKTRACE=1` (a developer chasing the bug) keeps the default report too;
+/// `RUST_BACKTRACE` alone does not, as many shells set it for everything.
+fn quiet_panics() {
+    let default = std::panic::take_hook();
+    let verbose = std::env::var_os("SDCAP_BACKTRACE").is_some_and(|v| v != "0");
+    std::panic::set_hook(Box::new(move |info| {
+        if verbose {
+            default(info);
+        }
+    }));
 }
 
 /// DESIGN.md exit codes: library errors carry their own (2 bad input, 3 RAM cap, 130 interrupted);
