@@ -287,3 +287,65 @@ impl Job {
         self.size_cond.validate()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::family::{SD1, SD2, SDXL};
+
+    #[test]
+    fn defaults_come_from_the_family_for_what_was_not_given() {
+        let mut job = Job::new(PathBuf::from("m"), "p");
+        job.apply_defaults(&SDXL, Prediction::Eps, Given::default());
+        assert_eq!((job.width, job.height), (1024, 1024));
+        let mut job = Job::new(PathBuf::from("m"), "p");
+        job.apply_defaults(&SD2, Prediction::V, Given::default());
+        assert_eq!((job.width, job.height), (768, 768));
+        job.apply_defaults(&SD2, Prediction::Eps, Given::default());
+        assert_eq!((job.width, job.height), (512, 512));
+        // Given values stay.
+        let mut job = Job::new(PathBuf::from("m"), "p");
+        (job.width, job.steps, job.cfg_scale) = (64, 1, 0.0);
+        job.sampler = SamplerKind::Lcm;
+        let given = Given {
+            width: true,
+            steps: true,
+            cfg_scale: true,
+            sampler: true,
+            ..Given::default()
+        };
+        job.apply_defaults(&SDXL, Prediction::Eps, given);
+        assert_eq!((job.width, job.height, job.steps), (64, 1024, 1));
+        assert_eq!((job.cfg_scale, job.sampler), (0.0, SamplerKind::Lcm));
+        // SD1.x's defaults are the placeholders `Job::new` sets: nothing changes.
+        let before = Job::new(PathBuf::from("m"), "p");
+        let mut after = before.clone();
+        after.apply_defaults(&SD1, Prediction::Eps, Given::default());
+        assert_eq!(
+            (after.width, after.height, after.steps, after.cfg_scale, after.sampler, after.scheduler),
+            (before.width, before.height, before.steps, before.cfg_scale, before.sampler, before.scheduler)
+        );
+    }
+
+    #[test]
+    fn size_conditioning_values_parse_and_are_bounded() {
+        assert_eq!(SizeConditioning::parse_size("s", "1024x768").unwrap(), (768, 1024));
+        assert_eq!(SizeConditioning::parse_size("s", " 64 X 32 ").unwrap(), (32, 64));
+        for bad in ["", "64", "64x", "x64", "-1x64", "64x64x64", "ax b"] {
+            assert!(SizeConditioning::parse_size("s", bad).is_err(), "{bad}");
+        }
+        assert_eq!(SizeConditioning::parse_crop("16,8").unwrap(), (16, 8));
+        for bad in ["", "8", "8,", "-1,0", "1;2"] {
+            assert!(SizeConditioning::parse_crop(bad).is_err(), "{bad}");
+        }
+        let mut job = Job::new(PathBuf::from("m"), "p");
+        job.size_cond.original = Some((0, 64));
+        assert!(job.validate().is_err());
+        job.size_cond.original = Some((MAX_COND_PX, MAX_COND_PX));
+        assert!(job.validate().is_ok());
+        job.size_cond.crop = (MAX_COND_PX + 1, 0);
+        assert!(job.validate().is_err());
+        assert!(job.size_cond.is_set());
+        assert!(!SizeConditioning::default().is_set());
+    }
+}
