@@ -22,11 +22,15 @@ pub enum SamplerKind {
     Lms,
 }
 
-/// Noise schedule (`--scheduler`). `Karras` only changes the sigma-based samplers.
+/// Noise schedule (`--scheduler`). `Discrete` is diffusers' "leading" timestep spacing (the SD
+/// checkpoints' scheduler config); `Karras` re-spaces the sigma-based samplers' sigmas; `Trailing` is
+/// diffusers' `timestep_spacing="trailing"` (first timestep 999, what SD-Turbo and SDXL-Turbo use), for
+/// every sampler but LCM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScheduleKind {
     Discrete,
     Karras,
+    Trailing,
 }
 
 /// Source of random numbers (`--rng`).
@@ -64,7 +68,7 @@ macro_rules! named_enum {
 named_enum!(SamplerKind, "sampling method",
     Euler => "euler", EulerA => "euler_a", DpmPp2m => "dpm++2m", Ddim => "ddim", Lcm => "lcm",
     Heun => "heun", DpmPp2mSde => "dpm++2m_sde", Dpm2 => "dpm2", UniPc => "unipc", Lms => "lms");
-named_enum!(ScheduleKind, "scheduler", Discrete => "discrete", Karras => "karras");
+named_enum!(ScheduleKind, "scheduler", Discrete => "discrete", Karras => "karras", Trailing => "trailing");
 named_enum!(RngKind, "rng", Cpu => "cpu");
 
 /// Bounds on the image side in pixels. 64 is the smallest latent the UNet's two downsamplings accept

@@ -175,6 +175,7 @@ fn run(
     let latent = sampling::sample(
         job.sampler,
         &schedule,
+        models.prediction,
         initial,
         &mut model,
         noise,

@@ -89,6 +89,10 @@ fn check_round_trip(input: &TensorStore, gguf: &TensorStore, dropped: &dyn Fn(&s
         {
             let amax = w.iter().fold(0f32, |m, x| m.max(x.abs()));
             for (i, (x, y)) in w.iter().zip(v).enumerate() {
+                if x.is_nan() {
+                    // A token row the carried test data drops (tests/data/README.md): not a weight.
+                    continue;
+                }
                 let err = (x - y).abs();
                 assert!(
                     err <= bound(g.dtype, amax, *x) + 1e-12,

@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use sdcap::family::Prediction;
 use sdcap::job::{SamplerKind, ScheduleKind};
 use sdcap::sampling::{sample, schedule, schedule::alphas_cumprod, NoiseSource, Schedule};
 use serde_json::Value;
@@ -390,6 +391,7 @@ fn replay(sampler: SamplerKind, s: &Schedule, run: &Tensors, unet: &Tensors) -> 
     let out = sample(
         sampler,
         s,
+        Prediction::Eps,
         run.get("initial_noise").to_vec(),
         &mut model,
         &mut noise,
@@ -596,6 +598,7 @@ fn count_draws(sampler: SamplerKind, s: &Schedule, len: usize) -> usize {
     sample(
         sampler,
         s,
+        Prediction::Eps,
         vec![0.5; len],
         &mut zero,
         &mut counter,
@@ -670,6 +673,7 @@ fn sample_refuses_mismatched_schedule_and_bad_model_output() {
         sample(
             sampler,
             &s,
+            Prediction::Eps,
             vec![0.0; 8],
             &mut model,
             &mut none,

@@ -252,3 +252,73 @@ fn sdxl_size_conditioning_changes_the_image() {
     assert_eq!(a.latent, b.latent);
     assert_ne!(a.latent, c.latent);
 }
+
+/// A GGUF file (q8_0 and q4_0, written by `sdcap quantize`) generates bit for bit what an f32 file
+/// of its own dequantized weights generates: quantized weights are only ever dequantized into the
+/// f32 panels the products read, so the only difference from the f32 model is the weights' rounding.
+#[test]
+fn gguf_runs_equal_runs_of_their_dequantized_weights() {
+    use sdcap::quantize::{self, Policy, Request};
+    use sdcap::weights::TensorStore;
+    common::compute_threads();
+    for family in ["sd2", "sdxl"] {
+        for ty in ["q8_0", "q4_0"] {
+            let dir = temp_dir(&format!("gguf_{family}_{ty}"));
+            let gguf = dir.join("model.gguf");
+            let req = Request {
+                input: single(family),
+                output: gguf.clone(),
+                policy: Policy {
+                    ty: quant::GgmlType::from_name(ty).unwrap(),
+                    rules: Vec::new(),
+                    compat: None,
+                },
+                quality: false,
+                force: true,
+            };
+            quantize::quantize_model(&req, &mut |_| {}, &|| false).unwrap();
+            // Every tensor of the GGUF, dequantized, into an f32 safetensors file.
+            let store = TensorStore::open(&gguf).unwrap();
+            let mut quantized = 0;
+            let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = store
+                .tensors()
+                .iter()
+                .map(|t| {
+                    quantized += usize::from(matches!(t.dtype, sdcap::weights::DType::Quant(_)));
+                    let mut values = vec![0f32; t.numel()];
+                    store.read_f32(t, &mut values).unwrap();
+                    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    (t.name.clone(), t.shape.clone(), bytes)
+                })
+                .collect();
+            assert!(quantized > 0, "{family} {ty}: nothing was quantized");
+            let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+                .iter()
+                .map(|(n, s, b)| {
+                    let view =
+                        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                            .unwrap();
+                    (n.clone(), view)
+                })
+                .collect();
+            let dequantized = dir.join("dequantized.safetensors");
+            safetensors::serialize_to_file(views, None, &dequantized).unwrap();
+
+            let gguf_job = Job {
+                width: 64,
+                height: 64,
+                steps: 2,
+                prediction: Some(Prediction::Eps),
+                ..Job::new(gguf.clone(), "a photo of a cat")
+            };
+            let f32_job = Job {
+                model: dequantized,
+                ..gguf_job.clone()
+            };
+            let a = pipeline::txt2img(&gguf_job, &mut |_| {}).unwrap();
+            let b = pipeline::txt2img(&f32_job, &mut |_| {}).unwrap();
+            assert_eq!(a.latent, b.latent, "{family} {ty}");
+            assert_eq!(a.image.pixels, b.image.pixels, "{family} {ty}");
+        }
+    }
+}

@@ -173,7 +173,9 @@ fn resolve_seed(seed: i64) -> u64 {
 fn sampler_label(job: &Job) -> String {
     match job.scheduler {
         ScheduleKind::Discrete => job.sampler.to_string(),
-        ScheduleKind::Karras => format!("{} {}", job.sampler, job.scheduler),
+        ScheduleKind::Karras | ScheduleKind::Trailing => {
+            format!("{} {}", job.sampler, job.scheduler)
+        }
     }
 }
 

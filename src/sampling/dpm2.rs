@@ -15,8 +15,8 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     for i in 0..n {
         let (sigma, next) = (sigmas[i], sigmas[i + 1]);
         let mid = dpm2_midpoint(sigma, next);
-        let out = steps.eps(&scale_by_sigma(&x, sigma), schedule.timesteps[call])?;
-        let denoised = ve_denoised(&x, &out, sigma);
+        let out = steps.predict(&scale_by_sigma(&x, sigma), schedule.timesteps[call])?;
+        let denoised = ve_denoised(steps.prediction, &x, &out, sigma);
         let dt = mid - sigma;
         let stepped: Vec<f32> = x
             .iter()
@@ -32,8 +32,8 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             x = stepped;
             break;
         }
-        let out = steps.eps(&scale_by_sigma(&stepped, mid), schedule.timesteps[call])?;
-        let denoised = ve_denoised(&stepped, &out, mid);
+        let out = steps.predict(&scale_by_sigma(&stepped, mid), schedule.timesteps[call])?;
+        let denoised = ve_denoised(steps.prediction, &stepped, &out, mid);
         let dt = next - sigma;
         for ((v, s), p) in x.iter_mut().zip(&stepped).zip(&denoised) {
             let derivative = (s - p) / mid;

@@ -17,10 +17,10 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     let mut previous: Option<Vec<f32>> = None;
     for (i, &t) in schedule.timesteps.iter().enumerate() {
         // scale_model_input is the identity: x is already VP-scaled.
-        let out = steps.eps(&x, t)?;
+        let out = steps.predict(&x, t)?;
         let s0 = VpPoint::new(sigmas[i]);
         let target = VpPoint::new(sigmas[i + 1]);
-        let denoised = vp_denoised(&x, &out, s0.alpha, s0.sigma);
+        let denoised = vp_denoised(steps.prediction, &x, &out, s0.alpha, s0.sigma);
         let noise = steps.noise(x.len())?;
 
         let h = target.lambda - s0.lambda;

@@ -8,10 +8,10 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     let n = schedule.steps();
     for (i, &t) in schedule.timesteps.iter().enumerate() {
         let sigma = sigmas[i];
-        let eps = steps.eps(&scale_by_sigma(&x, sigma), t)?;
+        let out = steps.predict(&scale_by_sigma(&x, sigma), t)?;
         let dt = sigmas[i + 1] - sigma;
-        // diffusers' operation order in float32: x0 = x - sigma*eps, d = (x - x0)/sigma, x += d*dt.
-        let denoised = ve_denoised(&x, &eps, sigma);
+        // diffusers' operation order in float32: x0 from the model output, d = (x - x0)/sigma, x += d*dt.
+        let denoised = ve_denoised(steps.prediction, &x, &out, sigma);
         for (v, denoised) in x.iter_mut().zip(&denoised) {
             let derivative = (*v - denoised) / sigma;
             *v += derivative * dt;

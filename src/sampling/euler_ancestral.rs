@@ -9,12 +9,12 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     let n = schedule.steps();
     for (i, &t) in schedule.timesteps.iter().enumerate() {
         let (sigma, sigma_to) = (sigmas[i], sigmas[i + 1]);
-        let eps = steps.eps(&scale_by_sigma(&x, sigma), t)?;
+        let out = steps.predict(&scale_by_sigma(&x, sigma), t)?;
         let (from2, to2) = (sigma * sigma, sigma_to * sigma_to);
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();
         let sigma_down = (to2 - sigma_up * sigma_up).sqrt();
         let dt = sigma_down - sigma;
-        let denoised = ve_denoised(&x, &eps, sigma);
+        let denoised = ve_denoised(steps.prediction, &x, &out, sigma);
         for (v, denoised) in x.iter_mut().zip(&denoised) {
             let derivative = (*v - denoised) / sigma;
             *v += derivative * dt;

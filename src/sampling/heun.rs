@@ -13,8 +13,8 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     let mut call = 0;
     for i in 0..n {
         let (sigma, next) = (sigmas[i], sigmas[i + 1]);
-        let out = steps.eps(&scale_by_sigma(&x, sigma), schedule.timesteps[call])?;
-        let denoised = ve_denoised(&x, &out, sigma);
+        let out = steps.predict(&scale_by_sigma(&x, sigma), schedule.timesteps[call])?;
+        let denoised = ve_denoised(steps.prediction, &x, &out, sigma);
         let dt = next - sigma;
         // diffusers in float32: d = (x - x0)/sigma, x_next = x + d*dt.
         let derivative: Vec<f32> = x
@@ -30,8 +30,8 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             break;
         }
         // Second order: the model at the Euler end point (scaled for `next`), mean derivative from x.
-        let out = steps.eps(&scale_by_sigma(&stepped, next), schedule.timesteps[call])?;
-        let denoised = ve_denoised(&stepped, &out, next);
+        let out = steps.predict(&scale_by_sigma(&stepped, next), schedule.timesteps[call])?;
+        let denoised = ve_denoised(steps.prediction, &stepped, &out, next);
         for (((v, d1), s), p) in x.iter_mut().zip(&derivative).zip(&stepped).zip(&denoised) {
             let d2 = (s - p) / next;
             let d = (d1 + d2) / 2.0;

@@ -1,7 +1,7 @@
 //! Latent consistency model sampling, as diffusers' LCMScheduler (default options): each step predicts
 //! the clean latent with the consistency boundary scalings, then re-noises it to the next timestep.
 
-use super::{Schedule, Steps};
+use super::{vp_denoised, Schedule, Steps};
 use crate::Result;
 
 /// `sigma_data` of the consistency-model boundary condition.
@@ -13,17 +13,15 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     let n = schedule.steps();
     let alphas = schedule.alphas_cumprod();
     for (i, &t) in schedule.timesteps.iter().enumerate() {
-        let eps = steps.eps(&x, t)?;
+        let out = steps.predict(&x, t)?;
         let alpha = alphas[t as usize];
         let (sqrt_alpha, sqrt_beta) = (alpha.sqrt(), (1.0 - alpha).sqrt());
         let (c_skip, c_out) = boundary_scalings(t);
+        let predicted = vp_denoised(steps.prediction, &x, &out, sqrt_alpha, sqrt_beta);
         let denoised: Vec<f32> = x
             .iter()
-            .zip(&eps)
-            .map(|(v, e)| {
-                let predicted = (v - sqrt_beta * e) / sqrt_alpha;
-                c_out * predicted + c_skip * v
-            })
+            .zip(&predicted)
+            .map(|(v, p)| c_out * p + c_skip * v)
             .collect();
         x = if i + 1 < n {
             let alpha_prev = alphas[schedule.timesteps[i + 1] as usize];

@@ -16,8 +16,8 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     let mut derivatives: VecDeque<Vec<f32>> = VecDeque::with_capacity(ORDER);
     for (i, &t) in schedule.timesteps.iter().enumerate() {
         let sigma = sigmas[i];
-        let out = steps.eps(&scale_by_sigma(&x, sigma), t)?;
-        let denoised = ve_denoised(&x, &out, sigma);
+        let out = steps.predict(&scale_by_sigma(&x, sigma), t)?;
+        let denoised = ve_denoised(steps.prediction, &x, &out, sigma);
         drop(out);
         // Keep at most ORDER derivatives (the oldest goes before the new one is made).
         if derivatives.len() == ORDER {

@@ -8,10 +8,11 @@
 //! `dpm2` = KDPM2DiscreteScheduler, `unipc` = UniPCMultistepScheduler (bh2, order 2), `lms` =
 //! LMSDiscreteScheduler (order 4).
 //!
-//! The sigma-based samplers turn the model output into the denoised latent x0 only through
-//! [`ve_denoised`] (latent `x = x0 + sigma * eps`: Euler-type, Heun, DPM2, LMS) or [`vp_denoised`]
-//! (`x = alpha * x0 + sigma_t * eps`: DPM-Solver++, UniPC): the one place another prediction type
-//! (v-prediction) changes.
+//! Every sampler turns the model output into the denoised latent x0 only through [`ve_denoised`]
+//! (latent `x = x0 + sigma * eps`: Euler-type, Heun, DPM2, LMS) or [`vp_denoised`] /
+//! [`vp_denoised_and_eps`] (`x = alpha * x0 + sigma_t * eps`: DPM-Solver++, UniPC, DDIM, LCM): the one
+//! place the prediction type (epsilon or v, [`Prediction`]) enters, with each diffusers scheduler's
+//! float32 formula for it.
 
 pub mod rng;
 
@@ -29,6 +30,7 @@ mod unipc;
 
 pub use schedule::{schedule, Schedule};
 
+use crate::family::Prediction;
 use crate::job::SamplerKind;
 use crate::{Error, Result};
 
@@ -38,13 +40,14 @@ pub trait NoiseSource {
     fn noise(&mut self, len: usize) -> Vec<f32>;
 }
 
-/// The denoiser as the samplers see it: `(model input, timestep) -> epsilon`.
+/// The denoiser as the samplers see it: `(model input, timestep) -> model output` (epsilon or v, as
+/// the `prediction` given to [`sample`] says).
 pub type Model<'a> = &'a mut dyn FnMut(&[f32], f32) -> Result<Vec<f32>>;
 
 /// Runs the sampler. `x` is the unit-normal initial noise (this function multiplies by
 /// `init_noise_sigma`). `model(input, timestep)` gets the already-scaled model input
-/// (`scale_model_input` applied) and the timestep as diffusers passes it to the UNet, and returns epsilon
-/// (already classifier-free-guided by the caller). `on_step(i, n)` is called after step `i` (0-based)
+/// (`scale_model_input` applied) and the timestep as diffusers passes it to the UNet, and returns the
+/// model output, epsilon or v as `prediction` says (already classifier-free-guided by the caller). `on_step(i, n)` is called after step `i` (0-based)
 /// of `n`. Returns the final latent (before VAE scaling).
 ///
 /// `on_step(i, n)` counts model evaluations: `n` is `schedule.timesteps.len()`, which is the step count
@@ -55,6 +58,7 @@ pub type Model<'a> = &'a mut dyn FnMut(&[f32], f32) -> Result<Vec<f32>>;
 pub fn sample(
     sampler: SamplerKind,
     schedule: &Schedule,
+    prediction: Prediction,
     x: Vec<f32>,
     model: Model<'_>,
     noise: &mut dyn NoiseSource,
@@ -73,6 +77,7 @@ pub fn sample(
     let x: Vec<f32> = x.into_iter().map(|v| v * init).collect();
     let mut steps = Steps {
         model,
+        prediction,
         noise,
         on_step,
     };
@@ -93,16 +98,18 @@ pub fn sample(
 /// What a sampler calls out to, with the length checks in one place.
 struct Steps<'a, 'm> {
     model: Model<'m>,
+    /// What the model output is; read by the `*_denoised` functions.
+    prediction: Prediction,
     noise: &'a mut dyn NoiseSource,
     on_step: &'a mut dyn FnMut(usize, usize),
 }
 
 impl Steps<'_, '_> {
-    /// Epsilon for `input` at `timestep`; must match the latent's length.
-    fn eps(&mut self, input: &[f32], timestep: f32) -> Result<Vec<f32>> {
-        let eps = (self.model)(input, timestep)?;
-        check_len("model output", eps.len(), input.len())?;
-        Ok(eps)
+    /// The model output (epsilon or v) for `input` at `timestep`; must match the latent's length.
+    fn predict(&mut self, input: &[f32], timestep: f32) -> Result<Vec<f32>> {
+        let out = (self.model)(input, timestep)?;
+        check_len("model output", out.len(), input.len())?;
+        Ok(out)
     }
 
     /// One unit-normal draw the size of the latent.
@@ -144,22 +151,68 @@ fn step_sigmas(schedule: &Schedule) -> Result<Vec<f32>> {
     })
 }
 
-/// The denoised latent x0 from the model output for a latent `x = x0 + sigma * eps` (the
-/// Karras/"VE" form of Euler-type samplers, Heun, DPM2, LMS): `x - sigma * eps` in float32.
-fn ve_denoised(x: &[f32], model_output: &[f32], sigma: f32) -> Vec<f32> {
-    x.iter()
-        .zip(model_output)
-        .map(|(v, e)| v - sigma * e)
-        .collect()
+/// The denoised latent x0 from the model output `m` for a latent `x = x0 + sigma * eps` (the
+/// Karras/"VE" form of Euler-type samplers, Heun, DPM2, LMS), in diffusers' float32 order:
+/// epsilon `x - sigma * m`; v `m * (-sigma / sqrt(sigma^2 + 1)) + x / (sigma^2 + 1)`.
+fn ve_denoised(prediction: Prediction, x: &[f32], model_output: &[f32], sigma: f32) -> Vec<f32> {
+    match prediction {
+        Prediction::Eps => x
+            .iter()
+            .zip(model_output)
+            .map(|(v, e)| v - sigma * e)
+            .collect(),
+        Prediction::V => {
+            let skip_div = sigma * sigma + 1.0;
+            let c_out = -sigma / skip_div.sqrt();
+            x.iter()
+                .zip(model_output)
+                .map(|(v, m)| m * c_out + v / skip_div)
+                .collect()
+        }
+    }
 }
 
-/// The denoised latent x0 from the model output for a latent `x = alpha * x0 + sigma_t * eps` (the
-/// VP form of DPM-Solver++ and UniPC): `(x - sigma_t * eps) / alpha` in float32.
-fn vp_denoised(x: &[f32], model_output: &[f32], alpha: f32, sigma_t: f32) -> Vec<f32> {
-    x.iter()
-        .zip(model_output)
-        .map(|(v, e)| (v - sigma_t * e) / alpha)
-        .collect()
+/// The denoised latent x0 from the model output `m` for a latent `x = alpha * x0 + sigma_t * eps`
+/// (the VP form of DPM-Solver++, UniPC and LCM), in diffusers' float32 order: epsilon
+/// `(x - sigma_t * m) / alpha`; v `alpha * x - sigma_t * m`.
+fn vp_denoised(
+    prediction: Prediction,
+    x: &[f32],
+    model_output: &[f32],
+    alpha: f32,
+    sigma_t: f32,
+) -> Vec<f32> {
+    match prediction {
+        Prediction::Eps => x
+            .iter()
+            .zip(model_output)
+            .map(|(v, e)| (v - sigma_t * e) / alpha)
+            .collect(),
+        Prediction::V => x
+            .iter()
+            .zip(model_output)
+            .map(|(v, m)| alpha * v - sigma_t * m)
+            .collect(),
+    }
+}
+
+/// DDIM's pair (x0, epsilon) for one element of a VP latent (`alpha` = sqrt(alphas_cumprod[t]),
+/// `sigma_t` = sqrt(1 - alphas_cumprod[t])): epsilon gives x0 as [`vp_denoised`] and itself; v gives
+/// `alpha * x - sigma_t * m` and `alpha * m + sigma_t * x` (diffusers' DDIMScheduler, float32).
+fn vp_denoised_and_eps(
+    prediction: Prediction,
+    x: f32,
+    model_output: f32,
+    alpha: f32,
+    sigma_t: f32,
+) -> (f32, f32) {
+    match prediction {
+        Prediction::Eps => ((x - sigma_t * model_output) / alpha, model_output),
+        Prediction::V => (
+            alpha * x - sigma_t * model_output,
+            alpha * model_output + sigma_t * x,
+        ),
+    }
 }
 
 /// Euler-type `scale_model_input`: `x / sqrt(sigma^2 + 1)` in float32.

@@ -1,6 +1,8 @@
-//! Timesteps and sigmas for one run: the SD1.x training noise schedule and the inference spacings that
-//! diffusers' schedulers derive from it (SD1.5's scheduler config: `scaled_linear` betas 0.00085..0.012,
-//! 1000 training steps, `timestep_spacing="leading"`, `steps_offset=1`, `set_alpha_to_one=False`).
+//! Timesteps and sigmas for one run: the SD1.x/SD2.x/SDXL training noise schedule and the inference
+//! spacings that diffusers' schedulers derive from it (the checkpoints' scheduler config: `scaled_linear`
+//! betas 0.00085..0.012, 1000 training steps, `timestep_spacing="leading"`, `steps_offset=1`,
+//! `set_alpha_to_one=False`). `--scheduler trailing` is `timestep_spacing="trailing"` (SD-Turbo,
+//! SDXL-Turbo), `--scheduler karras` is `use_karras_sigmas=True`.
 //!
 //! Precision follows diffusers: the training tables are float32 tensors (`alphas_cumprod` accumulated in
 //! float64 by torch's cumprod, stored as float32), the Karras and timestep arithmetic is numpy float64,
@@ -80,35 +82,55 @@ pub fn schedule(sampler: SamplerKind, scheduler: ScheduleKind, steps: usize) -> 
         )));
     }
     let karras = scheduler == ScheduleKind::Karras;
+    let trailing = scheduler == ScheduleKind::Trailing;
     if karras && matches!(sampler, SamplerKind::Ddim | SamplerKind::Lcm) {
         return Err(Error::BadRequest(format!(
             "scheduler karras does not apply to {sampler} (it has no sigmas); use --scheduler discrete"
         )));
     }
+    if trailing && sampler == SamplerKind::Lcm {
+        return Err(Error::BadRequest(
+            "scheduler trailing does not apply to lcm (its timesteps come from its 50-step distillation schedule); use --scheduler discrete".into(),
+        ));
+    }
+    // The spacing of the Euler-type samplers and DDIM: "leading" (also what Karras starts from) or
+    // "trailing".
+    let spaced = || {
+        if trailing {
+            trailing_spacing(steps)
+        } else {
+            in_range(leading(steps))
+        }
+    };
     let alphas_cumprod = alphas_cumprod();
     let train_sigmas = train_sigmas(&alphas_cumprod);
     let (timesteps, sigmas) = match sampler {
         SamplerKind::Euler | SamplerKind::EulerA | SamplerKind::Lms => {
-            euler_schedule(&train_sigmas, in_range(leading(steps))?, karras)
+            euler_schedule(&train_sigmas, spaced()?, karras)
         }
         SamplerKind::Heun => {
-            let (t, s) = euler_schedule(&train_sigmas, in_range(leading(steps))?, karras);
+            let (t, s) = euler_schedule(&train_sigmas, spaced()?, karras);
             heun_layout(t, s.unwrap_or_default())
         }
-        SamplerKind::Dpm2 => dpm2_schedule(&train_sigmas, in_range(leading(steps))?, karras),
+        SamplerKind::Dpm2 => dpm2_schedule(&train_sigmas, spaced()?, karras),
         // With Karras the "leading" timesteps are replaced, never used to index the table.
         SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc if karras => {
             dpm_solver_karras(&train_sigmas, steps)
         }
+        SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc if trailing => {
+            dpm_solver_schedule(&train_sigmas, trailing_spacing(steps)?)
+        }
         SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc => {
             dpm_solver_schedule(&train_sigmas, in_range(dpm_leading(steps))?)
         }
-        SamplerKind::Ddim => (to_f32(&in_range(leading(steps))?), None),
+        SamplerKind::Ddim => (to_f32(&spaced()?), None),
         SamplerKind::Lcm => (to_f32(&lcm_timesteps(steps)?), None),
     };
     let init_noise_sigma = match (sampler, &sigmas) {
-        // Euler-type with "leading" spacing: the first latent is a VE sample at sigma_max, whose std is
-        // sqrt(sigma_max^2 + 1) because the UNet input is later divided by that.
+        // Euler-type: the first latent is a VE sample at sigma_max. diffusers scales the unit noise by
+        // sqrt(sigma_max^2 + 1) with "leading" spacing (the std of x0 + sigma_max * eps for unit x0,
+        // the UNet input later being divided by that), but by sigma_max itself with "trailing" (and
+        // "linspace"): the `init_noise_sigma` of Euler, Euler a, Heun, KDPM2 and LMS alike.
         (
             SamplerKind::Euler
             | SamplerKind::EulerA
@@ -118,7 +140,11 @@ pub fn schedule(sampler: SamplerKind, scheduler: ScheduleKind, steps: usize) -> 
             Some(s),
         ) => {
             let max = s.iter().copied().fold(f32::MIN, f32::max);
-            (max * max + 1.0).sqrt()
+            if trailing {
+                max
+            } else {
+                (max * max + 1.0).sqrt()
+            }
         }
         // DPM-Solver, DDIM and LCM work on the VP-scaled latent: unit variance.
         _ => 1.0,
@@ -179,6 +205,34 @@ fn dpm_leading(steps: usize) -> Vec<usize> {
         .rev()
         .map(|i| i * ratio + STEPS_OFFSET)
         .collect()
+}
+
+/// "trailing" spacing, as every diffusers scheduler that has it computes it: `round(arange(1000, 0,
+/// -1000 / steps)) - 1` in float64, so the first timestep is always 999 (numpy's arange: length
+/// `ceil(1000 / (1000 / steps))`, element i = `1000 + i * delta` with `delta = (1000 - ratio) - 1000`;
+/// `round` is half to even). For some step counts (61, 103, …) float64 rounding makes that arange one
+/// element longer, ending at timestep -1 (diffusers then runs an extra step at the wrong sigma): those
+/// are refused.
+fn trailing_spacing(steps: usize) -> Result<Vec<usize>> {
+    let train = TRAIN_STEPS as f64;
+    let ratio = train / steps as f64;
+    let len = ((0.0 - train) / -ratio).ceil() as usize;
+    let delta = (train - ratio) - train;
+    let timesteps: Vec<f64> = (0..len)
+        .map(|i| match i {
+            0 => train,
+            1 => train - ratio,
+            _ => train + i as f64 * delta,
+        })
+        .map(|t| t.round_ties_even() - 1.0)
+        .collect();
+    if len != steps || timesteps.iter().any(|&t| t < 0.0) {
+        return Err(Error::BadRequest(format!(
+            "steps {steps} does not work with trailing timestep spacing (diffusers' spacing gives {len} timesteps, the last {}); use one more or one less step",
+            timesteps[len - 1]
+        )));
+    }
+    Ok(timesteps.into_iter().map(|t| t as usize).collect())
 }
 
 /// "leading" spacing breaks down near 1000 steps: with `steps_offset` 1 a timestep lands on 1000, past

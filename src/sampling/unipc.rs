@@ -22,9 +22,9 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
     let mut lower_order_nums = 0;
     for (i, &t) in schedule.timesteps.iter().enumerate() {
         // scale_model_input is the identity: x is already VP-scaled.
-        let out = steps.eps(&x, t)?;
+        let out = steps.predict(&x, t)?;
         let point = VpPoint::new(sigmas[i]);
-        let m = vp_denoised(&x, &out, point.alpha, point.sigma);
+        let m = vp_denoised(steps.prediction, &x, &out, point.alpha, point.sigma);
         if let Some((last_sample, order)) = &last {
             x = correct(sigmas, i, &history, &m, last_sample, &x, *order);
         }

@@ -5,7 +5,8 @@
 
 FIXTURES defaults to $SDCAP_FIXTURES, else the project's fixtures folder: `fixtures` inside the first
 folder named `shared` found beside the crate or above it.
-Every file of tests/data/ except MANIFEST, README.md and this script is deleted and written again, so
+Refreshes each data folder of the workspace that has a MANIFEST: tests/data/ and quant/tests/data/.
+Every file of such a folder except MANIFEST, README.md and this script is deleted and written again, so
 the folder holds exactly what MANIFEST names. See README.md for the MANIFEST syntax and the .delta format.
 """
 
@@ -20,8 +21,15 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CRATE = os.path.dirname(os.path.dirname(HERE))
+DATA_DIRS = [HERE, os.path.join(CRATE, "quant", "tests", "data")]
 KEEP = {"MANIFEST", "README.md", "refresh.py"}
 DELTA_FORMAT = "sdcap test-data delta 1"
+OPTIONS = ("from", "delta", "keys", "skip", "rows", "ids")
+# What a dropped row of a `rows=` table holds: float32 quiet NaN (0x7fc00000, little-endian), so that a
+# test which looks such a row up gets non-finite numbers instead of plausible wrong ones.
+NAN32 = struct.pack("<I", 0x7FC00000)
+# The shortest run of NAN32 words a delta stores as a `fill` segment rather than literally.
+MIN_FILL = 16 * len(NAN32)
 
 
 def die(msg):
@@ -128,25 +136,49 @@ def tensor_ranges(path, b):
 # ---- entries -----------------------------------------------------------------------------------
 
 
-def write_delta(src, dst, bases):
-    """dst + '.delta': src as literal bytes plus byte ranges of the base files (paths relative to the
-    crate root), found by matching whole tensors of src against the tensors of the bases."""
-    b = open(src, "rb").read()
+def read_base(base):
+    """A base file's bytes: `base` (relative to the crate root), or, where the crate holds `base.delta`
+    instead (a file of tests/data stored as a delta, written earlier in MANIFEST), its rebuild."""
+    path = os.path.join(CRATE, base)
+    if not os.path.isfile(path) and os.path.isfile(path + ".delta"):
+        return rebuild(path + ".delta")
+    return open(path, "rb").read()
+
+
+def write_delta(b, src, dst, bases):
+    """dst + '.delta': the bytes `b` (of `src`, perhaps with rows dropped) as literal bytes, runs of
+    NAN32 and byte ranges of the base files (paths relative to the crate root), found by matching whole
+    tensors of `b` against the tensors of the bases."""
     index = {}
     for base in bases:
-        bb = open(os.path.join(CRATE, base), "rb").read()
+        bb = read_base(base)
         for s, e in tensor_ranges(base, bb):
             index.setdefault((e - s, hashlib.sha256(bb[s:e]).digest()), (base, s))
     segments, literal = [], bytearray()
     pos = 0
 
-    def lit(upto):
-        if upto > pos:
+    def literal_bytes(start, end):
+        if end > start:
             if segments and "literal" in segments[-1]:
-                segments[-1]["literal"][1] += upto - pos
+                segments[-1]["literal"][1] += end - start
             else:
-                segments.append({"literal": [len(literal), upto - pos]})
-            literal.extend(b[pos:upto])
+                segments.append({"literal": [len(literal), end - start]})
+            literal.extend(b[start:end])
+
+    def lit(upto):
+        # Literal bytes, but runs of at least MIN_FILL bytes of NAN32 (dropped rows) as fill segments.
+        start = pos
+        while start < upto:
+            run = b.find(NAN32 * (MIN_FILL // len(NAN32)), start, upto)
+            if run < 0:
+                break
+            end = run + MIN_FILL
+            while end + len(NAN32) <= upto and b[end : end + len(NAN32)] == NAN32:
+                end += len(NAN32)
+            literal_bytes(start, run)
+            segments.append({"fill": NAN32.hex(), "len": end - run})
+            start = end
+        literal_bytes(start, upto)
 
     for s, e in sorted(tensor_ranges(src, b)):
         hit = index.get((e - s, hashlib.sha256(b[s:e]).digest())) if e > s else None
@@ -168,6 +200,9 @@ def write_delta(src, dst, bases):
     # Check: the delta rebuilds the source exactly (the tests check size and CRC-32 again).
     if rebuild(dst + ".delta") != b:
         die(f"{dst}.delta does not rebuild {src}")
+    fills = sum(s["len"] for s in segments if "fill" in s)
+    if fills:
+        print(f"{dst}.delta: {fills:,} bytes of dropped rows (NaN)")
 
 
 def rebuild(delta):
@@ -180,20 +215,77 @@ def rebuild(delta):
         if "literal" in seg:
             at, length = seg["literal"]
             out += lit[at : at + length]
+        elif "fill" in seg:
+            pattern = bytes.fromhex(seg["fill"])
+            out += (pattern * (seg["len"] // len(pattern) + 1))[: seg["len"]]
         else:
-            with open(os.path.join(CRATE, seg["base"]), "rb") as f:
-                f.seek(seg["at"])
-                out += f.read(seg["len"])
+            out += read_base(seg["base"])[seg["at"] : seg["at"] + seg["len"]]
     return bytes(out)
 
 
-def write_subset(src, dst, keys):
-    """A safetensors file with only `keys` (same dtypes, shapes and bytes)."""
+def token_ids(files, fixtures):
+    """Every token id the files hold: the integer tensors of a .safetensors file, every integer of a list
+    in a .json file (paths relative to the fixtures folder)."""
+    ids = set()
+    for rel in files:
+        path = os.path.join(fixtures, rel)
+        if not os.path.isfile(path):
+            die(f"ids= {path} is not a file")
+        if rel.endswith(".safetensors"):
+            b = open(path, "rb").read()
+            for dtype, _, s, e in safetensors_parts(b)[1].values():
+                fmt = {"I64": "q", "I32": "i"}.get(dtype)
+                if fmt:
+                    ids.update(struct.unpack(f"<{(e - s) // struct.calcsize(fmt)}{fmt}", b[s:e]))
+        elif rel.endswith(".json"):
+
+            def walk(v, in_list):
+                if isinstance(v, list):
+                    for x in v:
+                        walk(x, True)
+                elif isinstance(v, dict):
+                    for x in v.values():
+                        walk(x, False)
+                elif in_list and isinstance(v, int) and not isinstance(v, bool):
+                    ids.add(v)
+
+            walk(json.load(open(path)), False)
+        else:
+            die(f"ids= {rel}: a .safetensors or .json file")
+    return ids
+
+
+def drop_rows(b, src, tables, ids):
+    """`b` (a .safetensors file) with every row of the float32 tables whose index is not in `ids` set to
+    NAN32."""
+    _, parts = safetensors_parts(b)
+    out = bytearray(b)
+    for name in tables:
+        if name not in parts:
+            die(f"{src}: no tensor {name} (rows=)")
+        dtype, shape, s, e = parts[name]
+        if dtype != "F32" or len(shape) != 2:
+            die(f"{src}: rows= needs a 2-D F32 tensor, {name} is {dtype} {shape}")
+        rows, row = shape[0], (e - s) // shape[0]
+        bad = sorted(i for i in ids if not 0 <= i < rows)
+        if bad:
+            die(f"{src}: token ids {bad[:5]} outside {name}'s {rows} rows")
+        for i in range(rows):
+            if i not in ids:
+                out[s + i * row : s + (i + 1) * row] = NAN32 * (row // 4)
+        print(f"{src}: {name}: {len(ids)} of {rows} rows kept")
+    return bytes(out)
+
+
+def write_subset(src, dst, patterns):
+    """A safetensors file with only the keys matching `patterns` (names or globs; same dtypes, shapes
+    and bytes, in the file's order)."""
     b = open(src, "rb").read()
     header, parts = safetensors_parts(b)
-    missing = [k for k in keys if k not in parts]
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in parts)]
     if missing:
         die(f"{src}: no keys {missing}")
+    keys = [k for k in parts if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
     new, data = {}, bytearray()
     if "__metadata__" in header:
         new["__metadata__"] = header["__metadata__"]
@@ -207,9 +299,9 @@ def write_subset(src, dst, keys):
         f.write(struct.pack("<Q", len(raw)) + raw + bytes(data))
 
 
-def parse_manifest():
+def parse_manifest(data):
     entries = []
-    for no, line in enumerate(open(os.path.join(HERE, "MANIFEST")), 1):
+    for no, line in enumerate(open(os.path.join(data, "MANIFEST")), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -217,9 +309,11 @@ def parse_manifest():
         entry = {"path": path, "line": no}
         for opt in opts:
             key, sep, value = opt.partition("=")
-            if not sep or key not in ("from", "delta", "keys", "skip"):
+            if not sep or key not in OPTIONS:
                 die(f"MANIFEST line {no}: unknown option {opt!r}")
-            entry[key] = value.split(",") if key in ("delta", "keys", "skip") else value
+            entry[key] = value.split(",") if key != "from" else value
+        if ("rows" in entry) != ("ids" in entry):
+            die(f"MANIFEST line {no}: rows= and ids= go together")
         entries.append(entry)
     return entries
 
@@ -244,33 +338,43 @@ def files_of(entry, fixtures):
     return [(src, rel)]
 
 
-def main():
-    fixtures = fixtures_dir(sys.argv)
-    entries = parse_manifest()
-    for name in os.listdir(HERE):
+def refresh(data, fixtures):
+    entries = parse_manifest(data)
+    for name in os.listdir(data):
         if name not in KEEP:
-            full = os.path.join(HERE, name)
+            full = os.path.join(data, name)
             shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
     for entry in entries:
         for src, rel in files_of(entry, fixtures):
-            dst = os.path.join(HERE, rel)
+            dst = os.path.join(data, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            if "delta" in entry:
-                write_delta(src, dst, entry["delta"])
+            if "delta" in entry or "rows" in entry:
+                b = open(src, "rb").read()
+                if "rows" in entry:
+                    b = drop_rows(b, src, entry["rows"], token_ids(entry["ids"], fixtures))
+                write_delta(b, src, dst, entry.get("delta", []))
             elif "keys" in entry:
                 write_subset(src, dst, entry["keys"])
             else:
                 shutil.copyfile(src, dst)
                 shutil.copymode(src, dst)
     sizes = {}
-    for root, _, names in os.walk(HERE):
+    for root, _, names in os.walk(data):
         for name in names:
-            rel = os.path.relpath(os.path.join(root, name), HERE)
+            rel = os.path.relpath(os.path.join(root, name), data)
             top = rel.split(os.sep)[0] if os.sep in rel else "."
             sizes[top] = sizes.get(top, 0) + os.path.getsize(os.path.join(root, name))
+    print(os.path.relpath(data, CRATE))
     for top, size in sorted(sizes.items()):
         print(f"{size:>12,}  {top}")
     print(f"{sum(sizes.values()):>12,}  total")
+
+
+def main():
+    fixtures = fixtures_dir(sys.argv)
+    for data in DATA_DIRS:
+        if os.path.isfile(os.path.join(data, "MANIFEST")):
+            refresh(data, fixtures)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 use super::*;
 
-/// A file name, its tensors (name, shape), and what the error must say.
-type Case = (&'static str, Vec<(&'static str, Vec<usize>)>, &'static str);
+/// Tensor names and shapes of a test file.
+type Tensors = Vec<(&'static str, Vec<usize>)>;
+
+/// A file name, its tensors, and what the error must say.
+type Case = (&'static str, Tensors, &'static str);
 
 #[test]
 fn tiny_model_is_sd1_in_both_layouts() {
@@ -26,7 +29,7 @@ fn tiny_model_is_sd1_in_both_layouts() {
 fn sd2_and_sdxl_are_told_apart_by_their_text_encoders() {
     let dir = temp_dir("families_run");
     let conv_in = "model.diffusion_model.input_blocks.0.0.weight";
-    let cases: Vec<(&str, Vec<(&str, Vec<usize>)>, Family)> = vec![
+    let cases: Vec<(&str, Tensors, Family)> = vec![
         (
             "sdxl",
             vec![

@@ -6,17 +6,19 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
-/// `$SDCAP_FIXTURES/quant`, else the first `shared/fixtures/quant` found walking up from the crate
-/// (works from the main checkout and from worktrees).
+/// `$SDCAP_FIXTURES/quant` (the full vectors of the project's fixtures folder), else `tests/data` of this
+/// crate: the subset the repository carries (every input; of each type's file, the keys of the inputs
+/// `a`, `b` and `edge`; see its MANIFEST and `tests/data/README.md` of the workspace).
 pub fn fixture_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SDCAP_FIXTURES") {
-        return PathBuf::from(dir).join("quant");
+    match std::env::var_os("SDCAP_FIXTURES") {
+        Some(dir) => PathBuf::from(dir).join("quant"),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data"),
     }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .map(|dir| dir.join("shared/fixtures/quant"))
-        .find(|dir| dir.is_dir())
-        .expect("shared/fixtures/quant not found above the crate; set SDCAP_FIXTURES")
+}
+
+/// Whether [`fixture_dir`] holds the full vectors (with the `c` / `c64k` keys) rather than the subset.
+pub fn full_set() -> bool {
+    std::env::var_os("SDCAP_FIXTURES").is_some()
 }
 
 pub fn read(path: &Path) -> Vec<u8> {
