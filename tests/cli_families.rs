@@ -18,6 +18,10 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sdcap");
 
+/// A prompt of the goldens: the SD2/SDXL models under `tests/data` carry only its token rows (see
+/// `tests/data/README.md`).
+const CAT: &str = "a photo of a cat";
+
 fn sdxl() -> PathBuf {
     fixtures().join("tiny-sdxl/tiny-sdxl-fp32.safetensors")
 }
@@ -95,7 +99,7 @@ fn generate(model: &Path, dir: &Path, name: &str, extra: &[&str]) -> Output {
         "-m",
         path(model),
         "-p",
-        "a lighthouse",
+        CAT,
         "-W",
         "64",
         "-H",
@@ -261,7 +265,7 @@ fn a_panic_is_one_line_and_exit_1() {
     let png = dir.path().join("out.png");
     for stage in ["load", "encode", "denoise", "decode"] {
         let out = sdcap(
-            &["generate", "-m", path(&sdxl()), "-p", "x", "-W", "64", "-H", "64", "--steps", "1", "--progress", "none", "-o", path(&png)],
+            &["generate", "-m", path(&sdxl()), "-p", CAT, "-W", "64", "-H", "64", "--steps", "1", "--progress", "none", "-o", path(&png)],
             &[("SDCAP_TEST_PANIC", stage)],
         );
         let err = stderr(&out);
@@ -296,7 +300,7 @@ fn records(dir: &Path) -> Vec<Value> {
 #[test]
 fn a_batch_records_a_panicking_job_and_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let jobs = "{\"prompt\":\"a\",\"seed\":1}\n{\"prompt\":\"b\",\"seed\":2}\n";
+    let jobs = "{\"prompt\":\"a photo of a cat\",\"seed\":1}\n{\"prompt\":\"a photo of a cat\",\"seed\":2}\n";
     let model = sd2();
     let flags = ["-m", path(&model), "-W", "64", "-H", "64", "--steps", "1"];
     // The first job's encode stage panics; the second job runs on the same loaded model.
@@ -343,7 +347,7 @@ fn batch_jobs_take_the_family_defaults_in_their_names() {
 fn batch_fields_for_the_families() {
     let dir = tempfile::tempdir().unwrap();
     let jobs = concat!(
-        "{\"prompt\":\"a\",\"prediction\":\"v\",\"original_size\":\"128x96\",\"crop_coords\":\"8,0\",\"target_size\":\"64x32\"}\n",
+        "{\"prompt\":\"a photo of a cat\",\"prediction\":\"v\",\"original_size\":\"128x96\",\"crop_coords\":\"8,0\",\"target_size\":\"64x32\"}\n",
         "{\"prompt\":\"b\",\"prediction\":\"x\"}\n",
         "{\"prompt\":\"c\",\"original_size\":\"12\"}\n",
         "{\"prompt\":\"d\",\"crop_coords\":\"-1,0\"}\n",
