@@ -150,7 +150,10 @@ impl SizeConditioning {
     }
 
     fn validate(&self) -> Result<()> {
-        let sizes = [("original-size", self.original), ("target-size", self.target)];
+        let sizes = [
+            ("original-size", self.original),
+            ("target-size", self.target),
+        ];
         for (what, (h, w)) in sizes.iter().filter_map(|(n, v)| v.map(|v| (n, v))) {
             if !(1..=MAX_COND_PX).contains(&h) || !(1..=MAX_COND_PX).contains(&w) {
                 return Err(Error::BadRequest(format!(
@@ -326,15 +329,35 @@ mod tests {
         let mut after = before.clone();
         after.apply_defaults(&SD1, Prediction::Eps, Given::default());
         assert_eq!(
-            (after.width, after.height, after.steps, after.cfg_scale, after.sampler, after.scheduler),
-            (before.width, before.height, before.steps, before.cfg_scale, before.sampler, before.scheduler)
+            (
+                after.width,
+                after.height,
+                after.steps,
+                after.cfg_scale,
+                after.sampler,
+                after.scheduler
+            ),
+            (
+                before.width,
+                before.height,
+                before.steps,
+                before.cfg_scale,
+                before.sampler,
+                before.scheduler
+            )
         );
     }
 
     #[test]
     fn size_conditioning_values_parse_and_are_bounded() {
-        assert_eq!(SizeConditioning::parse_size("s", "1024x768").unwrap(), (768, 1024));
-        assert_eq!(SizeConditioning::parse_size("s", " 64 X 32 ").unwrap(), (32, 64));
+        assert_eq!(
+            SizeConditioning::parse_size("s", "1024x768").unwrap(),
+            (768, 1024)
+        );
+        assert_eq!(
+            SizeConditioning::parse_size("s", " 64 X 32 ").unwrap(),
+            (32, 64)
+        );
         for bad in ["", "64", "64x", "x64", "-1x64", "64x64x64", "ax b"] {
             assert!(SizeConditioning::parse_size("s", bad).is_err(), "{bad}");
         }

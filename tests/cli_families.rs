@@ -121,7 +121,10 @@ fn sizes_and_settings_default_per_family() {
     // SDXL: 1024², and the family's steps, CFG and sampler.
     let p = plan_json(&["-m", path(&sdxl())]);
     assert_eq!(p["family"], "SDXL");
-    assert_eq!((p["width"].as_u64(), p["height"].as_u64()), (Some(1024), Some(1024)));
+    assert_eq!(
+        (p["width"].as_u64(), p["height"].as_u64()),
+        (Some(1024), Some(1024))
+    );
     assert_eq!(p["steps"], 20);
     assert_eq!(p["cfg_scale"], 7.0);
     assert_eq!(p["sampler"], "euler_a");
@@ -131,30 +134,59 @@ fn sizes_and_settings_default_per_family() {
     // SD2: 512² for eps (decided from the weights here), 768² for v.
     let p = plan_json(&["-m", path(&sd2())]);
     assert_eq!(p["family"], "SD2.x");
-    assert_eq!((p["width"].as_u64(), p["height"].as_u64()), (Some(512), Some(512)));
+    assert_eq!(
+        (p["width"].as_u64(), p["height"].as_u64()),
+        (Some(512), Some(512))
+    );
     assert_eq!(p["prediction_source"], "weights");
     let p = plan_json(&["-m", path(&sd2()), "--prediction", "v"]);
-    assert_eq!((p["width"].as_u64(), p["height"].as_u64()), (Some(768), Some(768)));
+    assert_eq!(
+        (p["width"].as_u64(), p["height"].as_u64()),
+        (Some(768), Some(768))
+    );
     assert_eq!(p["prediction"], "v");
     assert_eq!(p["prediction_source"], "flag");
     // What the user gives is kept, the rest still comes from the family.
-    let p = plan_json(&["-m", path(&sdxl()), "-W", "64", "--steps", "3", "--cfg-scale", "0"]);
-    assert_eq!((p["width"].as_u64(), p["height"].as_u64()), (Some(64), Some(1024)));
-    assert_eq!((p["steps"].as_u64(), p["cfg_scale"].as_f64()), (Some(3), Some(0.0)));
+    let p = plan_json(&[
+        "-m",
+        path(&sdxl()),
+        "-W",
+        "64",
+        "--steps",
+        "3",
+        "--cfg-scale",
+        "0",
+    ]);
+    assert_eq!(
+        (p["width"].as_u64(), p["height"].as_u64()),
+        (Some(64), Some(1024))
+    );
+    assert_eq!(
+        (p["steps"].as_u64(), p["cfg_scale"].as_f64()),
+        (Some(3), Some(0.0))
+    );
     // SD1.x (the shipped demo model): the old defaults.
     let p = plan_json(&[]);
     assert_eq!(p["family"], "SD1.x");
-    assert_eq!((p["width"].as_u64(), p["steps"].as_u64()), (Some(512), Some(20)));
+    assert_eq!(
+        (p["width"].as_u64(), p["steps"].as_u64()),
+        (Some(512), Some(20))
+    );
 }
 
 #[test]
 fn plan_text_names_the_family_and_why_this_prediction() {
-    let out = sdcap(&["plan", "-p", "x", "-m", path(&sd2()), "--prediction", "v"], &[]);
+    let out = sdcap(
+        &["plan", "-p", "x", "-m", path(&sd2()), "--prediction", "v"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     let first = text.lines().next().unwrap();
     assert!(
-        first.contains("SD2.x") && first.contains("v-prediction (from --prediction)") && first.contains("768x768"),
+        first.contains("SD2.x")
+            && first.contains("v-prediction (from --prediction)")
+            && first.contains("768x768"),
         "{first}"
     );
 }
@@ -163,12 +195,20 @@ fn plan_text_names_the_family_and_why_this_prediction() {
 fn help_says_the_size_defaults_per_family() {
     for cmd in ["generate", "batch", "plan"] {
         let out = sdcap(&[cmd, "--help"], &[]);
-        let help = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+        let help = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         assert!(
             help.contains("default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)"),
             "{cmd}: {help}"
         );
-        for flag in ["--prediction", "--original-size", "--crop-coords", "--target-size"] {
+        for flag in [
+            "--prediction",
+            "--original-size",
+            "--crop-coords",
+            "--target-size",
+        ] {
             assert!(help.contains(flag), "{cmd} --help lacks {flag}");
         }
     }
@@ -192,13 +232,26 @@ fn bad_family_flags_are_one_line_and_exit_2_before_loading() {
         ("--steps", "0", "steps"),
     ] {
         let out = sdcap(
-            &["generate", "-p", "x", "-m", path(&missing), "-o", path(&out_png), flag, value],
+            &[
+                "generate",
+                "-p",
+                "x",
+                "-m",
+                path(&missing),
+                "-o",
+                path(&out_png),
+                flag,
+                value,
+            ],
             &[],
         );
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
         assert_eq!(err.lines().count(), 1, "{flag} {value}: {err}");
-        assert!(err.starts_with("sdcap: error: ") && err.contains(want), "{flag} {value}: {err}");
+        assert!(
+            err.starts_with("sdcap: error: ") && err.contains(want),
+            "{flag} {value}: {err}"
+        );
         assert!(!out_png.exists());
     }
 }
@@ -209,11 +262,17 @@ fn summary_names_family_and_prediction_source() {
     let out = generate(&sd2(), dir.path(), "v.png", &["--prediction", "v"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let s = summary(&out);
-    assert_eq!((&s["family"], &s["prediction"], &s["prediction_source"]), (&"SD2.x".into(), &"v".into(), &"flag".into()));
+    assert_eq!(
+        (&s["family"], &s["prediction"], &s["prediction_source"]),
+        (&"SD2.x".into(), &"v".into(), &"flag".into())
+    );
     let out = generate(&sdxl(), dir.path(), "xl.png", &["--progress", "none"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let line = stderr(&out);
-    assert!(line.contains("SDXL, eps-prediction from the family default"), "{line}");
+    assert!(
+        line.contains("SDXL, eps-prediction from the family default"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -225,27 +284,60 @@ fn sdxl_size_flags_reach_the_unet_and_the_png() {
         read_png(&dir.path().join(name))
     };
     let (plain, plain_text) = run("plain.png", &[]);
-    for absent in ["Prediction:", "Original size:", "Crop coords:", "Target size:"] {
+    for absent in [
+        "Prediction:",
+        "Original size:",
+        "Crop coords:",
+        "Target size:",
+    ] {
         assert!(!plain_text.contains(absent), "{plain_text}");
     }
     assert!(plain_text.contains("Size: 64x64"), "{plain_text}");
     // The defaults spelled out (original = target = the image size, crop 0,0) change nothing.
     let (same, _) = run(
         "same.png",
-        &["--original-size", "64x64", "--target-size", "64x64", "--crop-coords", "0,0"],
+        &[
+            "--original-size",
+            "64x64",
+            "--target-size",
+            "64x64",
+            "--crop-coords",
+            "0,0",
+        ],
     );
-    assert_eq!(same, plain, "diffusers' defaults given explicitly must give the same image");
+    assert_eq!(
+        same, plain,
+        "diffusers' defaults given explicitly must give the same image"
+    );
     let (other, text) = run(
         "other.png",
-        &["--original-size", "128x96", "--crop-coords", "8,0", "--target-size", "64x32", "--prediction", "eps"],
+        &[
+            "--original-size",
+            "128x96",
+            "--crop-coords",
+            "8,0",
+            "--target-size",
+            "64x32",
+            "--prediction",
+            "eps",
+        ],
     );
     assert_ne!(other, plain, "the size conditioning must reach the UNet");
     let last = text.lines().last().unwrap();
-    for want in ["Prediction: eps", "Original size: 128x96", "Crop coords: \"8,0\"", "Target size: 64x32"] {
+    for want in [
+        "Prediction: eps",
+        "Original size: 128x96",
+        "Crop coords: \"8,0\"",
+        "Target size: 64x32",
+    ] {
         assert!(last.contains(want), "{want} missing in {last}");
     }
     // Each flag alone changes the image.
-    for flags in [["--original-size", "128x96"], ["--crop-coords", "8,0"], ["--target-size", "64x32"]] {
+    for flags in [
+        ["--original-size", "128x96"],
+        ["--crop-coords", "8,0"],
+        ["--target-size", "64x32"],
+    ] {
         let (img, _) = run("one.png", &flags);
         assert_ne!(img, plain, "{flags:?} changed nothing");
     }
@@ -254,9 +346,18 @@ fn sdxl_size_flags_reach_the_unet_and_the_png() {
 #[test]
 fn size_flags_on_a_family_without_them_are_a_notice() {
     let dir = tempfile::tempdir().unwrap();
-    let out = generate(&sd2(), dir.path(), "sd2.png", &["--original-size", "128x128"]);
+    let out = generate(
+        &sd2(),
+        dir.path(),
+        "sd2.png",
+        &["--original-size", "128x128"],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stderr(&out).contains("condition SDXL only; SD2.x ignores them"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("condition SDXL only; SD2.x ignores them"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -265,12 +366,32 @@ fn a_panic_is_one_line_and_exit_1() {
     let png = dir.path().join("out.png");
     for stage in ["load", "encode", "denoise", "decode"] {
         let out = sdcap(
-            &["generate", "-m", path(&sdxl()), "-p", CAT, "-W", "64", "-H", "64", "--steps", "1", "--progress", "none", "-o", path(&png)],
+            &[
+                "generate",
+                "-m",
+                path(&sdxl()),
+                "-p",
+                CAT,
+                "-W",
+                "64",
+                "-H",
+                "64",
+                "--steps",
+                "1",
+                "--progress",
+                "none",
+                "-o",
+                path(&png),
+            ],
             &[("SDCAP_TEST_PANIC", stage)],
         );
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "{stage}: {err}");
-        assert_eq!(err.lines().count(), 1, "{stage}: one line, no backtrace: {err}");
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "{stage}: one line, no backtrace: {err}"
+        );
         assert!(
             err.starts_with("sdcap: error: internal error: ") && err.contains(stage),
             "{stage}: {err}"
@@ -284,7 +405,14 @@ fn batch(dir: &Path, jobs: &str, extra: &[&str], env: &[(&str, &str)]) -> Output
     let file = dir.join("jobs.jsonl");
     fs::write(&file, jobs).unwrap();
     let out_dir = dir.join("out");
-    let mut args = vec!["batch", path(&file), "-o", path(&out_dir), "--progress", "json"];
+    let mut args = vec![
+        "batch",
+        path(&file),
+        "-o",
+        path(&out_dir),
+        "--progress",
+        "json",
+    ];
     args.extend_from_slice(extra);
     sdcap(&args, env)
 }
@@ -304,14 +432,25 @@ fn a_batch_records_a_panicking_job_and_goes_on() {
     let model = sd2();
     let flags = ["-m", path(&model), "-W", "64", "-H", "64", "--steps", "1"];
     // The first job's encode stage panics; the second job runs on the same loaded model.
-    let out = batch(dir.path(), jobs, &flags, &[("SDCAP_TEST_PANIC", "encode@1")]);
+    let out = batch(
+        dir.path(),
+        jobs,
+        &flags,
+        &[("SDCAP_TEST_PANIC", "encode@1")],
+    );
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     let recs = records(dir.path());
     assert_eq!(recs.len(), 2, "{recs:?}");
     let first = recs.iter().find(|r| r["job"] == 0).unwrap();
     let second = recs.iter().find(|r| r["job"] == 1).unwrap();
     assert_eq!(first["status"], "failed");
-    assert!(first["error"].as_str().unwrap().starts_with("internal error: SDCAP_TEST_PANIC"), "{first}");
+    assert!(
+        first["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("internal error: SDCAP_TEST_PANIC"),
+        "{first}"
+    );
     assert!(!Path::new(first["output"].as_str().unwrap()).exists());
     assert_eq!(second["status"], "ok");
     assert!(Path::new(second["output"].as_str().unwrap()).is_file());
@@ -319,9 +458,15 @@ fn a_batch_records_a_panicking_job_and_goes_on() {
     let out = batch(dir.path(), jobs, &flags, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let recs = records(dir.path());
-    let statuses: Vec<_> = recs[2..].iter().map(|r| (r["job"].clone(), r["status"].clone())).collect();
+    let statuses: Vec<_> = recs[2..]
+        .iter()
+        .map(|r| (r["job"].clone(), r["status"].clone()))
+        .collect();
     assert!(statuses.contains(&(0.into(), "ok".into())), "{statuses:?}");
-    assert!(statuses.contains(&(1.into(), "skipped".into())), "{statuses:?}");
+    assert!(
+        statuses.contains(&(1.into(), "skipped".into())),
+        "{statuses:?}"
+    );
 }
 
 #[test]
@@ -336,7 +481,12 @@ fn batch_jobs_take_the_family_defaults_in_their_names() {
     let name = output_name(0, &job);
     fs::create_dir_all(dir.path().join("out")).unwrap();
     fs::write(dir.path().join("out").join(&name), b"done").unwrap();
-    let out = batch(dir.path(), "{\"prompt\":\"a\",\"steps\":1}\n", &["-m", path(&model)], &[]);
+    let out = batch(
+        dir.path(),
+        "{\"prompt\":\"a\",\"steps\":1}\n",
+        &["-m", path(&model)],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let recs = records(dir.path());
     assert_eq!(recs[0]["status"], "skipped", "{recs:?}");
@@ -361,10 +511,20 @@ fn batch_fields_for_the_families() {
     let by_job = |j: u64| recs.iter().find(|r| r["job"] == j).unwrap();
     assert_eq!(by_job(0)["status"], "ok", "{recs:?}");
     let (_, text) = read_png(Path::new(by_job(0)["output"].as_str().unwrap()));
-    for want in ["Prediction: v", "Original size: 128x96", "Crop coords: \"8,0\"", "Target size: 64x32"] {
+    for want in [
+        "Prediction: v",
+        "Original size: 128x96",
+        "Crop coords: \"8,0\"",
+        "Target size: 64x32",
+    ] {
         assert!(text.contains(want), "{want} missing in {text}");
     }
-    for (j, want) in [(1, "prediction"), (2, "original"), (3, "crop"), (4, "target")] {
+    for (j, want) in [
+        (1, "prediction"),
+        (2, "original"),
+        (3, "crop"),
+        (4, "target"),
+    ] {
         let r = by_job(j);
         assert_eq!(r["status"], "failed", "{r}");
         assert!(r["error"].as_str().unwrap().contains(want), "{r}");

@@ -163,7 +163,8 @@ fn parse_line(
         job.prediction = Some(s.parse().map_err(err)?);
     }
     if let Some(s) = line.original_size {
-        job.size_cond.original = Some(SizeConditioning::parse_size("original_size", &s).map_err(err)?);
+        job.size_cond.original =
+            Some(SizeConditioning::parse_size("original_size", &s).map_err(err)?);
     }
     if let Some(s) = line.crop_coords {
         job.size_cond.crop = SizeConditioning::parse_crop(&s).map_err(err)?;

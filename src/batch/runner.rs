@@ -16,9 +16,9 @@ use crate::atomic_file::{Existing, PendingFile};
 use crate::error::{Error, Result};
 use crate::family::{Family, Prediction};
 use crate::job::{Given, Job};
-use crate::weights::{self, TensorStore};
 use crate::output;
 use crate::pipeline::{self, Event, Models};
+use crate::weights::{self, TensorStore};
 
 /// What the runner reports as it goes (the CLI shows it as a bar or JSON lines).
 #[derive(Debug)]

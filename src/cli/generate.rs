@@ -61,15 +61,21 @@ pub(super) fn given<T>(value: &mut T, flag: Option<T>) -> bool {
 /// The job with the model family's defaults in place of every setting the user did not give
 /// (`Job::apply_defaults`), checked again; and a notice when a flag the family does not read was
 /// given.
-pub(super) fn resolve(models: &Models, job: &mut Job, given: Given) -> sdcap::Result<Option<String>> {
+pub(super) fn resolve(
+    models: &Models,
+    job: &mut Job,
+    given: Given,
+) -> sdcap::Result<Option<String>> {
     job.apply_defaults(models.spec, models.prediction, given);
     job.validate()?;
-    Ok((job.size_cond.is_set() && !models.spec.size_conditioning).then(|| {
-        format!(
+    Ok(
+        (job.size_cond.is_set() && !models.spec.size_conditioning).then(|| {
+            format!(
             "--original-size, --crop-coords and --target-size condition SDXL only; {} ignores them",
             models.spec.name
         )
-    }))
+        }),
+    )
 }
 
 /// Why this prediction type was used, for the summary and `plan`.

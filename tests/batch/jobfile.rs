@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use sdcap::batch::jobfile::{parse_jobs, parse_jobs_given};
-use sdcap::family::Prediction;
 use sdcap::batch::naming::{canonical, output_name};
+use sdcap::family::Prediction;
 use sdcap::job::{Given, Job, SamplerKind, ScheduleKind};
 
 fn defaults() -> Job {
@@ -158,7 +158,13 @@ fn family_fields_parse_and_bad_values_fail_their_line() {
     assert_eq!(a.size_cond.original, Some((768, 1024)));
     assert_eq!(a.size_cond.crop, (16, 8));
     assert_eq!(a.size_cond.target, Some((512, 512)));
-    for (k, want) in [(1, "prediction"), (2, "original_size"), (3, "crop"), (4, "target-size"), (5, "not a valid job")] {
+    for (k, want) in [
+        (1, "prediction"),
+        (2, "original_size"),
+        (3, "crop"),
+        (4, "target-size"),
+        (5, "not a valid job"),
+    ] {
         let e = jobs[k].as_ref().unwrap_err();
         assert!(e.contains(want), "line {k}: {e}");
     }
@@ -177,8 +183,17 @@ fn a_line_gives_what_it_sets_on_top_of_the_flags() {
         flags,
         Path::new("."),
     );
-    let want_a = Given { width: true, sampler: true, ..flags };
-    let want_b = Given { cfg_scale: true, height: true, scheduler: true, ..flags };
+    let want_a = Given {
+        width: true,
+        sampler: true,
+        ..flags
+    };
+    let want_b = Given {
+        cfg_scale: true,
+        height: true,
+        scheduler: true,
+        ..flags
+    };
     assert_eq!((entries[0].given, entries[1].given), (want_a, want_b));
     // Without the flags' say, everything counts as given (the library's `parse_jobs`).
     let all = parse_jobs(r#"{"prompt":"a"}"#, &defaults(), Path::new("."));
