@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::family::Prediction;
+use crate::family::{ModelSpec, Prediction};
 
 /// Sampling method (`--sampling-method`, names as in stable-diffusion.cpp).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +75,9 @@ named_enum!(RngKind, "rng", Cpu => "cpu");
 /// cleanly; 2048 keeps the activation arithmetic far from overflow.
 pub const MIN_SIDE: u32 = 64;
 pub const MAX_SIDE: u32 = 2048;
+/// Bound on SDXL's size-conditioning values (pixels): far above any training size, and small enough
+/// that the embedding's arithmetic is exact in f32.
+pub const MAX_COND_PX: u32 = 16384;
 
 #[derive(Clone, Debug)]
 pub struct Job {
@@ -114,6 +117,59 @@ pub struct SizeConditioning {
 }
 
 impl SizeConditioning {
+    /// Parses `WxH` (`--original-size`, `--target-size`) into the (height, width) pair diffusers
+    /// passes. `what` names the setting in the error.
+    pub fn parse_size(what: &str, text: &str) -> Result<(u32, u32)> {
+        let bad = || {
+            Error::BadRequest(format!(
+                "{what} `{text}` is not a size WxH in pixels (e.g. 1024x1024)"
+            ))
+        };
+        let (w, h) = text.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+        let w: u32 = w.trim().parse().map_err(|_| bad())?;
+        let h: u32 = h.trim().parse().map_err(|_| bad())?;
+        Ok((h, w))
+    }
+
+    /// Parses `TOP,LEFT` (`--crop-coords`, diffusers' `crops_coords_top_left`).
+    pub fn parse_crop(text: &str) -> Result<(u32, u32)> {
+        let bad = || {
+            Error::BadRequest(format!(
+                "crop-coords `{text}` is not TOP,LEFT in pixels (e.g. 0,0)"
+            ))
+        };
+        let (t, l) = text.trim().split_once(',').ok_or_else(bad)?;
+        let t: u32 = t.trim().parse().map_err(|_| bad())?;
+        let l: u32 = l.trim().parse().map_err(|_| bad())?;
+        Ok((t, l))
+    }
+
+    /// Whether anything differs from diffusers' defaults (image size, crop at (0, 0)).
+    pub fn is_set(&self) -> bool {
+        self.original.is_some() || self.target.is_some() || self.crop != (0, 0)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("original-size", self.original),
+            ("target-size", self.target),
+        ];
+        for (what, (h, w)) in sizes.iter().filter_map(|(n, v)| v.map(|v| (n, v))) {
+            if !(1..=MAX_COND_PX).contains(&h) || !(1..=MAX_COND_PX).contains(&w) {
+                return Err(Error::BadRequest(format!(
+                    "{what} {w}x{h} is out of range (1..={MAX_COND_PX} per side)"
+                )));
+            }
+        }
+        let (t, l) = self.crop;
+        if t > MAX_COND_PX || l > MAX_COND_PX {
+            return Err(Error::BadRequest(format!(
+                "crop-coords {t},{l} is out of range (0..={MAX_COND_PX})"
+            )));
+        }
+        Ok(())
+    }
+
     /// The six time ids SDXL's UNet embeds: original (h, w), crop (top, left), target (h, w).
     pub fn time_ids(&self, height: u32, width: u32) -> [f32; 6] {
         let (oh, ow) = self.original.unwrap_or((height, width));
@@ -123,7 +179,57 @@ impl SizeConditioning {
     }
 }
 
+/// Which of a job's settings with a per-family default the user gave (a flag, or a job-file field).
+/// Until the model is known the others hold placeholders (SD1.x's defaults, as [`Job::new`] sets
+/// them); [`Job::apply_defaults`] then fills them from the model's family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Given {
+    pub width: bool,
+    pub height: bool,
+    pub steps: bool,
+    pub cfg_scale: bool,
+    pub sampler: bool,
+    pub scheduler: bool,
+}
+
+impl Given {
+    /// Everything given: `apply_defaults` changes nothing (a library caller that set every field).
+    pub const ALL: Given = Given {
+        width: true,
+        height: true,
+        steps: true,
+        cfg_scale: true,
+        sampler: true,
+        scheduler: true,
+    };
+}
+
 impl Job {
+    /// The one place where per-family defaults are applied (`generate`, `plan` and every batch job
+    /// go through it): each setting the user did not give takes the value of the model's
+    /// `ModelSpec`; the side depends on the prediction type (SD2.x: 512 for eps, 768 for v).
+    pub fn apply_defaults(&mut self, spec: &ModelSpec, prediction: Prediction, given: Given) {
+        let side = spec.default_side(prediction);
+        if !given.width {
+            self.width = side;
+        }
+        if !given.height {
+            self.height = side;
+        }
+        if !given.steps {
+            self.steps = spec.default_steps;
+        }
+        if !given.cfg_scale {
+            self.cfg_scale = spec.default_cfg_scale;
+        }
+        if !given.sampler {
+            self.sampler = spec.default_sampler;
+        }
+        if !given.scheduler {
+            self.scheduler = spec.default_scheduler;
+        }
+    }
+
     /// The negative prompt's text ("" when there is none).
     pub fn negative_text(&self) -> &str {
         self.negative.as_deref().unwrap_or("")
@@ -185,6 +291,88 @@ impl Job {
                 "clip-skip must be at least 1 (1 = last layer)".into(),
             ));
         }
-        Ok(())
+        self.size_cond.validate()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::family::{SD1, SD2, SDXL};
+
+    #[test]
+    fn defaults_come_from_the_family_for_what_was_not_given() {
+        let mut job = Job::new(PathBuf::from("m"), "p");
+        job.apply_defaults(&SDXL, Prediction::Eps, Given::default());
+        assert_eq!((job.width, job.height), (1024, 1024));
+        let mut job = Job::new(PathBuf::from("m"), "p");
+        job.apply_defaults(&SD2, Prediction::V, Given::default());
+        assert_eq!((job.width, job.height), (768, 768));
+        job.apply_defaults(&SD2, Prediction::Eps, Given::default());
+        assert_eq!((job.width, job.height), (512, 512));
+        // Given values stay.
+        let mut job = Job::new(PathBuf::from("m"), "p");
+        (job.width, job.steps, job.cfg_scale) = (64, 1, 0.0);
+        job.sampler = SamplerKind::Lcm;
+        let given = Given {
+            width: true,
+            steps: true,
+            cfg_scale: true,
+            sampler: true,
+            ..Given::default()
+        };
+        job.apply_defaults(&SDXL, Prediction::Eps, given);
+        assert_eq!((job.width, job.height, job.steps), (64, 1024, 1));
+        assert_eq!((job.cfg_scale, job.sampler), (0.0, SamplerKind::Lcm));
+        // SD1.x's defaults are the placeholders `Job::new` sets: nothing changes.
+        let before = Job::new(PathBuf::from("m"), "p");
+        let mut after = before.clone();
+        after.apply_defaults(&SD1, Prediction::Eps, Given::default());
+        assert_eq!(
+            (
+                after.width,
+                after.height,
+                after.steps,
+                after.cfg_scale,
+                after.sampler,
+                after.scheduler
+            ),
+            (
+                before.width,
+                before.height,
+                before.steps,
+                before.cfg_scale,
+                before.sampler,
+                before.scheduler
+            )
+        );
+    }
+
+    #[test]
+    fn size_conditioning_values_parse_and_are_bounded() {
+        assert_eq!(
+            SizeConditioning::parse_size("s", "1024x768").unwrap(),
+            (768, 1024)
+        );
+        assert_eq!(
+            SizeConditioning::parse_size("s", " 64 X 32 ").unwrap(),
+            (32, 64)
+        );
+        for bad in ["", "64", "64x", "x64", "-1x64", "64x64x64", "ax b"] {
+            assert!(SizeConditioning::parse_size("s", bad).is_err(), "{bad}");
+        }
+        assert_eq!(SizeConditioning::parse_crop("16,8").unwrap(), (16, 8));
+        for bad in ["", "8", "8,", "-1,0", "1;2"] {
+            assert!(SizeConditioning::parse_crop(bad).is_err(), "{bad}");
+        }
+        let mut job = Job::new(PathBuf::from("m"), "p");
+        job.size_cond.original = Some((0, 64));
+        assert!(job.validate().is_err());
+        job.size_cond.original = Some((MAX_COND_PX, MAX_COND_PX));
+        assert!(job.validate().is_ok());
+        job.size_cond.crop = (MAX_COND_PX + 1, 0);
+        assert!(job.validate().is_err());
+        assert!(job.size_cond.is_set());
+        assert!(!SizeConditioning::default().is_set());
     }
 }

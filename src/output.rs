@@ -75,7 +75,8 @@ fn png_err(e: png::EncodingError) -> io::Error {
 /// Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 512x512, Model: v1-5-pruned-emaonly, RNG: CPU, Version: sdcap 0.1.0
 /// ```
 ///
-/// The negative line is left out when empty and `Clip skip` when it is 1. The prompts are what the
+/// The negative line is left out when empty and `Clip skip` when it is 1; `Prediction`,
+/// `Original size`, `Crop coords` and `Target size` appear only when set. The prompts are what the
 /// model read ([`infotext_prompt`]); values with `,`, `:` or a newline are JSON-quoted, as A1111's
 /// `quote` does. The Karras schedule is
 /// written the legacy way, as a suffix of the sampler name (`DPM++ 2M Karras`): older A1111 versions
@@ -102,6 +103,23 @@ pub fn parameters_text(job: &Job) -> String {
     }
     if job.clip_skip > 1 {
         fields.push(format!("Clip skip: {}", job.clip_skip));
+    }
+    // A1111 writes none of these (its SDXL conditioning is always the defaults, and the prediction
+    // type comes from the model's config): written only when the user set them, so that the image
+    // can be made again; readers keep unknown `Key: value` pairs as they are.
+    if let Some(p) = job.prediction {
+        fields.push(format!("Prediction: {p}"));
+    }
+    let size = |(h, w): (u32, u32)| format!("{w}x{h}");
+    if let Some(original) = job.size_cond.original {
+        fields.push(format!("Original size: {}", size(original)));
+    }
+    if job.size_cond.crop != (0, 0) {
+        let (top, left) = job.size_cond.crop;
+        fields.push(format!("Crop coords: {}", quote(&format!("{top},{left}"))));
+    }
+    if let Some(target) = job.size_cond.target {
+        fields.push(format!("Target size: {}", size(target)));
     }
     // A1111's key for "initial noise from torch's CPU generator", which is what `--rng cpu` reproduces.
     fields.push("RNG: CPU".to_string());

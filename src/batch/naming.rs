@@ -1,7 +1,9 @@
 //! Output names: `{index:06}-{hash:012x}.png`, e.g. `000007-3fa95c01d2b4.png`.
 //!
 //! The index keeps a directory listing in job-file order; the hash is of the job's canonical form
-//! (every setting that changes the pixels or the PNG's parameters text), so the name is the same on
+//! (every setting that changes the pixels or the PNG's parameters text; one the job left to the model
+//! family enters with the family's value, and the settings added later, `prediction` and SDXL's size
+//! conditioning, only when set, so older names stay valid), so the name is the same on
 //! every run and every machine, and a job whose settings were edited gets a new name and runs
 //! again. The model and VAE enter by file name only, not by full path: the same model mounted at
 //! another path (a container, another node) keeps the names. Threads do not enter: they do not
@@ -32,6 +34,17 @@ struct Canonical<'a> {
     seed: u64,
     clip_skip: u32,
     rng: &'static str,
+    // Added after version 1: absent when not set, so the names of jobs that do not set them stay
+    // as they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prediction: Option<&'static str>,
+    /// (height, width), as `SizeConditioning` holds them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    original_size: Option<(u32, u32)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    crop_coords: Option<(u32, u32)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_size: Option<(u32, u32)>,
 }
 
 /// The job as one line of JSON with a fixed field order.
@@ -51,6 +64,10 @@ pub fn canonical(job: &Job) -> String {
         seed: job.seed,
         clip_skip: job.clip_skip,
         rng: job.rng.name(),
+        prediction: job.prediction.map(|p| p.name()),
+        original_size: job.size_cond.original,
+        crop_coords: Some(job.size_cond.crop).filter(|&c| c != (0, 0)),
+        target_size: job.size_cond.target,
     };
     serde_json::to_string(&c).expect("a job always serialises")
 }

@@ -1,5 +1,8 @@
 //! Runs this shard's jobs: skip what is done, load each model once, generate, write, record.
 
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -11,9 +14,11 @@ use super::results::{self, Record, ResultsLog, Status};
 use super::shard::Shard;
 use crate::atomic_file::{Existing, PendingFile};
 use crate::error::{Error, Result};
-use crate::job::Job;
+use crate::family::{Family, Prediction};
+use crate::job::{Given, Job};
 use crate::output;
 use crate::pipeline::{self, Event, Models};
+use crate::weights::{self, TensorStore};
 
 /// What the runner reports as it goes (the CLI shows it as a bar or JSON lines).
 #[derive(Debug)]
@@ -52,11 +57,57 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// A job that will run.
+/// A job that will run, with the model family's defaults applied.
 struct Todo<'a> {
     entry: &'a Entry,
-    job: &'a Job,
+    job: Job,
     name: String,
+}
+
+/// The text of a caught panic's payload (`panic!` with a literal or with a format).
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+/// Runs `f`; a panic becomes `Err("internal error: …")` (the job boundary: a bug in one job must
+/// not end the batch).
+fn catch<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f))
+        .map_err(|p| format!("internal error: {}", panic_message(p.as_ref())))
+}
+
+/// The family and prediction type of each model, read from its header as `Models::load` reads
+/// them (a few bytes of data at most), once per model file.
+#[derive(Default)]
+struct Families(HashMap<PathBuf, Option<(Family, Prediction)>>);
+
+impl Families {
+    /// `job` with the family's defaults for every setting its entry did not give. A model that
+    /// cannot be read leaves the job as it is: it fails when its group loads.
+    fn resolve(&mut self, entry: &Entry, job: &Job) -> Job {
+        let mut job = job.clone();
+        if entry.given == Given::ALL {
+            return job;
+        }
+        let probed = self.0.entry(job.model.clone()).or_insert_with(|| {
+            catch(|| {
+                let store = TensorStore::open(&job.model).ok()?;
+                let family = weights::detect_family(&store).ok()?;
+                Some((family, weights::detect_prediction(&store, family).0))
+            })
+            .ok()
+            .flatten()
+        });
+        if let Some((family, detected)) = *probed {
+            let prediction = job.prediction.unwrap_or(detected);
+            job.apply_defaults(family.spec(), prediction, entry.given);
+        }
+        job
+    }
 }
 
 /// Runs the jobs of `shard` into `dir` (created if missing), under the directory lock. Fails only
@@ -108,11 +159,13 @@ pub fn run(
     let mine: Vec<&Entry> = entries.iter().filter(|e| shard.owns(e.index)).collect();
     let mut todo = Vec::new();
     let mut early = Vec::new();
+    let mut families = Families::default();
     for entry in &mine {
         match &entry.job {
             Err(msg) => early.push(record(entry, shard, Status::Failed, None, 0.0, Some(msg))),
             Ok(job) => {
-                let name = output_name(entry.index, job);
+                let job = families.resolve(entry, job);
+                let name = output_name(entry.index, &job);
                 if dir.join(&name).is_file() {
                     let out = Some(dir.join(&name));
                     early.push(record(entry, shard, Status::Skipped, out, 0.0, None));
@@ -143,7 +196,8 @@ pub fn run(
         });
         results::reset_peak_rss();
         let load_started = Instant::now();
-        let models = match Models::load(group[0].job) {
+        let loaded = catch(|| Models::load(&group[0].job).map_err(|e| e.to_string()));
+        let models = match loaded.and_then(|r| r) {
             Ok(m) => m,
             Err(e) => {
                 let seconds = load_started.elapsed().as_secs_f64();
@@ -167,7 +221,13 @@ pub fn run(
                 results::reset_peak_rss();
                 Instant::now()
             };
-            let rec = run_one(&models, t, dir, shard, cancel, job_started, on_event);
+            let rec = catch(|| run_one(&models, t, dir, shard, cancel, job_started, on_event))
+                .unwrap_or_else(|msg| {
+                    let seconds = job_started.elapsed().as_secs_f64();
+                    crate::governor::memory::release_free_memory();
+                    let out = Some(dir.join(&t.name));
+                    record(t.entry, shard, Status::Failed, out, seconds, Some(&msg))
+                });
             let interrupted = rec.status == Status::Interrupted;
             done(rec, &mut summary, on_event)?;
             remaining -= 1;
@@ -196,17 +256,17 @@ fn run_one(
     on_event(BatchEvent::JobStart {
         index,
         name: &t.name,
-        job: t.job,
+        job: &t.job,
     });
     let path = dir.join(&t.name);
     let mut planned_mib = None;
     // The temporary file first: an output that cannot be written fails the job before it runs.
     let outcome = PendingFile::create(&path, Existing::Replace).and_then(|pending| {
-        let g = pipeline::generate_with_cancel(models, t.job, cancel, &mut |event| {
+        let g = pipeline::generate_with_cancel(models, &t.job, cancel, &mut |event| {
             on_event(BatchEvent::Pipeline { index, event })
         })?;
         planned_mib = Some(results::to_mib(g.plan.peak_bytes()));
-        output::encode(pending.file(), &g.image, &output::parameters_text(t.job)).map_err(
+        output::encode(pending.file(), &g.image, &output::parameters_text(&t.job)).map_err(
             |source| Error::Io {
                 path: path.clone(),
                 source,
@@ -240,12 +300,13 @@ fn run_one(
     rec
 }
 
-/// Jobs grouped by (model, VAE), groups in order of first appearance, jobs in file order within
-/// a group: each model is loaded once, and only one is in memory at a time.
+/// Jobs grouped by (model, VAE, `prediction`), groups in order of first appearance, jobs in file
+/// order within a group: each model is loaded once per prediction type asked for (the loaded
+/// models carry it), and only one is in memory at a time.
 fn group_by_model(todo: Vec<Todo<'_>>) -> Vec<Vec<Todo<'_>>> {
     let mut groups: Vec<Vec<Todo>> = Vec::new();
     for t in todo {
-        let key = |x: &Todo| (x.job.model.clone(), x.job.vae.clone());
+        let key = |x: &Todo| (x.job.model.clone(), x.job.vae.clone(), x.job.prediction);
         match groups.iter_mut().find(|g| key(&g[0]) == key(&t)) {
             Some(g) => g.push(t),
             None => groups.push(vec![t]),

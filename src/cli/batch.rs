@@ -12,14 +12,14 @@ use std::sync::Arc;
 
 use clap::Args;
 use sdcap::batch::{self, shard, BatchEvent, Shard, Status};
-use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::job::{Given, Job, RngKind, SamplerKind, ScheduleKind};
 use sdcap::Error;
 use serde_json::json;
 
-use super::generate::check_model_file;
+use super::generate::{check_model_file, given};
 use super::progress::{round3, Progress, ProgressMode};
 use super::threads::start_pool;
-use super::{names_help, parse_ram_cap, parse_threads, DEFAULT_MODEL};
+use super::{names_help, parse_ram_cap, parse_threads, FamilyArgs, DEFAULT_MODEL};
 
 /// Exit code when some jobs failed and the others were done.
 const EXIT_SOME_FAILED: u8 = 4;
@@ -30,8 +30,8 @@ const EXIT_INTERRUPTED: u8 = 130;
 pub struct BatchArgs {
     /// Job file: JSON Lines, one job per line, e.g. {"prompt": "a lighthouse", "seed": 1};
     /// `-` reads standard input. Fields: prompt, negative, seed, width, height, steps, cfg,
-    /// sampler, scheduler, clip_skip, rng, model, vae, ram_cap; a field left out takes the flag's
-    /// value.
+    /// sampler, scheduler, clip_skip, rng, model, vae, ram_cap, prediction, original_size,
+    /// crop_coords, target_size; a field left out takes the flag's value.
     #[arg(value_name = "JOBS")]
     pub jobs: PathBuf,
 
@@ -69,27 +69,32 @@ pub struct BatchArgs {
     #[arg(short = 'n', long, value_name = "TEXT")]
     pub negative_prompt: Option<String>,
 
-    /// Default image width in pixels (multiple of 8, 64..=2048).
-    #[arg(short = 'W', long, value_name = "PX", default_value_t = 512)]
-    pub width: u32,
+    /// Default image width in pixels (multiple of 8, 64..=2048)
+    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
+    #[arg(short = 'W', long, value_name = "PX")]
+    pub width: Option<u32>,
 
-    /// Default image height in pixels (multiple of 8, 64..=2048).
-    #[arg(short = 'H', long, value_name = "PX", default_value_t = 512)]
-    pub height: u32,
+    /// Default image height in pixels (multiple of 8, 64..=2048)
+    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
+    #[arg(short = 'H', long, value_name = "PX")]
+    pub height: Option<u32>,
 
-    /// Default number of sampling steps.
-    #[arg(long, value_name = "N", default_value_t = 20)]
-    pub steps: u32,
+    /// Default number of sampling steps [default: per model family (20)].
+    #[arg(long, value_name = "N")]
+    pub steps: Option<u32>,
 
-    /// Default classifier-free guidance scale.
-    #[arg(long, value_name = "SCALE", default_value_t = 7.0)]
-    pub cfg_scale: f32,
+    /// Default classifier-free guidance scale [default: per model family (7)].
+    #[arg(long, value_name = "SCALE")]
+    pub cfg_scale: Option<f32>,
 
-    #[arg(long, value_name = "NAME", default_value = "euler_a", help = names_help("Default sampling method", SamplerKind::NAMES))]
-    pub sampling_method: SamplerKind,
+    #[arg(long, value_name = "NAME", help = names_help("Default sampling method [default: per model family (euler_a)]", SamplerKind::NAMES))]
+    pub sampling_method: Option<SamplerKind>,
 
-    #[arg(long, value_name = "NAME", default_value = "discrete", help = names_help("Default noise schedule", ScheduleKind::NAMES))]
-    pub scheduler: ScheduleKind,
+    #[arg(long, value_name = "NAME", help = names_help("Default noise schedule [default: per model family (discrete)]", ScheduleKind::NAMES))]
+    pub scheduler: Option<ScheduleKind>,
+
+    #[command(flatten)]
+    pub family: FamilyArgs,
 
     /// Default seed (a batch needs fixed seeds, so that a rerun finds its outputs).
     #[arg(short = 's', long, value_name = "N", default_value_t = 42)]
@@ -122,29 +127,29 @@ fn parse_count(s: &str) -> Result<usize, String> {
 
 pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
     let default_model = args.model.is_none();
-    let defaults = Job {
-        model: args.model.unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL)),
-        vae: args.vae,
-        prompt: args.prompt.unwrap_or_default(),
-        negative: args.negative_prompt,
-        width: args.width,
-        height: args.height,
-        steps: args.steps,
-        cfg_scale: args.cfg_scale,
-        sampler: args.sampling_method,
-        scheduler: args.scheduler,
-        seed: args.seed,
-        clip_skip: args.clip_skip,
-        rng: args.rng,
-        ram_cap: args.ram_cap,
-        prediction: None,
-        size_cond: Default::default(),
+    let model = args.model.unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
+    let mut defaults = Job::new(model, &args.prompt.unwrap_or_default());
+    defaults.vae = args.vae;
+    defaults.negative = args.negative_prompt;
+    // Settings given by neither a flag nor the job's line take the model family's default, per job.
+    let given = Given {
+        width: given(&mut defaults.width, args.width),
+        height: given(&mut defaults.height, args.height),
+        steps: given(&mut defaults.steps, args.steps),
+        cfg_scale: given(&mut defaults.cfg_scale, args.cfg_scale),
+        sampler: given(&mut defaults.sampler, args.sampling_method),
+        scheduler: given(&mut defaults.scheduler, args.scheduler),
     };
+    defaults.seed = args.seed;
+    defaults.clip_skip = args.clip_skip;
+    defaults.rng = args.rng;
+    defaults.ram_cap = args.ram_cap;
+    args.family.apply(&mut defaults);
     // Defaults that no job could use are refused before anything starts.
     defaults.validate()?;
     let env = |name: &str| std::env::var(name).ok();
     let (shard, source) = shard::resolve(args.shard, args.shard_count, &env)?;
-    let entries = batch::read_jobs(&args.jobs, &defaults)?;
+    let entries = batch::jobfile::read_jobs_given(&args.jobs, &defaults, given)?;
 
     // The flag-given model and VAE are checked now, when this shard has a job that uses them: a
     // typo should stop the batch (exit 2), not fail every job. A job's own `model` that is bad
@@ -209,7 +214,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
             BatchEvent::JobStart { index, name, job } => progress.job_start(
                 index,
                 json!({ "name": name, "width": job.width, "height": job.height,
-                    "steps": job.steps, "seed": job.seed }),
+                    "steps": job.steps, "seed": job.seed, "prediction": job.prediction }),
             ),
             BatchEvent::Pipeline { event, .. } => progress.on_event(event),
             BatchEvent::JobDone(rec) => {

@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use sdcap::atomic_file::{Existing, PendingFile};
 use sdcap::backend::Backend;
-use sdcap::job::{Job, ScheduleKind};
+use sdcap::job::{Given, Job, ScheduleKind};
+use sdcap::models::Models;
 use sdcap::output::RgbImage;
-use sdcap::weights::TensorStore;
+use sdcap::weights::{PredictionSource, TensorStore};
 use sdcap::{output, pipeline, Error};
 
 use super::batch::cancel_on_signals;
@@ -19,35 +20,71 @@ use super::threads::start_pool;
 use super::{GenerateArgs, DEFAULT_MODEL};
 
 impl GenerateArgs {
-    /// The validated job these flags describe (model and VAE files checked, header only).
-    pub fn to_job(&self) -> anyhow::Result<Job> {
-        let job = Job {
-            model: self
-                .model
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL)),
-            vae: self.vae.clone(),
-            prompt: self.prompt.clone(),
-            negative: self.negative_prompt.clone(),
-            width: self.width,
-            height: self.height,
-            steps: self.steps,
-            cfg_scale: self.cfg_scale,
-            sampler: self.sampling_method,
-            scheduler: self.scheduler,
-            seed: resolve_seed(self.seed),
-            clip_skip: self.clip_skip,
-            rng: self.rng,
-            ram_cap: self.ram_cap,
-            prediction: None,
-            size_cond: Default::default(),
+    /// The validated job these flags describe (model and VAE files checked, header only), and which
+    /// settings were given: the others hold placeholders until [`resolve`] fills them from the
+    /// model's family. The given values are checked here, before anything is loaded.
+    pub fn to_job(&self) -> anyhow::Result<(Job, Given)> {
+        let model = self
+            .model
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
+        let mut job = Job::new(model, &self.prompt);
+        job.vae = self.vae.clone();
+        job.negative = self.negative_prompt.clone();
+        let given = Given {
+            width: given(&mut job.width, self.width),
+            height: given(&mut job.height, self.height),
+            steps: given(&mut job.steps, self.steps),
+            cfg_scale: given(&mut job.cfg_scale, self.cfg_scale),
+            sampler: given(&mut job.sampler, self.sampling_method),
+            scheduler: given(&mut job.scheduler, self.scheduler),
         };
+        job.seed = resolve_seed(self.seed);
+        job.clip_skip = self.clip_skip;
+        job.rng = self.rng;
+        job.ram_cap = self.ram_cap;
+        self.family.apply(&mut job);
         job.validate()?;
         check_model_file(&job.model, "model")?;
         if let Some(vae) = &job.vae {
             check_model_file(vae, "VAE")?;
         }
-        Ok(job)
+        Ok((job, given))
+    }
+}
+
+/// Sets `value` from the flag when there is one; says whether there was.
+pub(super) fn given<T>(value: &mut T, flag: Option<T>) -> bool {
+    flag.map(|v| *value = v).is_some()
+}
+
+/// The job with the model family's defaults in place of every setting the user did not give
+/// (`Job::apply_defaults`), checked again; and a notice when a flag the family does not read was
+/// given.
+pub(super) fn resolve(
+    models: &Models,
+    job: &mut Job,
+    given: Given,
+) -> sdcap::Result<Option<String>> {
+    job.apply_defaults(models.spec, models.prediction, given);
+    job.validate()?;
+    Ok(
+        (job.size_cond.is_set() && !models.spec.size_conditioning).then(|| {
+            format!(
+            "--original-size, --crop-coords and --target-size condition SDXL only; {} ignores them",
+            models.spec.name
+        )
+        }),
+    )
+}
+
+/// Why this prediction type was used, for the summary and `plan`.
+pub(super) fn prediction_reason(source: PredictionSource) -> &'static str {
+    match source {
+        PredictionSource::Flag => "--prediction",
+        PredictionSource::File => "the file's metadata",
+        PredictionSource::Weights => "the weights",
+        PredictionSource::Family => "the family default",
     }
 }
 
@@ -58,7 +95,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     // nothing and leaves no file. The output's temporary file is created now: a directory where
     // it cannot be written is found before the model is loaded.
     let sink = Sink::open(&args.output)?;
-    let job = args.to_job()?;
+    let (mut job, given) = args.to_job()?;
     let mut progress = Progress::new(args.progress);
     if default_model {
         progress.message(&format!(
@@ -78,12 +115,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let cancel = cancel_on_signals()?;
     let mut on_event = |event| progress.on_event(event);
     on_event(pipeline::Event::Stage("load"));
-    let models = pipeline::Models::load(&job)?;
+    let models = Models::load(&job)?;
+    if let Some(notice) = resolve(&models, &mut job, given)? {
+        on_event(pipeline::Event::Notice(notice));
+    }
+    let (family, prediction) = (models.spec.name, models.prediction);
+    let because = prediction_reason(models.prediction_source);
     if args.backend != Backend::Cpu {
         // The device-memory check between loading and running (exit 3).
         sdcap::backend::check_device_plan(&models, &job)?;
     }
     let generated = pipeline::generate_with_cancel(&models, &job, &cancel, &mut on_event)?;
+    let models_source = models.prediction_source;
     drop(models);
 
     sink.write(&generated.image, &output::parameters_text(&job))?;
@@ -92,14 +135,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     progress.summary(
         serde_json::json!({ "output": args.output.display().to_string(), "width": job.width,
             "height": job.height, "steps": job.steps, "sampler": sampler_label(&job),
-            "seed": job.seed, "seconds": round3(seconds),
+            "seed": job.seed, "family": family, "prediction": prediction,
+            "prediction_source": models_source, "seconds": round3(seconds),
             "peak_rss_mib": generated.peak_rss_bytes >> 20,
             "planned_mib": plan.peak_bytes() >> 20,
             "budget_mib": plan.budget.usable_bytes() >> 20,
             "weights": plan.residency }),
         &format!(
-            "sdcap: wrote {} ({}x{}, {} steps, {}, seed {}) in {seconds:.1} s, peak RSS {} MiB \
-             (planned {} MiB of {} MiB budget, weights: {:?})",
+            "sdcap: wrote {} ({family}, {prediction}-prediction from {because}, {}x{}, {} steps, \
+             {}, seed {}) in {seconds:.1} s, peak RSS {} MiB (planned {} MiB of {} MiB budget, \
+             weights: {:?})",
             args.output.display(),
             job.width,
             job.height,

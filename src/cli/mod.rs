@@ -16,7 +16,8 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
-use sdcap::job::{RngKind, SamplerKind, ScheduleKind};
+use sdcap::family::Prediction;
+use sdcap::job::{RngKind, SamplerKind, ScheduleKind, SizeConditioning};
 
 /// The demo model shipped with the crate: tiny, random weights, so its images are noise.
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-sd.safetensors");
@@ -79,49 +80,33 @@ pub struct GenerateArgs {
     #[arg(short = 'n', long, value_name = "TEXT")]
     pub negative_prompt: Option<String>,
 
-    /// Image width in pixels (multiple of 8, 64..=2048).
-    #[arg(
-        short = 'W',
-        long,
-        value_name = "PX",
-        default_value_t = 512,
-        allow_negative_numbers = true
-    )]
-    pub width: u32,
+    /// Image width in pixels (multiple of 8, 64..=2048)
+    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
+    #[arg(short = 'W', long, value_name = "PX", allow_negative_numbers = true)]
+    pub width: Option<u32>,
 
-    /// Image height in pixels (multiple of 8, 64..=2048).
-    #[arg(
-        short = 'H',
-        long,
-        value_name = "PX",
-        default_value_t = 512,
-        allow_negative_numbers = true
-    )]
-    pub height: u32,
+    /// Image height in pixels (multiple of 8, 64..=2048)
+    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
+    #[arg(short = 'H', long, value_name = "PX", allow_negative_numbers = true)]
+    pub height: Option<u32>,
 
-    /// Number of sampling steps.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 20,
-        allow_negative_numbers = true
-    )]
-    pub steps: u32,
+    /// Number of sampling steps [default: per model family (20)].
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub steps: Option<u32>,
 
-    /// Classifier-free guidance scale.
-    #[arg(
-        long,
-        value_name = "SCALE",
-        default_value_t = 7.0,
-        allow_negative_numbers = true
-    )]
-    pub cfg_scale: f32,
+    /// Classifier-free guidance scale; 1 or less runs the UNet on the prompt only
+    /// [default: per model family (7)].
+    #[arg(long, value_name = "SCALE", allow_negative_numbers = true)]
+    pub cfg_scale: Option<f32>,
 
-    #[arg(long, value_name = "NAME", default_value = "euler_a", help = names_help("Sampling method", SamplerKind::NAMES))]
-    pub sampling_method: SamplerKind,
+    #[arg(long, value_name = "NAME", help = names_help("Sampling method [default: per model family (euler_a)]", SamplerKind::NAMES))]
+    pub sampling_method: Option<SamplerKind>,
 
-    #[arg(long, value_name = "NAME", default_value = "discrete", help = names_help("Noise schedule", ScheduleKind::NAMES))]
-    pub scheduler: ScheduleKind,
+    #[arg(long, value_name = "NAME", help = names_help("Noise schedule [default: per model family (discrete)]", ScheduleKind::NAMES))]
+    pub scheduler: Option<ScheduleKind>,
+
+    #[command(flatten)]
+    pub family: FamilyArgs,
 
     /// Seed; a negative value picks a random seed (printed in the summary).
     #[arg(
@@ -170,6 +155,57 @@ pub struct GenerateArgs {
     pub progress: progress::ProgressMode,
 }
 
+/// The flags for what only some families read, shared by `generate`, `plan` and `batch`.
+#[derive(Debug, Args)]
+pub struct FamilyArgs {
+    /// What the UNet predicts: eps (noise) or v (velocity, SD2.x 768-v models) [default: the
+    /// file's metadata, else the weights (SD2.x), else the family's (eps)].
+    #[arg(long, value_name = "TYPE")]
+    pub prediction: Option<Prediction>,
+
+    /// SDXL size conditioning: diffusers' `original_size`, WxH [default: the image size].
+    #[arg(long, value_name = "WxH", value_parser = parse_original_size)]
+    pub original_size: Option<(u32, u32)>,
+
+    /// SDXL crop conditioning: diffusers' `crops_coords_top_left`, TOP,LEFT [default: 0,0].
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_crop)]
+    pub crop_coords: Option<(u32, u32)>,
+
+    /// SDXL size conditioning: diffusers' `target_size`, WxH [default: the image size].
+    #[arg(long, value_name = "WxH", value_parser = parse_target_size)]
+    pub target_size: Option<(u32, u32)>,
+}
+
+impl FamilyArgs {
+    /// Sets the job's prediction and size conditioning from these flags (those given).
+    pub fn apply(&self, job: &mut sdcap::job::Job) {
+        if self.prediction.is_some() {
+            job.prediction = self.prediction;
+        }
+        if self.original_size.is_some() {
+            job.size_cond.original = self.original_size;
+        }
+        if let Some(crop) = self.crop_coords {
+            job.size_cond.crop = crop;
+        }
+        if self.target_size.is_some() {
+            job.size_cond.target = self.target_size;
+        }
+    }
+}
+
+fn parse_original_size(s: &str) -> Result<(u32, u32), String> {
+    SizeConditioning::parse_size("original-size", s).map_err(|e| e.to_string())
+}
+
+fn parse_target_size(s: &str) -> Result<(u32, u32), String> {
+    SizeConditioning::parse_size("target-size", s).map_err(|e| e.to_string())
+}
+
+fn parse_crop(s: &str) -> Result<(u32, u32), String> {
+    SizeConditioning::parse_crop(s).map_err(|e| e.to_string())
+}
+
 fn names_help(what: &str, names: &[&str]) -> String {
     format!("{what}: {}", names.join(", "))
 }
@@ -189,20 +225,42 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_exit(e),
     };
-    let outcome = match cli.command {
+    quiet_panics();
+    // The job boundary: a panic anywhere below (a bug) is one line and exit 1, never a backtrace.
+    // A batch also catches each job's own panic, records it and goes on (`batch::runner`).
+    let outcome = std::panic::catch_unwind(|| match cli.command {
         Command::Generate(args) => generate::run(args).map(|()| ExitCode::SUCCESS),
         Command::Plan(args) => plan::run(args).map(|()| ExitCode::SUCCESS),
         Command::Quantize(args) => quantize::run(args).map(|()| ExitCode::SUCCESS),
         Command::Inspect(args) => inspect::run(args).map(|()| ExitCode::SUCCESS),
         Command::Batch(args) => batch::run(args),
-    };
+    });
     match outcome {
-        Ok(code) => code,
-        Err(e) => {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
             eprintln!("sdcap: error: {}", one_line(&message(&e)));
             ExitCode::from(exit_code(&e))
         }
+        Err(payload) => {
+            let msg = sdcap::batch::runner::panic_message(payload.as_ref());
+            eprintln!("sdcap: error: internal error: {}", one_line(&msg));
+            ExitCode::from(1)
+        }
     }
+}
+
+/// Replaces the default panic hook, which prints "thread … panicked at …" and a backtrace note on
+/// stderr, with one that prints nothing: every panic is caught at a job boundary and reported there
+/// as one line. `SDCAP_BACKTRACE=1` (a developer chasing the bug) keeps the default report too;
+/// `RUST_BACKTRACE` alone does not, as many shells set it for everything.
+fn quiet_panics() {
+    let default = std::panic::take_hook();
+    let verbose = std::env::var_os("SDCAP_BACKTRACE").is_some_and(|v| v != "0");
+    std::panic::set_hook(Box::new(move |info| {
+        if verbose {
+            default(info);
+        }
+    }));
 }
 
 /// DESIGN.md exit codes: library errors carry their own (2 bad input, 3 RAM cap, 130 interrupted);

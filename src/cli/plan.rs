@@ -9,7 +9,7 @@ use super::PlanArgs;
 const MIB: u64 = 1 << 20;
 
 pub fn run(args: PlanArgs) -> anyhow::Result<()> {
-    let job = args.generate.to_job()?;
+    let (mut job, given) = args.generate.to_job()?;
     // The pool `generate` would start: the plan counts its threads.
     if let Some(notice) = super::threads::start_pool(args.generate.threads)? {
         eprintln!("sdcap: {notice}");
@@ -20,6 +20,9 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     let budget = Budget::discover(job.ram_cap)?;
     // Maps the model and reads tensor shapes only; no weight data is touched.
     let models = Models::load(&job)?;
+    if let Some(notice) = super::generate::resolve(&models, &mut job, given)? {
+        eprintln!("sdcap: {notice}");
+    }
     let chosen = governor::plan(&models, &job, &budget);
     // What each residency comes down to with the smallest kernel scratch.
     let [keep_all, keep, stream] =
@@ -33,6 +36,15 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         });
     if args.json {
         let report = serde_json::json!({
+            "family": models.spec.name,
+            "prediction": models.prediction,
+            "prediction_source": models.prediction_source,
+            "width": job.width,
+            "height": job.height,
+            "steps": job.steps,
+            "cfg_scale": job.cfg_scale,
+            "sampler": job.sampler.name(),
+            "scheduler": job.scheduler.name(),
             "fits": chosen.is_ok(),
             "plan": shown,
             "peak_bytes": shown.peak_bytes(),
@@ -46,6 +58,18 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
         });
         println!("{report:#}");
     } else {
+        println!(
+            "model: {}, {}-prediction (from {}); {}x{}, {} steps, CFG {}, {} {}",
+            models.spec.name,
+            models.prediction,
+            super::generate::prediction_reason(models.prediction_source),
+            job.width,
+            job.height,
+            job.steps,
+            job.cfg_scale,
+            job.sampler,
+            job.scheduler
+        );
         print!("{}", describe(shown, [&keep_all, &keep, &stream]));
     }
     // Printed above either way; a plan that does not fit still exits 3.

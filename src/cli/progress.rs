@@ -175,6 +175,7 @@ impl Progress {
                 Style::Plain => eprintln!("sdcap: {text}"),
             },
             Event::Stage(name) => {
+                test_panic(name);
                 self.stage_started = Instant::now();
                 match &mut self.style {
                     Style::Bar(bars) => bars.stage(name),
@@ -302,6 +303,31 @@ impl Bars {
 impl Drop for Bars {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Test-only hook, read here and nowhere else: `SDCAP_TEST_PANIC=STAGE` (or `STAGE@N`) makes the
+/// pipeline panic when stage STAGE (load, encode, denoise, decode) starts (the Nth time it starts
+/// in this process; default the first). The panic unwinds through the pipeline as a real bug's
+/// would, so the tests can check the job boundary (`tests/cli_families.rs`): one line and exit 1
+/// for `generate`, a failed record and the next job for a batch. Not for users; documented in
+/// ARCHITECTURE.md.
+fn test_panic(stage: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    static WANTED: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    let wanted = WANTED.get_or_init(|| {
+        let text = std::env::var("SDCAP_TEST_PANIC").ok()?;
+        Some(match text.split_once('@') {
+            Some((s, n)) => (s.to_string(), n.parse().unwrap_or(1)),
+            None => (text, 1),
+        })
+    });
+    if let Some((want, nth)) = wanted {
+        if want == stage && SEEN.fetch_add(1, Ordering::Relaxed) + 1 == *nth {
+            panic!("SDCAP_TEST_PANIC: stage {stage}");
+        }
     }
 }
 

@@ -2,9 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use sdcap::batch::jobfile::parse_jobs;
+use sdcap::batch::jobfile::{parse_jobs, parse_jobs_given};
 use sdcap::batch::naming::{canonical, output_name};
-use sdcap::job::{Job, SamplerKind, ScheduleKind};
+use sdcap::family::Prediction;
+use sdcap::job::{Given, Job, SamplerKind, ScheduleKind};
 
 fn defaults() -> Job {
     Job::new(PathBuf::from("/models/v1-5.safetensors"), "")
@@ -121,6 +122,84 @@ fn output_names_are_pinned() {
     );
 }
 
+/// The fields added with the families enter the canonical form only when set: jobs without them
+/// keep the names pinned above.
+#[test]
+fn family_fields_enter_the_name_only_when_set() {
+    let mut job = defaults();
+    job.prompt = "a lighthouse at dusk".into();
+    job.size_cond.crop = (0, 0);
+    assert_eq!(output_name(7, &job), "000007-e0784b69827f.png");
+    job.prediction = Some(Prediction::V);
+    job.size_cond.original = Some((768, 1024));
+    job.size_cond.crop = (16, 8);
+    assert!(
+        canonical(&job).ends_with(
+            r#""rng":"cpu","prediction":"v","original_size":[768,1024],"crop_coords":[16,8]}"#
+        ),
+        "{}",
+        canonical(&job)
+    );
+}
+
+#[test]
+fn family_fields_parse_and_bad_values_fail_their_line() {
+    let jobs = parse(
+        r#"{"prompt":"a","prediction":"v","original_size":"1024x768","crop_coords":"16,8","target_size":"512X512"}
+{"prompt":"b","prediction":"x_pred"}
+{"prompt":"c","original_size":"1024"}
+{"prompt":"d","crop_coords":"1;2"}
+{"prompt":"e","target_size":"0x512"}
+{"prompt":"f","original_size":1024}"#,
+    );
+    let a = jobs[0].as_ref().unwrap();
+    assert_eq!(a.prediction, Some(Prediction::V));
+    // (height, width), as diffusers' tuples.
+    assert_eq!(a.size_cond.original, Some((768, 1024)));
+    assert_eq!(a.size_cond.crop, (16, 8));
+    assert_eq!(a.size_cond.target, Some((512, 512)));
+    for (k, want) in [
+        (1, "prediction"),
+        (2, "original_size"),
+        (3, "crop"),
+        (4, "target-size"),
+        (5, "not a valid job"),
+    ] {
+        let e = jobs[k].as_ref().unwrap_err();
+        assert!(e.contains(want), "line {k}: {e}");
+    }
+}
+
+#[test]
+fn a_line_gives_what_it_sets_on_top_of_the_flags() {
+    let flags = Given {
+        steps: true,
+        ..Given::default()
+    };
+    let entries = parse_jobs_given(
+        r#"{"prompt":"a","width":640,"sampler":"ddim"}
+{"prompt":"b","cfg":3,"height":320,"scheduler":"karras"}"#,
+        &defaults(),
+        flags,
+        Path::new("."),
+    );
+    let want_a = Given {
+        width: true,
+        sampler: true,
+        ..flags
+    };
+    let want_b = Given {
+        cfg_scale: true,
+        height: true,
+        scheduler: true,
+        ..flags
+    };
+    assert_eq!((entries[0].given, entries[1].given), (want_a, want_b));
+    // Without the flags' say, everything counts as given (the library's `parse_jobs`).
+    let all = parse_jobs(r#"{"prompt":"a"}"#, &defaults(), Path::new("."));
+    assert_eq!(all[0].given, Given::ALL);
+}
+
 type Change = Box<dyn Fn(&mut Job)>;
 
 #[test]
@@ -148,6 +227,11 @@ fn names_follow_settings_not_paths() {
         Box::new(|j| j.clip_skip = 2),
         Box::new(|j| j.model = PathBuf::from("other.safetensors")),
         Box::new(|j| j.vae = Some(PathBuf::from("vae.safetensors"))),
+        Box::new(|j| j.prediction = Some(Prediction::Eps)),
+        Box::new(|j| j.prediction = Some(Prediction::V)),
+        Box::new(|j| j.size_cond.original = Some((1024, 1024))),
+        Box::new(|j| j.size_cond.crop = (0, 8)),
+        Box::new(|j| j.size_cond.target = Some((512, 512))),
     ];
     for (k, change) in variants.iter().enumerate() {
         let mut j = job.clone();
