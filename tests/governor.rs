@@ -8,7 +8,7 @@ use std::process::Command;
 
 use sdcap::governor::{self, plan::Residency, Budget, BudgetSource, Plan};
 use sdcap::job::Job;
-use sdcap::kernels::scratch::{self, TIERS};
+use sdcap::kernels::scratch::{self, Scratch, TIERS};
 use sdcap::pipeline::Models;
 use sdcap::tensor::Tensor;
 
@@ -214,16 +214,16 @@ fn scratch_tiers_give_identical_bits() {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect(),
     );
-    let run = |tier| {
-        scratch::set(tier);
-        let context = models.text_encoders[0].forward(&ids, 2, 1);
-        let eps = models.unet.forward(&latent, &[999.0, 999.0], &context);
-        scratch::set(TIERS[0]);
+    let run = |tier: &Scratch| {
+        let context = models.text_encoders[0].forward(&ids, 2, 1, tier);
+        let eps = models
+            .unet
+            .forward(&latent, &[999.0, 999.0], &context, tier);
         (context, eps.data)
     };
-    let want = run(TIERS[0]);
+    let want = run(&TIERS[0]);
     for tier in &TIERS[1..] {
-        let got = run(*tier);
+        let got = run(tier);
         assert!(got.0 == want.0, "text encoder differs under {tier:?}");
         assert!(got.1 == want.1, "UNet differs under {tier:?}");
     }

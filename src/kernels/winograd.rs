@@ -247,7 +247,14 @@ pub fn conv3x3_winograd(
     tile: WinogradTile,
     scratch: &Scratch,
 ) -> Tensor {
-    conv3x3(x, weight, bias, tile, scratch.conv_patch, scratch.weight_panel)
+    conv3x3(
+        x,
+        weight,
+        bias,
+        tile,
+        scratch.conv_patch,
+        scratch.weight_panel,
+    )
 }
 
 /// As `conv3x3_winograd`. Transformed input + products stay within `patch_budget` f32 values (at

@@ -222,7 +222,10 @@ pub(super) fn stream_peak(
     let step = convs[0].tile_rows(h, w, scratch);
     let widest = convs.iter().map(|c| c.out_ch).max().unwrap_or(0);
     let tile = (widest as u64 * step as u64 * w as u64).saturating_mul(4);
-    let held: u64 = convs.iter().map(|c| c.held_bytes((h, w), step, scratch)).sum();
+    let held: u64 = convs
+        .iter()
+        .map(|c| c.held_bytes((h, w), step, scratch))
+        .sum();
     let gemm = convs
         .iter()
         .map(|c| c.gemm_bytes((h, w), step, scratch))
@@ -253,9 +256,13 @@ pub(super) fn conv_map(
 ) -> BandedMap {
     let (_, h, w) = t.seen_dims(&src);
     let mut out = BandedMap::empty(BandLayout::new(conv.out_ch, h, w, plan.band_rows));
-    stream(&mut src, &[(conv, t)], true, &plan.scratch, |_, r0, tile| {
-        out.write_rows(r0, tile)
-    });
+    stream(
+        &mut src,
+        &[(conv, t)],
+        true,
+        &plan.scratch,
+        |_, r0, tile| out.write_rows(r0, tile),
+    );
     out
 }
 
@@ -311,12 +318,16 @@ impl Resnet {
         );
         let mut h = BandedMap::empty(out);
         let mut skip = self.nin_shortcut.as_ref().map(|_| BandedMap::empty(out));
-        stream(&mut x, &convs, skip.is_some(), &plan.scratch, |i, r0, tile| {
-            match (i, &mut skip) {
+        stream(
+            &mut x,
+            &convs,
+            skip.is_some(),
+            &plan.scratch,
+            |i, r0, tile| match (i, &mut skip) {
                 (1, Some(skip)) => skip.write_rows(r0, tile),
                 _ => h.write_rows(r0, tile),
-            }
-        });
+            },
+        );
         let mut acc = skip.unwrap_or(x);
         let norm2 = self.norm2.affine(&h);
         stream(
