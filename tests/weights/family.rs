@@ -22,11 +22,14 @@ fn tiny_model_is_sd1_in_both_layouts() {
     }
 }
 
+/// A file's stem, its tensors (name, shape) and the family it must be detected as.
+type FamilyCase<'a> = (&'a str, Vec<(&'a str, Vec<usize>)>, Family);
+
 #[test]
 fn sd2_and_sdxl_are_told_apart_by_their_text_encoders() {
     let dir = temp_dir("families_run");
     let conv_in = "model.diffusion_model.input_blocks.0.0.weight";
-    let cases: Vec<(&str, Vec<(&str, Vec<usize>)>, Family)> = vec![
+    let cases: Vec<FamilyCase> = vec![
         (
             "sdxl",
             vec![
