@@ -23,6 +23,7 @@ use common::{
 };
 use sdcap::governor::memory;
 use sdcap::job::{Job, SamplerKind};
+use sdcap::kernels::scratch::TIERS;
 use sdcap::pipeline::Models;
 use sdcap::tensor::Tensor;
 use sdcap::tokenizer::{Tokenizer, CONTEXT_LEN};
@@ -57,7 +58,7 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
     let mut ids = tok.encode_padded("blurry", CONTEXT_LEN);
     ids.extend(tok.encode_padded("a lighthouse at dusk", CONTEXT_LEN));
     let t = Instant::now();
-    let context = models.text_encoders[0].forward(&ids, 2, 1);
+    let context = models.text_encoders[0].forward(&ids, 2, 1, &TIERS[0]);
     let encode = t.elapsed().as_secs_f64();
     let peak_encode = peak_rss();
     models.store.release(models.spec.text_prefix);
@@ -70,7 +71,11 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
     for i in 0..steps {
         let t = Instant::now();
         let t_step = 999.0 - 50.0 * i as f32;
-        std::hint::black_box(models.unet.forward(&x, &[t_step, t_step], &context));
+        std::hint::black_box(
+            models
+                .unet
+                .forward(&x, &[t_step, t_step], &context, &TIERS[0]),
+        );
         step_times.push(t.elapsed().as_secs_f64());
     }
     let unet_cpu = (cpu_time() - c0).as_secs_f64() / w0.elapsed().as_secs_f64();
@@ -107,7 +112,11 @@ fn profile_step(model: PathBuf, latent: usize) {
     );
     for _ in 0..2 {
         let (c0, m0, w0) = (cpu_time(), thread_cpu_time(), Instant::now());
-        std::hint::black_box(models.unet.forward(&x, &[999.0, 999.0], &context));
+        std::hint::black_box(
+            models
+                .unet
+                .forward(&x, &[999.0, 999.0], &context, &TIERS[0]),
+        );
         println!(
             "UNet call: {:.2} s wall, {:.2} s CPU, {:.2} s on the calling thread — {}",
             w0.elapsed().as_secs_f64(),
@@ -139,9 +148,17 @@ fn profile(model: PathBuf, latent: usize) {
         common::random(2 * 4 * latent * latent, 7),
     );
     // A warm-up call maps the weight pages in; the second is the one measured.
-    std::hint::black_box(models.unet.forward(&x, &[999.0, 999.0], &context));
+    std::hint::black_box(
+        models
+            .unet
+            .forward(&x, &[999.0, 999.0], &context, &TIERS[0]),
+    );
     let (c0, m0, w0) = (cpu_time(), thread_cpu_time(), Instant::now());
-    std::hint::black_box(models.unet.forward(&x, &[999.0, 999.0], &context));
+    std::hint::black_box(
+        models
+            .unet
+            .forward(&x, &[999.0, 999.0], &context, &TIERS[0]),
+    );
     let step = w0.elapsed().as_secs_f64();
     let step_cpu = (cpu_time() - c0).as_secs_f64();
     let main_cpu = (thread_cpu_time() - m0).as_secs_f64();

@@ -4,6 +4,7 @@
 use crate::error::{Error, Result};
 use crate::family::HiddenState;
 use crate::job::Job;
+use crate::kernels::scratch::Scratch;
 use crate::models::Models;
 use crate::nn::clip::TextOutput;
 use crate::sampling;
@@ -20,8 +21,9 @@ pub struct Conditioning {
 
 /// Encodes `job`'s prompt (and, when `guided`, its negative prompt first) with every text encoder
 /// of the family. With no negative prompt a family that says so (SDXL) gets all-zero unconditional
-/// embeddings, pooled included, as diffusers' `force_zeros_for_empty_prompt`.
-pub fn encode(models: &Models, job: &Job, guided: bool) -> Result<Conditioning> {
+/// embeddings, pooled included, as diffusers' `force_zeros_for_empty_prompt`. The encoders' kernels
+/// work within the budgets of `scratch`.
+pub fn encode(models: &Models, job: &Job, guided: bool, scratch: &Scratch) -> Result<Conditioning> {
     let spec = models.spec;
     let zero_uncond = guided && spec.zero_uncond_without_negative && job.negative.is_none();
     let mut prompts = Vec::new();
@@ -71,6 +73,7 @@ pub fn encode(models: &Models, job: &Job, guided: bool) -> Result<Conditioning> 
                 final_norm,
                 pooled: enc_spec.pooled,
             },
+            scratch,
         )?;
         if enc_spec.pooled {
             let projected = out.projected.ok_or_else(|| {

@@ -8,7 +8,7 @@ use crate::conditioning::{self, Conditioning};
 use crate::error::{Error, Result};
 use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::job::Job;
-use crate::kernels::scratch::{self, Scratch};
+use crate::kernels::scratch::Scratch;
 use crate::nn::unet::UNet;
 use crate::nn::vae::{Decoder, VaePlan};
 use crate::output::RgbImage;
@@ -125,14 +125,13 @@ fn run(
     );
 
     on_event(Event::Stage("encode"));
-    scratch::set(plan.scratch);
     // diffusers applies classifier-free guidance only when the scale is above 1.
     let guided = job.cfg_scale > 1.0;
     let negative = guided.then_some(job.negative_text());
     if let Some(notice) = crate::tokenizer::truncation_notice(&job.prompt, negative) {
         on_event(Event::Notice(notice));
     }
-    let cond = conditioning::encode(models, job, guided)?;
+    let cond = conditioning::encode(models, job, guided, &plan.scratch)?;
     end_stage(models, &plan, models.spec.text_prefix);
 
     on_event(Event::Stage("denoise"));
@@ -149,6 +148,7 @@ fn run(
         &models.unet.block_names(),
         plan.residency,
         &plan.pinned_blocks,
+        plan.scratch,
         rss_limit,
     ));
     watch.borrow_mut().start();
@@ -157,8 +157,11 @@ fn run(
             return Err(Error::Interrupted);
         }
         let x = Tensor::new(shape.clone(), input.to_vec());
+        // The tier in force for this call: the plan's, or the watch's tighter one.
+        let scratch = watch.borrow().scratch();
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
-        let eps = predict_noise(&models.unet, &x, t, &cond, job.cfg_scale, &mut after_block);
+        let (unet, scale) = (&models.unet, job.cfg_scale);
+        let eps = predict_noise(unet, &x, t, &cond, scale, &scratch, &mut after_block);
         sampling::check_finite("UNet", || format!("at timestep {t}"), &eps)?;
         Ok(eps)
     };
@@ -189,9 +192,10 @@ fn run(
     }
 
     on_event(Event::Stage("decode"));
-    scratch::set(Scratch::default()); // what the decoder's memory model assumes (`nn::vae`)
     let vae_plan = VaePlan {
         band_rows: plan.vae_band_rows,
+        // The tier the decoder's memory model was planned with (`nn::vae`), not the UNet's.
+        scratch: Scratch::default(),
     };
     let image = decode(
         &models.decoder,
@@ -226,20 +230,21 @@ fn predict_noise(
     t: f32,
     cond: &Conditioning,
     scale: f32,
+    scratch: &Scratch,
     after_block: &mut dyn FnMut(&str),
 ) -> Vec<f32> {
     let mut trace = |name: &str, _: &Tensor| after_block(name);
     let added = cond.added.as_deref();
     if cond.batch == 1 {
         return unet
-            .forward_added(x, &[t], &cond.context, added, &mut trace)
+            .forward_added(x, &[t], &cond.context, added, scratch, &mut trace)
             .data;
     }
     let mut shape = x.shape.clone();
     shape[0] = 2;
     let doubled = Tensor::new(shape, [x.data.as_slice(), x.data.as_slice()].concat());
     let eps = unet
-        .forward_added(&doubled, &[t, t], &cond.context, added, &mut trace)
+        .forward_added(&doubled, &[t, t], &cond.context, added, scratch, &mut trace)
         .data;
     let (uncond, cond) = eps.split_at(x.numel());
     uncond

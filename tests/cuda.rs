@@ -51,6 +51,7 @@ mod gpu {
 
     use sdcap::backend::{self, Backend};
     use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+    use sdcap::kernels::scratch::Scratch;
     use sdcap::kernels::{conv2d, matmul_weight_t, Conv2dGeometry, DenseRows};
     use sdcap::pipeline::{self, Models};
     use sdcap::Tensor;
@@ -120,6 +121,8 @@ mod gpu {
             clip_skip: 1,
             rng: RngKind::Cpu,
             ram_cap: None,
+            prediction: None,
+            size_cond: Default::default(),
         }
     }
 
@@ -131,8 +134,9 @@ mod gpu {
         let x = data(m * k, 1);
         let w = data(n * k, 2);
         let (want, mag) = reference(&x, &w, m, k, n);
+        let tier = Scratch::default();
         let mut cpu = vec![0.0; m * n];
-        matmul_weight_t(&x, &DenseRows { data: &w, rows: n }, &mut cpu);
+        matmul_weight_t(&x, &DenseRows { data: &w, rows: n }, &mut cpu, &tier);
         assert_close("cpu linear", &cpu, &want, &mag, k);
 
         let geo = Conv2dGeometry {
@@ -150,6 +154,7 @@ mod gpu {
             },
             None,
             geo,
+            &tier,
         );
 
         let job = tiny_job();
@@ -166,7 +171,7 @@ mod gpu {
         assert_eq!(budget.backend_bytes, backend::CUDA_HOST_BYTES);
 
         let mut gpu = vec![0.0; m * n];
-        matmul_weight_t(&x, &DenseRows { data: &w, rows: n }, &mut gpu);
+        matmul_weight_t(&x, &DenseRows { data: &w, rows: n }, &mut gpu, &tier);
         assert_close("cuda linear", &gpu, &want, &mag, k);
 
         let gpu_conv = conv2d(
@@ -177,6 +182,7 @@ mod gpu {
             },
             None,
             geo,
+            &tier,
         );
         let conv_err = gpu_conv.max_abs_diff(&cpu_conv);
         eprintln!("conv 3x3 16→32: cuda vs cpu max abs diff {conv_err:e}");

@@ -5,11 +5,13 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Barrier, Mutex};
 
 use sdcap::governor::{self, plan::Residency, Budget, BudgetSource, Plan};
 use sdcap::job::Job;
-use sdcap::kernels::scratch::{self, TIERS};
-use sdcap::pipeline::Models;
+use sdcap::kernels::scratch::{self, Scratch, TIERS};
+use sdcap::kernels::{self, WeightRows};
+use sdcap::pipeline::{self, Models};
 use sdcap::tensor::Tensor;
 
 const MIB: u64 = 1 << 20;
@@ -214,18 +216,140 @@ fn scratch_tiers_give_identical_bits() {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect(),
     );
-    let run = |tier| {
-        scratch::set(tier);
-        let context = models.text_encoders[0].forward(&ids, 2, 1);
-        let eps = models.unet.forward(&latent, &[999.0, 999.0], &context);
-        scratch::set(TIERS[0]);
+    let run = |tier: &Scratch| {
+        let context = models.text_encoders[0].forward(&ids, 2, 1, tier);
+        let eps = models
+            .unet
+            .forward(&latent, &[999.0, 999.0], &context, tier);
         (context, eps.data)
     };
-    let want = run(TIERS[0]);
+    let want = run(&TIERS[0]);
     for tier in &TIERS[1..] {
-        let got = run(*tier);
+        let got = run(tier);
         assert!(got.0 == want.0, "text encoder differs under {tier:?}");
         assert!(got.1 == want.1, "UNet differs under {tier:?}");
+    }
+}
+
+/// A weight that records how many rows each panel read takes: the weight panel budget of the
+/// scratch tier a kernel call works within, seen from outside.
+struct RecordingRows {
+    data: Vec<f32>,
+    rows: usize,
+    panel_rows: Mutex<Vec<usize>>,
+}
+
+impl WeightRows for RecordingRows {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn row_len(&self) -> usize {
+        self.data.len() / self.rows
+    }
+    fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+        self.panel_rows.lock().unwrap().push(count);
+        let k = self.row_len();
+        out.copy_from_slice(&self.data[first * k..(first + count) * k]);
+    }
+}
+
+/// Two jobs' kernel calls in flight at once, each with its own tier: each call reads its weight
+/// in the panels of its own tier (with one process-wide tier, set by each job before the barrier,
+/// one of them would read in the other's), and both give the bits of a call made alone.
+#[test]
+fn concurrent_kernel_calls_each_work_within_their_own_tier() {
+    // 2000 rows of 640: the first tier's 4 Mi-value panel holds them all, the smallest tier's
+    // 1 Mi values hold 1638 rows (the 362 left are over MIN_SPLIT, so they make a second panel).
+    let (rows, k, m) = (2000, 640, 70);
+    let weight = |seed: usize| RecordingRows {
+        data: (0..rows * k)
+            .map(|i| ((i * 31 + seed) % 97) as f32 / 48.0 - 1.0)
+            .collect(),
+        rows,
+        panel_rows: Mutex::new(Vec::new()),
+    };
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 / 6.0 - 1.0).collect();
+    let run = |w: &RecordingRows, tier: &Scratch| {
+        let mut y = vec![0.0f32; m * rows];
+        kernels::matmul_weight_t(&x, w, &mut y, tier);
+        y
+    };
+    let panels = |tier: &Scratch| {
+        let w = weight(0);
+        let y = run(&w, tier);
+        (y, w.panel_rows.into_inner().unwrap())
+    };
+    let (alone_first, first_panels) = panels(&TIERS[0]);
+    let (alone_smallest, smallest_panels) = panels(&scratch::SMALLEST);
+    assert_eq!(first_panels, [2000]);
+    assert_eq!(smallest_panels, [1638, 362]);
+    assert!(alone_first == alone_smallest, "tiers give the same bits");
+
+    for _ in 0..4 {
+        let start = Barrier::new(2);
+        let (a, b) = (weight(0), weight(0));
+        let (ya, yb) = std::thread::scope(|s| {
+            let ta = s.spawn(|| {
+                start.wait();
+                run(&a, &TIERS[0])
+            });
+            let tb = s.spawn(|| {
+                start.wait();
+                run(&b, &scratch::SMALLEST)
+            });
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        assert_eq!(*a.panel_rows.lock().unwrap(), first_panels);
+        assert_eq!(*b.panel_rows.lock().unwrap(), smallest_panels);
+        assert!(ya == alone_first && yb == alone_smallest);
+    }
+}
+
+/// Two jobs in one process with different plans (no cap: the first tier; a cap only the smallest
+/// tiers fit), run at once on shared models: each gets the plan, latent and image it gets alone.
+#[test]
+fn two_jobs_with_different_plans_run_at_once_with_their_solo_bits() {
+    let loose = job(256, None);
+    let models = Models::load(&loose).unwrap();
+    let huge = budget(1 << 40);
+    let tight_peak =
+        governor::plan::predict(&models, &loose, &huge, Residency::Stream, scratch::SMALLEST)
+            .peak_bytes();
+    let tight = Job {
+        ram_cap: Some(limit_for(tight_peak)),
+        ..loose.clone()
+    };
+    let generate = |j: &Job| {
+        // Solo runs on this thread, the others on their own: the same float mode on each.
+        kernels::flush_denormals();
+        pipeline::generate(&models, j, &mut |_| {}).unwrap()
+    };
+    let (solo_loose, solo_tight) = (generate(&loose), generate(&tight));
+    assert_eq!(solo_loose.plan.scratch, TIERS[0]);
+    assert_ne!(
+        solo_tight.plan.scratch, TIERS[0],
+        "the cap shrinks the tier"
+    );
+
+    let start = Barrier::new(2);
+    let (both_loose, both_tight) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            start.wait();
+            generate(&loose)
+        });
+        let b = s.spawn(|| {
+            start.wait();
+            generate(&tight)
+        });
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for (what, solo, both) in [
+        ("uncapped", &solo_loose, &both_loose),
+        ("capped", &solo_tight, &both_tight),
+    ] {
+        assert_eq!(both.plan.scratch, solo.plan.scratch, "{what}");
+        assert!(both.latent.data == solo.latent.data, "{what} latent");
+        assert!(both.image.pixels == solo.image.pixels, "{what} image");
     }
 }
 

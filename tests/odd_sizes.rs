@@ -96,6 +96,7 @@ fn deeper_unets_take_sides_their_downsampling_leaves_odd() {
                 .join("golden/unet_forward.safetensors"),
         );
         let ctx = &refs["encoder_hidden_states"].data;
+        let tier = TIERS[0];
         let (n, h, w) = (2, 9, 11);
         let x = Tensor::new(
             vec![n, 4, h, w],
@@ -108,14 +109,21 @@ fn deeper_unets_take_sides_their_downsampling_leaves_odd() {
             unet.added_conditioning(&refs["text_embeds"].data, &ids)
                 .unwrap()
         });
-        let out = unet.forward_added(&x, &[500.0, 999.0], ctx, added.as_deref(), &mut |_, _| {});
+        let out = unet.forward_added(
+            &x,
+            &[500.0, 999.0],
+            ctx,
+            added.as_deref(),
+            &tier,
+            &mut |_, _| {},
+        );
         assert_eq!(out.shape, [n, 4, h, w], "{family}");
         assert!(out.data.iter().all(|v| v.is_finite()), "{family}");
         // The second image alone.
         let one = Tensor::new(vec![1, 4, h, w], x.data[4 * h * w..].to_vec());
         let ctx_one = &ctx[ctx.len() / 2..];
         let added_one = added.as_ref().map(|y| &y[y.len() / 2..]);
-        let alone = unet.forward_added(&one, &[999.0], ctx_one, added_one, &mut |_, _| {});
+        let alone = unet.forward_added(&one, &[999.0], ctx_one, added_one, &tier, &mut |_, _| {});
         let max = out.data[4 * h * w..]
             .iter()
             .zip(&alone.data)

@@ -4,6 +4,7 @@
 
 mod common;
 
+use sdcap::kernels::scratch::Scratch;
 use sdcap::nn::clip::TextEncoder;
 use sdcap::prompt::{
     encode_chunks, pad_to_same_chunks, PromptSyntax, TokenChunk, Tokenized, PAD_CLIP_L,
@@ -298,14 +299,16 @@ fn weighted_conditioning_matches_the_definition() {
     assert_eq!(pos.len(), 3, "79 tokens, then BREAK: 3 chunks");
     let all: Vec<TokenChunk> = neg.iter().chain(&pos).cloned().collect();
 
-    let got = encode_chunks(&all, width, |ids, n| encoder.forward(ids, n, 1));
+    let got = encode_chunks(&all, width, |ids, n| {
+        encoder.forward(ids, n, 1, &Scratch::default())
+    });
     assert_eq!(got.len(), all.len() * CONTEXT_LEN * width);
 
     let mut max_ref = 0.0f64;
     let mut max_err = 0.0f64;
     for (c, chunk) in all.iter().enumerate() {
         let z: Vec<f64> = encoder
-            .forward(&chunk.ids, 1, 1)
+            .forward(&chunk.ids, 1, 1, &Scratch::default())
             .iter()
             .map(|&v| f64::from(v))
             .collect();
@@ -338,7 +341,7 @@ fn weighted_conditioning_matches_the_definition() {
         "max error {max_err} vs max|ref| {max_ref}"
     );
     // Some weight really moved the output: the weighted chunks differ from the plain encoding.
-    let plain = encoder.forward(&pos[0].ids, 1, 1);
+    let plain = encoder.forward(&pos[0].ids, 1, 1, &Scratch::default());
     let offset = neg.len() * CONTEXT_LEN * width;
     let moved = plain
         .iter()
@@ -355,11 +358,16 @@ fn unweighted_prompt_is_unchanged_bit_for_bit() {
     common::compute_threads();
     let encoder = tiny_text_encoder();
     let text = "a photo of a cat, on a mat";
-    let before = encoder.forward(&clip().encode_padded(text, CONTEXT_LEN), 1, 1);
+    let before = encoder.forward(
+        &clip().encode_padded(text, CONTEXT_LEN),
+        1,
+        1,
+        &Scratch::default(),
+    );
     for syntax in [PromptSyntax::A1111, PromptSyntax::Plain] {
         let chunks = syntax.tokenize(clip(), text, PAD_CLIP_L).unwrap().chunks;
         let after = encode_chunks(&chunks, encoder.width(), |ids, n| {
-            encoder.forward(ids, n, 1)
+            encoder.forward(ids, n, 1, &Scratch::default())
         });
         assert_eq!(after, before, "{syntax}");
     }

@@ -300,7 +300,15 @@ fn a_dropped_token_row_is_caught() {
         pooled: false,
     };
     let encode = |ids: &[u32]| {
-        let hidden = encoder.encode(ids, 1, request).unwrap().hidden;
+        let hidden = encoder
+            .encode(
+                ids,
+                1,
+                request,
+                &sdcap::kernels::scratch::Scratch::default(),
+            )
+            .unwrap()
+            .hidden;
         Tensor::new(vec![1, ids.len(), 32], hidden)
     };
     // "a photo of a cat": kept rows, finite output.

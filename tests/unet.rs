@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::{assert_close, fixtures, read_tensors, tiny, tiny_weights};
+use sdcap::kernels::scratch::Scratch;
 use sdcap::nn::unet::{HeadsRule, UNet};
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
@@ -35,6 +36,7 @@ fn unet_forward_matches_diffusers() {
         &refs["sample"],
         &refs["timesteps"].data,
         &refs["encoder_hidden_states"].data,
+        &Scratch::default(),
         &mut |name, t| {
             seen.insert(name.to_string(), t.clone());
         },
@@ -101,6 +103,7 @@ fn sd2_unet_forward_matches_diffusers() {
         &refs["timesteps"].data,
         &refs["encoder_hidden_states"].data,
         None,
+        &Scratch::default(),
         &mut |name, t| {
             seen.insert(name.to_string(), t.clone());
         },
@@ -153,6 +156,7 @@ fn sdxl_unet_forward_matches_diffusers() {
         &refs["timesteps"].data,
         &refs["encoder_hidden_states"].data,
         Some(&added),
+        &Scratch::default(),
         &mut |name, t| {
             seen.insert(name.to_string(), t.clone());
         },

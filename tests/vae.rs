@@ -4,6 +4,7 @@ mod common;
 
 use common::{assert_close, read_tensors, tiny, tiny_weights};
 use sdcap::family::SD1;
+use sdcap::kernels::scratch::Scratch;
 use sdcap::nn::vae::{Decoder, Encoder};
 use sdcap::Tensor;
 
@@ -30,7 +31,7 @@ fn vae_encode_matches_diffusers() {
     common::compute_threads();
     let refs = read_tensors(&tiny("golden/vae.safetensors"));
     let encoder = Encoder::new(&tiny_weights("first_stage_model")).unwrap();
-    let dist = encoder.forward(&refs["encode_input"]);
+    let dist = encoder.forward(&refs["encode_input"], &Scratch::default());
     assert_close("encode_mean", &dist.mean, &refs["encode_mean"], 1e-4);
     assert_close("encode_logvar", &dist.logvar, &refs["encode_logvar"], 1e-4);
 }

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use sdcap::kernels::scratch::TIERS;
 use sdcap::kernels::{self, AttentionShape, Conv2dGeometry, DenseRows, WinogradTile};
 use sdcap::tensor::Tensor;
 
@@ -329,9 +330,13 @@ impl Op {
                     };
                     let b = Some(bias.as_slice());
                     std::hint::black_box(match path {
-                        ConvPath::Auto => kernels::conv2d(&x, &rows, b, geo),
-                        ConvPath::ImplicitGemm => kernels::conv2d_implicit_gemm(&x, &rows, b, geo),
-                        ConvPath::Winograd(tile) => kernels::conv3x3_winograd(&x, &rows, b, tile),
+                        ConvPath::Auto => kernels::conv2d(&x, &rows, b, geo, &TIERS[0]),
+                        ConvPath::ImplicitGemm => {
+                            kernels::conv2d_implicit_gemm(&x, &rows, b, geo, &TIERS[0])
+                        }
+                        ConvPath::Winograd(tile) => {
+                            kernels::conv3x3_winograd(&x, &rows, b, tile, &TIERS[0])
+                        }
                     });
                 })
             }
@@ -341,7 +346,7 @@ impl Op {
                 let mut y = vec![0.0f32; m * n];
                 Box::new(move || {
                     let rows = DenseRows { data: &wt, rows: n };
-                    kernels::matmul_weight_t(&x, &rows, &mut y);
+                    kernels::matmul_weight_t(&x, &rows, &mut y, &TIERS[0]);
                     std::hint::black_box(&y);
                 })
             }
@@ -365,7 +370,7 @@ impl Op {
                     causal,
                 };
                 Box::new(move || {
-                    std::hint::black_box(kernels::attention(&qv, &kv_, &vv, shape));
+                    std::hint::black_box(kernels::attention(&qv, &kv_, &vv, shape, &TIERS[0]));
                 })
             }
             Op::GroupNorm { n, c, hw, silu } => {

@@ -1,6 +1,7 @@
 //! The runtime watch: at every UNet block boundary, move weight pages as the plan says and compare
 //! real memory with the prediction; if reality runs ahead, tighten (stream weights, smaller kernel
-//! tiles) and say so once.
+//! tiles) and say so once. The watch holds its job's scratch tier: the pipeline reads it for each
+//! UNet call, so a tightened tier applies from the next call on.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use super::memory;
 use super::plan::Residency;
 use super::stream::ReadAhead;
-use crate::kernels::scratch;
+use crate::kernels::scratch::Scratch;
 use crate::weights::{Reader, TensorStore};
 
 pub struct Watch {
@@ -22,6 +23,8 @@ pub struct Watch {
     reads: ReadAhead,
     reader: Option<Reader>,
     residency: Residency,
+    /// The kernels' budgets for the next UNet call: the plan's tier until tightened.
+    scratch: Scratch,
     /// Resident set above this means the prediction was wrong.
     rss_limit_bytes: u64,
     cgroup_file: Option<PathBuf>,
@@ -37,6 +40,7 @@ impl Watch {
         block_names: &[String],
         residency: Residency,
         pinned_blocks: &[String],
+        scratch: Scratch,
         rss_limit_bytes: u64,
     ) -> Self {
         let blocks: Vec<String> = block_names
@@ -54,6 +58,7 @@ impl Watch {
             reader: None,
             reads: ReadAhead::new(pinned),
             residency,
+            scratch,
             rss_limit_bytes,
             cgroup_file: memory::cgroup_usage_file(),
             peak_cgroup_bytes: 0,
@@ -64,6 +69,11 @@ impl Watch {
 
     pub fn residency(&self) -> Residency {
         self.residency
+    }
+
+    /// The scratch tier the next UNet call runs under.
+    pub fn scratch(&self) -> Scratch {
+        self.scratch
     }
 
     /// Before the first UNet call: start reading the first blocks when streaming.
@@ -104,8 +114,8 @@ impl Watch {
                 self.residency = Residency::Stream;
                 actions.push("streaming UNet weights");
             }
-            if let Some(smaller) = scratch::current().smaller() {
-                scratch::set(smaller);
+            if let Some(smaller) = self.scratch.smaller() {
+                self.scratch = smaller;
                 actions.push("smaller kernel tiles");
             }
             if !actions.is_empty() {

@@ -53,9 +53,15 @@ impl AttentionShape {
 }
 
 /// `q` [batch, q_len, channels], `k`/`v` [batch, kv_len, channels] → [batch, q_len, channels],
-/// with the query chunk of the scratch tier in force (`kernels::scratch`).
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32> {
-    attention_chunked(q, k, v, s, super::scratch::current().attention_query_chunk)
+/// with the query chunk of `scratch` (`kernels::scratch`).
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttentionShape,
+    scratch: &super::scratch::Scratch,
+) -> Vec<f32> {
+    attention_chunked(q, k, v, s, scratch.attention_query_chunk)
 }
 
 /// As `attention`, with `query_chunk` queries per task (any value ≥ 1 gives the same bits; it

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::activation::silu_scalar;
 use super::panel::{LhsPanels, WeightRows};
-use super::scratch::{self, longest_piece, pieces, MIN_SPLIT};
+use super::scratch::{longest_piece, pieces, Scratch, MIN_SPLIT};
 use super::winograd::{conv3x3_winograd, winograd_choice};
 use crate::tensor::Tensor;
 
@@ -210,15 +210,22 @@ fn min_tile_rows(out_w: usize) -> usize {
     MIN_SPLIT.div_ceil(out_w.max(1))
 }
 
-/// Output rows per tile of a convolution over `in_ch` channels with output `out_h × out_w`. Tiles
-/// start at multiples of this from row 0: a caller that computes output in these tiles issues the
-/// same GEMM calls (hence the same bits) however it stores the rows.
-pub fn conv_tile_rows(in_ch: usize, geo: Conv2dGeometry, out_h: usize, out_w: usize) -> usize {
+/// Output rows per tile of a convolution over `in_ch` channels with output `out_h × out_w` under
+/// the patch budget of `scratch`. Tiles start at multiples of this from row 0: a caller that
+/// computes output in these tiles issues the same GEMM calls (hence the same bits) however it
+/// stores the rows.
+pub fn conv_tile_rows(
+    in_ch: usize,
+    geo: Conv2dGeometry,
+    out_h: usize,
+    out_w: usize,
+    scratch: &Scratch,
+) -> usize {
     tile_rows(
         in_ch * geo.kernel * geo.kernel,
         out_h,
         out_w,
-        scratch::current().conv_patch,
+        scratch.conv_patch,
     )
 }
 
@@ -253,26 +260,23 @@ pub struct RowConv<'w> {
 }
 
 impl<'w> RowConv<'w> {
-    /// `weight` [co, ci·k·k] (read in row panels, any storage format), `bias` [co].
-    pub fn new(weight: &'w dyn WeightRows, bias: Option<&'w [f32]>, geo: Conv2dGeometry) -> Self {
-        Self::with_budget(weight, bias, geo, scratch::current().conv_patch)
-    }
-
-    fn with_budget(
+    /// `weight` [co, ci·k·k] (read in row panels, any storage format), `bias` [co]; patches and
+    /// weight panels within the budgets of `scratch`.
+    pub fn new(
         weight: &'w dyn WeightRows,
         bias: Option<&'w [f32]>,
         geo: Conv2dGeometry,
-        patch_budget: usize,
+        scratch: &Scratch,
     ) -> Self {
         if let Some(b) = bias {
             assert_eq!(b.len(), weight.rows(), "conv bias size");
         }
         RowConv {
-            filters: LhsPanels::new(weight),
+            filters: LhsPanels::new(weight, scratch),
             weight,
             bias,
             geo,
-            patch_budget,
+            patch_budget: scratch.conv_patch,
             patch: Vec::new(),
         }
     }
@@ -332,16 +336,18 @@ impl<'w> RowConv<'w> {
 
 /// `x` [n, ci, h, w] ⊛ `weight` [co, ci·k·k] (+ `bias` [co]) → [n, co, oh, ow]. The weight is
 /// read in row panels (see `panel`), so it may be stored in any format. 3×3 stride-1 convolutions
-/// over enough channels take the Winograd path (`winograd_choice`), the rest the implicit GEMM.
+/// over enough channels take the Winograd path (`winograd_choice`), the rest the implicit GEMM;
+/// either works within the budgets of `scratch`.
 pub fn conv2d(
     x: &Tensor,
     weight: &dyn WeightRows,
     bias: Option<&[f32]>,
     geo: Conv2dGeometry,
+    scratch: &Scratch,
 ) -> Tensor {
     match winograd_choice(geo, x.nchw(), weight.rows()) {
-        Some(tile) => conv3x3_winograd(x, weight, bias, tile),
-        None => conv2d_implicit_gemm(x, weight, bias, geo),
+        Some(tile) => conv3x3_winograd(x, weight, bias, tile, scratch),
+        None => conv2d_implicit_gemm(x, weight, bias, geo, scratch),
     }
 }
 
@@ -351,16 +357,7 @@ pub fn conv2d_implicit_gemm(
     weight: &dyn WeightRows,
     bias: Option<&[f32]>,
     geo: Conv2dGeometry,
-) -> Tensor {
-    conv2d_tiled(x, weight, bias, geo, scratch::current().conv_patch)
-}
-
-fn conv2d_tiled(
-    x: &Tensor,
-    weight: &dyn WeightRows,
-    bias: Option<&[f32]>,
-    geo: Conv2dGeometry,
-    patch_budget: usize,
+    scratch: &Scratch,
 ) -> Tensor {
     let (n, ci, h, w) = x.nchw();
     let co = weight.rows();
@@ -369,7 +366,7 @@ fn conv2d_tiled(
         ci * geo.kernel * geo.kernel,
         "conv weight size"
     );
-    let mut conv = RowConv::with_budget(weight, bias, geo, patch_budget);
+    let mut conv = RowConv::new(weight, bias, geo, scratch);
     let (oh, ow) = geo.out_size(h, w);
     let mut out = Tensor::zeros(vec![n, co, oh, ow]);
     let pointwise = geo.kernel == 1 && geo.stride == 1 && geo.pad == 0;

@@ -4,7 +4,7 @@
 //! this CPU, DESIGN.md).
 
 use super::matmul::{matmul_strided, Transpose};
-use super::scratch::{self, longest_piece, pieces, MIN_SPLIT};
+use super::scratch::{longest_piece, pieces, Scratch, MIN_SPLIT};
 use crate::tensor::zeroed;
 
 /// A weight matrix [rows, row_len] that can hand out f32 copies of consecutive rows.
@@ -47,12 +47,13 @@ pub fn panel_bytes(rows: usize, row_len: usize, budget: usize) -> u64 {
     (step as u64 * row_len as u64).saturating_mul(4)
 }
 
-/// `y[m, n] = x[m, k] · Wᵀ` with W [n, k] (a linear layer).
-pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32]) {
+/// `y[m, n] = x[m, k] · Wᵀ` with W [n, k] (a linear layer), converting W within the weight panel
+/// budget of `scratch`.
+pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32], scratch: &Scratch) {
     if crate::backend::matmul_weight_t(x, w, y) {
         return; // --backend cuda
     }
-    matmul_weight_t_budget(x, w, y, scratch::current().weight_panel)
+    matmul_weight_t_budget(x, w, y, scratch.weight_panel)
 }
 
 fn matmul_weight_t_budget(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usize) {
@@ -83,8 +84,9 @@ pub struct LhsPanels<'w> {
 }
 
 impl<'w> LhsPanels<'w> {
-    pub fn new(w: &'w dyn WeightRows) -> Self {
-        Self::with_budget(w, scratch::current().weight_panel)
+    /// Panels within the weight panel budget of `scratch`.
+    pub fn new(w: &'w dyn WeightRows, scratch: &Scratch) -> Self {
+        Self::with_budget(w, scratch.weight_panel)
     }
 
     fn with_budget(w: &'w dyn WeightRows, budget: usize) -> Self {

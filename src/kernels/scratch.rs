@@ -5,13 +5,13 @@
 //! reduction order depends only on its length (gemm's k-blocking depends only on k once a product
 //! has more than 64 rows or columns, and the tile floors below keep every split product there), so
 //! a budget only trades speed for memory. The governor chooses a tier per job (`governor::plan`)
-//! and may tighten it while running (`governor::watch`); kernels read the current one.
+//! and may tighten it while running (`governor::watch`).
 //!
-//! Process-wide, like the rayon pool and the backend: the budget is a property of the running job,
-//! read at the start of each kernel call, and changing it between calls is always safe.
+//! A `Scratch` is a value passed down: the pipeline hands its job's tier to every layer's forward
+//! call, and the layers to every kernel call, so jobs in one process may run with different tiers
+//! at once. Changing the tier between calls is always safe.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use serde::Serialize;
 
@@ -144,29 +144,6 @@ impl Scratch {
         (patch + panels + ff)
             .saturating_mul(4)
             .saturating_add(attention)
-    }
-}
-
-static CONV_PATCH: AtomicUsize = AtomicUsize::new(TIERS[0].conv_patch);
-static WEIGHT_PANEL: AtomicUsize = AtomicUsize::new(TIERS[0].weight_panel);
-static ATTENTION_QUERY_CHUNK: AtomicUsize = AtomicUsize::new(TIERS[0].attention_query_chunk);
-static FF_CHUNK: AtomicUsize = AtomicUsize::new(TIERS[0].ff_chunk);
-
-/// The budgets kernels use from now on.
-pub fn set(s: Scratch) {
-    CONV_PATCH.store(s.conv_patch, Relaxed);
-    WEIGHT_PANEL.store(s.weight_panel, Relaxed);
-    ATTENTION_QUERY_CHUNK.store(s.attention_query_chunk, Relaxed);
-    FF_CHUNK.store(s.ff_chunk, Relaxed);
-}
-
-/// The budgets in force.
-pub fn current() -> Scratch {
-    Scratch {
-        conv_patch: CONV_PATCH.load(Relaxed),
-        weight_panel: WEIGHT_PANEL.load(Relaxed),
-        attention_query_chunk: ATTENTION_QUERY_CHUNK.load(Relaxed),
-        ff_chunk: FF_CHUNK.load(Relaxed),
     }
 }
 

@@ -237,23 +237,24 @@ pub fn winograd_scratch_bytes(
     }
 }
 
-/// The patch and weight panel budgets (f32 values) the Winograd path works within: the scratch
-/// tier in force (`kernels::scratch`); every use reads them here.
-fn budgets() -> (usize, usize) {
-    let s = super::scratch::current();
-    (s.conv_patch, s.weight_panel)
-}
-
 /// `x` [n, ci, h, w] ⊛ `weight` [co, ci·9] (+ `bias` [co]) with 3×3 filters, stride 1, zero
-/// padding 1 → [n, co, h, w], by Winograd F(`tile`, 3×3). `weight` is read a row at a time.
+/// padding 1 → [n, co, h, w], by Winograd F(`tile`, 3×3), within the patch and weight panel
+/// budgets of `scratch`. `weight` is read a row at a time.
 pub fn conv3x3_winograd(
     x: &Tensor,
     weight: &dyn WeightRows,
     bias: Option<&[f32]>,
     tile: WinogradTile,
+    scratch: &Scratch,
 ) -> Tensor {
-    let (patch_budget, panel_budget) = budgets();
-    conv3x3(x, weight, bias, tile, patch_budget, panel_budget)
+    conv3x3(
+        x,
+        weight,
+        bias,
+        tile,
+        scratch.conv_patch,
+        scratch.weight_panel,
+    )
 }
 
 /// As `conv3x3_winograd`. Transformed input + products stay within `patch_budget` f32 values (at
@@ -281,14 +282,16 @@ fn conv3x3(
 }
 
 /// The Winograd convolution of every image of `images` (the map each convolution sees through its
-/// transform) → [n, co, h, w], as `conv3x3_winograd`.
+/// transform) → [n, co, h, w], as `conv3x3_winograd` (within the budgets of `scratch`).
 pub fn conv3x3_winograd_read(
     images: &[WinogradInput],
     weight: &dyn WeightRows,
     bias: Option<&[f32]>,
     tile: WinogradTile,
+    scratch: &Scratch,
 ) -> Tensor {
-    conv3x3_read(images, weight, bias, tile, budgets())
+    let budgets = (scratch.conv_patch, scratch.weight_panel);
+    conv3x3_read(images, weight, bias, tile, budgets)
 }
 
 fn conv3x3_read(
@@ -355,12 +358,18 @@ pub struct WinogradConv<'w> {
     tile: WinogradTile,
     /// U [co, ξ, ci].
     filters: Vec<f32>,
+    scratch: Scratch,
     work: Work,
 }
 
 impl<'w> WinogradConv<'w> {
-    /// `weight` [co, ci·9], `bias` [co].
-    pub fn new(weight: &'w dyn WeightRows, bias: Option<&'w [f32]>, tile: WinogradTile) -> Self {
+    /// `weight` [co, ci·9], `bias` [co]; every call works within the budgets of `scratch`.
+    pub fn new(
+        weight: &'w dyn WeightRows,
+        bias: Option<&'w [f32]>,
+        tile: WinogradTile,
+        scratch: &Scratch,
+    ) -> Self {
         let (co, ci) = (weight.rows(), weight.row_len() / 9);
         let xi = tile.alpha() * tile.alpha();
         let mut filters = vec![0.0; co * xi * ci];
@@ -373,6 +382,7 @@ impl<'w> WinogradConv<'w> {
             bias,
             tile,
             filters,
+            scratch: *scratch,
             work: Work::default(),
         }
     }
@@ -380,8 +390,13 @@ impl<'w> WinogradConv<'w> {
     /// Output rows per call for a map of `ci → co` channels seen at `h × w`: whole tile rows, as
     /// many as fit the patch budget of `scratch` (at least one). Calls that start at multiples
     /// of this issue the same GEMMs, hence the same bits, however their output is stored.
-    pub fn call_rows(tile: WinogradTile, (ci, h, w): (usize, usize, usize), co: usize) -> usize {
-        let (patch_budget, panel_budget) = budgets();
+    pub fn call_rows(
+        tile: WinogradTile,
+        (ci, h, w): (usize, usize, usize),
+        co: usize,
+        scratch: &Scratch,
+    ) -> usize {
+        let (patch_budget, panel_budget) = (scratch.conv_patch, scratch.weight_panel);
         let plan = Plan::new(tile, (1, ci, h, w), 0..h, co, patch_budget, panel_budget);
         (plan.block_rows * tile.m()).min(h)
     }
@@ -428,7 +443,7 @@ impl<'w> WinogradConv<'w> {
         let co = self.weight.rows();
         assert_eq!(self.weight.row_len(), ci * 9, "conv weight size");
         assert_eq!(out.len(), co * rows.len() * w, "conv band size");
-        let (patch, panel) = budgets();
+        let (patch, panel) = (self.scratch.conv_patch, self.scratch.weight_panel);
         let plan = Plan::new(self.tile, (1, ci, h, w), rows, co, patch, panel);
         let mut planes: Vec<Vec<&mut [f32]>> = out
             .chunks_mut(plan.out_rows * w)

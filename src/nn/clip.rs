@@ -14,6 +14,7 @@
 
 use super::layers::{add_assign, LayerNorm, Linear};
 use crate::error::{Error, Result};
+use crate::kernels::scratch::Scratch;
 use crate::kernels::{self, AttentionShape};
 use crate::tokenizer::CONTEXT_LEN;
 use crate::weights::{Param, Weights};
@@ -124,11 +125,21 @@ impl EncoderLayer {
     }
 
     /// x += attn(norm1(x)) (causal); x += fc2(act(fc1(norm2(x)))).
-    fn forward(&self, x: &mut [f32], n: usize, tokens: usize, heads: usize, act: TextActivation) {
+    fn forward(
+        &self,
+        x: &mut [f32],
+        (n, tokens, heads): (usize, usize, usize),
+        act: TextActivation,
+        scratch: &Scratch,
+    ) {
         let dim = self.q.in_dim;
         let mut h = x.to_vec();
         self.norm1.forward(&mut h);
-        let (q, k, v) = (self.q.forward(&h), self.k.forward(&h), self.v.forward(&h));
+        let (q, k, v) = (
+            self.q.forward(&h, scratch),
+            self.k.forward(&h, scratch),
+            self.v.forward(&h, scratch),
+        );
         let attended = kernels::attention(
             &q,
             &k,
@@ -141,13 +152,14 @@ impl EncoderLayer {
                 heads,
                 causal: true,
             },
+            scratch,
         );
-        add_assign(x, &self.out.forward(&attended));
+        add_assign(x, &self.out.forward(&attended, scratch));
         h.copy_from_slice(x);
         self.norm2.forward(&mut h);
-        let mut mid = self.fc1.forward(&h);
+        let mut mid = self.fc1.forward(&h, scratch);
         act.apply(&mut mid);
-        add_assign(x, &self.fc2.forward(&mid));
+        add_assign(x, &self.fc2.forward(&mid, scratch));
     }
 }
 
@@ -384,20 +396,28 @@ impl TextEncoder {
     /// the output of the layer `clip_skip` from the end (1 = last layer, 2 = penultimate; clamped to
     /// the layers there are). SD1.x's conditioning. Panics on ids that are not `n` sequences of at
     /// most [`CONTEXT_LEN`] (the pipeline's own tokenizer output); `encode` returns that as an error.
-    pub fn forward(&self, ids: &[u32], n: usize, clip_skip: usize) -> Vec<f32> {
+    /// Kernels work within the budgets of `scratch`.
+    pub fn forward(&self, ids: &[u32], n: usize, clip_skip: usize, scratch: &Scratch) -> Vec<f32> {
         let request = TextOutput {
             skip_layers: clip_skip.clamp(1, self.layers.len()) - 1,
             final_norm: true,
             pooled: false,
         };
-        self.encode(ids, n, request)
+        self.encode(ids, n, request, scratch)
             .expect("a valid request for SD1.x conditioning")
             .hidden
     }
 
     /// Encodes token ids [n, tokens] as `request` says (see [`TextOutput`]). Runs the layers up to
-    /// the one asked for, or all of them in one pass when the pooled embedding is asked for.
-    pub fn encode(&self, ids: &[u32], n: usize, request: TextOutput) -> Result<TextEncoding> {
+    /// the one asked for, or all of them in one pass when the pooled embedding is asked for, with
+    /// kernels within the budgets of `scratch`.
+    pub fn encode(
+        &self,
+        ids: &[u32],
+        n: usize,
+        request: TextOutput,
+        scratch: &Scratch,
+    ) -> Result<TextEncoding> {
         let tokens = ids.len().checked_div(n).unwrap_or(0);
         if n == 0 || tokens == 0 || tokens * n != ids.len() || tokens > self.positions() {
             return Err(Error::BadRequest(format!(
@@ -428,7 +448,8 @@ impl TextEncoder {
         };
         let mut hidden = None;
         for (i, layer) in self.layers[..run_to].iter().enumerate() {
-            layer.forward(&mut x, n, tokens, self.heads, self.activation);
+            let sizes = (n, tokens, self.heads);
+            layer.forward(&mut x, sizes, self.activation, scratch);
             if i + 1 == keep && keep < run_to {
                 hidden = Some(x.clone());
             }

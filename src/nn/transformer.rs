@@ -3,6 +3,7 @@
 
 use super::layers::{from_tokens_with, to_tokens_with, GroupNorm, LayerNorm, Linear, MapRef};
 use crate::error::Result;
+use crate::kernels::scratch::{Scratch, MIN_SPLIT};
 use crate::kernels::{self, AttentionShape};
 use crate::tensor::{zeroed, Tensor};
 use crate::weights::Weights;
@@ -36,19 +37,26 @@ impl Attention {
         n: usize,
         context: Option<(&[f32], usize)>,
         residual: &mut [f32],
+        scratch: &Scratch,
     ) {
-        self.to_out
-            .forward_add_to(&self.attend(x, n, context), residual);
+        let attended = self.attend(x, n, context, scratch);
+        self.to_out.forward_add_to(&attended, residual, scratch);
     }
 
     /// The heads' outputs before the output projection, [n, lq, dim].
-    fn attend(&self, x: &[f32], n: usize, context: Option<(&[f32], usize)>) -> Vec<f32> {
+    fn attend(
+        &self,
+        x: &[f32],
+        n: usize,
+        context: Option<(&[f32], usize)>,
+        scratch: &Scratch,
+    ) -> Vec<f32> {
         let dim = self.to_q.out_dim;
         let lq = x.len() / (n * dim);
         let (ctx, lk) = context.unwrap_or((x, lq));
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(ctx);
-        let v = self.to_v.forward(ctx);
+        let q = self.to_q.forward(x, scratch);
+        let k = self.to_k.forward(ctx, scratch);
+        let v = self.to_v.forward(ctx, scratch);
         kernels::attention(
             &q,
             &k,
@@ -61,6 +69,7 @@ impl Attention {
                 heads: self.heads,
                 causal: false,
             },
+            scratch,
         )
     }
 }
@@ -89,29 +98,28 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: &mut [f32], n: usize, context: (&[f32], usize)) {
+    fn forward(&self, x: &mut [f32], n: usize, context: (&[f32], usize), scratch: &Scratch) {
         let mut h = zeroed(x.len());
         self.norm1.forward_to(x, &mut h);
-        self.attn1.forward_add_to(&h, n, None, x);
+        self.attn1.forward_add_to(&h, n, None, x, scratch);
         self.norm2.forward_to(x, &mut h);
-        self.attn2.forward_add_to(&h, n, Some(context), x);
+        self.attn2.forward_add_to(&h, n, Some(context), x, scratch);
         self.norm3.forward_to(x, &mut h);
         // The feed-forward widens each token 8× (GEGLU): run it over bounded token chunks so its
         // intermediates stay small. Rows are independent, so chunking does not change results.
         let dim = self.ff_out.out_dim;
-        let ff_chunk = kernels::scratch::current().ff_chunk;
-        let chunk_tokens = (ff_chunk / (2 * self.ff_out.in_dim)).max(kernels::scratch::MIN_SPLIT);
+        let chunk_tokens = (scratch.ff_chunk / (2 * self.ff_out.in_dim)).max(MIN_SPLIT);
         let ff_in_bias = self.ff_in.bias();
         for (xs, hs) in x
             .chunks_mut(chunk_tokens * dim)
             .zip(h.chunks(chunk_tokens * dim))
         {
             let gated = kernels::geglu(
-                &self.ff_in.product(hs),
+                &self.ff_in.product(hs, scratch),
                 ff_in_bias.as_deref(),
                 self.ff_out.in_dim,
             );
-            self.ff_out.forward_add_to(&gated, xs);
+            self.ff_out.forward_add_to(&gated, xs, scratch);
         }
     }
 }
@@ -160,19 +168,20 @@ impl SpatialTransformer {
         self.context_dim
     }
 
-    /// `context` [n, tokens, context_dim], any number of tokens.
-    pub fn forward(&self, x: &Tensor, context: &[f32]) -> Tensor {
+    /// `context` [n, tokens, context_dim], any number of tokens; kernels within the budgets of
+    /// `scratch`.
+    pub fn forward(&self, x: &Tensor, context: &[f32], scratch: &Scratch) -> Tensor {
         let (n, c, h, w) = x.nchw();
         let ctx_tokens = context.len() / (n * self.context_dim);
         // GroupNorm applied while changing the layout to tokens: one pass, no normalised copy.
         let norm = self.norm.per_image(MapRef::One(x));
         let normed = to_tokens_with(x, |b, ch, v| v * norm[b].0[ch] + norm[b].1[ch]);
-        let mut tokens = self.proj_in.forward(&normed);
+        let mut tokens = self.proj_in.forward(&normed, scratch);
         drop(normed);
         for block in &self.blocks {
-            block.forward(&mut tokens, n, (context, ctx_tokens));
+            block.forward(&mut tokens, n, (context, ctx_tokens), scratch);
         }
-        let projected = self.proj_out.product(&tokens);
+        let projected = self.proj_out.product(&tokens, scratch);
         drop(tokens);
         // Bias and residual added while changing the layout back: one pass.
         let bias = self.proj_out.bias().unwrap_or_else(|| vec![0.0; c]);

@@ -2,6 +2,14 @@ use super::*;
 use crate::kernels::scratch::TIERS;
 use crate::kernels::DenseRows;
 
+/// The first tier with a patch budget of `values`.
+fn patch(values: usize) -> Scratch {
+    Scratch {
+        conv_patch: values,
+        ..TIERS[0]
+    }
+}
+
 fn naive(x: &Tensor, wt: &[f32], bias: &[f32], geo: Conv2dGeometry) -> Tensor {
     let (n, ci, h, w) = x.nchw();
     let k = geo.kernel;
@@ -80,7 +88,7 @@ fn matches_naive_for_unet_and_vae_geometries() {
                 data: &wt,
                 rows: co,
             };
-            let got = conv2d_tiled(&x, &rows, Some(&bias), geo, budget);
+            let got = conv2d_implicit_gemm(&x, &rows, Some(&bias), geo, &patch(budget));
             // Sums of ≤ 45 products of magnitude ≤ 1: f32 reordering error is ~1e-6; 1e-4
             // still catches any indexing mistake.
             assert!(got.max_abs_diff(&want) < 1e-4, "{geo:?} budget {budget}");
@@ -146,13 +154,13 @@ fn fused_affine_silu_resize_equals_materialised() {
                 }
             }
             for budget in [TIERS[0].conv_patch, 1, 2 * ci * 9 * sw] {
-                let want = conv2d_tiled(&seen, &weight, Some(&bias), K3, budget);
+                let want = conv2d_implicit_gemm(&seen, &weight, Some(&bias), K3, &patch(budget));
                 let t = InputTransform {
                     affine: Some((&scale, &shift)),
                     silu,
                     resize,
                 };
-                let mut conv = RowConv::with_budget(&weight, Some(&bias), K3, budget);
+                let mut conv = RowConv::new(&weight, Some(&bias), K3, &patch(budget));
                 let mut got = vec![0.0; co * sh * sw];
                 conv.rows(&RowVecs::new(&x, (ci, h, w)), t, 0..sh, &mut got);
                 assert!(got == want.data, "silu {silu} {resize:?} budget {budget}");
@@ -196,7 +204,7 @@ fn row_bands_equal_whole_output() {
     let input = Planes::new(&x, (ci, h, w));
     let t = InputTransform::default();
     let budget = 3 * ci * 9 * w; // 3 rows per tile
-    let mut conv = RowConv::with_budget(&weight, Some(&bias), K3, budget);
+    let mut conv = RowConv::new(&weight, Some(&bias), K3, &patch(budget));
     let mut whole = vec![0.0; co * h * w];
     conv.rows(&input, t, 0..h, &mut whole);
     let plane_rows = |out: &[f32], r: Range<usize>| -> Vec<f32> {

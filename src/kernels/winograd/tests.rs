@@ -110,10 +110,10 @@ fn matches_direct_sum_at_unet_like_shapes() {
             data: &wt,
             rows: co,
         };
-        let direct = conv2d_implicit_gemm(&x, &rows, Some(&bias), K3);
+        let direct = conv2d_implicit_gemm(&x, &rows, Some(&bias), K3, &TIERS[0]);
         let direct_err = max_rel_error(&direct.data, &want, &mag);
         for (tile, bound) in [(WinogradTile::F2, 5e-6), (WinogradTile::F4, 5e-5)] {
-            let got = conv3x3_winograd(&x, &rows, Some(&bias), tile);
+            let got = conv3x3_winograd(&x, &rows, Some(&bias), tile, &TIERS[0]);
             assert_eq!(got.shape, direct.shape);
             let err = max_rel_error(&got.data, &want, &mag);
             let abs = got.max_abs_diff(&direct);
@@ -176,7 +176,7 @@ fn small_maps_and_no_bias() {
             rows: 66,
         };
         for tile in [WinogradTile::F2, WinogradTile::F4] {
-            let got = conv3x3_winograd(&x, &rows, None, tile);
+            let got = conv3x3_winograd(&x, &rows, None, tile, &TIERS[0]);
             let err = max_rel_error(&got.data, &want, &mag);
             assert!(err < 5e-5, "{tile:?} @{h}×{w}: {err:e}");
         }
@@ -189,7 +189,7 @@ fn small_maps_and_no_bias() {
 /// counts for a conv's patch and weight panels (`UNet::peak_activation_bytes`).
 #[test]
 fn scratch_bounded_by_budgets() {
-    let (patch, panel) = budgets();
+    let (patch, panel) = (TIERS[0].conv_patch, TIERS[0].weight_panel);
     let mut chosen = 0;
     for (n, ci, co, s) in [
         (2, 320, 320, 64),
@@ -289,8 +289,8 @@ fn reads_through_input_transforms_as_the_materialised_map() {
         whole.shape[0] = n;
         whole.data.extend_from_slice(&seen[1].data);
         for tile in [WinogradTile::F2, WinogradTile::F4] {
-            let got = conv3x3_winograd_read(&inputs, &rows, Some(&bias), tile);
-            let want = conv3x3_winograd(&whole, &rows, Some(&bias), tile);
+            let got = conv3x3_winograd_read(&inputs, &rows, Some(&bias), tile, &TIERS[0]);
+            let want = conv3x3_winograd(&whole, &rows, Some(&bias), tile, &TIERS[0]);
             assert!(got.data == want.data, "{tile:?} norm {norm} {resize:?}");
         }
     }
@@ -309,9 +309,9 @@ fn rows_in_bands_equal_the_whole_map() {
     let planes = Planes::new(&x.data, (ci, h, w));
     let t = InputTransform::default();
     for tile in [WinogradTile::F2, WinogradTile::F4] {
-        let want = conv3x3_winograd(&x, &rows, Some(&bias), tile);
-        let mut conv = WinogradConv::new(&rows, Some(&bias), tile);
-        let step_rows = WinogradConv::call_rows(tile, (ci, h, w), co);
+        let want = conv3x3_winograd(&x, &rows, Some(&bias), tile, &TIERS[0]);
+        let mut conv = WinogradConv::new(&rows, Some(&bias), tile, &TIERS[0]);
+        let step_rows = WinogradConv::call_rows(tile, (ci, h, w), co, &TIERS[0]);
         for step in [tile.m(), 3 * tile.m(), step_rows, h] {
             for threads in [1, 2] {
                 let pool = rayon::ThreadPoolBuilder::new()

@@ -6,7 +6,7 @@
 //! into banded outputs, and frees the source rows that no later tile reads.
 
 use super::bands::{BandLayout, BandedMap};
-use super::{EPS, GROUPS};
+use super::{VaePlan, EPS, GROUPS};
 use crate::error::{Error, Result};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::{
@@ -55,49 +55,49 @@ impl Conv {
         winograd_choice(self.geo, (1, self.in_ch, h, w), self.out_ch)
     }
 
-    fn runner(&self, hw: (usize, usize)) -> Runner<'_> {
+    fn runner(&self, hw: (usize, usize), scratch: &Scratch) -> Runner<'_> {
+        let (weight, bias) = (&self.weight, Some(&self.bias[..]));
         match self.winograd(hw) {
-            Some(tile) => Runner::Winograd(WinogradConv::new(&self.weight, Some(&self.bias), tile)),
-            None => Runner::Gemm(RowConv::new(&self.weight, Some(&self.bias), self.geo)),
+            Some(tile) => Runner::Winograd(WinogradConv::new(weight, bias, tile, scratch)),
+            None => Runner::Gemm(RowConv::new(weight, bias, self.geo, scratch)),
         }
     }
 
-    /// Output rows per call on an `h × w` map: fixed by the shape, so every banding issues the
-    /// same calls.
-    fn tile_rows(&self, h: usize, w: usize) -> usize {
+    /// Output rows per call on an `h × w` map under `scratch`: fixed by the shape and the tier,
+    /// so every banding issues the same calls.
+    fn tile_rows(&self, h: usize, w: usize, scratch: &Scratch) -> usize {
         match self.winograd((h, w)) {
-            Some(tile) => WinogradConv::call_rows(tile, (self.in_ch, h, w), self.out_ch),
-            None => conv_tile_rows(self.in_ch, self.geo, h, w),
+            Some(tile) => WinogradConv::call_rows(tile, (self.in_ch, h, w), self.out_ch, scratch),
+            None => conv_tile_rows(self.in_ch, self.geo, h, w, scratch),
         }
     }
 
     /// The filters as `RowConv` holds them: whole when they fit one weight panel, else one panel.
-    fn filter_bytes(&self) -> u64 {
+    fn filter_bytes(&self, scratch: &Scratch) -> u64 {
         let row_len = self.in_ch * self.geo.kernel * self.geo.kernel;
-        panel_bytes(self.out_ch, row_len, Scratch::default().weight_panel)
+        panel_bytes(self.out_ch, row_len, scratch.weight_panel)
     }
 
     /// Filters + patch (Winograd: transformed filters + one call's scratch), held while a pass
-    /// runs this convolution on an `h × w` map, `rows` output rows per call.
-    fn held_bytes(&self, (h, w): (usize, usize), rows: usize) -> u64 {
-        let scratch = Scratch::default();
+    /// runs this convolution on an `h × w` map, `rows` output rows per call, under `scratch`.
+    fn held_bytes(&self, (h, w): (usize, usize), rows: usize, scratch: &Scratch) -> u64 {
         if let Some(tile) = self.winograd((h, w)) {
             let threads = rayon::current_num_threads();
             let dims = (self.in_ch, h, w);
-            return WinogradConv::held_bytes(tile, dims, self.out_ch, rows, &scratch, threads);
+            return WinogradConv::held_bytes(tile, dims, self.out_ch, rows, scratch, threads);
         }
         let patch = conv_patch_bytes(self.in_ch, self.geo, (h, w), rows, scratch.conv_patch);
-        self.filter_bytes().saturating_add(patch)
+        self.filter_bytes(scratch).saturating_add(patch)
     }
 
     /// What GEMM's packed operands may add on top of `held_bytes`: at most the operands of one
     /// call again (Winograd's transformed filters are read a GEMM at a time, not packed whole).
-    fn gemm_bytes(&self, hw: (usize, usize), rows: usize) -> u64 {
+    fn gemm_bytes(&self, hw: (usize, usize), rows: usize, scratch: &Scratch) -> u64 {
         let resident = match self.winograd(hw) {
             Some(tile) => WinogradConv::filter_bytes(tile, self.in_ch, self.out_ch),
             None => 0,
         };
-        self.held_bytes(hw, rows).saturating_sub(resident)
+        self.held_bytes(hw, rows, scratch).saturating_sub(resident)
     }
 }
 
@@ -165,11 +165,12 @@ pub(super) const UPSAMPLE: InputTransform<'static> = InputTransform {
 /// One streaming pass over `src`: tile by tile (the tiles of `convs[0]`), each convolution computes
 /// its rows of output from `src` read through its transform and `sink(i, first_row, tile)` takes
 /// them ([out_ch, rows, w]). With `consume`, source rows no later tile reads are freed as it goes.
-/// All convolutions see the same map and keep its size.
+/// All convolutions see the same map and keep its size; kernels work within `scratch`.
 pub(super) fn stream(
     src: &mut BandedMap,
     convs: &[(&Conv, InputTransform)],
     consume: bool,
+    scratch: &Scratch,
     mut sink: impl FnMut(usize, usize, &[f32]),
 ) {
     let up = match convs[0].1.resize {
@@ -177,10 +178,13 @@ pub(super) fn stream(
         _ => 1,
     };
     let (_, h, w) = convs[0].1.seen_dims(src);
-    let step = convs[0].0.tile_rows(h, w);
+    let step = convs[0].0.tile_rows(h, w, scratch);
     let widest = convs.iter().map(|(c, _)| c.out_ch).max().unwrap_or(0);
     let mut tile = vec![0.0; widest * step * w];
-    let mut runners: Vec<Runner> = convs.iter().map(|(c, _)| c.runner((h, w))).collect();
+    let mut runners: Vec<Runner> = convs
+        .iter()
+        .map(|(c, _)| c.runner((h, w), scratch))
+        .collect();
     for r0 in (0..h).step_by(step) {
         let r1 = (r0 + step).min(h);
         for (i, ((conv, t), run)) in convs.iter().zip(&mut runners).enumerate() {
@@ -205,22 +209,26 @@ fn first_needed<'a>(convs: impl Iterator<Item = &'a Conv>, next: usize) -> usize
 /// Peak bytes of `stream` over a source of `src` (seen `up`× larger) writing `outs`: the most source
 /// bands still held plus output bands allocated at any tile, plus what the pass holds besides maps
 /// (filters and patches of every convolution, the tile buffer, and GEMM's packed operands, at most
-/// the patch and filters of the largest convolution again).
+/// the patch and filters of the largest convolution again), under `scratch`.
 pub(super) fn stream_peak(
     src: BandLayout,
     up: usize,
     convs: &[&Conv],
     consume: bool,
     outs: &[BandLayout],
+    scratch: &Scratch,
 ) -> u64 {
     let (h, w) = (src.h * up, src.w * up);
-    let step = convs[0].tile_rows(h, w);
+    let step = convs[0].tile_rows(h, w, scratch);
     let widest = convs.iter().map(|c| c.out_ch).max().unwrap_or(0);
     let tile = (widest as u64 * step as u64 * w as u64).saturating_mul(4);
-    let held: u64 = convs.iter().map(|c| c.held_bytes((h, w), step)).sum();
+    let held: u64 = convs
+        .iter()
+        .map(|c| c.held_bytes((h, w), step, scratch))
+        .sum();
     let gemm = convs
         .iter()
-        .map(|c| c.gemm_bytes((h, w), step))
+        .map(|c| c.gemm_bytes((h, w), step, scratch))
         .max()
         .unwrap_or(0);
     let mut maps = 0u64;
@@ -244,25 +252,24 @@ pub(super) fn conv_map(
     conv: &Conv,
     mut src: BandedMap,
     t: InputTransform,
-    band_rows: Option<usize>,
+    plan: &VaePlan,
 ) -> BandedMap {
     let (_, h, w) = t.seen_dims(&src);
-    let mut out = BandedMap::empty(BandLayout::new(conv.out_ch, h, w, band_rows));
-    stream(&mut src, &[(conv, t)], true, |_, r0, tile| {
-        out.write_rows(r0, tile)
-    });
+    let mut out = BandedMap::empty(BandLayout::new(conv.out_ch, h, w, plan.band_rows));
+    stream(
+        &mut src,
+        &[(conv, t)],
+        true,
+        &plan.scratch,
+        |_, r0, tile| out.write_rows(r0, tile),
+    );
     out
 }
 
 /// Peak of `conv_map` (source and output included).
-pub(super) fn conv_map_peak(
-    conv: &Conv,
-    src: BandLayout,
-    up: usize,
-    band_rows: Option<usize>,
-) -> u64 {
-    let out = BandLayout::new(conv.out_ch, src.h * up, src.w * up, band_rows);
-    stream_peak(src, up, &[conv], true, &[out])
+pub(super) fn conv_map_peak(conv: &Conv, src: BandLayout, up: usize, plan: &VaePlan) -> u64 {
+    let out = BandLayout::new(conv.out_ch, src.h * up, src.w * up, plan.band_rows);
+    stream_peak(src, up, &[conv], true, &[out], &plan.scratch)
 }
 
 /// The VAE ResNet block: GroupNorm → SiLU → conv1 → GroupNorm → SiLU → conv2, plus a skip
@@ -299,9 +306,9 @@ impl Resnet {
     /// Two passes. The first reads `x` once for conv1 (and the skip projection, which then
     /// consumes `x`); the second adds conv2's output tile by tile into the skip, in place, while
     /// freeing conv1's output behind it. So at most x + h (or the projected skip + h) are held.
-    pub fn forward(&self, mut x: BandedMap, band_rows: Option<usize>) -> BandedMap {
+    pub fn forward(&self, mut x: BandedMap, plan: &VaePlan) -> BandedMap {
         let layout = x.layout();
-        let out = BandLayout::new(self.out_ch, layout.h, layout.w, band_rows);
+        let out = BandLayout::new(self.out_ch, layout.h, layout.w, plan.band_rows);
         let norm1 = self.norm1.affine(&x);
         let mut convs = vec![(&self.conv1, norm_silu(&norm1))];
         convs.extend(
@@ -311,37 +318,44 @@ impl Resnet {
         );
         let mut h = BandedMap::empty(out);
         let mut skip = self.nin_shortcut.as_ref().map(|_| BandedMap::empty(out));
-        stream(&mut x, &convs, skip.is_some(), |i, r0, tile| {
-            match (i, &mut skip) {
+        stream(
+            &mut x,
+            &convs,
+            skip.is_some(),
+            &plan.scratch,
+            |i, r0, tile| match (i, &mut skip) {
                 (1, Some(skip)) => skip.write_rows(r0, tile),
                 _ => h.write_rows(r0, tile),
-            }
-        });
+            },
+        );
         let mut acc = skip.unwrap_or(x);
         let norm2 = self.norm2.affine(&h);
         stream(
             &mut h,
             &[(&self.conv2, norm_silu(&norm2))],
             true,
+            &plan.scratch,
             |_, r0, tile| acc.add_rows(r0, tile),
         );
         acc
     }
 
     /// Peak of `forward` on a map of `x` (input and output included).
-    pub fn peak(&self, x: BandLayout, band_rows: Option<usize>) -> u64 {
-        let out = BandLayout::new(self.out_ch, x.h, x.w, band_rows);
+    pub fn peak(&self, x: BandLayout, plan: &VaePlan) -> u64 {
+        let out = BandLayout::new(self.out_ch, x.h, x.w, plan.band_rows);
         let stats1 = x.total_bytes().saturating_add(Norm::stats_bytes(x));
         let mut convs = vec![&self.conv1];
         convs.extend(self.nin_shortcut.iter());
         let outs: Vec<BandLayout> = convs.iter().map(|_| out).collect();
-        let pass1 = stream_peak(x, 1, &convs, self.nin_shortcut.is_some(), &outs);
+        let skip = self.nin_shortcut.is_some();
+        let pass1 = stream_peak(x, 1, &convs, skip, &outs, &plan.scratch);
         // The accumulator (x or the projected skip) has the output's shape.
         let acc = out.total_bytes();
         let stats2 = acc
             .saturating_add(out.total_bytes())
             .saturating_add(Norm::stats_bytes(out));
-        let pass2 = acc.saturating_add(stream_peak(out, 1, &[&self.conv2], true, &[]));
+        let pass2 = stream_peak(out, 1, &[&self.conv2], true, &[], &plan.scratch);
+        let pass2 = acc.saturating_add(pass2);
         stats1.max(pass1).max(stats2).max(pass2)
     }
 }

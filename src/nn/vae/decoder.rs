@@ -90,14 +90,15 @@ impl Decoder {
     }
 
     /// `z` is the unscaled latent (sampler latent / the family's `vae_scaling_factor`) → image roughly in [-1, 1],
-    /// with the default plan.
+    /// with the default plan (8-row bands, the first scratch tier).
     pub fn forward(&self, z: &Tensor) -> Tensor {
         self.forward_planned(z, &VaePlan::default())
     }
 
     /// As `forward`, holding feature maps as `plan` says. Every plan gives the same bits: the
-    /// banding decides only when rows are allocated and freed, never how a value is computed.
-    /// Images of a batch are decoded one after another.
+    /// banding decides only when rows are allocated and freed, never how a value is computed (nor
+    /// does the plan's scratch tier: `kernels::scratch`). Images of a batch are decoded one after
+    /// another.
     pub fn forward_planned(&self, z: &Tensor, plan: &VaePlan) -> Tensor {
         let (n, c, h, w) = z.nchw();
         assert_eq!(c, self.post_quant_conv.in_ch, "latent channels");
@@ -109,24 +110,24 @@ impl Decoder {
             .zip(image.data.chunks_mut(oc * oh * ow))
         {
             let z = BandedMap::from_planes(latent, BandLayout::new(c, h, w, plan.band_rows));
-            self.decode_one(z, plan.band_rows, out);
+            self.decode_one(z, plan, out);
         }
         image
     }
 
-    fn decode_one(&self, z: BandedMap, band: Option<usize>, image: &mut [f32]) {
+    fn decode_one(&self, z: BandedMap, plan: &VaePlan, image: &mut [f32]) {
         let plain = InputTransform::default();
-        let x = conv_map(&self.post_quant_conv, z, plain, band);
-        let x = conv_map(&self.conv_in, x, plain, band);
-        let x = self.mid_block_1.forward(x, band);
-        let x = self.attention(x, band);
-        let mut x = self.mid_block_2.forward(x, band);
+        let x = conv_map(&self.post_quant_conv, z, plain, plan);
+        let x = conv_map(&self.conv_in, x, plain, plan);
+        let x = self.mid_block_1.forward(x, plan);
+        let x = self.attention(x, plan);
+        let mut x = self.mid_block_2.forward(x, plan);
         for level in &self.up {
             for block in &level.blocks {
-                x = block.forward(x, band);
+                x = block.forward(x, plan);
             }
             if let Some(conv) = &level.upsample {
-                x = conv_map(conv, x, UPSAMPLE, band);
+                x = conv_map(conv, x, UPSAMPLE, plan);
             }
         }
         let norm = self.norm_out.affine(&x);
@@ -135,6 +136,7 @@ impl Decoder {
             &mut x,
             &[(&self.conv_out, norm_silu(&norm))],
             true,
+            &plan.scratch,
             |_, r0, tile| {
                 let rows = tile.len() / (self.conv_out.out_ch * w);
                 for (ch, src) in tile.chunks(rows * w).enumerate() {
@@ -145,13 +147,13 @@ impl Decoder {
     }
 
     /// The mid block's attention sees the whole (small, latent-sized) map.
-    fn attention(&self, x: BandedMap, band: Option<usize>) -> BandedMap {
+    fn attention(&self, x: BandedMap, plan: &VaePlan) -> BandedMap {
         let layout = x.layout();
         let whole = Tensor::new(vec![1, layout.c, layout.h, layout.w], x.to_planes());
         drop(x);
-        let out = self.mid_attn_1.forward(&whole);
+        let out = self.mid_attn_1.forward(&whole, &plan.scratch);
         drop(whole);
-        let layout = BandLayout::new(layout.c, layout.h, layout.w, band);
+        let layout = BandLayout::new(layout.c, layout.h, layout.w, plan.band_rows);
         let x = BandedMap::from_planes(&out.data, layout);
         drop(out);
         // The attention's intermediates (nine latent-sized maps, many freed on worker threads)
@@ -187,28 +189,28 @@ impl Decoder {
         let mut x = layout(self.post_quant_conv.in_ch, latent_h, latent_w);
         let mut peak = x.total_bytes();
         for conv in [&self.post_quant_conv, &self.conv_in] {
-            peak = peak.max(conv_map_peak(conv, x, 1, band));
+            peak = peak.max(conv_map_peak(conv, x, 1, plan));
             x = layout(conv.out_ch, x.h, x.w);
         }
-        peak = peak.max(self.mid_block_1.peak(x, band));
+        peak = peak.max(self.mid_block_1.peak(x, plan));
         let map = x.total_bytes();
-        let attention = AttnBlock::peak_bytes(x.c, x.h, x.w, threads);
+        let attention = AttnBlock::peak_bytes(x.c, x.h, x.w, &plan.scratch, threads);
         peak = peak.max(map.saturating_mul(2)).max(attention);
-        peak = peak.max(self.mid_block_2.peak(x, band));
+        peak = peak.max(self.mid_block_2.peak(x, plan));
         for level in &self.up {
             for block in &level.blocks {
-                peak = peak.max(block.peak(x, band));
+                peak = peak.max(block.peak(x, plan));
                 x = layout(block.out_ch, x.h, x.w);
             }
             if let Some(conv) = &level.upsample {
-                peak = peak.max(conv_map_peak(conv, x, 2, band));
+                peak = peak.max(conv_map_peak(conv, x, 2, plan));
                 x = layout(conv.out_ch, x.h.saturating_mul(2), x.w.saturating_mul(2));
             }
         }
         let stats = x
             .total_bytes()
             .saturating_add(group_norm_stats_bytes(x.c, x.h));
-        let out = stream_peak(x, 1, &[&self.conv_out], true, &[]);
+        let out = stream_peak(x, 1, &[&self.conv_out], true, &[], &plan.scratch);
         peak = peak.max(stats).max(out);
         peak.saturating_add(image)
             .saturating_add(SMALL_BYTES)

@@ -4,6 +4,7 @@ use super::super::layers::{Conv2d, GroupNorm};
 use super::super::resnet::ResnetBlock;
 use super::{count_levels, AttnBlock, EPS, GROUPS};
 use crate::error::{Error, Result};
+use crate::kernels::scratch::Scratch;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -85,22 +86,24 @@ impl Encoder {
         })
     }
 
-    /// `image` [n, 3, H, W] in [-1, 1] → latent distribution (unscaled).
-    pub fn forward(&self, image: &Tensor) -> LatentDistribution {
-        let mut h = self.conv_in.forward(image);
+    /// `image` [n, 3, H, W] in [-1, 1] → latent distribution (unscaled), with kernels within the
+    /// budgets of `scratch`.
+    pub fn forward(&self, image: &Tensor, scratch: &Scratch) -> LatentDistribution {
+        let mut h = self.conv_in.forward(image, scratch);
         for level in &self.down {
             for block in &level.blocks {
-                h = block.forward(&h, None);
+                h = block.forward(&h, None, scratch);
             }
             if let Some(conv) = &level.downsample {
-                h = conv.forward(&pad_bottom_right(&h));
+                h = conv.forward(&pad_bottom_right(&h), scratch);
             }
         }
-        let h = self.mid.block_1.forward(&h, None);
-        let h = self.mid.attn_1.forward(&h);
-        let mut h = self.mid.block_2.forward(&h, None);
+        let h = self.mid.block_1.forward(&h, None, scratch);
+        let h = self.mid.attn_1.forward(&h, scratch);
+        let mut h = self.mid.block_2.forward(&h, None, scratch);
         self.norm_out.forward(&mut h, true);
-        let moments = self.quant_conv.forward(&self.conv_out.forward(&h));
+        let h = self.conv_out.forward(&h, scratch);
+        let moments = self.quant_conv.forward(&h, scratch);
         let (n, c2, hh, ww) = moments.nchw();
         let c = c2 / 2;
         let (mut mean, mut logvar) = (Vec::new(), Vec::new());

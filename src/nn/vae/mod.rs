@@ -2,9 +2,9 @@
 //!
 //! The decoder runs as streaming passes over feature maps stored in bands of rows (`VaePlan`), with
 //! GroupNorm + SiLU and the 2× upsample fused into each convolution's gather, so its memory is a
-//! few maps of the current level at most and `Decoder::peak_bytes` predicts it from shapes. The
-//! prediction assumes the kernels' first scratch tier (`kernels::scratch`), which the pipeline sets
-//! for the decode: the decoder's memory lever is the band height.
+//! few maps of the current level at most and `Decoder::peak_bytes` predicts it from shapes, under
+//! the kernels' scratch tier the plan carries (`VaePlan::scratch`; the first tier in every plan the
+//! pipeline makes: the decoder's memory lever is the band height).
 
 mod bands;
 mod blocks;
@@ -14,6 +14,7 @@ mod plan;
 
 use super::layers::{add_assign, from_tokens, to_tokens, GroupNorm, Linear};
 use crate::error::Result;
+use crate::kernels::scratch::Scratch;
 use crate::kernels::{self, AttentionShape};
 use crate::tensor::Tensor;
 use crate::weights::Weights;
@@ -47,7 +48,7 @@ impl AttnBlock {
     }
 
     /// Intermediates are dropped as soon as they are used (see `peak_bytes`).
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, scratch: &Scratch) -> Tensor {
         let (n, c, h, w) = x.nchw();
         let tokens = {
             let mut normed = x.clone();
@@ -55,9 +56,9 @@ impl AttnBlock {
             to_tokens(&normed)
         };
         let (q, k, v) = (
-            self.q.forward(&tokens),
-            self.k.forward(&tokens),
-            self.v.forward(&tokens),
+            self.q.forward(&tokens, scratch),
+            self.k.forward(&tokens, scratch),
+            self.v.forward(&tokens, scratch),
         );
         drop(tokens);
         let shape = AttentionShape {
@@ -68,17 +69,19 @@ impl AttnBlock {
             heads: 1,
             causal: false,
         };
-        let attended = kernels::attention(&q, &k, &v, shape);
+        let attended = kernels::attention(&q, &k, &v, shape, scratch);
         drop((q, k, v));
-        let mut out = from_tokens(&self.proj_out.forward(&attended), n, c, h, w);
+        let projected = self.proj_out.forward(&attended, scratch);
+        let mut out = from_tokens(&projected, n, c, h, w);
         add_assign(&mut out.data, &x.data);
         out
     }
 
     /// Peak of `forward` on one image of `c` channels and `hw` pixels, its input included: during
     /// the attention kernel the input, q, k, v and the kernel's output (5 maps) plus the kernel's
-    /// scratch; before that, the input, the normalised copy and the tokens plus the norm statistics.
-    fn peak_bytes(c: usize, h: usize, w: usize, threads: usize) -> u64 {
+    /// scratch under `scratch`; before that, the input, the normalised copy and the tokens plus the
+    /// norm statistics.
+    fn peak_bytes(c: usize, h: usize, w: usize, scratch: &Scratch, threads: usize) -> u64 {
         let map = (c as u64 * h as u64 * w as u64).saturating_mul(4);
         let shape = AttentionShape {
             batch: 1,
@@ -95,7 +98,7 @@ impl AttnBlock {
             .saturating_mul(5)
             .saturating_add(kernels::attention_scratch_bytes(
                 shape,
-                kernels::scratch::Scratch::default().attention_query_chunk,
+                scratch.attention_query_chunk,
                 threads,
             ));
         norm.max(kernel)

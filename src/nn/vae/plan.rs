@@ -1,6 +1,7 @@
 //! How the decoder holds its feature maps, and choosing that from a memory budget.
 
 use super::Decoder;
+use crate::kernels::scratch::Scratch;
 
 /// Rows per band when a plan does not say otherwise: small enough that the slack of partly
 /// consumed bands stays a few MiB at 512² (a 256-channel band of 512-wide rows is 512 KiB a row),
@@ -14,6 +15,10 @@ pub struct VaePlan {
     /// Rows per stored band of every feature map (at that map's resolution); `None` keeps each map
     /// whole, so a map is freed only when its consumer has finished with all of it.
     pub band_rows: Option<usize>,
+    /// The kernels' budgets during the decode, which `Decoder::peak_bytes` counts. The plans made
+    /// here keep the first tier (`Scratch::default()`): the decoder's memory lever is the band
+    /// height, and the pipeline decodes with that tier whatever tier its UNet ran under.
+    pub scratch: Scratch,
 }
 
 impl Default for VaePlan {
@@ -24,12 +29,16 @@ impl Default for VaePlan {
 
 impl VaePlan {
     pub fn whole() -> Self {
-        VaePlan { band_rows: None }
+        VaePlan {
+            band_rows: None,
+            scratch: Scratch::default(),
+        }
     }
 
     pub fn banded(rows: usize) -> Self {
         VaePlan {
             band_rows: Some(rows.max(1)),
+            scratch: Scratch::default(),
         }
     }
 
