@@ -20,13 +20,15 @@ use std::time::Instant;
 
 use common::{
     best_of, contention_note, cpu_time, cpus, peak_flops, thread_cpu_time, unet_ops, Kind,
+    UnetShape,
 };
+use sdcap::conditioning::Conditioning;
+use sdcap::family::Family;
 use sdcap::governor::memory;
 use sdcap::job::{Job, SamplerKind};
 use sdcap::kernels::scratch::TIERS;
 use sdcap::pipeline::Models;
 use sdcap::tensor::Tensor;
-use sdcap::tokenizer::{Tokenizer, CONTEXT_LEN};
 
 fn job(model: PathBuf, size: u32) -> Job {
     Job {
@@ -36,6 +38,34 @@ fn job(model: PathBuf, size: u32) -> Job {
         steps: 1,
         sampler: SamplerKind::Euler,
         ..Job::new(model, "a lighthouse at dusk")
+    }
+}
+
+/// The job's conditioning (negative and prompt: a CFG batch of 2) by the family's encoders.
+fn conditioning(models: &Models, size: u32) -> Conditioning {
+    // The model path is not read: the models are loaded.
+    let job = job(PathBuf::new(), size);
+    sdcap::conditioning::encode(models, &job, true, &TIERS[0]).expect("encode")
+}
+
+/// One UNet call on the CFG batch `x` at timestep `t`, with SDXL's added conditioning if any.
+fn unet_call(models: &Models, x: &Tensor, t: f32, cond: &Conditioning) -> Tensor {
+    models.unet.forward_added(
+        x,
+        &[t, t],
+        &cond.context,
+        cond.added.as_deref(),
+        &TIERS[0],
+        &mut |_, _| {},
+    )
+}
+
+/// The op list shape of the model's family.
+fn unet_shape(models: &Models) -> UnetShape {
+    match models.spec.family {
+        Family::Sd1 => common::SD15,
+        Family::Sd2 => common::SD21,
+        Family::Sdxl => common::SDXL,
     }
 }
 
@@ -54,11 +84,8 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
     let models = Models::load(&job(model.clone(), size)).expect("load model");
     let load = t.elapsed().as_secs_f64();
 
-    let tok = Tokenizer::clip();
-    let mut ids = tok.encode_padded("blurry", CONTEXT_LEN);
-    ids.extend(tok.encode_padded("a lighthouse at dusk", CONTEXT_LEN));
     let t = Instant::now();
-    let context = models.text_encoders[0].forward(&ids, 2, 1, &TIERS[0]);
+    let cond = conditioning(&models, size);
     let encode = t.elapsed().as_secs_f64();
     let peak_encode = peak_rss();
     models.store.release(models.spec.text_prefix);
@@ -71,11 +98,7 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
     for i in 0..steps {
         let t = Instant::now();
         let t_step = 999.0 - 50.0 * i as f32;
-        std::hint::black_box(
-            models
-                .unet
-                .forward(&x, &[t_step, t_step], &context, &TIERS[0]),
-        );
+        std::hint::black_box(unet_call(&models, &x, t_step, &cond));
         step_times.push(t.elapsed().as_secs_f64());
     }
     let unet_cpu = (cpu_time() - c0).as_secs_f64() / w0.elapsed().as_secs_f64();
@@ -105,18 +128,14 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
 /// Two real UNet calls (CFG batch 2) and nothing else, for `perf record`.
 fn profile_step(model: PathBuf, latent: usize) {
     let models = Models::load(&job(model, latent as u32 * 8)).expect("load model");
-    let context = common::random(2 * 77 * 768, 5);
+    let cond = conditioning(&models, latent as u32 * 8);
     let x = Tensor::new(
         vec![2, 4, latent, latent],
         common::random(2 * 4 * latent * latent, 7),
     );
     for _ in 0..2 {
         let (c0, m0, w0) = (cpu_time(), thread_cpu_time(), Instant::now());
-        std::hint::black_box(
-            models
-                .unet
-                .forward(&x, &[999.0, 999.0], &context, &TIERS[0]),
-        );
+        std::hint::black_box(unet_call(&models, &x, 999.0, &cond));
         println!(
             "UNet call: {:.2} s wall, {:.2} s CPU, {:.2} s on the calling thread — {}",
             w0.elapsed().as_secs_f64(),
@@ -142,29 +161,22 @@ fn profile(model: PathBuf, latent: usize) {
         peak / 1e9
     );
     let models = Models::load(&job(model, latent as u32 * 8)).expect("load model");
-    let context = common::random(2 * 77 * 768, 5);
+    let shape = unet_shape(&models);
+    let cond = conditioning(&models, latent as u32 * 8);
     let x = Tensor::new(
         vec![2, 4, latent, latent],
         common::random(2 * 4 * latent * latent, 7),
     );
     // A warm-up call maps the weight pages in; the second is the one measured.
-    std::hint::black_box(
-        models
-            .unet
-            .forward(&x, &[999.0, 999.0], &context, &TIERS[0]),
-    );
+    std::hint::black_box(unet_call(&models, &x, 999.0, &cond));
     let (c0, m0, w0) = (cpu_time(), thread_cpu_time(), Instant::now());
-    std::hint::black_box(
-        models
-            .unet
-            .forward(&x, &[999.0, 999.0], &context, &TIERS[0]),
-    );
+    std::hint::black_box(unet_call(&models, &x, 999.0, &cond));
     let step = w0.elapsed().as_secs_f64();
     let step_cpu = (cpu_time() - c0).as_secs_f64();
     let main_cpu = (thread_cpu_time() - m0).as_secs_f64();
     drop(models);
 
-    let ops = unet_ops(2, latent);
+    let ops = unet_ops(&shape, 2, latent);
     // Time each distinct shape once, then weight by how often it occurs.
     let mut distinct: Vec<(common::Op, usize)> = Vec::new();
     for op in &ops {

@@ -399,10 +399,56 @@ impl Op {
     }
 }
 
-/// SD1.5 UNet constants.
+/// Tokens of one prompt's context.
 pub const CONTEXT_TOKENS: usize = 77;
-pub const CONTEXT_DIM: usize = 768;
-pub const HEADS: usize = 8;
+
+/// The UNet of one full-size family, as the op list walks it.
+#[derive(Clone, Copy)]
+pub struct UnetShape {
+    /// Channels per level.
+    pub channels: &'static [usize],
+    /// Transformer blocks per attention at each level (0: no attention there).
+    pub depth: &'static [usize],
+    pub mid_depth: usize,
+    pub context_dim: usize,
+    /// Attention heads of a transformer `c` channels wide.
+    pub heads: fn(usize) -> usize,
+    /// proj_in/proj_out as Linear (SD2.x, SDXL) instead of 1×1 convs (SD1.x).
+    pub linear_proj: bool,
+    /// SDXL's `label_emb` input width (pooled text + 6 size ids), 0 for none.
+    pub adm_in: usize,
+}
+
+/// SD1.5: 320/640/1280/1280, attention at the first three levels, 8 heads, CLIP-L context.
+pub const SD15: UnetShape = UnetShape {
+    channels: &[320, 640, 1280, 1280],
+    depth: &[1, 1, 1, 0],
+    mid_depth: 1,
+    context_dim: 768,
+    heads: |_| 8,
+    linear_proj: false,
+    adm_in: 0,
+};
+
+/// SD2.1: SD1.5's levels, 64-wide heads, OpenCLIP-H context, linear projections.
+pub const SD21: UnetShape = UnetShape {
+    context_dim: 1024,
+    heads: |c| c / 64,
+    linear_proj: true,
+    ..SD15
+};
+
+/// SDXL base: 320/640/1280, no attention at the top level, 2 and 10 transformer blocks below,
+/// CLIP-L + bigG context (2048), label_emb from 2816 inputs.
+pub const SDXL: UnetShape = UnetShape {
+    channels: &[320, 640, 1280],
+    depth: &[0, 2, 10],
+    mid_depth: 10,
+    context_dim: 2048,
+    heads: |c| c / 64,
+    linear_proj: true,
+    adm_in: 2816,
+};
 
 fn resnet(ops: &mut Vec<Op>, n: usize, ci: usize, co: usize, s: usize) {
     let hw = s * s;
@@ -457,20 +503,25 @@ fn resnet(ops: &mut Vec<Op>, n: usize, ci: usize, co: usize, s: usize) {
     }
 }
 
-fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
+fn transformer(ops: &mut Vec<Op>, shape: &UnetShape, depth: usize, n: usize, c: usize, s: usize) {
     let t = s * s;
     let m = n * t;
     let mc = n * CONTEXT_TOKENS;
-    // proj_in and proj_out: 1×1 convs
-    let pointwise = Op::Conv {
-        n,
-        ci: c,
-        co: c,
-        h: s,
-        w: s,
-        k: 1,
-        stride: 1,
-        path: ConvPath::Auto,
+    let heads = (shape.heads)(c);
+    // proj_in and proj_out: 1×1 convs or Linear over the tokens
+    let pointwise = if shape.linear_proj {
+        Op::Linear { m, k: c, n: c }
+    } else {
+        Op::Conv {
+            n,
+            ci: c,
+            co: c,
+            h: s,
+            w: s,
+            k: 1,
+            stride: 1,
+            path: ConvPath::Auto,
+        }
     };
     ops.push(Op::GroupNorm {
         n,
@@ -479,50 +530,53 @@ fn transformer(ops: &mut Vec<Op>, n: usize, c: usize, s: usize) {
         silu: false,
     });
     ops.push(pointwise); // proj_in
-    ops.push(Op::LayerNorm { m, c });
-    for _ in 0..3 {
-        ops.push(Op::Linear { m, k: c, n: c }); // q k v
+    for _ in 0..depth {
+        ops.push(Op::LayerNorm { m, c });
+        for _ in 0..3 {
+            ops.push(Op::Linear { m, k: c, n: c }); // q k v
+        }
+        ops.push(Op::Attention {
+            batch: n,
+            q: t,
+            kv: t,
+            channels: c,
+            heads,
+            causal: false,
+        });
+        ops.push(Op::Linear { m, k: c, n: c }); // out
+        ops.push(Op::LayerNorm { m, c });
+        ops.push(Op::Linear { m, k: c, n: c }); // q
+        ops.push(Op::Linear {
+            m: mc,
+            k: shape.context_dim,
+            n: c,
+        }); // k
+        ops.push(Op::Linear {
+            m: mc,
+            k: shape.context_dim,
+            n: c,
+        }); // v
+        ops.push(Op::Attention {
+            batch: n,
+            q: t,
+            kv: CONTEXT_TOKENS,
+            channels: c,
+            heads,
+            causal: false,
+        });
+        ops.push(Op::Linear { m, k: c, n: c }); // out
+        ops.push(Op::LayerNorm { m, c });
+        ops.push(Op::Linear { m, k: c, n: 8 * c }); // GEGLU proj
+        ops.push(Op::Linear { m, k: 4 * c, n: c }); // ff out
     }
-    ops.push(Op::Attention {
-        batch: n,
-        q: t,
-        kv: t,
-        channels: c,
-        heads: HEADS,
-        causal: false,
-    });
-    ops.push(Op::Linear { m, k: c, n: c }); // out
-    ops.push(Op::LayerNorm { m, c });
-    ops.push(Op::Linear { m, k: c, n: c }); // q
-    ops.push(Op::Linear {
-        m: mc,
-        k: CONTEXT_DIM,
-        n: c,
-    }); // k
-    ops.push(Op::Linear {
-        m: mc,
-        k: CONTEXT_DIM,
-        n: c,
-    }); // v
-    ops.push(Op::Attention {
-        batch: n,
-        q: t,
-        kv: CONTEXT_TOKENS,
-        channels: c,
-        heads: HEADS,
-        causal: false,
-    });
-    ops.push(Op::Linear { m, k: c, n: c }); // out
-    ops.push(Op::LayerNorm { m, c });
-    ops.push(Op::Linear { m, k: c, n: 8 * c }); // GEGLU proj
-    ops.push(Op::Linear { m, k: 4 * c, n: c }); // ff out
     ops.push(pointwise); // proj_out
 }
 
 /// Every conv / linear / attention / norm call of one SD1.5 UNet forward on an `n`-image batch of
 /// `latent`² latents (64 for 512² images; n = 2 under classifier-free guidance).
-pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
-    let ch = [320, 640, 1280, 1280];
+pub fn unet_ops(shape: &UnetShape, n: usize, latent: usize) -> Vec<Op> {
+    let ch = shape.channels;
+    let levels = ch.len();
     let mut ops = Vec::new();
     ops.push(Op::Linear {
         m: n,
@@ -534,6 +588,18 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
         k: 1280,
         n: 1280,
     });
+    if shape.adm_in > 0 {
+        ops.push(Op::Linear {
+            m: n,
+            k: shape.adm_in,
+            n: 1280,
+        }); // label_emb
+        ops.push(Op::Linear {
+            m: n,
+            k: 1280,
+            n: 1280,
+        });
+    }
     ops.push(Op::Conv {
         n,
         ci: 4,
@@ -551,12 +617,12 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
         for _ in 0..2 {
             resnet(&mut ops, n, c, co, s);
             c = co;
-            if level < 3 {
-                transformer(&mut ops, n, c, s);
+            if shape.depth[level] > 0 {
+                transformer(&mut ops, shape, shape.depth[level], n, c, s);
             }
             skips.push(c);
         }
-        if level < 3 {
+        if level + 1 < levels {
             ops.push(Op::Conv {
                 n,
                 ci: c,
@@ -572,15 +638,15 @@ pub fn unet_ops(n: usize, latent: usize) -> Vec<Op> {
         }
     }
     resnet(&mut ops, n, c, c, s);
-    transformer(&mut ops, n, c, s);
+    transformer(&mut ops, shape, shape.mid_depth, n, c, s);
     resnet(&mut ops, n, c, c, s);
     for (level, &co) in ch.iter().enumerate().rev() {
         for _ in 0..3 {
             let skip = skips.pop().unwrap();
             resnet(&mut ops, n, c + skip, co, s);
             c = co;
-            if level < 3 {
-                transformer(&mut ops, n, c, s);
+            if shape.depth[level] > 0 {
+                transformer(&mut ops, shape, shape.depth[level], n, c, s);
             }
         }
         if level > 0 {
