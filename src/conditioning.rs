@@ -132,7 +132,7 @@ pub fn check_prompts(job: &Job) -> Result<()> {
     if job.prompt_syntax == PromptSyntax::Plain {
         return Ok(());
     }
-    prompt_text(job)?;
+    prompt::parse_attention(&prompt_text(job)?)?;
     prompt::parse_attention(job.negative_text())?;
     Ok(())
 }
