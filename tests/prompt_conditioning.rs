@@ -312,3 +312,35 @@ fn the_cli_refuses_a_lora_tag() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The job file's `prompt_syntax` field; output names change only for a syntax other than the
+/// default, so the names of existing jobs stay.
+#[test]
+fn batch_jobs_carry_the_syntax_and_names_stay() {
+    use sdcap::batch::{jobfile, naming};
+    let defaults = job(sd1(), "a cat", PromptSyntax::A1111);
+    let entries = jobfile::parse_jobs(
+        concat!(
+            "{\"prompt\": \"(a cat:1.2)\"}\n",
+            "{\"prompt\": \"(a cat:1.2)\", \"prompt_syntax\": \"plain\"}\n",
+            "{\"prompt\": \"(a cat:1.2)\", \"prompt_syntax\": \"a1111\"}\n",
+            "{\"prompt\": \"a cat\", \"prompt_syntax\": \"A1111x\"}\n",
+            "{\"prompt\": \"a cat <lora:x:1>\"}\n",
+        ),
+        &defaults,
+        std::path::Path::new("."),
+    );
+    let jobs: Vec<_> = entries.iter().map(|e| e.job.clone()).collect();
+    let syntax = |i: usize| jobs[i].as_ref().unwrap().prompt_syntax;
+    assert_eq!(
+        [syntax(0), syntax(1), syntax(2)],
+        [PromptSyntax::A1111, PromptSyntax::Plain, PromptSyntax::A1111]
+    );
+    assert!(jobs[3].as_ref().unwrap_err().contains("unknown prompt syntax"));
+    assert!(jobs[4].as_ref().unwrap_err().contains("LoRA is not supported yet"));
+
+    let (a, p) = (jobs[0].as_ref().unwrap(), jobs[1].as_ref().unwrap());
+    assert!(!naming::canonical(a).contains("prompt_syntax"));
+    assert!(naming::canonical(p).contains("\"prompt_syntax\":\"plain\""));
+    assert_ne!(naming::output_name(0, a), naming::output_name(0, p));
+}
