@@ -177,7 +177,11 @@ fn encoder_chunks(job: &Job, with_negative: bool, pad: PadToken) -> Result<Vec<T
             }],
             // A1111 tokenizes the pieces without the OpenCLIP `!` rule of diffusers (open_clip's
             // own tokenizer has none); a prompt without `!` reads the same either way.
-            PromptSyntax::A1111 => job.prompt_syntax.tokenize(tokenizer, text, pad.id())?.chunks,
+            PromptSyntax::A1111 => {
+                job.prompt_syntax
+                    .tokenize(tokenizer, text, pad.id())?
+                    .chunks
+            }
         })
     };
     let text = match job.prompt_syntax {

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use regex::Regex;
 use sdcap::job::Job;
-use sdcap::prompt::PromptSyntax;
 use sdcap::output::parameters_text;
+use sdcap::prompt::PromptSyntax;
 use sdcap::tokenizer::{Tokenizer, CONTEXT_LEN};
 
 /// A1111's `parse_generation_parameters` (modules/infotext_utils.py), the part that splits the
@@ -165,7 +165,10 @@ fn a_cut_prompt_stores_what_the_text_encoder_read() {
         parameters_text(&plain(&changed_at_the_end, ""))
     );
     // A prompt that fits is stored as it is.
-    assert_eq!(parse_a1111(&parameters_text(&plain("A Cat", ""))).0, "A Cat");
+    assert_eq!(
+        parse_a1111(&parameters_text(&plain("A Cat", ""))).0,
+        "A Cat"
+    );
 }
 
 /// A1111 syntax (the default) reads a prompt of any length: it is stored as given, syntax included.
@@ -174,10 +177,16 @@ fn an_a1111_prompt_is_stored_as_given() {
     let a = format!("(A Cat:1.2), [dog] BREAK {}", long_prompt("dog"));
     let b = long_prompt("tree");
     let (prompt, negative, _) = parse_a1111(&parameters_text(&job(&a, &b)));
-    assert_eq!((prompt.as_str(), negative.as_str()), (a.as_str(), b.as_str()));
+    assert_eq!(
+        (prompt.as_str(), negative.as_str()),
+        (a.as_str(), b.as_str())
+    );
     assert_ne!(
         parameters_text(&job(&a, "")),
-        parameters_text(&job(&format!("{} tree", a.strip_suffix(" dog").unwrap()), ""))
+        parameters_text(&job(
+            &format!("{} tree", a.strip_suffix(" dog").unwrap()),
+            ""
+        ))
     );
 }
 

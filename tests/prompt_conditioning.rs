@@ -110,7 +110,10 @@ fn max_abs(v: &[f32]) -> f32 {
 fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     assert!(a.iter().chain(b).all(|v| v.is_finite()));
-    let d = a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    let d = a
+        .iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
     d / max_abs(b)
 }
 
@@ -205,7 +208,10 @@ fn sdxl_pools_the_first_chunk_and_zeros_match_the_length() {
     assert_eq!(two.context.len(), 2 * 2 * CONTEXT_LEN * width);
     let (uncond, cond) = two.context.split_at(2 * CONTEXT_LEN * width);
     assert!(uncond.iter().all(|&v| v == 0.0), "zero unconditional row");
-    let rel = rel_diff(&cond[..CONTEXT_LEN * width], &one.context[CONTEXT_LEN * width..]);
+    let rel = rel_diff(
+        &cond[..CONTEXT_LEN * width],
+        &one.context[CONTEXT_LEN * width..],
+    );
     assert!(rel <= 1e-5, "first chunk: {rel:e}");
     // The second chunk is another text: it differs from the first.
     assert!(rel_diff(&cond[CONTEXT_LEN * width..], &cond[..CONTEXT_LEN * width]) > 1e-3);
@@ -261,7 +267,10 @@ fn the_plan_counts_the_longer_context() {
 fn tags_and_bad_weights_are_refused_in_a1111_syntax() {
     for (prompt, says) in [
         ("a cat <lora:x:1>", "`<lora:x>`: LoRA is not supported yet"),
-        ("a cat <hypernet:y:0.5>", "`<hypernet:y:0.5>`: extra networks"),
+        (
+            "a cat <hypernet:y:0.5>",
+            "`<hypernet:y:0.5>`: extra networks",
+        ),
         ("(a cat:1.2.3)", "1.2.3"),
     ] {
         let err = job(sd1(), prompt, PromptSyntax::A1111)
@@ -302,15 +311,26 @@ fn the_cli_refuses_a_lora_tag() {
     }
     // `--prompt-syntax plain` reads it as text.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcap"))
-        .args(["generate", "-W", "64", "-H", "64", "--steps", "1", "-t", "1"])
-        .args(["--prompt-syntax", "plain", "-p", "a cat <lora:my_style:0.8>"])
+        .args([
+            "generate", "-W", "64", "-H", "64", "--steps", "1", "-t", "1",
+        ])
+        .args([
+            "--prompt-syntax",
+            "plain",
+            "-p",
+            "a cat <lora:my_style:0.8>",
+        ])
         .arg("-m")
         .arg(sd1())
         .arg("-o")
         .arg(dir.path().join("o.png"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The job file's `prompt_syntax` field; output names change only for a syntax other than the
@@ -334,10 +354,20 @@ fn batch_jobs_carry_the_syntax_and_names_stay() {
     let syntax = |i: usize| jobs[i].as_ref().unwrap().prompt_syntax;
     assert_eq!(
         [syntax(0), syntax(1), syntax(2)],
-        [PromptSyntax::A1111, PromptSyntax::Plain, PromptSyntax::A1111]
+        [
+            PromptSyntax::A1111,
+            PromptSyntax::Plain,
+            PromptSyntax::A1111
+        ]
     );
-    assert!(jobs[3].as_ref().unwrap_err().contains("unknown prompt syntax"));
-    assert!(jobs[4].as_ref().unwrap_err().contains("LoRA is not supported yet"));
+    assert!(jobs[3]
+        .as_ref()
+        .unwrap_err()
+        .contains("unknown prompt syntax"));
+    assert!(jobs[4]
+        .as_ref()
+        .unwrap_err()
+        .contains("LoRA is not supported yet"));
 
     let (a, p) = (jobs[0].as_ref().unwrap(), jobs[1].as_ref().unwrap());
     assert!(!naming::canonical(a).contains("prompt_syntax"));
