@@ -1,5 +1,13 @@
 //! The encode stage: prompts → what the UNet is conditioned on, as the family's description says
 //! (which encoders, which hidden state of each, padding, pooled and size conditioning).
+//!
+//! With `--prompt-syntax a1111` (the default) each prompt is read as A1111 reads it (`crate::prompt`):
+//! emphasis weights, `BREAK`, and any length in chunks of BOS + 75 tokens + EOS/padding. Each chunk
+//! is encoded on its own by each text encoder (all chunks of a job in one batch), the emphasis is
+//! applied per chunk and encoder, and the chunks are concatenated along the token axis: the context
+//! is [batch, chunks × 77, width]; prompt and negative have the same number of chunks. SDXL's pooled
+//! embedding is the first chunk's, unweighted (A1111's `sd_hijack_clip`: `zs[0].pooled`). A prompt
+//! without syntax that fits one chunk gives exactly the plain reading's input.
 
 use crate::error::{Error, Result};
 use crate::family::HiddenState;
@@ -7,14 +15,17 @@ use crate::job::Job;
 use crate::kernels::scratch::Scratch;
 use crate::models::Models;
 use crate::nn::clip::TextOutput;
+use crate::prompt::{self, PromptSyntax, TokenChunk};
 use crate::sampling;
-use crate::tokenizer::{Tokenizer, CONTEXT_LEN};
+use crate::tokenizer::{PadToken, Tokenizer, CONTEXT_LEN};
 
 /// The UNet's conditioning for one job: `batch` rows, the unconditional row first when guided.
 pub struct Conditioning {
     /// [batch, tokens, context width]: the encoders' hidden states side by side, per token.
     pub context: Vec<f32>,
     pub batch: usize,
+    /// Tokens per row: 77 per prompt chunk ([`context_tokens`]).
+    pub tokens: usize,
     /// SDXL's `label_emb` input [batch, adm_in]: the pooled embedding and the six size ids.
     pub added: Option<Vec<f32>>,
 }
@@ -26,23 +37,26 @@ pub struct Conditioning {
 pub fn encode(models: &Models, job: &Job, guided: bool, scratch: &Scratch) -> Result<Conditioning> {
     let spec = models.spec;
     let zero_uncond = guided && spec.zero_uncond_without_negative && job.negative.is_none();
-    let mut prompts = Vec::new();
-    if guided && !zero_uncond {
-        prompts.push(job.negative_text());
-    }
-    prompts.push(job.prompt.as_str());
-    let encoded_rows = prompts.len();
+    // The negative prompt's row first, unless it is all zeros.
+    let encoded_rows = if guided && !zero_uncond { 2 } else { 1 };
     let batch = if guided { 2 } else { 1 };
     let zero_rows = batch - encoded_rows;
 
-    let tokenizer = Tokenizer::clip();
     let mut hidden = Vec::new();
     let mut widths = Vec::new();
     let mut pooled = None;
+    let mut tokens = None;
     for (enc_spec, encoder) in spec.text_encoders.iter().zip(&models.text_encoders) {
-        let ids: Vec<u32> = prompts
+        let chunks = encoder_chunks(job, encoded_rows == 2, enc_spec.pad)?;
+        let per_row = chunks.len() / encoded_rows;
+        // Every encoder reads the same text with the same BPE (only the padding ids differ), so
+        // every encoder gets the same number of chunks.
+        debug_assert!(tokens.is_none_or(|t| t == per_row * CONTEXT_LEN));
+        tokens = Some(per_row * CONTEXT_LEN);
+        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.ids.iter().copied()).collect();
+        let weights: Vec<f32> = chunks
             .iter()
-            .flat_map(|p| tokenizer.encode_padded_with(p, CONTEXT_LEN, enc_spec.pad))
+            .flat_map(|c| c.weights.iter().copied())
             .collect();
         let skip = job.clip_skip as usize - 1;
         let (skip_layers, final_norm) = match enc_spec.hidden {
@@ -67,7 +81,7 @@ pub fn encode(models: &Models, job: &Job, guided: bool, scratch: &Scratch) -> Re
         }
         let out = encoder.encode(
             &ids,
-            encoded_rows,
+            chunks.len(),
             TextOutput {
                 skip_layers,
                 final_norm,
@@ -79,12 +93,23 @@ pub fn encode(models: &Models, job: &Job, guided: bool, scratch: &Scratch) -> Re
             let projected = out.projected.ok_or_else(|| {
                 Error::UnsupportedModel("the pooled text encoder has no projection".into())
             })?;
-            pooled = Some(with_zero_rows(projected, zero_rows));
+            // Each row's first chunk (A1111 pools the first chunk only).
+            let width = projected.len() / chunks.len();
+            let first: Vec<f32> = projected
+                .chunks(width)
+                .step_by(per_row)
+                .flatten()
+                .copied()
+                .collect();
+            pooled = Some(with_zero_rows(first, zero_rows));
         }
+        let mut out_hidden = out.hidden;
+        prompt::apply_emphasis(&mut out_hidden, &weights, encoder.width());
         widths.push(encoder.width());
-        hidden.push(with_zero_rows(out.hidden, zero_rows));
+        hidden.push(with_zero_rows(out_hidden, zero_rows));
     }
-    let context = side_by_side(&hidden, &widths, batch * CONTEXT_LEN);
+    let tokens = tokens.unwrap_or(CONTEXT_LEN);
+    let context = side_by_side(&hidden, &widths, batch * tokens);
     sampling::check_finite("text encoder", || "encoding the prompt".into(), &context)?;
 
     let added = match (spec.size_conditioning, pooled) {
@@ -98,8 +123,83 @@ pub fn encode(models: &Models, job: &Job, guided: bool, scratch: &Scratch) -> Re
     Ok(Conditioning {
         context,
         batch,
+        tokens,
         added,
     })
+}
+
+/// Refuses, with one line, what the job's prompts cannot be: in A1111 syntax a weight that is no
+/// number (`(a:1.2.3)`), and extra-network tags in the prompt (`<lora:…>`: LoRA is not supported
+/// yet, and a tag is never silently ignored). Plain syntax reads any text.
+pub fn check_prompts(job: &Job) -> Result<()> {
+    if job.prompt_syntax == PromptSyntax::Plain {
+        return Ok(());
+    }
+    prompt::parse_attention(&prompt_text(job)?)?;
+    prompt::parse_attention(job.negative_text())?;
+    Ok(())
+}
+
+/// Tokens of context per row the UNet gets for `job` (77 per chunk; `guided`: with the negative
+/// prompt, or the zeros in its place): what the encode stage makes and the memory plan counts.
+/// The job must have passed [`Job::validate`] (which refuses a prompt this cannot read).
+pub fn context_tokens(job: &Job, guided: bool) -> Result<usize> {
+    let chunks = encoder_chunks(job, guided, PadToken::EndOfText)?;
+    Ok(chunks.len() / (1 + usize::from(guided)) * CONTEXT_LEN)
+}
+
+/// The prompt's text with its extra-network tags removed, refusing them (A1111 syntax).
+fn prompt_text(job: &Job) -> Result<String> {
+    let (text, tags) = job.prompt_syntax.extract_tags(&job.prompt)?;
+    if let Some(lora) = tags.loras.first() {
+        return Err(Error::BadRequest(format!(
+            "prompt: `<lora:{}>`: LoRA is not supported yet (remove the tag; with \
+             --prompt-syntax plain it is read as text)",
+            lora.name
+        )));
+    }
+    if let Some(tag) = tags.other.first() {
+        return Err(Error::BadRequest(format!(
+            "prompt: `{tag}`: extra networks are not supported (remove the tag; with \
+             --prompt-syntax plain it is read as text)"
+        )));
+    }
+    Ok(text)
+}
+
+/// One text encoder's input for `job`: the negative prompt's chunks (when `with_negative`), then
+/// the prompt's, both the same number. `pad` is the encoder's tokenizer's padding. Plain syntax is
+/// one chunk per prompt, tokenized exactly as diffusers does (cut after 75 tokens).
+fn encoder_chunks(job: &Job, with_negative: bool, pad: PadToken) -> Result<Vec<TokenChunk>> {
+    let tokenizer = Tokenizer::clip();
+    let read = |text: &str| -> Result<Vec<TokenChunk>> {
+        Ok(match job.prompt_syntax {
+            PromptSyntax::Plain => vec![TokenChunk {
+                ids: tokenizer.encode_padded_with(text, CONTEXT_LEN, pad),
+                weights: vec![1.0; CONTEXT_LEN],
+            }],
+            // A1111 tokenizes the pieces without the OpenCLIP `!` rule of diffusers (open_clip's
+            // own tokenizer has none); a prompt without `!` reads the same either way.
+            PromptSyntax::A1111 => {
+                job.prompt_syntax
+                    .tokenize(tokenizer, text, pad.id())?
+                    .chunks
+            }
+        })
+    };
+    let text = match job.prompt_syntax {
+        PromptSyntax::Plain => job.prompt.clone(),
+        PromptSyntax::A1111 => prompt_text(job)?,
+    };
+    let mut positive = read(&text)?;
+    if !with_negative {
+        return Ok(positive);
+    }
+    // A1111 reads no extra-network tags in the negative prompt: it is tokenized as written.
+    let mut negative = read(job.negative_text())?;
+    prompt::pad_to_same_chunks(&mut negative, &mut positive, pad.id());
+    negative.extend(positive);
+    Ok(negative)
 }
 
 /// `rows` all-zero rows (the unconditional half) in front of `values`.

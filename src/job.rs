@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::family::{ModelSpec, Prediction};
+use crate::prompt::PromptSyntax;
 
 /// Sampling method (`--sampling-method`, names as in stable-diffusion.cpp).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +107,9 @@ pub struct Job {
     /// SDXL's size conditioning (pixels): `original_size` and `target_size` default to the image
     /// size, `crop` (top, left) to (0, 0), as diffusers does. Other families ignore them.
     pub size_cond: SizeConditioning,
+    /// `--prompt-syntax`: how the prompt and negative prompt are read (A1111's emphasis, `BREAK`,
+    /// `<lora:…>` tags and 75-token chunks, or plain text cut at 75 tokens).
+    pub prompt_syntax: PromptSyntax,
 }
 
 /// SDXL's micro-conditioning, in pixels: (height, width) pairs and the crop's (top, left).
@@ -255,6 +259,7 @@ impl Job {
             ram_cap: None,
             prediction: None,
             size_cond: SizeConditioning::default(),
+            prompt_syntax: PromptSyntax::default(),
         }
     }
 
@@ -291,7 +296,8 @@ impl Job {
                 "clip-skip must be at least 1 (1 = last layer)".into(),
             ));
         }
-        self.size_cond.validate()
+        self.size_cond.validate()?;
+        crate::conditioning::check_prompts(self)
     }
 }
 

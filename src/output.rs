@@ -10,6 +10,7 @@ use std::path::Path;
 use crate::atomic_file::{write_atomically, Existing};
 use crate::error::{Error, Result};
 use crate::job::{Job, SamplerKind, ScheduleKind};
+use crate::prompt::PromptSyntax;
 use crate::tokenizer::{Tokenizer, CONTEXT_LEN};
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
@@ -76,16 +77,21 @@ fn png_err(e: png::EncodingError) -> io::Error {
 /// ```
 ///
 /// The negative line is left out when empty and `Clip skip` when it is 1; `Prediction`,
-/// `Original size`, `Crop coords` and `Target size` appear only when set. The prompts are what the
-/// model read ([`infotext_prompt`]); values with `,`, `:` or a newline are JSON-quoted, as A1111's
+/// `Original size`, `Crop coords` and `Target size` appear only when set. The prompts are as given
+/// (with `--prompt-syntax plain`, what the model read: [`infotext_prompt`]); values with `,`, `:` or a newline are JSON-quoted, as A1111's
 /// `quote` does. The Karras schedule is
 /// written the legacy way, as a suffix of the sampler name (`DPM++ 2M Karras`): older A1111 versions
 /// only understand that form, and newer ones split the suffix back into their `Schedule type`.
 pub fn parameters_text(job: &Job) -> String {
-    let mut text = infotext_prompt(&job.prompt);
+    // The plain syntax cuts a long prompt: it stores what was read. A1111's reads it all.
+    let stored = |text: &str| match job.prompt_syntax {
+        PromptSyntax::Plain => infotext_prompt(text),
+        PromptSyntax::A1111 => infotext_line(text),
+    };
+    let mut text = stored(&job.prompt);
     if !job.negative_text().is_empty() {
         text.push_str("\nNegative prompt: ");
-        text.push_str(&infotext_prompt(job.negative_text()));
+        text.push_str(&stored(job.negative_text()));
     }
     let mut fields = vec![
         format!("Steps: {}", job.steps),
@@ -140,7 +146,12 @@ pub fn parameters_text(job: &Job) -> String {
 /// - a line starting with `Negative prompt:` gets a lower-case `n` (CLIP lower-cases, so the
 ///   tokens are the same, and A1111's reader, which is case-sensitive, keeps the line where it is).
 pub fn infotext_prompt(text: &str) -> String {
-    let kept = Tokenizer::clip().kept_text(text, CONTEXT_LEN);
+    infotext_line(&Tokenizer::clip().kept_text(text, CONTEXT_LEN))
+}
+
+/// [`infotext_prompt`] without the cut: the whole prompt, cleaned as said there (A1111 syntax,
+/// which reads any length).
+fn infotext_line(kept: &str) -> String {
     let cleaned: String = kept
         .chars()
         .filter_map(|c| match c {

@@ -128,7 +128,12 @@ fn run(
     // diffusers applies classifier-free guidance only when the scale is above 1.
     let guided = job.cfg_scale > 1.0;
     let negative = guided.then_some(job.negative_text());
-    if let Some(notice) = crate::tokenizer::truncation_notice(&job.prompt, negative) {
+    // Only the plain syntax cuts a prompt; A1111's reads any length in chunks.
+    let plain = job.prompt_syntax == crate::prompt::PromptSyntax::Plain;
+    if let Some(notice) = plain
+        .then(|| crate::tokenizer::truncation_notice(&job.prompt, negative))
+        .flatten()
+    {
         on_event(Event::Notice(notice));
     }
     let cond = conditioning::encode(models, job, guided, &plan.scratch)?;

@@ -341,9 +341,9 @@ impl Tokenizer {
     }
 }
 
-/// The one line to tell the user when the SD1.x text encoder's 77 positions cut a prompt (long
-/// prompts are not supported yet): how many tokens of the prompt and of the negative prompt (None
-/// when it is not used) were dropped. None when nothing was.
+/// The one line to tell the user when the text encoder's 77 positions cut a prompt read with
+/// `--prompt-syntax plain` (A1111 syntax reads any length in chunks): how many tokens of the prompt
+/// and of the negative prompt (None when it is not used) were dropped. None when nothing was.
 pub fn truncation_notice(prompt: &str, negative: Option<&str>) -> Option<String> {
     let clip = Tokenizer::clip();
     let prompt_dropped = clip.dropped_tokens(prompt, CONTEXT_LEN);
@@ -353,8 +353,8 @@ pub fn truncation_notice(prompt: &str, negative: Option<&str>) -> Option<String>
     }
     Some(format!(
         "the text encoder reads {} tokens per prompt: {prompt_dropped} tokens of the prompt and \
-         {negative_dropped} of the negative prompt were dropped (long prompts are not supported \
-         yet; the PNG's parameters hold the text that was used)",
+         {negative_dropped} of the negative prompt were dropped (--prompt-syntax plain; a1111 reads \
+         long prompts; the PNG's parameters hold the text that was used)",
         CONTEXT_LEN - 2
     ))
 }

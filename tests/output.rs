@@ -172,6 +172,7 @@ fn job() -> Job {
         ram_cap: None,
         prediction: None,
         size_cond: Default::default(),
+        prompt_syntax: Default::default(),
     }
 }
 

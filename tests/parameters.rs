@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use regex::Regex;
 use sdcap::job::Job;
 use sdcap::output::parameters_text;
+use sdcap::prompt::PromptSyntax;
 use sdcap::tokenizer::{Tokenizer, CONTEXT_LEN};
 
 /// A1111's `parse_generation_parameters` (modules/infotext_utils.py), the part that splits the
@@ -142,7 +143,11 @@ fn long_prompt(tail: &str) -> String {
 #[test]
 fn a_cut_prompt_stores_what_the_text_encoder_read() {
     let (a, b) = (long_prompt("dog"), long_prompt("tree"));
-    let j = job(&a, &b);
+    let plain = |prompt: &str, negative: &str| Job {
+        prompt_syntax: PromptSyntax::Plain,
+        ..job(prompt, negative)
+    };
+    let j = plain(&a, &b);
     let text = parameters_text(&j);
     let (prompt, negative, _) = parse_a1111(&text);
     assert_eq!(tokens(&prompt), tokens(&a), "{text}");
@@ -156,11 +161,33 @@ fn a_cut_prompt_stores_what_the_text_encoder_read() {
     // Two prompts that differ only past the cut are the same job, and say so.
     let changed_at_the_end = format!("{} tree", a.strip_suffix(" dog").unwrap());
     assert_eq!(
-        parameters_text(&job(&a, "")),
-        parameters_text(&job(&changed_at_the_end, ""))
+        parameters_text(&plain(&a, "")),
+        parameters_text(&plain(&changed_at_the_end, ""))
     );
     // A prompt that fits is stored as it is.
-    assert_eq!(parse_a1111(&parameters_text(&job("A Cat", ""))).0, "A Cat");
+    assert_eq!(
+        parse_a1111(&parameters_text(&plain("A Cat", ""))).0,
+        "A Cat"
+    );
+}
+
+/// A1111 syntax (the default) reads a prompt of any length: it is stored as given, syntax included.
+#[test]
+fn an_a1111_prompt_is_stored_as_given() {
+    let a = format!("(A Cat:1.2), [dog] BREAK {}", long_prompt("dog"));
+    let b = long_prompt("tree");
+    let (prompt, negative, _) = parse_a1111(&parameters_text(&job(&a, &b)));
+    assert_eq!(
+        (prompt.as_str(), negative.as_str()),
+        (a.as_str(), b.as_str())
+    );
+    assert_ne!(
+        parameters_text(&job(&a, "")),
+        parameters_text(&job(
+            &format!("{} tree", a.strip_suffix(" dog").unwrap()),
+            ""
+        ))
+    );
 }
 
 #[test]
@@ -192,6 +219,7 @@ fn the_cut_is_noticed_once_with_both_counts() {
         .arg(common::tiny("tiny-sd-fp32.safetensors"))
         .arg("-o")
         .arg(dir.path().join("o.png"))
+        .args(["--prompt-syntax", "plain"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -202,4 +230,19 @@ fn the_cut_is_noticed_once_with_both_counts() {
         .collect();
     assert_eq!(notices.len(), 1, "{stderr}");
     assert!(notices[0].contains("425 tokens of the prompt"), "{stderr}");
+
+    // A1111 syntax (the default) drops nothing, so it says nothing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcap"))
+        .args([
+            "generate", "-W", "64", "-H", "64", "--steps", "1", "-t", "1",
+        ])
+        .args(["--progress", "json", "-p", &a, "-m"])
+        .arg(common::tiny("tiny-sd-fp32.safetensors"))
+        .arg("-o")
+        .arg(dir.path().join("o.png"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("dropped"), "{stderr}");
 }

@@ -7,13 +7,14 @@
 //!
 //! Fields: `prompt`, `negative` (alias `negative_prompt`), `seed`, `width`, `height`, `steps`,
 //! `cfg` (alias `cfg_scale`), `sampler` (alias `sampling_method`), `scheduler`, `clip_skip`, `rng`,
-//! `model`, `vae`, `ram_cap` (bytes, or a size such as `"6G"`), `prediction` (`"eps"` or `"v"`), and
+//! `model`, `vae`, `ram_cap` (bytes, or a size such as `"6G"`), `prediction` (`"eps"` or `"v"`),
 //! SDXL's size conditioning `original_size` and `target_size` (`"WxH"`, e.g. `"2048x2048"`) and
-//! `crop_coords` (`"TOP,LEFT"`, e.g. `"0,256"`). A field left out takes the value of the
-//! corresponding command-line flag; `width`, `height`, `steps`, `cfg`, `sampler` and `scheduler`
-//! given by neither take the model family's default (see `Job::apply_defaults`). Blank
-//! lines are ignored and do not count as jobs. A line that is not a valid job (bad JSON, an unknown
-//! field, a bad value) is still a job: it keeps its index and fails on its own, the others run.
+//! `crop_coords` (`"TOP,LEFT"`, e.g. `"0,256"`), and `prompt_syntax` (`"a1111"` or `"plain"`). A
+//! field left out takes the value of the corresponding command-line flag; `width`, `height`,
+//! `steps`, `cfg`, `sampler` and `scheduler` given by neither take the model family's default (see
+//! `Job::apply_defaults`). Blank lines are ignored and do not count as jobs. A line that is not a
+//! valid job (bad JSON, an unknown field, a bad value) is still a job: it keeps its index and fails
+//! on its own, the others run.
 //! Relative `model` and `vae` paths are taken from the job file's folder.
 
 use std::path::{Path, PathBuf};
@@ -62,6 +63,7 @@ struct Line {
     original_size: Option<String>,
     crop_coords: Option<String>,
     target_size: Option<String>,
+    prompt_syntax: Option<String>,
 }
 
 /// Reads a job file (`-` is standard input). Only an unreadable file is an error here; bad lines
@@ -171,6 +173,9 @@ fn parse_line(
     }
     if let Some(s) = line.target_size {
         job.size_cond.target = Some(SizeConditioning::parse_size("target_size", &s).map_err(err)?);
+    }
+    if let Some(s) = line.prompt_syntax {
+        job.prompt_syntax = s.parse().map_err(err)?;
     }
     if let Some(s) = line.rng {
         job.rng = s.parse().map_err(err)?;

@@ -2,10 +2,10 @@
 //!
 //! The index keeps a directory listing in job-file order; the hash is of the job's canonical form
 //! (every setting that changes the pixels or the PNG's parameters text; one the job left to the model
-//! family enters with the family's value, and the settings added later, `prediction` and SDXL's size
-//! conditioning, only when set, so older names stay valid), so the name is the same on
-//! every run and every machine, and a job whose settings were edited gets a new name and runs
-//! again. The model and VAE enter by file name only, not by full path: the same model mounted at
+//! family enters with the family's value, and the settings added later, `prediction`, SDXL's size
+//! conditioning and a `prompt_syntax` other than a1111, only when set, so older names stay valid),
+//! so the name is the same on every run and every machine, and a job whose settings were edited gets
+//! a new name and runs again. The model and VAE enter by file name only, not by full path: the same model mounted at
 //! another path (a container, another node) keeps the names. Threads do not enter: they do not
 //! change the output.
 
@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::job::Job;
+use crate::prompt::PromptSyntax;
 
 /// Bump when the canonical form changes meaning, so old outputs are not taken as done.
 const CANONICAL_VERSION: u32 = 1;
@@ -45,6 +46,9 @@ struct Canonical<'a> {
     crop_coords: Option<(u32, u32)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     target_size: Option<(u32, u32)>,
+    /// Only when not the default (a1111).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prompt_syntax: Option<&'static str>,
 }
 
 /// The job as one line of JSON with a fixed field order.
@@ -68,6 +72,9 @@ pub fn canonical(job: &Job) -> String {
         original_size: job.size_cond.original,
         crop_coords: Some(job.size_cond.crop).filter(|&c| c != (0, 0)),
         target_size: job.size_cond.target,
+        prompt_syntax: Some(job.prompt_syntax)
+            .filter(|&s| s != PromptSyntax::default())
+            .map(PromptSyntax::name),
     };
     serde_json::to_string(&c).expect("a job always serialises")
 }

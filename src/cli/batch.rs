@@ -31,7 +31,7 @@ pub struct BatchArgs {
     /// Job file: JSON Lines, one job per line, e.g. {"prompt": "a lighthouse", "seed": 1};
     /// `-` reads standard input. Fields: prompt, negative, seed, width, height, steps, cfg,
     /// sampler, scheduler, clip_skip, rng, model, vae, ram_cap, prediction, original_size,
-    /// crop_coords, target_size; a field left out takes the flag's value.
+    /// crop_coords, target_size, prompt_syntax; a field left out takes the flag's value.
     #[arg(value_name = "JOBS")]
     pub jobs: PathBuf,
 
@@ -107,6 +107,11 @@ pub struct BatchArgs {
     #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Default random number generator", RngKind::NAMES))]
     pub rng: RngKind,
 
+    /// Default prompt syntax: a1111 (emphasis, `BREAK`, long prompts in 75-token chunks) or plain
+    /// (the text as it is, cut after 75 tokens).
+    #[arg(long, value_name = "NAME", default_value = "a1111")]
+    pub prompt_syntax: sdcap::prompt::PromptSyntax,
+
     /// Default memory cap (e.g. 6G); without it, the cgroup limit or the available memory. A job
     /// that cannot fit is refused before it starts and recorded as failed.
     #[arg(long, value_name = "SIZE", value_parser = parse_ram_cap)]
@@ -143,6 +148,7 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
     defaults.seed = args.seed;
     defaults.clip_skip = args.clip_skip;
     defaults.rng = args.rng;
+    defaults.prompt_syntax = args.prompt_syntax;
     defaults.ram_cap = args.ram_cap;
     args.family.apply(&mut defaults);
     // Defaults that no job could use are refused before anything starts.

@@ -42,6 +42,7 @@ impl GenerateArgs {
         job.seed = resolve_seed(self.seed);
         job.clip_skip = self.clip_skip;
         job.rng = self.rng;
+        job.prompt_syntax = self.prompt_syntax;
         job.ram_cap = self.ram_cap;
         self.family.apply(&mut job);
         job.validate()?;

@@ -18,6 +18,7 @@ use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use sdcap::family::Prediction;
 use sdcap::job::{RngKind, SamplerKind, ScheduleKind, SizeConditioning};
+use sdcap::prompt::PromptSyntax;
 
 /// The demo model shipped with the crate: tiny, random weights, so its images are noise.
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-sd.safetensors");
@@ -129,6 +130,12 @@ pub struct GenerateArgs {
 
     #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Random number generator (cpu = PyTorch's CPU generator, as diffusers uses it)", RngKind::NAMES))]
     pub rng: RngKind,
+
+    /// How prompts are read: a1111 = emphasis `(a:1.2)` `[a]`, `BREAK`, any length in 75-token
+    /// chunks (`<lora:…>` tags are refused: LoRA is not supported yet); plain = the text as it is,
+    /// cut after 75 tokens, as diffusers reads it.
+    #[arg(long, value_name = "NAME", default_value = "a1111")]
+    pub prompt_syntax: PromptSyntax,
 
     /// RAM cap (512M, 1.5G, 2GiB): the plan keeps the predicted peak under it, or sdcap refuses
     /// with exit code 3 before loading anything [default: the cgroup limit, else available memory].

@@ -124,22 +124,25 @@ pub fn predict(
         Residency::KeepAll => all_weights,
         _ => store.bytes_with_prefix(spec.text_prefix),
     };
-    // The encoders run one after another: the widest one's working set (hidden states, q/k/v,
-    // attention output and the 4× MLP for 77 tokens per prompt, plus the kernels' scratch: no
-    // convolutions; weight rows up to the MLP's 4× width; 77 keys, heads at most the full
-    // width), plus every encoder's output kept for the context.
+    // Context tokens per prompt: 77 per chunk of a long prompt (a prompt the job cannot read was
+    // refused by `Job::validate`; one chunk stands for it here).
+    let tokens = crate::conditioning::context_tokens(job, batch == 2).unwrap_or(77);
+    // The encoders run one after another, every chunk of 77 tokens a sequence of the batch: the
+    // widest one's working set (hidden states, q/k/v, attention output and the 4× MLP for all
+    // tokens, plus the kernels' scratch: no convolutions; weight rows up to the MLP's 4× width;
+    // 77 keys, heads at most the full width), plus every encoder's output kept for the context.
     let widths = models.text_encoders.iter().map(|e| e.width() as u64);
     let width = widths.clone().max().unwrap_or(0);
-    let outputs = batch as u64 * 77 * 4 * widths.sum::<u64>();
+    let outputs = (batch * tokens) as u64 * 4 * widths.sum::<u64>();
     let text_scratch = scratch.peak_bytes(4 * width as usize, 0, (77, width as usize), threads);
-    let text_activations = (batch as u64 * 77 * width * 4 * 12)
+    let text_activations = ((batch * tokens) as u64 * width * 4 * 12)
         .saturating_add(text_scratch)
         .saturating_add(outputs);
 
     let unet_activations =
         models
             .unet
-            .peak_activation_bytes(batch, (lh, lw), 77, &scratch, threads);
+            .peak_activation_bytes(batch, (lh, lw), tokens, &scratch, threads);
     // Latent, noise, sampler history, and what the model file's metadata keeps resident.
     let latents = ((lh * lw * 4 * 4 * 4) as u64).saturating_add(store.metadata_bytes());
     let unet_weights = match residency {

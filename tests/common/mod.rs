@@ -351,5 +351,6 @@ pub fn job(model: PathBuf) -> Job {
         ram_cap: None,
         prediction: None,
         size_cond: Default::default(),
+        prompt_syntax: Default::default(),
     }
 }
