@@ -12,7 +12,7 @@ use sdcap::conditioning::{self, Conditioning};
 use sdcap::governor::budget::{Budget, BudgetSource};
 use sdcap::governor::{self, plan::Residency};
 use sdcap::job::Job;
-use sdcap::kernels::scratch::SMALLEST;
+use sdcap::kernels::scratch::{Scratch, SMALLEST};
 use sdcap::nn::clip::TextOutput;
 use sdcap::pipeline::{self, Models};
 use sdcap::prompt::PromptSyntax;
@@ -87,6 +87,7 @@ fn reference(models: &Models, tokens: &[u32], weights: &[f32], chunks: usize) ->
                     final_norm: true,
                     pooled: false,
                 },
+                &Scratch::default(),
             )
             .unwrap()
             .hidden;
@@ -136,7 +137,7 @@ fn long_prompts_condition_as_the_definition_says() {
             batch,
             tokens: got_tokens,
             ..
-        } = conditioning::encode(&models, &j, true).unwrap();
+        } = conditioning::encode(&models, &j, true, &Scratch::default()).unwrap();
         assert_eq!((batch, got_tokens), (2, tokens_per_row));
         assert_eq!(context.len(), 2 * tokens_per_row * width);
 
@@ -168,7 +169,7 @@ fn a_prompt_without_syntax_reads_as_plain() {
                         negative: negative.map(String::from),
                         ..job(model.clone(), prompt, syntax)
                     };
-                    conditioning::encode(&models, &j, guided).unwrap()
+                    conditioning::encode(&models, &j, guided, &Scratch::default()).unwrap()
                 };
                 let (a, p) = (read(PromptSyntax::A1111), read(PromptSyntax::Plain));
                 let what = format!("{}, {negative:?}, guided {guided}", model.display());
@@ -195,12 +196,14 @@ fn sdxl_pools_the_first_chunk_and_zeros_match_the_length() {
         &models,
         &job(family("sdxl"), &first, PromptSyntax::A1111),
         true,
+        &Scratch::default(),
     )
     .unwrap();
     let two = conditioning::encode(
         &models,
         &job(family("sdxl"), &long, PromptSyntax::A1111),
         true,
+        &Scratch::default(),
     )
     .unwrap();
     assert_eq!((one.tokens, two.tokens), (CONTEXT_LEN, 2 * CONTEXT_LEN));
