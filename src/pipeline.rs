@@ -58,6 +58,30 @@ pub fn plan(models: &Models, job: &Job) -> Result<Plan> {
     governor::plan(models, job, &budget)
 }
 
+/// `backend::check_device_memory` for a loaded model and job (here, not in `backend`, so the
+/// backend imports nothing above the kernels): the largest tensor of the model (as f32) and
+/// the largest stage's activation estimate from the RAM plan.
+pub fn check_device_plan(models: &Models, job: &Job) -> Result<()> {
+    if crate::backend::active() == crate::backend::Backend::Cpu {
+        return Ok(());
+    }
+    let largest = models
+        .store
+        .tensors()
+        .iter()
+        .map(|t| t.numel() as u64)
+        .max()
+        .unwrap_or(0);
+    let plan = plan(models, job)?;
+    let activations = plan
+        .stages
+        .iter()
+        .map(|s| s.activation_bytes)
+        .max()
+        .unwrap_or(0);
+    crate::backend::check_device_memory(largest, activations)
+}
+
 /// Runs one job on already-loaded models (a batch keeps the models between jobs). All noise comes
 /// from one torch-compatible CPU generator seeded with `job.seed`, as in diffusers.
 pub fn generate(models: &Models, job: &Job, on_event: &mut dyn FnMut(Event)) -> Result<Generated> {

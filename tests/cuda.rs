@@ -50,7 +50,7 @@ mod gpu {
     use std::path::PathBuf;
 
     use sdcap::backend::{self, Backend};
-    use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
+    use sdcap::job::Job;
     use sdcap::kernels::scratch::Scratch;
     use sdcap::kernels::{conv2d, matmul_weight_t, Conv2dGeometry, DenseRows};
     use sdcap::pipeline::{self, Models};
@@ -104,25 +104,16 @@ mod gpu {
 
     fn tiny_job() -> Job {
         Job {
-            model: PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/models/tiny-sd.safetensors"
-            )),
-            vae: None,
-            prompt: "a red cube".into(),
-            negative: None,
             width: 64,
             height: 64,
             steps: 4,
-            cfg_scale: 7.0,
-            sampler: SamplerKind::EulerA,
-            scheduler: ScheduleKind::Discrete,
-            seed: 42,
-            clip_skip: 1,
-            rng: RngKind::Cpu,
-            ram_cap: None,
-            prediction: None,
-            size_cond: Default::default(),
+            ..Job::new(
+                PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/models/tiny-sd.safetensors"
+                )),
+                "a red cube",
+            )
         }
     }
 
@@ -189,7 +180,7 @@ mod gpu {
         // 144-term sums of products of values in [-1, 1]: f32 reordering is ~1e-5 at most.
         assert!(conv_err < 1e-4, "conv: {conv_err:e}");
 
-        backend::check_device_plan(&models, &job).expect("tiny job fits the device");
+        sdcap::pipeline::check_device_plan(&models, &job).expect("tiny job fits the device");
         let gpu_run = pipeline::generate(&models, &job, &mut |_| {}).expect("cuda run");
         let err = gpu_run.latent.max_abs_diff(&cpu_run.latent);
         eprintln!("tiny txt2img 64², 4 steps: final latent cuda vs cpu max abs diff {err:e}");

@@ -189,26 +189,3 @@ impl DeviceWeight {
         }
     }
 }
-
-/// `check_device_memory` for a loaded model and job: the largest tensor of the model (as f32) and
-/// the largest stage's activation estimate from the RAM plan.
-pub fn check_device_plan(models: &crate::pipeline::Models, job: &crate::job::Job) -> Result<()> {
-    if active_gpu().is_none() {
-        return Ok(());
-    }
-    let largest = models
-        .store
-        .tensors()
-        .iter()
-        .map(|t| t.numel() as u64)
-        .max()
-        .unwrap_or(0);
-    let plan = crate::pipeline::plan(models, job)?;
-    let activations = plan
-        .stages
-        .iter()
-        .map(|s| s.activation_bytes)
-        .max()
-        .unwrap_or(0);
-    check_device_memory(largest, activations)
-}

@@ -124,7 +124,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let because = prediction_reason(models.prediction_source);
     if args.backend != Backend::Cpu {
         // The device-memory check between loading and running (exit 3).
-        sdcap::backend::check_device_plan(&models, &job)?;
+        sdcap::pipeline::check_device_plan(&models, &job)?;
     }
     let generated = pipeline::generate_with_cancel(&models, &job, &cancel, &mut on_event)?;
     let models_source = models.prediction_source;

@@ -75,7 +75,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     // Printed above either way; a plan that does not fit still exits 3.
     chosen?;
     // The device memory on the cuda backend (a no-op on the CPU), exit 3 when it does not fit.
-    sdcap::backend::check_device_plan(&models, &job)?;
+    sdcap::pipeline::check_device_plan(&models, &job)?;
     Ok(())
 }
 
