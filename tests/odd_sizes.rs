@@ -15,9 +15,6 @@ use sdcap::pipeline;
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
 
-/// Final latents: 1e-3 max abs as the other e2e runs (tests/txt2img.rs; observed ~1e-5).
-const LATENT_TOL: f32 = 1e-3;
-
 #[test]
 fn odd_latent_sides_match_diffusers_end_to_end() {
     common::compute_threads();
@@ -43,29 +40,7 @@ fn odd_latent_sides_match_diffusers_end_to_end() {
         };
         let got = pipeline::txt2img(&job, &mut |_| {}).unwrap();
         let refs = read_tensors(&tiny(&format!("e2e-odd-sizes/{name}.safetensors")));
-        let want = &refs["final_latents"];
-        assert_eq!(got.latent.shape, want.shape, "{name}: latent shape");
-        let err = got.latent.max_abs_diff(want);
-        assert!(
-            err <= LATENT_TOL,
-            "{name}: final latent max abs error {err:e}"
-        );
-        // 8-bit image within 1 level on ≥ 99.9% of values (a value at a rounding boundary may
-        // round the other way).
-        let want = &refs["image_uint8"].data;
-        assert_eq!(got.image.pixels.len(), want.len(), "{name}: image size");
-        let off = got
-            .image
-            .pixels
-            .iter()
-            .zip(want)
-            .filter(|(a, b)| (**a as f32 - **b).abs() > 1.0)
-            .count();
-        assert!(
-            off as f64 <= 0.001 * want.len() as f64,
-            "{name}: {off} values off"
-        );
-        eprintln!("{name}: latent error {err:e}, {off} pixel values off by > 1");
+        common::assert_run_matches(name, &got, &refs);
     }
 }
 

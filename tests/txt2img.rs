@@ -3,17 +3,11 @@
 
 mod common;
 
-use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
 use common::{read_tensors, tiny};
 use sdcap::job::{Job, RngKind, SamplerKind, ScheduleKind};
-use sdcap::pipeline::{self, Generated, Models};
-use sdcap::sampling::NoiseSource;
-use sdcap::Tensor;
-
-/// Final latents: the bound, 1e-3 max abs (observed ~1e-5: f32 reordering over 4 steps).
-const LATENT_TOL: f32 = 1e-3;
+use sdcap::pipeline::{self, Models};
 
 /// (sampler, scheduler) for a fixture run name.
 fn sampler_of(name: &str) -> (SamplerKind, ScheduleKind) {
@@ -48,44 +42,6 @@ fn job(model: PathBuf, prompt: &str, sampler: &str, cfg: f32, seed: u64) -> Job 
     }
 }
 
-/// Latent within `LATENT_TOL`; 8-bit image within 1 level on ≥ 99.9% of values (the bound:
-/// a value that sits at a rounding boundary may round the other way).
-fn assert_matches(what: &str, got: &Generated, refs: &HashMap<String, Tensor>) {
-    let err = got.latent.max_abs_diff(&refs["final_latents"]);
-    assert!(
-        err <= LATENT_TOL,
-        "{what}: final latent max abs error {err:e}"
-    );
-    let want = &refs["image_uint8"].data;
-    assert_eq!(got.image.pixels.len(), want.len(), "{what}: image size");
-    let off = got
-        .image
-        .pixels
-        .iter()
-        .zip(want)
-        .filter(|(a, b)| (**a as f32 - **b).abs() > 1.0)
-        .count();
-    assert!(
-        off as f64 <= 0.001 * want.len() as f64,
-        "{what}: {off} of {} values differ by more than 1",
-        want.len()
-    );
-    eprintln!("{what}: latent error {err:e}, {off} pixel values off by > 1");
-}
-
-struct Recorded(VecDeque<Vec<f32>>);
-
-impl NoiseSource for Recorded {
-    fn noise(&mut self, len: usize) -> Vec<f32> {
-        let n = self
-            .0
-            .pop_front()
-            .expect("sampler drew more noise than diffusers did");
-        assert_eq!(n.len(), len);
-        n
-    }
-}
-
 #[test]
 fn golden_runs_match_diffusers() {
     common::compute_threads();
@@ -104,7 +60,7 @@ fn golden_runs_match_diffusers() {
             .collect();
         let recorded = run["recorded_noises"].as_u64().unwrap();
         assert_eq!(steps.len() as u64, recorded, "{name}: step noise count");
-        let mut noise = Recorded(steps.into());
+        let mut noise = common::Recorded(steps.into());
         let initial = refs["initial_noise"].data.clone();
         let got =
             pipeline::generate_from_noise(&models, &job, initial, &mut noise, &mut |_| {}).unwrap();
@@ -112,7 +68,7 @@ fn golden_runs_match_diffusers() {
             noise.0.is_empty(),
             "{name}: sampler drew less noise than diffusers did"
         );
-        assert_matches(name, &got, &refs);
+        common::assert_run_matches(name, &got, &refs);
     }
 }
 
@@ -135,7 +91,7 @@ fn seeded_runs_match_diffusers_end_to_end() {
         job.steps = case["steps"].as_u64().unwrap() as u32;
         job.clip_skip = case["clip_skip"].as_u64().unwrap() as u32;
         let got = pipeline::txt2img(&job, &mut |_| {}).unwrap();
-        assert_matches(
+        common::assert_run_matches(
             name,
             &got,
             &read_tensors(&tiny(&format!("e2e/{name}.safetensors"))),
@@ -174,7 +130,7 @@ fn seeded_runs_of_more_samplers_match_diffusers() {
         // Progress counts UNet evaluations: one per diffusers timestep (Heun and DPM2: 2N-1).
         let timesteps = case["timesteps"].as_array().unwrap().len();
         assert_eq!(evaluations, timesteps, "{name}: evaluations");
-        assert_matches(
+        common::assert_run_matches(
             name,
             &got,
             &read_tensors(&tiny(&format!("e2e-samplers/{name}.safetensors"))),

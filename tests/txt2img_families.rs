@@ -7,19 +7,12 @@ mod common;
 #[path = "common/diffusers_folder.rs"]
 mod diffusers_folder;
 
-use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 
 use common::{fixtures, read_tensors};
 use sdcap::family::{Family, Prediction};
 use sdcap::job::{Job, SamplerKind, ScheduleKind};
-use sdcap::pipeline::{self, Generated, Models};
-use sdcap::sampling::NoiseSource;
-use sdcap::Tensor;
-
-/// Final latents: the same bound as SD1's goldens (tests/txt2img.rs), 1e-3 max abs; f32 reordering
-/// over 4 steps lands near 1e-5 (the goldens' README: expect ~1e-5 relative).
-const LATENT_TOL: f32 = 1e-3;
+use sdcap::pipeline::{self, Models};
 
 fn file(family: &str, rel: &str) -> PathBuf {
     fixtures().join(format!("tiny-{family}")).join(rel)
@@ -61,43 +54,6 @@ fn job_of(model: PathBuf, prompt: &str, run: &serde_json::Value, cfg: f32) -> Jo
     }
 }
 
-/// Latent within `LATENT_TOL`; 8-bit image within 1 level on ≥ 99.9% of values (SD1's bound).
-fn assert_matches(what: &str, got: &Generated, refs: &HashMap<String, Tensor>) {
-    let err = got.latent.max_abs_diff(&refs["final_latents"]);
-    assert!(
-        err <= LATENT_TOL,
-        "{what}: final latent max abs error {err:e}"
-    );
-    let want = &refs["image_uint8"].data;
-    assert_eq!(got.image.pixels.len(), want.len(), "{what}: image size");
-    let off = got
-        .image
-        .pixels
-        .iter()
-        .zip(want)
-        .filter(|(a, b)| (**a as f32 - **b).abs() > 1.0)
-        .count();
-    assert!(
-        off as f64 <= 0.001 * want.len() as f64,
-        "{what}: {off} of {} values differ by more than 1",
-        want.len()
-    );
-    eprintln!("{what}: latent error {err:e}, {off} pixel values off by > 1");
-}
-
-struct Recorded(VecDeque<Vec<f32>>);
-
-impl NoiseSource for Recorded {
-    fn noise(&mut self, len: usize) -> Vec<f32> {
-        let n = self
-            .0
-            .pop_front()
-            .expect("sampler drew more noise than diffusers did");
-        assert_eq!(n.len(), len);
-        n
-    }
-}
-
 /// Every golden run of `family` from its given noise, on the model at `model`.
 fn golden_runs(family: &str, model: &Path, expected_runs: usize) {
     common::compute_threads();
@@ -120,7 +76,7 @@ fn golden_runs(family: &str, model: &Path, expected_runs: usize) {
             .collect();
         let recorded = run["recorded_noises"].as_u64().unwrap();
         assert_eq!(steps.len() as u64, recorded, "{name}: step noise count");
-        let mut noise = Recorded(steps.into());
+        let mut noise = common::Recorded(steps.into());
         let initial = refs["initial_noise"].data.clone();
         let got =
             pipeline::generate_from_noise(models, &job, initial, &mut noise, &mut |_| {}).unwrap();
@@ -128,7 +84,7 @@ fn golden_runs(family: &str, model: &Path, expected_runs: usize) {
             noise.0.is_empty(),
             "{name}: sampler drew less noise than diffusers did"
         );
-        assert_matches(&format!("{family} {name}"), &got, &refs);
+        common::assert_run_matches(&format!("{family} {name}"), &got, &refs);
     }
 }
 
@@ -158,7 +114,7 @@ fn seeded_runs(family: &str, expected: usize) {
         );
         job.seed = case["seed"].as_u64().unwrap();
         let got = pipeline::txt2img(&job, &mut |_| {}).unwrap();
-        assert_matches(
+        common::assert_run_matches(
             &format!("{family} {name}"),
             &got,
             &read_tensors(&file(family, &format!("e2e/{name}.safetensors"))),

@@ -354,3 +354,52 @@ pub fn job(model: PathBuf) -> Job {
         prompt_syntax: Default::default(),
     }
 }
+
+/// Final latents of a whole txt2img run against diffusers: 1e-3 max abs (f32 reordering over a few
+/// steps lands near 1e-5).
+pub const LATENT_TOL: f32 = 1e-3;
+
+/// A whole run against a diffusers golden: final latent within `LATENT_TOL`, and the 8-bit image
+/// within 1 level on ≥ 99.9% of values (a value at a rounding boundary may round the other way).
+pub fn assert_run_matches(
+    what: &str,
+    got: &sdcap::pipeline::Generated,
+    refs: &HashMap<String, Tensor>,
+) {
+    let want = &refs["final_latents"];
+    assert_eq!(got.latent.shape, want.shape, "{what}: latent shape");
+    let err = got.latent.max_abs_diff(want);
+    assert!(
+        err <= LATENT_TOL,
+        "{what}: final latent max abs error {err:e}"
+    );
+    let want = &refs["image_uint8"].data;
+    assert_eq!(got.image.pixels.len(), want.len(), "{what}: image size");
+    let off = got
+        .image
+        .pixels
+        .iter()
+        .zip(want)
+        .filter(|(a, b)| (**a as f32 - **b).abs() > 1.0)
+        .count();
+    assert!(
+        off as f64 <= 0.001 * want.len() as f64,
+        "{what}: {off} of {} values differ by more than 1",
+        want.len()
+    );
+    eprintln!("{what}: latent error {err:e}, {off} pixel values off by > 1");
+}
+
+/// Step noise recorded by diffusers, handed out in order (and checked to be used up).
+pub struct Recorded(pub std::collections::VecDeque<Vec<f32>>);
+
+impl sdcap::sampling::NoiseSource for Recorded {
+    fn noise(&mut self, len: usize) -> Vec<f32> {
+        let n = self
+            .0
+            .pop_front()
+            .expect("sampler drew more noise than diffusers did");
+        assert_eq!(n.len(), len);
+        n
+    }
+}
