@@ -164,11 +164,6 @@ impl ModelSpec {
             rule => rule,
         }
     }
-
-    /// Index of the encoder whose pooled output conditions the UNet, if any.
-    pub fn pooled_encoder(&self) -> Option<usize> {
-        self.text_encoders.iter().position(|e| e.pooled)
-    }
 }
 
 pub static SD1: ModelSpec = ModelSpec {
@@ -279,8 +274,7 @@ mod tests {
                 assert!(enc.prefix.starts_with(family.spec().text_prefix));
             }
         }
-        assert_eq!(SDXL.pooled_encoder(), Some(1));
-        assert_eq!(SD1.pooled_encoder(), None);
+        assert_eq!(SDXL.text_encoders.iter().filter(|e| e.pooled).count(), 1);
     }
 
     #[test]
