@@ -8,9 +8,13 @@
 //! an epsilon-model must give the epsilon run's latents.
 
 mod common;
+#[path = "common/sampling_support.rs"]
+mod support;
+
+use support::*;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sdcap::family::Prediction;
 use sdcap::job::{SamplerKind, ScheduleKind};
@@ -21,59 +25,6 @@ const FAMILIES: [&str; 2] = ["tiny-sd2", "tiny-sdxl"];
 
 fn golden_dir(family: &str) -> PathBuf {
     common::fixtures().join(family).join("golden")
-}
-
-fn json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    // Python's json writes -Infinity/NaN, which strict JSON lacks.
-    let text = text
-        .replace("-Infinity", "null")
-        .replace("Infinity", "null")
-        .replace("NaN", "null");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// All float32 tensors of a safetensors file, flattened.
-struct Tensors(BTreeMap<String, Vec<f32>>);
-
-impl Tensors {
-    fn load(path: &Path) -> Self {
-        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
-        Tensors(
-            st.tensors()
-                .into_iter()
-                .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
-                .map(|(name, v)| {
-                    let data = v.data().chunks_exact(4);
-                    (
-                        name,
-                        data.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                            .collect(),
-                    )
-                })
-                .collect(),
-        )
-    }
-    fn get(&self, name: &str) -> &[f32] {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("missing tensor {name}"))
-    }
-    /// How many of `prefix.0`, `prefix.1`, … exist.
-    fn count(&self, prefix: &str) -> usize {
-        (0..)
-            .take_while(|i| self.0.contains_key(&format!("{prefix}.{i}")))
-            .count()
-    }
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .expect("array")
-        .iter()
-        .map(|x| x.as_f64().expect("number"))
-        .collect()
 }
 
 /// What a run (or a scheduler table) asks of sdcap: sampler, schedule kind and prediction, from a
@@ -153,45 +104,6 @@ fn fixture_configs_are_the_modelled_ones() {
 
 // ---------------------------------------------------------------------------------------------------------
 // Comparisons
-
-/// Largest |a - b| / max|b| over two equal-length slices.
-fn rel_err(found: &[f32], expected: &[f32]) -> f64 {
-    assert_eq!(found.len(), expected.len(), "length");
-    let scale = expected
-        .iter()
-        .fold(0f64, |m, &v| m.max(f64::from(v).abs()));
-    let diff = found.iter().zip(expected).fold(0f64, |m, (&a, &b)| {
-        m.max((f64::from(a) - f64::from(b)).abs())
-    });
-    if scale == 0.0 {
-        diff
-    } else {
-        diff / scale
-    }
-}
-
-/// Largest elementwise |a - b| / |b| (b = 0 compared absolutely).
-fn elementwise_rel_err(found: &[f32], expected: &[f64]) -> f64 {
-    assert_eq!(found.len(), expected.len(), "length");
-    found.iter().zip(expected).fold(0f64, |m, (&a, &b)| {
-        let d = (f64::from(a) - b).abs();
-        m.max(if b == 0.0 { d } else { d / b.abs() })
-    })
-}
-
-/// Scheduler tables: float32 values printed as float64, reproduced from the same float32/float64
-/// recipe (bit-identical today, as tests/sampling.rs's TABLE_TOL explains); 1e-6 relative leaves room
-/// for a libm that rounds a pow/log the other way, while a wrong spacing or sigma moves values by > 1e-4.
-const TABLE_TOL: f64 = 1e-6;
-
-/// Latents, as max |ours - ref| / max |ref|. The samplers repeat diffusers' float32 operations in
-/// order, v-prediction's `m * c_out + x / (sigma^2 + 1)` and `alpha x - sigma_t m` included; what can
-/// remain are 1-ulp differences in float32 scalar coefficients (torch's 0-dim sqrt/exp/log vs libm),
-/// ≤ 2.4e-7 over 4 steps in tests/sampling.rs. The fixtures' own numpy re-derivation agrees to 3.4e-6
-/// absolute (SD2) and 1.2e-5 absolute on latents up to |40| (SDXL), i.e. ~3e-7 relative. 2e-6 is the
-/// bound tests/sampling.rs uses: far below a wrong formula (treating v as epsilon moves latents by more
-/// than 1e-1 relative, a wrong init_noise_sigma by 2e-3), inside the 1e-5 the goldens promise.
-const LATENT_TOL: f64 = 2e-6;
 
 /// Timesteps exactly, sigmas and init_noise_sigma to TABLE_TOL.
 fn check_schedule(what: &str, s: &Schedule, timesteps: &[f64], sigmas: Option<&[f64]>, init: f64) {
@@ -278,22 +190,6 @@ fn schedules_match_scheduler_tables() {
 
 // ---------------------------------------------------------------------------------------------------------
 // Replays
-
-/// Recorded step noise, handed out in order; counts the draws.
-struct Recorded {
-    draws: Vec<Vec<f32>>,
-    taken: usize,
-}
-
-impl NoiseSource for Recorded {
-    fn noise(&mut self, len: usize) -> Vec<f32> {
-        let z = self.draws.get(self.taken).cloned();
-        let z = z.unwrap_or_else(|| panic!("noise draw #{} not recorded", self.taken));
-        assert_eq!(z.len(), len);
-        self.taken += 1;
-        z
-    }
-}
 
 #[derive(Default, Debug)]
 struct Errors {
@@ -451,19 +347,6 @@ fn sdxl_golden_txt2img_replays() {
 // ---------------------------------------------------------------------------------------------------------
 // v-prediction for every sampler
 
-const ALL_SAMPLERS: [SamplerKind; 10] = [
-    SamplerKind::Euler,
-    SamplerKind::EulerA,
-    SamplerKind::DpmPp2m,
-    SamplerKind::Ddim,
-    SamplerKind::Lcm,
-    SamplerKind::Heun,
-    SamplerKind::DpmPp2mSde,
-    SamplerKind::Dpm2,
-    SamplerKind::UniPc,
-    SamplerKind::Lms,
-];
-
 const ALL_KINDS: [ScheduleKind; 3] = [
     ScheduleKind::Discrete,
     ScheduleKind::Karras,
@@ -616,13 +499,6 @@ fn v_prediction_matches_epsilon_for_every_sampler() {
 
 // ---------------------------------------------------------------------------------------------------------
 // Trailing spacing
-
-fn bad_request(r: sdcap::Result<Schedule>) -> String {
-    match r {
-        Err(sdcap::Error::BadRequest(msg)) => msg,
-        other => panic!("expected BadRequest, got {other:?}"),
-    }
-}
 
 /// diffusers' trailing timesteps, `round(arange(1000, 0, -1000/N)) - 1`, for every sampler that has
 /// them (values worked out by hand from that formula), and the same spacing in DDIM and DPM-type
