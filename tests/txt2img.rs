@@ -72,6 +72,21 @@ fn golden_runs_match_diffusers() {
     }
 }
 
+/// The job of a seeded e2e case on the tiny SD1 model.
+fn case_job(case: &serde_json::Value) -> Job {
+    let mut job = job(
+        tiny("tiny-sd-fp32.safetensors"),
+        case["prompt"].as_str().unwrap(),
+        case["sampler"].as_str().unwrap(),
+        case["cfg"].as_f64().unwrap() as f32,
+        case["seed"].as_u64().unwrap(),
+    );
+    job.negative = Some(case["negative"].as_str().unwrap().into());
+    job.steps = case["steps"].as_u64().unwrap() as u32;
+    job.clip_skip = case["clip_skip"].as_u64().unwrap() as u32;
+    job
+}
+
 #[test]
 fn seeded_runs_match_diffusers_end_to_end() {
     common::compute_threads();
@@ -80,16 +95,7 @@ fn seeded_runs_match_diffusers_end_to_end() {
     assert_eq!(cases.len(), 5);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let mut job = job(
-            tiny("tiny-sd-fp32.safetensors"),
-            case["prompt"].as_str().unwrap(),
-            case["sampler"].as_str().unwrap(),
-            case["cfg"].as_f64().unwrap() as f32,
-            case["seed"].as_u64().unwrap(),
-        );
-        job.negative = Some(case["negative"].as_str().unwrap().into());
-        job.steps = case["steps"].as_u64().unwrap() as u32;
-        job.clip_skip = case["clip_skip"].as_u64().unwrap() as u32;
+        let job = case_job(case);
         let got = pipeline::txt2img(&job, &mut |_| {}).unwrap();
         common::assert_run_matches(
             name,
@@ -109,16 +115,7 @@ fn seeded_runs_of_more_samplers_match_diffusers() {
     assert_eq!(cases.len(), 6);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let mut job = job(
-            tiny("tiny-sd-fp32.safetensors"),
-            case["prompt"].as_str().unwrap(),
-            case["sampler"].as_str().unwrap(),
-            case["cfg"].as_f64().unwrap() as f32,
-            case["seed"].as_u64().unwrap(),
-        );
-        job.negative = Some(case["negative"].as_str().unwrap().into());
-        job.steps = case["steps"].as_u64().unwrap() as u32;
-        job.clip_skip = case["clip_skip"].as_u64().unwrap() as u32;
+        let job = case_job(case);
         let mut evaluations = 0;
         let got = pipeline::txt2img(&job, &mut |e| {
             if let pipeline::Event::Step { index, total } = e {
