@@ -269,24 +269,9 @@ fn replay(sampler: SamplerKind, s: &Schedule, run: &Tensors, unet: &Tensors) -> 
             errors.latents = errors.latents.max(rel_err(input, &expected));
         }
         let out = unet.get(&format!("unet_output.{i}"));
-        Ok(match out.len() / latent_len {
-            1 => out.to_vec(),
-            2 => {
-                let (u, c) = out.split_at(latent_len);
-                u.iter()
-                    .zip(c)
-                    .map(|(u, c)| u + guidance * (c - u))
-                    .collect()
-            }
-            b => panic!("unet batch {b}"),
-        })
+        Ok(guided(out, latent_len, guidance))
     };
-    let mut noise = Recorded {
-        draws: (0..run.count("step_noise"))
-            .map(|i| run.get(&format!("step_noise.{i}")).to_vec())
-            .collect(),
-        taken: 0,
-    };
+    let mut noise = Recorded::from_run(run);
     let mut done = Vec::new();
     let out = sample(
         sampler,

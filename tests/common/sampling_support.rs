@@ -133,3 +133,31 @@ pub const ALL_SAMPLERS: [SamplerKind; 10] = [
     SamplerKind::UniPc,
     SamplerKind::Lms,
 ];
+
+impl Recorded {
+    /// The `step_noise.i` draws of a golden run.
+    pub fn from_run(run: &Tensors) -> Self {
+        Recorded {
+            draws: (0..run.count("step_noise"))
+                .map(|i| run.get(&format!("step_noise.{i}")).to_vec())
+                .collect(),
+            taken: 0,
+        }
+    }
+}
+
+/// A recorded UNet output as the sampler gets it: as is for a batch of 1, else `u + g·(c − u)` of
+/// its [uncond, cond] halves.
+pub fn guided(out: &[f32], latent_len: usize, guidance: f32) -> Vec<f32> {
+    match out.len() / latent_len {
+        1 => out.to_vec(),
+        2 => {
+            let (u, c) = out.split_at(latent_len);
+            u.iter()
+                .zip(c)
+                .map(|(u, c)| u + guidance * (c - u))
+                .collect()
+        }
+        b => panic!("unet batch {b}"),
+    }
+}
