@@ -45,7 +45,8 @@ fn job(model: PathBuf, size: u32) -> Job {
 fn conditioning(models: &Models, size: u32) -> Conditioning {
     // The model path is not read: the models are loaded.
     let job = job(PathBuf::new(), size);
-    sdcap::conditioning::encode(models, &job, true, &TIERS[0]).expect("encode")
+    sdcap::conditioning::encode(models, &job, true, &sdcap::nn::Ctx::from(TIERS[0]))
+        .expect("encode")
 }
 
 /// One UNet call on the CFG batch `x` at timestep `t`, with SDXL's added conditioning if any.
@@ -55,7 +56,7 @@ fn unet_call(models: &Models, x: &Tensor, t: f32, cond: &Conditioning) -> Tensor
         &[t, t],
         &cond.context,
         cond.added.as_deref(),
-        &TIERS[0],
+        &sdcap::nn::Ctx::from(TIERS[0]),
         &mut |_, _| {},
     )
 }

@@ -12,9 +12,9 @@
 use crate::error::{Error, Result};
 use crate::family::HiddenState;
 use crate::job::Job;
-use crate::kernels::scratch::Scratch;
 use crate::models::Models;
 use crate::nn::clip::TextOutput;
+use crate::nn::Ctx;
 use crate::prompt::{self, PromptSyntax, TokenChunk};
 use crate::sampling;
 use crate::tokenizer::{PadToken, Tokenizer, CONTEXT_LEN};
@@ -33,8 +33,8 @@ pub struct Conditioning {
 /// Encodes `job`'s prompt (and, when `guided`, its negative prompt first) with every text encoder
 /// of the family. With no negative prompt a family that says so (SDXL) gets all-zero unconditional
 /// embeddings, pooled included, as diffusers' `force_zeros_for_empty_prompt`. The encoders' kernels
-/// work within the budgets of `scratch`.
-pub fn encode(models: &Models, job: &Job, guided: bool, scratch: &Scratch) -> Result<Conditioning> {
+/// work within the settings of `cx`.
+pub fn encode(models: &Models, job: &Job, guided: bool, cx: &Ctx) -> Result<Conditioning> {
     let spec = models.spec;
     let zero_uncond = guided && spec.zero_uncond_without_negative && job.negative.is_none();
     // The negative prompt's row first, unless it is all zeros.
@@ -87,7 +87,7 @@ pub fn encode(models: &Models, job: &Job, guided: bool, scratch: &Scratch) -> Re
                 final_norm,
                 pooled: enc_spec.pooled,
             },
-            scratch,
+            cx,
         )?;
         if enc_spec.pooled {
             let projected = out.projected.ok_or_else(|| {

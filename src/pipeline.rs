@@ -11,6 +11,7 @@ use crate::job::Job;
 use crate::kernels::scratch::Scratch;
 use crate::nn::unet::UNet;
 use crate::nn::vae::{Decoder, VaePlan};
+use crate::nn::Ctx;
 use crate::output::RgbImage;
 use crate::sampling::{self, rng::TorchRng, NoiseSource};
 use crate::tensor::Tensor;
@@ -160,7 +161,7 @@ fn run(
     {
         on_event(Event::Notice(notice));
     }
-    let cond = conditioning::encode(models, job, guided, &plan.scratch)?;
+    let cond = conditioning::encode(models, job, guided, &Ctx::from(plan.scratch))?;
     end_stage(models, &plan, models.spec.text_prefix);
 
     on_event(Event::Stage("denoise"));
@@ -187,10 +188,10 @@ fn run(
         }
         let x = Tensor::new(shape.clone(), input.to_vec());
         // The tier in force for this call: the plan's, or the watch's tighter one.
-        let scratch = watch.borrow().scratch();
+        let cx = Ctx::from(watch.borrow().scratch());
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
         let (unet, scale) = (&models.unet, job.cfg_scale);
-        let eps = predict_noise(unet, &x, t, &cond, scale, &scratch, &mut after_block);
+        let eps = predict_noise(unet, &x, t, &cond, scale, &cx, &mut after_block);
         sampling::check_finite("UNet", || format!("at timestep {t}"), &eps)?;
         Ok(eps)
     };
@@ -259,21 +260,21 @@ fn predict_noise(
     t: f32,
     cond: &Conditioning,
     scale: f32,
-    scratch: &Scratch,
+    cx: &Ctx,
     after_block: &mut dyn FnMut(&str),
 ) -> Vec<f32> {
     let mut trace = |name: &str, _: &Tensor| after_block(name);
     let added = cond.added.as_deref();
     if cond.batch == 1 {
         return unet
-            .forward_added(x, &[t], &cond.context, added, scratch, &mut trace)
+            .forward_added(x, &[t], &cond.context, added, cx, &mut trace)
             .data;
     }
     let mut shape = x.shape.clone();
     shape[0] = 2;
     let doubled = Tensor::new(shape, [x.data.as_slice(), x.data.as_slice()].concat());
     let eps = unet
-        .forward_added(&doubled, &[t, t], &cond.context, added, scratch, &mut trace)
+        .forward_added(&doubled, &[t, t], &cond.context, added, cx, &mut trace)
         .data;
     let (uncond, cond) = eps.split_at(x.numel());
     uncond

@@ -217,10 +217,13 @@ fn scratch_tiers_give_identical_bits() {
             .collect(),
     );
     let run = |tier: &Scratch| {
-        let context = models.text_encoders[0].forward(&ids, 2, 1, tier);
-        let eps = models
-            .unet
-            .forward(&latent, &[999.0, 999.0], &context, tier);
+        let context = models.text_encoders[0].forward(&ids, 2, 1, &sdcap::nn::Ctx::from(*tier));
+        let eps = models.unet.forward(
+            &latent,
+            &[999.0, 999.0],
+            &context,
+            &sdcap::nn::Ctx::from(*tier),
+        );
         (context, eps.data)
     };
     let want = run(&TIERS[0]);

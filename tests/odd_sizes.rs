@@ -89,7 +89,7 @@ fn deeper_unets_take_sides_their_downsampling_leaves_odd() {
             &[500.0, 999.0],
             ctx,
             added.as_deref(),
-            &tier,
+            &sdcap::nn::Ctx::from(tier),
             &mut |_, _| {},
         );
         assert_eq!(out.shape, [n, 4, h, w], "{family}");
@@ -98,7 +98,14 @@ fn deeper_unets_take_sides_their_downsampling_leaves_odd() {
         let one = Tensor::new(vec![1, 4, h, w], x.data[4 * h * w..].to_vec());
         let ctx_one = &ctx[ctx.len() / 2..];
         let added_one = added.as_ref().map(|y| &y[y.len() / 2..]);
-        let alone = unet.forward_added(&one, &[999.0], ctx_one, added_one, &tier, &mut |_, _| {});
+        let alone = unet.forward_added(
+            &one,
+            &[999.0],
+            ctx_one,
+            added_one,
+            &sdcap::nn::Ctx::from(tier),
+            &mut |_, _| {},
+        );
         let max = out.data[4 * h * w..]
             .iter()
             .zip(&alone.data)

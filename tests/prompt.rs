@@ -4,8 +4,8 @@
 
 mod common;
 
-use sdcap::kernels::scratch::Scratch;
 use sdcap::nn::clip::TextEncoder;
+use sdcap::nn::Ctx;
 use sdcap::prompt::{
     encode_chunks, pad_to_same_chunks, PromptSyntax, TokenChunk, Tokenized, PAD_CLIP_L,
     PAD_OPEN_CLIP,
@@ -300,7 +300,7 @@ fn weighted_conditioning_matches_the_definition() {
     let all: Vec<TokenChunk> = neg.iter().chain(&pos).cloned().collect();
 
     let got = encode_chunks(&all, width, |ids, n| {
-        encoder.forward(ids, n, 1, &Scratch::default())
+        encoder.forward(ids, n, 1, &Ctx::default())
     });
     assert_eq!(got.len(), all.len() * CONTEXT_LEN * width);
 
@@ -308,7 +308,7 @@ fn weighted_conditioning_matches_the_definition() {
     let mut max_err = 0.0f64;
     for (c, chunk) in all.iter().enumerate() {
         let z: Vec<f64> = encoder
-            .forward(&chunk.ids, 1, 1, &Scratch::default())
+            .forward(&chunk.ids, 1, 1, &Ctx::default())
             .iter()
             .map(|&v| f64::from(v))
             .collect();
@@ -341,7 +341,7 @@ fn weighted_conditioning_matches_the_definition() {
         "max error {max_err} vs max|ref| {max_ref}"
     );
     // Some weight really moved the output: the weighted chunks differ from the plain encoding.
-    let plain = encoder.forward(&pos[0].ids, 1, 1, &Scratch::default());
+    let plain = encoder.forward(&pos[0].ids, 1, 1, &Ctx::default());
     let offset = neg.len() * CONTEXT_LEN * width;
     let moved = plain
         .iter()
@@ -362,12 +362,12 @@ fn unweighted_prompt_is_unchanged_bit_for_bit() {
         &clip().encode_padded(text, CONTEXT_LEN),
         1,
         1,
-        &Scratch::default(),
+        &Ctx::default(),
     );
     for syntax in [PromptSyntax::A1111, PromptSyntax::Plain] {
         let chunks = syntax.tokenize(clip(), text, PAD_CLIP_L).unwrap().chunks;
         let after = encode_chunks(&chunks, encoder.width(), |ids, n| {
-            encoder.forward(ids, n, 1, &Scratch::default())
+            encoder.forward(ids, n, 1, &Ctx::default())
         });
         assert_eq!(after, before, "{syntax}");
     }

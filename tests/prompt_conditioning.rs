@@ -12,8 +12,9 @@ use sdcap::conditioning::{self, Conditioning};
 use sdcap::governor::budget::{Budget, BudgetSource};
 use sdcap::governor::{self, plan::Residency};
 use sdcap::job::Job;
-use sdcap::kernels::scratch::{Scratch, SMALLEST};
+use sdcap::kernels::scratch::SMALLEST;
 use sdcap::nn::clip::TextOutput;
+use sdcap::nn::Ctx;
 use sdcap::pipeline::{self, Models};
 use sdcap::prompt::PromptSyntax;
 use sdcap::tokenizer::{Tokenizer, BOS, CONTEXT_LEN, EOS};
@@ -87,7 +88,7 @@ fn reference(models: &Models, tokens: &[u32], weights: &[f32], chunks: usize) ->
                     final_norm: true,
                     pooled: false,
                 },
-                &Scratch::default(),
+                &Ctx::default(),
             )
             .unwrap()
             .hidden;
@@ -137,7 +138,7 @@ fn long_prompts_condition_as_the_definition_says() {
             batch,
             tokens: got_tokens,
             ..
-        } = conditioning::encode(&models, &j, true, &Scratch::default()).unwrap();
+        } = conditioning::encode(&models, &j, true, &Ctx::default()).unwrap();
         assert_eq!((batch, got_tokens), (2, tokens_per_row));
         assert_eq!(context.len(), 2 * tokens_per_row * width);
 
@@ -169,7 +170,7 @@ fn a_prompt_without_syntax_reads_as_plain() {
                         negative: negative.map(String::from),
                         ..job(model.clone(), prompt, syntax)
                     };
-                    conditioning::encode(&models, &j, guided, &Scratch::default()).unwrap()
+                    conditioning::encode(&models, &j, guided, &Ctx::default()).unwrap()
                 };
                 let (a, p) = (read(PromptSyntax::A1111), read(PromptSyntax::Plain));
                 let what = format!("{}, {negative:?}, guided {guided}", model.display());
@@ -196,14 +197,14 @@ fn sdxl_pools_the_first_chunk_and_zeros_match_the_length() {
         &models,
         &job(family("sdxl"), &first, PromptSyntax::A1111),
         true,
-        &Scratch::default(),
+        &Ctx::default(),
     )
     .unwrap();
     let two = conditioning::encode(
         &models,
         &job(family("sdxl"), &long, PromptSyntax::A1111),
         true,
-        &Scratch::default(),
+        &Ctx::default(),
     )
     .unwrap();
     assert_eq!((one.tokens, two.tokens), (CONTEXT_LEN, 2 * CONTEXT_LEN));

@@ -301,12 +301,7 @@ fn a_dropped_token_row_is_caught() {
     };
     let encode = |ids: &[u32]| {
         let hidden = encoder
-            .encode(
-                ids,
-                1,
-                request,
-                &sdcap::kernels::scratch::Scratch::default(),
-            )
+            .encode(ids, 1, request, &sdcap::nn::Ctx::default())
             .unwrap()
             .hidden;
         Tensor::new(vec![1, ids.len(), 32], hidden)

@@ -3,8 +3,8 @@
 mod common;
 
 use common::{assert_close, read_tensors, tiny};
-use sdcap::kernels::scratch::Scratch;
 use sdcap::nn::clip::TextEncoder;
+use sdcap::nn::Ctx;
 use sdcap::Tensor;
 
 #[test]
@@ -24,7 +24,7 @@ fn text_encoder_matches_transformers() {
         .collect();
     let shape = refs["last_hidden_state"].shape.clone();
     let run = |ids: &[u32], n: usize, skip: usize, shape: Vec<usize>| {
-        Tensor::new(shape, encoder.forward(ids, n, skip, &Scratch::default()))
+        Tensor::new(shape, encoder.forward(ids, n, skip, &Ctx::default()))
     };
     // 1e-4 × max|ref| is the bound; LayerNorm and f32 matmul reordering give ~1e-6.
     assert_close(

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::{assert_close, read_tensors};
-use sdcap::kernels::scratch::Scratch;
 use sdcap::nn::clip::{TextActivation, TextEncoder, TextOutput};
+use sdcap::nn::Ctx;
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
 
@@ -53,9 +53,7 @@ fn layer_output(k: usize, layers: usize) -> TextOutput {
 
 fn hidden(encoder: &TextEncoder, ids: &(Vec<u32>, usize), request: TextOutput) -> Tensor {
     let (ids, n) = ids;
-    let out = encoder
-        .encode(ids, *n, request, &Scratch::default())
-        .unwrap();
+    let out = encoder.encode(ids, *n, request, &Ctx::default()).unwrap();
     Tensor::new(vec![*n, ids.len() / n, encoder.width()], out.hidden)
 }
 
@@ -125,7 +123,7 @@ fn sd2_open_clip_tower_matches_every_resblock_and_the_conditioning() {
     assert!(all.max_abs_diff(&refs["last_hidden_state"]) > 100.0 * REL * all.max_abs());
     // The open_clip pooled feature (unused by SD2): `text_projection` [32, 24] applied as x · P.
     let out = enc
-        .encode(&prompts.0, 2, PENULTIMATE_AND_POOLED, &Scratch::default())
+        .encode(&prompts.0, 2, PENULTIMATE_AND_POOLED, &Ctx::default())
         .unwrap();
     assert_close(
         "openclip_text_embeds",
@@ -202,7 +200,7 @@ fn check_big_g(enc: &TextEncoder, what: &str) {
         // One pass: the penultimate state kept on the way to the last layer, which the pooled
         // output is taken from.
         let out = enc
-            .encode(&ids, n, PENULTIMATE_AND_POOLED, &Scratch::default())
+            .encode(&ids, n, PENULTIMATE_AND_POOLED, &Ctx::default())
             .unwrap();
         let check = |key: &str, shape: Vec<usize>, data: Vec<f32>| {
             let key = format!("{prefix}{key}");
@@ -271,10 +269,10 @@ fn sdxl_conditioning_is_the_two_encoders_outputs() {
         let (ids_l, _) = ids(&tokens, &format!("{uncond}input_ids"));
         let (ids_g, _) = ids(&tokens, &format!("{uncond}input_ids_2"));
         let l = clip_l
-            .encode(&ids_l, n, layer_output(3, 4), &Scratch::default())
+            .encode(&ids_l, n, layer_output(3, 4), &Ctx::default())
             .unwrap();
         let g = big_g
-            .encode(&ids_g, n, PENULTIMATE_AND_POOLED, &Scratch::default())
+            .encode(&ids_g, n, PENULTIMATE_AND_POOLED, &Ctx::default())
             .unwrap();
         let context: Vec<f32> = l
             .hidden
@@ -359,9 +357,7 @@ fn bad_requests_are_one_line_errors() {
         TextActivation::QuickGelu,
     );
     let ids = vec![49406, 320, 49407];
-    assert!(clip_l
-        .encode(&ids, 1, LAST_NORMED, &Scratch::default())
-        .is_ok());
+    assert!(clip_l.encode(&ids, 1, LAST_NORMED, &Ctx::default()).is_ok());
     let cases = [
         (vec![1; 78], 1, LAST_NORMED, "1 to 77 tokens"),
         (ids.clone(), 2, LAST_NORMED, "got 3 ids for 2 sequences"),
@@ -371,7 +367,7 @@ fn bad_requests_are_one_line_errors() {
     ];
     for (ids, n, request, needle) in cases {
         let err = clip_l
-            .encode(&ids, n, request, &Scratch::default())
+            .encode(&ids, n, request, &Ctx::default())
             .expect_err(needle);
         let msg = err.to_string();
         assert!(

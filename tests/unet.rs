@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use common::{assert_close, fixtures, read_tensors, tiny, tiny_weights};
-use sdcap::kernels::scratch::Scratch;
 use sdcap::nn::unet::{HeadsRule, UNet};
+use sdcap::nn::Ctx;
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
 
@@ -36,7 +36,7 @@ fn unet_forward_matches_diffusers() {
         &refs["sample"],
         &refs["timesteps"].data,
         &refs["encoder_hidden_states"].data,
-        &Scratch::default(),
+        &Ctx::default(),
         &mut |name, t| {
             seen.insert(name.to_string(), t.clone());
         },
@@ -103,7 +103,7 @@ fn sd2_unet_forward_matches_diffusers() {
         &refs["timesteps"].data,
         &refs["encoder_hidden_states"].data,
         None,
-        &Scratch::default(),
+        &Ctx::default(),
         &mut |name, t| {
             seen.insert(name.to_string(), t.clone());
         },
@@ -156,7 +156,7 @@ fn sdxl_unet_forward_matches_diffusers() {
         &refs["timesteps"].data,
         &refs["encoder_hidden_states"].data,
         Some(&added),
-        &Scratch::default(),
+        &Ctx::default(),
         &mut |name, t| {
             seen.insert(name.to_string(), t.clone());
         },

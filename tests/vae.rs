@@ -4,8 +4,8 @@ mod common;
 
 use common::{assert_close, read_tensors, tiny, tiny_weights};
 use sdcap::family::SD1;
-use sdcap::kernels::scratch::Scratch;
 use sdcap::nn::vae::{Decoder, Encoder};
+use sdcap::nn::Ctx;
 use sdcap::Tensor;
 
 #[test]
@@ -31,7 +31,7 @@ fn vae_encode_matches_diffusers() {
     common::compute_threads();
     let refs = read_tensors(&tiny("golden/vae.safetensors"));
     let encoder = Encoder::new(&tiny_weights("first_stage_model")).unwrap();
-    let dist = encoder.forward(&refs["encode_input"], &Scratch::default());
+    let dist = encoder.forward(&refs["encode_input"], &Ctx::default());
     assert_close("encode_mean", &dist.mean, &refs["encode_mean"], 1e-4);
     assert_close("encode_logvar", &dist.logvar, &refs["encode_logvar"], 1e-4);
 }
@@ -69,7 +69,7 @@ fn family_vaes_match_diffusers() {
         assert_close(family, &decoder.forward(&z), &refs["decoded"], 1e-4);
         let dist = Encoder::new(&w)
             .unwrap()
-            .forward(&refs["encode_input"], &Scratch::default());
+            .forward(&refs["encode_input"], &Ctx::default());
         assert_close(family, &dist.mean, &refs["encode_mean"], 1e-4);
         assert_close(family, &dist.logvar, &refs["encode_logvar"], 1e-4);
     }

@@ -14,8 +14,8 @@
 
 use super::layers::{add_assign, LayerNorm, Linear};
 use crate::error::{Error, Result};
-use crate::kernels::scratch::Scratch;
 use crate::kernels::{self, AttentionShape};
+use crate::nn::Ctx;
 use crate::tokenizer::CONTEXT_LEN;
 use crate::weights::{Param, Weights};
 
@@ -130,15 +130,15 @@ impl EncoderLayer {
         x: &mut [f32],
         (n, tokens, heads): (usize, usize, usize),
         act: TextActivation,
-        scratch: &Scratch,
+        cx: &Ctx,
     ) {
         let dim = self.q.in_dim;
         let mut h = x.to_vec();
         self.norm1.forward(&mut h);
         let (q, k, v) = (
-            self.q.forward(&h, scratch),
-            self.k.forward(&h, scratch),
-            self.v.forward(&h, scratch),
+            self.q.forward(&h, cx),
+            self.k.forward(&h, cx),
+            self.v.forward(&h, cx),
         );
         let attended = kernels::attention(
             &q,
@@ -152,14 +152,14 @@ impl EncoderLayer {
                 heads,
                 causal: true,
             },
-            scratch,
+            &cx.scratch,
         );
-        add_assign(x, &self.out.forward(&attended, scratch));
+        add_assign(x, &self.out.forward(&attended, cx));
         h.copy_from_slice(x);
         self.norm2.forward(&mut h);
-        let mut mid = self.fc1.forward(&h, scratch);
+        let mut mid = self.fc1.forward(&h, cx);
         act.apply(&mut mid);
-        add_assign(x, &self.fc2.forward(&mid, scratch));
+        add_assign(x, &self.fc2.forward(&mid, cx));
     }
 }
 
@@ -397,13 +397,13 @@ impl TextEncoder {
     /// the layers there are). SD1.x's conditioning. Panics on ids that are not `n` sequences of at
     /// most [`CONTEXT_LEN`] (the pipeline's own tokenizer output); `encode` returns that as an error.
     /// Kernels work within the budgets of `scratch`.
-    pub fn forward(&self, ids: &[u32], n: usize, clip_skip: usize, scratch: &Scratch) -> Vec<f32> {
+    pub fn forward(&self, ids: &[u32], n: usize, clip_skip: usize, cx: &Ctx) -> Vec<f32> {
         let request = TextOutput {
             skip_layers: clip_skip.clamp(1, self.layers.len()) - 1,
             final_norm: true,
             pooled: false,
         };
-        self.encode(ids, n, request, scratch)
+        self.encode(ids, n, request, cx)
             .expect("a valid request for SD1.x conditioning")
             .hidden
     }
@@ -416,7 +416,7 @@ impl TextEncoder {
         ids: &[u32],
         n: usize,
         request: TextOutput,
-        scratch: &Scratch,
+        cx: &Ctx,
     ) -> Result<TextEncoding> {
         let tokens = ids.len().checked_div(n).unwrap_or(0);
         if n == 0 || tokens == 0 || tokens * n != ids.len() || tokens > self.positions() {
@@ -449,7 +449,7 @@ impl TextEncoder {
         let mut hidden = None;
         for (i, layer) in self.layers[..run_to].iter().enumerate() {
             let sizes = (n, tokens, self.heads);
-            layer.forward(&mut x, sizes, self.activation, scratch);
+            layer.forward(&mut x, sizes, self.activation, cx);
             if i + 1 == keep && keep < run_to {
                 hidden = Some(x.clone());
             }

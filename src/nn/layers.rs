@@ -9,10 +9,10 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::kernels::scratch::Scratch;
 use crate::kernels::{
     self, Conv2dGeometry, FeatureRows, InputTransform, Resize, RowConv, WeightRows, WinogradInput,
 };
+use crate::nn::Ctx;
 use crate::tensor::{zeroed, Tensor};
 use crate::weights::{Param, Weights};
 
@@ -80,8 +80,8 @@ impl Linear {
     }
 
     /// `x·Wᵀ + b`, the product within the budgets of `scratch` (as every layer's forward call).
-    pub fn forward(&self, x: &[f32], scratch: &Scratch) -> Vec<f32> {
-        let mut y = self.product(x, scratch);
+    pub fn forward(&self, x: &[f32], cx: &Ctx) -> Vec<f32> {
+        let mut y = self.product(x, cx);
         if let Some(b) = self.bias() {
             let rows = rows_per_task(self.out_dim);
             y.par_chunks_mut(rows * self.out_dim).for_each(|chunk| {
@@ -95,8 +95,8 @@ impl Linear {
 
     /// `residual += x·Wᵀ + b`: bias and residual added in one pass over the product (the same
     /// f32 operations as `forward` followed by `add_assign`).
-    pub fn forward_add_to(&self, x: &[f32], residual: &mut [f32], scratch: &Scratch) {
-        let y = self.product(x, scratch);
+    pub fn forward_add_to(&self, x: &[f32], residual: &mut [f32], cx: &Ctx) {
+        let y = self.product(x, cx);
         assert_eq!(y.len(), residual.len(), "linear residual size");
         let bias = self.bias().unwrap_or_else(|| vec![0.0; self.out_dim]);
         let rows = rows_per_task(self.out_dim) * self.out_dim;
@@ -113,11 +113,11 @@ impl Linear {
     }
 
     /// `x·Wᵀ` without the bias, [rows, out_dim].
-    pub fn product(&self, x: &[f32], scratch: &Scratch) -> Vec<f32> {
+    pub fn product(&self, x: &[f32], cx: &Ctx) -> Vec<f32> {
         let rows = x.len() / self.in_dim;
         assert_eq!(rows * self.in_dim, x.len(), "linear input width");
         let mut y = zeroed(rows * self.out_dim);
-        kernels::matmul_weight_t(x, &self.weight, &mut y, scratch);
+        kernels::matmul_weight_t(x, &self.weight, &mut y, &cx.scratch);
         y
     }
 
@@ -171,8 +171,8 @@ impl Conv2d {
         Self::new(w, shape[1], shape[0], shape[2], stride, pad)
     }
 
-    pub fn forward(&self, x: &Tensor, scratch: &Scratch) -> Tensor {
-        let mut y = self.product(MapRef::One(x), &ReadAs::default(), scratch);
+    pub fn forward(&self, x: &Tensor, cx: &Ctx) -> Tensor {
+        let mut y = self.product(MapRef::One(x), &ReadAs::default(), cx);
         add_channel_bias(&mut y, &self.bias());
         y
     }
@@ -180,11 +180,11 @@ impl Conv2d {
     /// The convolution of `x` read through `read` (per-image GroupNorm + SiLU, resize), without
     /// the bias, which the caller adds in its own pass (`bias`). The normalised or upsampled map is
     /// never stored.
-    pub fn product(&self, x: MapRef, read: &ReadAs, scratch: &Scratch) -> Tensor {
+    pub fn product(&self, x: MapRef, read: &ReadAs, cx: &Ctx) -> Tensor {
         let (n, c, h, w) = x.nchw();
         assert_eq!(c, self.in_ch, "conv input channels");
         if let (MapRef::One(x), None, Resize::None) = (x, &read.norm, read.resize) {
-            return kernels::conv2d(x, &self.weight, None, self.geo, scratch);
+            return kernels::conv2d(x, &self.weight, None, self.geo, &cx.scratch);
         }
         let transform = |b: usize| InputTransform {
             affine: read
@@ -203,11 +203,11 @@ impl Conv2d {
                 .enumerate()
                 .map(|(b, image)| (image as &dyn FeatureRows, transform(b)))
                 .collect();
-            return kernels::conv3x3_winograd_read(&inputs, &self.weight, None, tile, scratch);
+            return kernels::conv3x3_winograd_read(&inputs, &self.weight, None, tile, &cx.scratch);
         }
         let (oh, ow) = self.geo.out_size(sh, sw);
         let mut out = Tensor::zeros(vec![n, self.out_ch, oh, ow]);
-        let mut conv = RowConv::new(&self.weight, None, self.geo, scratch);
+        let mut conv = RowConv::new(&self.weight, None, self.geo, &cx.scratch);
         for (b, out) in out.data.chunks_mut(self.out_ch * oh * ow).enumerate() {
             conv.rows(&images[b], transform(b), 0..oh, out);
         }

@@ -2,8 +2,8 @@
 
 use super::layers::{for_each_plane, Conv2d, GroupNorm, Linear, MapRef, ReadAs};
 use crate::error::Result;
-use crate::kernels::scratch::Scratch;
 use crate::kernels::Resize;
+use crate::nn::Ctx;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -54,27 +54,27 @@ impl ResnetBlock {
 
     /// `silu_temb` is SiLU(time embedding) [n, temb_dim], required for UNet blocks.
     /// Kernels work within the budgets of `scratch`.
-    pub fn forward(&self, x: &Tensor, silu_temb: Option<&[f32]>, scratch: &Scratch) -> Tensor {
-        self.forward_map(MapRef::One(x), silu_temb, scratch)
+    pub fn forward(&self, x: &Tensor, silu_temb: Option<&[f32]>, cx: &Ctx) -> Tensor {
+        self.forward_map(MapRef::One(x), silu_temb, cx)
     }
 
     /// As `forward`, on a map that may be a concatenation (a UNet output block's input). Each
     /// GroupNorm + SiLU is applied by the following convolution as it reads its input, and biases,
     /// time embedding and skip are added in one pass after each convolution, in the order the
     /// unfused layers add them.
-    pub fn forward_map(&self, x: MapRef, silu_temb: Option<&[f32]>, scratch: &Scratch) -> Tensor {
+    pub fn forward_map(&self, x: MapRef, silu_temb: Option<&[f32]>, cx: &Ctx) -> Tensor {
         let c = self.out_ch;
         let read_normed = |norm: &GroupNorm, x: MapRef| ReadAs {
             norm: Some(norm.per_image(x)),
             silu: true,
             resize: Resize::None,
         };
-        let mut h = self.conv1.product(x, &read_normed(&self.norm1, x), scratch);
+        let mut h = self.conv1.product(x, &read_normed(&self.norm1, x), cx);
         let bias1 = self.conv1.bias();
         match &self.time_proj {
             Some(proj) => {
                 let temb = silu_temb.expect("UNet resnet needs a time embedding");
-                let temb = proj.forward(temb, scratch);
+                let temb = proj.forward(temb, cx);
                 for_each_plane(&mut h, |b, ch, plane| {
                     let (bias, t) = (bias1[ch], temb[b * c + ch]);
                     plane.iter_mut().for_each(|v| *v = (*v + bias) + t);
@@ -85,12 +85,12 @@ impl ResnetBlock {
             }),
         }
         let read = read_normed(&self.norm2, MapRef::One(&h));
-        let mut out = self.conv2.product(MapRef::One(&h), &read, scratch);
+        let mut out = self.conv2.product(MapRef::One(&h), &read, cx);
         drop(h);
         let bias2 = self.conv2.bias();
         match &self.skip {
             Some(skip) => {
-                let projected = skip.product(x, &ReadAs::default(), scratch);
+                let projected = skip.product(x, &ReadAs::default(), cx);
                 let skip_bias = skip.bias();
                 let hw = projected.data.len() / (projected.shape[0] * c).max(1);
                 for_each_plane(&mut out, |b, ch, plane| {

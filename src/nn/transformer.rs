@@ -3,8 +3,9 @@
 
 use super::layers::{from_tokens_with, to_tokens_with, GroupNorm, LayerNorm, Linear, MapRef};
 use crate::error::Result;
-use crate::kernels::scratch::{Scratch, MIN_SPLIT};
+use crate::kernels::scratch::MIN_SPLIT;
 use crate::kernels::{self, AttentionShape};
+use crate::nn::Ctx;
 use crate::tensor::{zeroed, Tensor};
 use crate::weights::Weights;
 
@@ -37,26 +38,20 @@ impl Attention {
         n: usize,
         context: Option<(&[f32], usize)>,
         residual: &mut [f32],
-        scratch: &Scratch,
+        cx: &Ctx,
     ) {
-        let attended = self.attend(x, n, context, scratch);
-        self.to_out.forward_add_to(&attended, residual, scratch);
+        let attended = self.attend(x, n, context, cx);
+        self.to_out.forward_add_to(&attended, residual, cx);
     }
 
     /// The heads' outputs before the output projection, [n, lq, dim].
-    fn attend(
-        &self,
-        x: &[f32],
-        n: usize,
-        context: Option<(&[f32], usize)>,
-        scratch: &Scratch,
-    ) -> Vec<f32> {
+    fn attend(&self, x: &[f32], n: usize, context: Option<(&[f32], usize)>, cx: &Ctx) -> Vec<f32> {
         let dim = self.to_q.out_dim;
         let lq = x.len() / (n * dim);
         let (ctx, lk) = context.unwrap_or((x, lq));
-        let q = self.to_q.forward(x, scratch);
-        let k = self.to_k.forward(ctx, scratch);
-        let v = self.to_v.forward(ctx, scratch);
+        let q = self.to_q.forward(x, cx);
+        let k = self.to_k.forward(ctx, cx);
+        let v = self.to_v.forward(ctx, cx);
         kernels::attention(
             &q,
             &k,
@@ -69,7 +64,7 @@ impl Attention {
                 heads: self.heads,
                 causal: false,
             },
-            scratch,
+            &cx.scratch,
         )
     }
 }
@@ -98,28 +93,28 @@ impl TransformerBlock {
         })
     }
 
-    fn forward(&self, x: &mut [f32], n: usize, context: (&[f32], usize), scratch: &Scratch) {
+    fn forward(&self, x: &mut [f32], n: usize, context: (&[f32], usize), cx: &Ctx) {
         let mut h = zeroed(x.len());
         self.norm1.forward_to(x, &mut h);
-        self.attn1.forward_add_to(&h, n, None, x, scratch);
+        self.attn1.forward_add_to(&h, n, None, x, cx);
         self.norm2.forward_to(x, &mut h);
-        self.attn2.forward_add_to(&h, n, Some(context), x, scratch);
+        self.attn2.forward_add_to(&h, n, Some(context), x, cx);
         self.norm3.forward_to(x, &mut h);
         // The feed-forward widens each token 8× (GEGLU): run it over bounded token chunks so its
         // intermediates stay small. Rows are independent, so chunking does not change results.
         let dim = self.ff_out.out_dim;
-        let chunk_tokens = (scratch.ff_chunk / (2 * self.ff_out.in_dim)).max(MIN_SPLIT);
+        let chunk_tokens = (cx.scratch.ff_chunk / (2 * self.ff_out.in_dim)).max(MIN_SPLIT);
         let ff_in_bias = self.ff_in.bias();
         for (xs, hs) in x
             .chunks_mut(chunk_tokens * dim)
             .zip(h.chunks(chunk_tokens * dim))
         {
             let gated = kernels::geglu(
-                &self.ff_in.product(hs, scratch),
+                &self.ff_in.product(hs, cx),
                 ff_in_bias.as_deref(),
                 self.ff_out.in_dim,
             );
-            self.ff_out.forward_add_to(&gated, xs, scratch);
+            self.ff_out.forward_add_to(&gated, xs, cx);
         }
     }
 }
@@ -170,18 +165,18 @@ impl SpatialTransformer {
 
     /// `context` [n, tokens, context_dim], any number of tokens; kernels within the budgets of
     /// `scratch`.
-    pub fn forward(&self, x: &Tensor, context: &[f32], scratch: &Scratch) -> Tensor {
+    pub fn forward(&self, x: &Tensor, context: &[f32], cx: &Ctx) -> Tensor {
         let (n, c, h, w) = x.nchw();
         let ctx_tokens = context.len() / (n * self.context_dim);
         // GroupNorm applied while changing the layout to tokens: one pass, no normalised copy.
         let norm = self.norm.per_image(MapRef::One(x));
         let normed = to_tokens_with(x, |b, ch, v| v * norm[b].0[ch] + norm[b].1[ch]);
-        let mut tokens = self.proj_in.forward(&normed, scratch);
+        let mut tokens = self.proj_in.forward(&normed, cx);
         drop(normed);
         for block in &self.blocks {
-            block.forward(&mut tokens, n, (context, ctx_tokens), scratch);
+            block.forward(&mut tokens, n, (context, ctx_tokens), cx);
         }
-        let projected = self.proj_out.product(&tokens, scratch);
+        let projected = self.proj_out.product(&tokens, cx);
         drop(tokens);
         // Bias and residual added while changing the layout back: one pass.
         let bias = self.proj_out.bias().unwrap_or_else(|| vec![0.0; c]);

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::kernels;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::Resize;
+use crate::nn::Ctx;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -66,16 +67,16 @@ struct Call<'a> {
     /// The text context, [n, tokens, context_dim].
     context: &'a [f32],
     /// The kernels' budgets for this call.
-    scratch: &'a Scratch,
+    cx: &'a Ctx,
 }
 
 impl Layer {
     /// `up_to`: the size an upsampler resizes to (the skip its output meets).
     fn forward(&self, x: MapRef, call: &Call, up_to: (usize, usize)) -> Tensor {
         match self {
-            Layer::Res(r) => r.forward_map(x, Some(call.silu_temb), call.scratch),
-            Layer::Attn(a) => a.forward(&x.contiguous(), call.context, call.scratch),
-            Layer::Down(conv) => conv.forward(&x.contiguous(), call.scratch),
+            Layer::Res(r) => r.forward_map(x, Some(call.silu_temb), call.cx),
+            Layer::Attn(a) => a.forward(&x.contiguous(), call.context, call.cx),
+            Layer::Down(conv) => conv.forward(&x.contiguous(), call.cx),
             Layer::Up(conv) => {
                 // The convolution reads its input resized (nearest, 2× unless the skip it meets
                 // is odd, as diffusers' `forward_upsample_size`); the larger map is never stored.
@@ -89,7 +90,7 @@ impl Layer {
                     resize,
                     ..ReadAs::default()
                 };
-                let mut y = conv.product(x, &read, call.scratch);
+                let mut y = conv.product(x, &read, call.cx);
                 add_channel_bias(&mut y, &conv.bias());
                 y
             }
@@ -378,14 +379,8 @@ impl UNet {
     /// Predicts noise for `x` [n, 4, h, w] at `timesteps` [n] given `context` [n, tokens, ctx_dim]
     /// (any number of tokens), for a UNet without added conditioning (SD1/SD2), with the kernels
     /// working within the budgets of `scratch` (any tier gives the same bits).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        timesteps: &[f32],
-        context: &[f32],
-        scratch: &Scratch,
-    ) -> Tensor {
-        self.forward_traced(x, timesteps, context, scratch, &mut |_, _| {})
+    pub fn forward(&self, x: &Tensor, timesteps: &[f32], context: &[f32], cx: &Ctx) -> Tensor {
+        self.forward_traced(x, timesteps, context, cx, &mut |_, _| {})
     }
 
     /// As `forward`, reporting intermediate activations by LDM block name ("time_proj", "time_emb",
@@ -395,10 +390,10 @@ impl UNet {
         x: &Tensor,
         timesteps: &[f32],
         context: &[f32],
-        scratch: &Scratch,
+        cx: &Ctx,
         trace: &mut dyn FnMut(&str, &Tensor),
     ) -> Tensor {
-        self.forward_added(x, timesteps, context, None, scratch, trace)
+        self.forward_added(x, timesteps, context, None, cx, trace)
     }
 
     /// As `forward_traced`, with SDXL's added conditioning `added` [n, adm_in]
@@ -410,10 +405,10 @@ impl UNet {
         timesteps: &[f32],
         context: &[f32],
         added: Option<&[f32]>,
-        scratch: &Scratch,
+        cx: &Ctx,
         trace: &mut dyn FnMut(&str, &Tensor),
     ) -> Tensor {
-        self.run(x, timesteps, (context, added), scratch, trace, false)
+        self.run(x, timesteps, (context, added), cx, trace, false)
     }
 
     /// As `forward_added`, also reporting each spatial transformer's output as "{block}.{layer}"
@@ -424,10 +419,10 @@ impl UNet {
         timesteps: &[f32],
         context: &[f32],
         added: Option<&[f32]>,
-        scratch: &Scratch,
+        cx: &Ctx,
         trace: &mut dyn FnMut(&str, &Tensor),
     ) -> Tensor {
-        self.run(x, timesteps, (context, added), scratch, trace, true)
+        self.run(x, timesteps, (context, added), cx, trace, true)
     }
 
     /// `conditioning`: the text context and the added conditioning.
@@ -436,7 +431,7 @@ impl UNet {
         x: &Tensor,
         timesteps: &[f32],
         (context, added): (&[f32], Option<&[f32]>),
-        scratch: &Scratch,
+        cx: &Ctx,
         trace: &mut dyn FnMut(&str, &Tensor),
         layers: bool,
     ) -> Tensor {
@@ -447,9 +442,9 @@ impl UNet {
             timestep_embedding(timesteps, self.model_channels),
         );
         trace("time_proj", &t_proj);
-        let mut temb = self.time_embed.0.forward(&t_proj.data, scratch);
+        let mut temb = self.time_embed.0.forward(&t_proj.data, cx);
         kernels::silu(&mut temb);
-        let mut temb = self.time_embed.1.forward(&temb, scratch);
+        let mut temb = self.time_embed.1.forward(&temb, cx);
         let width = temb.len() / n;
         trace("time_emb", &Tensor::new(vec![n, width], temb.clone()));
         match (&self.label_emb, added) {
@@ -457,9 +452,9 @@ impl UNet {
                 let adm_in = label.mlp.0.in_dim;
                 assert_eq!(y.len(), n * adm_in, "added conditioning is [n, adm_in]");
                 trace("added", &Tensor::new(vec![n, adm_in], y.to_vec()));
-                let mut h = label.mlp.0.forward(y, scratch);
+                let mut h = label.mlp.0.forward(y, cx);
                 kernels::silu(&mut h);
-                let label_emb = label.mlp.1.forward(&h, scratch);
+                let label_emb = label.mlp.1.forward(&h, cx);
                 trace("label_emb", &Tensor::new(vec![n, width], label_emb.clone()));
                 temb.iter_mut().zip(&label_emb).for_each(|(t, l)| *t += l);
                 trace("emb", &Tensor::new(vec![n, width], temb.clone()));
@@ -473,10 +468,10 @@ impl UNet {
         let call = Call {
             silu_temb: &silu_temb,
             context,
-            scratch,
+            cx,
         };
 
-        let h = self.conv_in.forward(x, scratch);
+        let h = self.conv_in.forward(x, cx);
         trace("input_blocks.0", &h);
         // Each input block's output is kept as the skip connection and read by the next block.
         let mut skips = vec![h];
@@ -520,7 +515,7 @@ impl UNet {
             silu: true,
             resize: Resize::None,
         };
-        let mut out = self.conv_out.product(MapRef::One(&h), &read, scratch);
+        let mut out = self.conv_out.product(MapRef::One(&h), &read, cx);
         add_channel_bias(&mut out, &self.conv_out.bias());
         out
     }

@@ -7,6 +7,7 @@ use super::blocks::{
 use super::{count_levels, AttnBlock, VaePlan};
 use crate::error::{Error, Result};
 use crate::kernels::{group_norm_stats_bytes, InputTransform};
+use crate::nn::Ctx;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -151,7 +152,7 @@ impl Decoder {
         let layout = x.layout();
         let whole = Tensor::new(vec![1, layout.c, layout.h, layout.w], x.to_planes());
         drop(x);
-        let out = self.mid_attn_1.forward(&whole, &plan.scratch);
+        let out = self.mid_attn_1.forward(&whole, &Ctx::from(plan.scratch));
         drop(whole);
         let layout = BandLayout::new(layout.c, layout.h, layout.w, plan.band_rows);
         let x = BandedMap::from_planes(&out.data, layout);

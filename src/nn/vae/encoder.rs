@@ -4,7 +4,7 @@ use super::super::layers::{Conv2d, GroupNorm};
 use super::super::resnet::ResnetBlock;
 use super::{count_levels, AttnBlock, EPS, GROUPS};
 use crate::error::{Error, Result};
-use crate::kernels::scratch::Scratch;
+use crate::nn::Ctx;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -88,22 +88,22 @@ impl Encoder {
 
     /// `image` [n, 3, H, W] in [-1, 1] → latent distribution (unscaled), with kernels within the
     /// budgets of `scratch`.
-    pub fn forward(&self, image: &Tensor, scratch: &Scratch) -> LatentDistribution {
-        let mut h = self.conv_in.forward(image, scratch);
+    pub fn forward(&self, image: &Tensor, cx: &Ctx) -> LatentDistribution {
+        let mut h = self.conv_in.forward(image, cx);
         for level in &self.down {
             for block in &level.blocks {
-                h = block.forward(&h, None, scratch);
+                h = block.forward(&h, None, cx);
             }
             if let Some(conv) = &level.downsample {
-                h = conv.forward(&pad_bottom_right(&h), scratch);
+                h = conv.forward(&pad_bottom_right(&h), cx);
             }
         }
-        let h = self.mid.block_1.forward(&h, None, scratch);
-        let h = self.mid.attn_1.forward(&h, scratch);
-        let mut h = self.mid.block_2.forward(&h, None, scratch);
+        let h = self.mid.block_1.forward(&h, None, cx);
+        let h = self.mid.attn_1.forward(&h, cx);
+        let mut h = self.mid.block_2.forward(&h, None, cx);
         self.norm_out.forward(&mut h, true);
-        let h = self.conv_out.forward(&h, scratch);
-        let moments = self.quant_conv.forward(&h, scratch);
+        let h = self.conv_out.forward(&h, cx);
+        let moments = self.quant_conv.forward(&h, cx);
         let (n, c2, hh, ww) = moments.nchw();
         let c = c2 / 2;
         let (mut mean, mut logvar) = (Vec::new(), Vec::new());

@@ -16,6 +16,7 @@ use super::layers::{add_assign, from_tokens, to_tokens, GroupNorm, Linear};
 use crate::error::Result;
 use crate::kernels::scratch::Scratch;
 use crate::kernels::{self, AttentionShape};
+use crate::nn::Ctx;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
@@ -48,7 +49,7 @@ impl AttnBlock {
     }
 
     /// Intermediates are dropped as soon as they are used (see `peak_bytes`).
-    fn forward(&self, x: &Tensor, scratch: &Scratch) -> Tensor {
+    fn forward(&self, x: &Tensor, cx: &Ctx) -> Tensor {
         let (n, c, h, w) = x.nchw();
         let tokens = {
             let mut normed = x.clone();
@@ -56,9 +57,9 @@ impl AttnBlock {
             to_tokens(&normed)
         };
         let (q, k, v) = (
-            self.q.forward(&tokens, scratch),
-            self.k.forward(&tokens, scratch),
-            self.v.forward(&tokens, scratch),
+            self.q.forward(&tokens, cx),
+            self.k.forward(&tokens, cx),
+            self.v.forward(&tokens, cx),
         );
         drop(tokens);
         let shape = AttentionShape {
@@ -69,9 +70,9 @@ impl AttnBlock {
             heads: 1,
             causal: false,
         };
-        let attended = kernels::attention(&q, &k, &v, shape, scratch);
+        let attended = kernels::attention(&q, &k, &v, shape, &cx.scratch);
         drop((q, k, v));
-        let projected = self.proj_out.forward(&attended, scratch);
+        let projected = self.proj_out.forward(&attended, cx);
         let mut out = from_tokens(&projected, n, c, h, w);
         add_assign(&mut out.data, &x.data);
         out
