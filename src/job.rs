@@ -71,6 +71,49 @@ named_enum!(SamplerKind, "sampling method",
     Heun => "heun", DpmPp2mSde => "dpm++2m_sde", Dpm2 => "dpm2", UniPc => "unipc", Lms => "lms");
 named_enum!(ScheduleKind, "scheduler", Discrete => "discrete", Karras => "karras", Trailing => "trailing");
 named_enum!(RngKind, "rng", Cpu => "cpu");
+named_enum!(Precision, "precision", F32 => "f32", Bf16 => "bf16", Int8 => "int8", Auto => "auto");
+named_enum!(PreviewMode, "preview mode", None => "none", Proj => "proj", Tae => "tae", Vae => "vae");
+
+/// How the weight products compute (`--precision`). `F32` is the reference mode the diffusers goldens
+/// check.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    Int8,
+    Auto,
+}
+
+/// What a preview during sampling decodes with (`--preview`, stable-diffusion.cpp's names): none,
+/// the 4×3 latent-to-RGB projection, a TAESD decode, or the full VAE decoder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PreviewMode {
+    #[default]
+    None,
+    Proj,
+    Tae,
+    Vae,
+}
+
+/// Previews written while sampling.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Preview {
+    pub mode: PreviewMode,
+    /// Every N steps (`--preview-interval`, at least 1).
+    pub interval: u32,
+    /// `--preview-path`; None = `preview.png` beside the output.
+    pub path: Option<PathBuf>,
+    /// `--taesd-preview-only`: TAESD for previews, the VAE for the final image.
+    pub taesd_only: bool,
+}
+
+/// One LoRA to apply (`--lora PATH[:WEIGHT]`, a job file's `lora` list): the file and its multiplier.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraRef {
+    pub path: PathBuf,
+    pub weight: f32,
+}
 
 /// Bounds on the image side in pixels. 64 is the smallest latent the UNet's two downsamplings accept
 /// cleanly; 2048 keeps the activation arithmetic far from overflow.
@@ -110,6 +153,20 @@ pub struct Job {
     /// `--prompt-syntax`: how the prompt and negative prompt are read (A1111's emphasis, `BREAK`,
     /// `<lora:…>` tags and 75-token chunks, or plain text cut at 75 tokens).
     pub prompt_syntax: PromptSyntax,
+    /// `--lora`: LoRAs given by path (the prompt's `<lora:NAME:W>` tags are resolved in
+    /// `lora_model_dir`).
+    pub loras: Vec<LoraRef>,
+    /// `--lora-model-dir`: where `<lora:NAME:W>` tags find `NAME.safetensors`.
+    pub lora_model_dir: Option<PathBuf>,
+    /// img2img / inpaint: `--init-img`, `--strength` (0, 1], `--mask` (white = repaint).
+    pub init_image: Option<PathBuf>,
+    pub strength: f32,
+    pub mask: Option<PathBuf>,
+    /// `--taesd`: the tiny autoencoder used for decoding (and encoding) instead of the VAE.
+    pub taesd: Option<PathBuf>,
+    pub preview: Preview,
+    /// `--precision`.
+    pub precision: Precision,
 }
 
 /// SDXL's micro-conditioning, in pixels: (height, width) pairs and the crop's (top, left).
@@ -260,6 +317,17 @@ impl Job {
             prediction: None,
             size_cond: SizeConditioning::default(),
             prompt_syntax: PromptSyntax::default(),
+            loras: Vec::new(),
+            lora_model_dir: None,
+            init_image: None,
+            strength: 0.75,
+            mask: None,
+            taesd: None,
+            preview: Preview {
+                interval: 1,
+                ..Preview::default()
+            },
+            precision: Precision::default(),
         }
     }
 
