@@ -1,0 +1,202 @@
+//! The job's adapters at run time: per modified weight, the scaled terms whose rows are added to
+//! the weight's f32 panel as the products read it (`WithLora`). The base weight and its mapping
+//! are never touched, so a job without LoRA reads exactly what it read before, and the effect of
+//! a LoRA does not depend on the base weight's type (q4_0 or f16 alike).
+
+use std::collections::HashMap;
+use std::fmt;
+
+use super::file::{Form, Matrix};
+use crate::kernels::{matmul, Transpose, WeightRows};
+use crate::weights::Param;
+
+/// Rows of a LoHa delta computed at a time: its two factors' products are held for these rows.
+pub const HADAMARD_ROWS: usize = 64;
+
+/// One LoRA module's contribution to one weight (rows `first_row ..` of it): `scale · form`, the
+/// scale (alpha / rank × multiplier) folded into the left factor(s) when built.
+pub struct Term {
+    /// The weight's outer row this term's first row adds to (a row range of a fused weight).
+    pub first_row: usize,
+    pub form: Form,
+}
+
+impl Term {
+    pub fn new(first_row: usize, mut form: Form, scale: f32) -> Term {
+        let left = match &mut form {
+            Form::LowRank { up, .. } => up,
+            Form::Hadamard { w1a, .. } => w1a,
+        };
+        left.data.iter_mut().for_each(|v| *v *= scale);
+        Term { first_row, form }
+    }
+
+    fn rows(&self) -> usize {
+        self.form.dims().0
+    }
+
+    /// Adds this term's rows `first .. first + count` (the term's own row numbers) to `out`
+    /// [count, row_len]. The product's reduction runs over the rank (one block of k for gemm,
+    /// whatever the row count), so a row gets the same bits in every panelling.
+    fn add_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+        fn rows_of(m: &Matrix, first: usize, count: usize) -> &[f32] {
+            &m.data[first * m.cols..(first + count) * m.cols]
+        }
+        match &self.form {
+            Form::LowRank { up, down } => {
+                let (r, len) = (down.rows, down.cols);
+                matmul(rows_of(up, first, count), &down.data, out, count, r, len, Transpose::No, true);
+            }
+            Form::Hadamard { w1a, w1b, w2a, w2b } => {
+                // At most `HADAMARD_ROWS` rows of both products at a time (the plan counts them).
+                let len = w1b.cols;
+                let mut a = vec![0.0; count.min(HADAMARD_ROWS) * len];
+                let mut b = a.clone();
+                for (i, out) in out.chunks_mut(HADAMARD_ROWS * len).enumerate() {
+                    let (first, count) = (first + i * HADAMARD_ROWS, out.len() / len);
+                    let (a, b) = (&mut a[..out.len()], &mut b[..out.len()]);
+                    let (r1, r2) = (w1b.rows, w2b.rows);
+                    matmul(rows_of(w1a, first, count), &w1b.data, a, count, r1, len, Transpose::No, false);
+                    matmul(rows_of(w2a, first, count), &w2b.data, b, count, r2, len, Transpose::No, false);
+                    for ((o, a), b) in out.iter_mut().zip(a.iter()).zip(b.iter()) {
+                        *o += a * b;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The resolved adapters of one job: for each modified weight (stored key), its terms in the
+/// order the LoRAs were given.
+#[derive(Default)]
+pub struct LoraSet {
+    pub(super) weights: HashMap<String, Vec<Term>>,
+    /// f32 values held (the plan counts them through `file::loaded_bytes`).
+    pub(super) values: usize,
+}
+
+impl fmt::Debug for LoraSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LoraSet({} weights, {} values)", self.weights.len(), self.values)
+    }
+}
+
+impl LoraSet {
+    /// Weights modified.
+    pub fn len(&self) -> usize {
+        self.weights.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+
+    /// `w` as the products read it under this set: its rows plus every term's.
+    pub fn weight<'a>(&'a self, w: &'a Param) -> WithLora<'a> {
+        self.over(&w.info().name, w.first_row(), w)
+    }
+
+    /// Rows `first_row ..` of the stored weight `name` read from `base` plus every term's (with a
+    /// zero `base`: the delta itself).
+    pub fn over<'a>(&'a self, name: &str, first_row: usize, base: &'a dyn WeightRows) -> WithLora<'a> {
+        let terms = self.weights.get(name).map(Vec::as_slice).unwrap_or(&[]);
+        WithLora {
+            base,
+            first_row,
+            terms,
+        }
+    }
+
+    /// The stored keys of the weights this set modifies.
+    pub fn weight_names(&self) -> impl Iterator<Item = &str> {
+        self.weights.keys().map(String::as_str)
+    }
+}
+
+/// A weight read with its adapters' rows added (what `Linear::product` and `Conv2d::product` hand
+/// the kernels; every kernel and the CUDA backend read weights through `read_rows`).
+pub struct WithLora<'a> {
+    base: &'a dyn WeightRows,
+    /// The param's first row in the stored tensor (a row range of a fused weight).
+    first_row: usize,
+    terms: &'a [Term],
+}
+
+impl WeightRows for WithLora<'_> {
+    fn rows(&self) -> usize {
+        self.base.rows()
+    }
+
+    fn row_len(&self) -> usize {
+        self.base.row_len()
+    }
+
+    fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+        self.base.read_rows(first, count, out);
+        let len = self.row_len();
+        // Stored rows this read covers; each term adds the part it overlaps.
+        let (lo, hi) = (self.first_row + first, self.first_row + first + count);
+        for term in self.terms {
+            let (t_lo, t_hi) = (term.first_row, term.first_row + term.rows());
+            let (a, b) = (lo.max(t_lo), hi.min(t_hi));
+            if a < b {
+                let out = &mut out[(a - lo) * len..(b - lo) * len];
+                term.add_rows(a - t_lo, b - a, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: usize, cols: usize, seed: usize) -> Matrix {
+        let data = (0..rows * cols)
+            .map(|i| ((i * seed % 29) as f32 - 14.0) / 9.0)
+            .collect();
+        Matrix { rows, cols, data }
+    }
+
+    #[test]
+    fn rows_read_in_any_split_get_the_same_bits() {
+        let (out, r, len) = (150, 8, 70);
+        for form in [
+            Form::LowRank {
+                up: matrix(out, r, 3),
+                down: matrix(r, len, 5),
+            },
+            Form::Hadamard {
+                w1a: matrix(out, r, 7),
+                w1b: matrix(r, len, 11),
+                w2a: matrix(out, r, 13),
+                w2b: matrix(r, len, 17),
+            },
+        ] {
+            let term = Term::new(0, form, 0.7);
+            let mut whole = vec![0.25; out * len];
+            term.add_rows(0, out, &mut whole);
+            for step in [1, 7, 65, 100] {
+                let mut split = vec![0.25; out * len];
+                for first in (0..out).step_by(step) {
+                    let count = step.min(out - first);
+                    term.add_rows(first, count, &mut split[first * len..(first + count) * len]);
+                }
+                assert!(split == whole, "split {step}");
+            }
+            // And it is the definition: row 3, column 5.
+            let want = match &term.form {
+                Form::LowRank { up, down } => {
+                    (0..r).map(|j| up.data[3 * r + j] * down.data[j * len + 5]).sum::<f32>()
+                }
+                Form::Hadamard { w1a, w1b, w2a, w2b } => {
+                    let a: f32 = (0..r).map(|j| w1a.data[3 * r + j] * w1b.data[j * len + 5]).sum();
+                    let b: f32 = (0..r).map(|j| w2a.data[3 * r + j] * w2b.data[j * len + 5]).sum();
+                    a * b
+                }
+            };
+            assert!((whole[3 * len + 5] - 0.25 - want).abs() < 1e-5);
+        }
+    }
+}
