@@ -146,7 +146,7 @@ impl LoraFile {
             };
             if !info.dtype.is_float() {
                 return Err(bad(format!(
-                    "tensor `{}` has type {}, not f32/f16/bf16",
+                    "tensor `{}` has type {}, not a float type",
                     info.name,
                     info.dtype.name()
                 )));

@@ -334,6 +334,7 @@ pub fn read_manifest(path: &std::path::Path) -> serde_json::Value {
 
 /// The reference job of the fixtures: "a photo of a cat", euler, seed 42, 64×64, 4 steps, cfg 7.5.
 pub fn job(model: PathBuf) -> Job {
+    let defaults = Job::new(model.clone(), "");
     Job {
         model,
         vae: None,
@@ -352,6 +353,7 @@ pub fn job(model: PathBuf) -> Job {
         prediction: None,
         size_cond: Default::default(),
         prompt_syntax: Default::default(),
+        ..defaults
     }
 }
 
