@@ -83,6 +83,12 @@ impl fmt::Debug for LoraSet {
 }
 
 impl LoraSet {
+    /// Adds `term` to the stored weight `weight` (after the terms it has).
+    pub fn insert(&mut self, weight: &str, term: Term) {
+        self.values += term.form.values();
+        self.weights.entry(weight.to_string()).or_default().push(term);
+    }
+
     /// Weights modified.
     pub fn len(&self) -> usize {
         self.weights.len()

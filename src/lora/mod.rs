@@ -166,8 +166,7 @@ pub fn add_file(
             Part::Text(_) => adapter.te_multiplier,
         };
         let term = Term::new(target.first_row, module.form.clone(), module.scale() * multiplier);
-        set.values += module.form.values();
-        set.weights.entry(target.weight.clone()).or_default().push(term);
+        set.insert(&target.weight, term);
     }
     Ok(())
 }
