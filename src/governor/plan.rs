@@ -146,8 +146,8 @@ pub fn predict(
         models
             .unet
             .peak_activation_bytes(batch, (lh, lw), tokens, &scratch, threads);
-    // Latent, noise, sampler history, and what the model file's metadata keeps resident.
-    let lora_bytes = crate::lora::planned_bytes(job);
+    // Latent, noise, sampler history, what the model file's metadata keeps resident, and the LoRAs.
+    let lora_bytes = crate::lora::planned_bytes(job, (batch * lh * lw).max(batch * tokens));
     let latents = ((lh * lw * 4 * 4 * 4) as u64)
         .saturating_add(store.metadata_bytes())
         .saturating_add(lora_bytes);

@@ -1,13 +1,17 @@
-//! The job's adapters at run time: per modified weight, the scaled terms whose rows are added to
-//! the weight's f32 panel as the products read it (`WithLora`). The base weight and its mapping
-//! are never touched, so a job without LoRA reads exactly what it read before, and the effect of
-//! a LoRA does not depend on the base weight's type (q4_0 or f16 alike).
+//! The job's adapters at run time: per modified weight, the scaled terms. A low-rank term (LoRA,
+//! LoCon) is added to the layer's product as `scale·up(down(x))` (`add_linear`, `add_conv`); a LoHa
+//! term, whose delta has no low-rank form, has its rows added to the weight's f32 panel as the
+//! kernels read it (`WithLora`). The base weight and its mapping are never touched, so a job
+//! without LoRA reads exactly what it read before, and the effect of a LoRA does not depend on the
+//! base weight's type (q4_0 or f16 alike).
 
 use std::collections::HashMap;
 use std::fmt;
 
 use super::file::{Form, Matrix};
-use crate::kernels::{matmul, Transpose, WeightRows};
+use crate::kernels::matmul::matmul_strided;
+use crate::kernels::{matmul, DenseRows, Transpose, WeightRows};
+use crate::tensor::Tensor;
 use crate::weights::Param;
 
 /// Rows of a LoHa delta computed at a time: its two factors' products are held for these rows.
@@ -98,9 +102,64 @@ impl LoraSet {
         self.weights.is_empty()
     }
 
-    /// `w` as the products read it under this set: its rows plus every term's.
+    /// `w` as the products read it under this set: its rows plus the rows of its LoHa terms (the
+    /// low-rank ones are added to the product by `add_linear` / `add_conv`).
     pub fn weight<'a>(&'a self, w: &'a Param) -> WithLora<'a> {
-        self.over(&w.info().name, w.first_row(), w)
+        let mut with = self.over(&w.info().name, w.first_row(), w);
+        with.panel_only = true;
+        with
+    }
+
+    /// The low-rank terms of `w` that overlap its rows, each with the overlap: (term, first row of
+    /// the term, first output of `w`, count).
+    fn low_rank<'a>(&'a self, w: &Param) -> impl Iterator<Item = (&'a Matrix, &'a Matrix, usize, usize, usize)> {
+        let (lo, hi) = (w.first_row(), w.first_row() + w.rows());
+        let terms = self.weights.get(&w.info().name).map(Vec::as_slice).unwrap_or(&[]);
+        terms.iter().filter_map(move |t| {
+            let Form::LowRank { up, down } = &t.form else {
+                return None;
+            };
+            let (a, b) = (lo.max(t.first_row), hi.min(t.first_row + up.rows));
+            (a < b).then(|| (up, down, a - t.first_row, a - lo, b - a))
+        })
+    }
+
+    /// `y` [m, out] += `x` [m, in] · (scale · up · down)ᵀ for `w`'s low-rank terms, as
+    /// `(x · downᵀ) · upᵀ`: r·m·(in + out) multiply-adds instead of re-forming r·in·out weight
+    /// values per read (benches/kernels.rs `lora`). Rows of `y` are independent, so a call over
+    /// part of the rows gives those rows' bits.
+    pub fn add_linear(&self, w: &Param, x: &[f32], y: &mut [f32]) {
+        let (k, n) = (w.row_len(), w.rows());
+        let m = x.len() / k;
+        for (up, down, t_row, col, count) in self.low_rank(w) {
+            let r = down.rows;
+            let mut t = vec![0.0; m * r];
+            matmul(x, &down.data, &mut t, m, k, r, Transpose::Yes, false);
+            let up = &up.data[t_row * r..(t_row + count) * r];
+            matmul_strided(&t, up, &mut y[col..], n, m, r, count, Transpose::Yes, true);
+        }
+    }
+
+    /// `y` [n, out, oh, ow] += the LoCon delta of `w`'s low-rank terms: `down_conv(down)` runs the
+    /// convolution with the rank-r filters `down` [r, in·kh·kw] (read as the layer reads its input)
+    /// → [n, r, oh, ow], then the 1×1 `up` maps it to the output channels.
+    pub fn add_conv(&self, w: &Param, down_conv: impl Fn(&dyn WeightRows) -> Tensor, y: &mut Tensor) {
+        let (n, co, oh, ow) = y.nchw();
+        let hw = oh * ow;
+        for (up, down, t_row, col, count) in self.low_rank(w) {
+            let r = down.rows;
+            let filters = DenseRows {
+                data: &down.data,
+                rows: r,
+            };
+            let t = down_conv(&filters);
+            let up = &up.data[t_row * r..(t_row + count) * r];
+            for b in 0..n {
+                let t = &t.data[b * r * hw..(b + 1) * r * hw];
+                let y = &mut y.data[(b * co + col) * hw..(b * co + col + count) * hw];
+                matmul(up, t, y, count, r, hw, Transpose::No, true);
+            }
+        }
     }
 
     /// Rows `first_row ..` of the stored weight `name` read from `base` plus every term's (with a
@@ -111,6 +170,7 @@ impl LoraSet {
             base,
             first_row,
             terms,
+            panel_only: false,
         }
     }
 
@@ -127,6 +187,17 @@ pub struct WithLora<'a> {
     /// The param's first row in the stored tensor (a row range of a fused weight).
     first_row: usize,
     terms: &'a [Term],
+    /// Add only the LoHa terms' rows (the products add the low-rank ones themselves).
+    panel_only: bool,
+}
+
+impl WithLora<'_> {
+    /// Whether reading through this adds anything to the stored rows.
+    pub fn adds_rows(&self) -> bool {
+        self.terms
+            .iter()
+            .any(|t| !self.panel_only || matches!(t.form, Form::Hadamard { .. }))
+    }
 }
 
 impl WeightRows for WithLora<'_> {
@@ -144,6 +215,9 @@ impl WeightRows for WithLora<'_> {
         // Stored rows this read covers; each term adds the part it overlaps.
         let (lo, hi) = (self.first_row + first, self.first_row + first + count);
         for term in self.terms {
+            if self.panel_only && matches!(term.form, Form::LowRank { .. }) {
+                continue;
+            }
             let (t_lo, t_hi) = (term.first_row, term.first_row + term.rows());
             let (a, b) = (lo.max(t_lo), hi.min(t_hi));
             if a < b {

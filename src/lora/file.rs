@@ -117,6 +117,18 @@ pub fn loaded_bytes(path: &Path) -> Result<u64> {
         .saturating_add(loha_scratch))
 }
 
+/// The largest rank of a LoRA file's low-rank modules (`lora_down` / `lora_A` rows). Header only.
+pub fn max_rank(path: &Path) -> Result<usize> {
+    let store = open(path)?;
+    Ok(store
+        .tensors()
+        .iter()
+        .filter(|t| t.name.ends_with(".lora_down.weight") || t.name.ends_with(".lora_A.weight"))
+        .filter_map(|t| t.shape.first().copied())
+        .max()
+        .unwrap_or(0))
+}
+
 fn open(path: &Path) -> Result<TensorStore> {
     if !path.is_file() {
         return Err(Error::bad_file(path, "LoRA file not found"));

@@ -88,16 +88,24 @@ pub fn check(job: &Job) -> Result<()> {
     Ok(())
 }
 
-/// Bytes the job's LoRAs hold while it runs: each file's mapped pages while it is read and its
-/// values as f32 (the terms). Zero without LoRA (and for a request `check` refuses).
-pub fn planned_bytes(job: &Job) -> u64 {
+/// Bytes the job's LoRAs hold while it runs: each file's mapped pages while it is read, its values
+/// as f32 (the terms), LoHa's row scratch, and the low-rank form's per-call product `x · downᵀ`
+/// ([rows, rank] f32, `rows` the most rows one layer's product has: the UNet's batch × latent
+/// pixels). Zero without LoRA (and for a request `check` refuses).
+pub fn planned_bytes(job: &Job, rows: usize) -> u64 {
     let Ok(adapters) = adapters(job) else {
         return 0;
     };
-    adapters
+    let held: u64 = adapters
         .iter()
         .map(|a| file::loaded_bytes(&a.path).unwrap_or(0))
-        .sum()
+        .sum();
+    let rank = adapters
+        .iter()
+        .map(|a| file::max_rank(&a.path).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    held.saturating_add((rows as u64).saturating_mul(rank as u64).saturating_mul(4))
 }
 
 /// The job's adapter set on `models`, once per job (None without LoRA). Every module of every file

@@ -119,7 +119,10 @@ impl Linear {
         let mut y = zeroed(rows * self.out_dim);
         match &cx.lora {
             None => kernels::matmul_weight_t(x, &self.weight, &mut y, &cx.scratch),
-            Some(set) => kernels::matmul_weight_t(x, &set.weight(&self.weight), &mut y, &cx.scratch),
+            Some(set) => {
+                kernels::matmul_weight_t(x, &set.weight(&self.weight), &mut y, &cx.scratch);
+                set.add_linear(&self.weight, x, &mut y);
+            }
         }
         y
     }
@@ -186,7 +189,11 @@ impl Conv2d {
     pub fn product(&self, x: MapRef, read: &ReadAs, cx: &Ctx) -> Tensor {
         match &cx.lora {
             None => self.product_of(&self.weight, x, read, cx),
-            Some(set) => self.product_of(&set.weight(&self.weight), x, read, cx),
+            Some(set) => {
+                let mut y = self.product_of(&set.weight(&self.weight), x, read, cx);
+                set.add_conv(&self.weight, |down| self.product_of(down, x, read, cx), &mut y);
+                y
+            }
         }
     }
 
@@ -208,7 +215,7 @@ impl Conv2d {
         let images: Vec<ImageRows> = (0..n).map(|b| x.image(b)).collect();
         let (sh, sw) = read.resize.seen(h, w);
         let seen = (n, c, sh, sw);
-        if let Some(tile) = kernels::winograd_choice(self.geo, seen, self.out_ch) {
+        if let Some(tile) = kernels::winograd_choice(self.geo, seen, weight.rows()) {
             let inputs: Vec<WinogradInput> = images
                 .iter()
                 .enumerate()
@@ -217,9 +224,10 @@ impl Conv2d {
             return kernels::conv3x3_winograd_read(&inputs, weight, None, tile, &cx.scratch);
         }
         let (oh, ow) = self.geo.out_size(sh, sw);
-        let mut out = Tensor::zeros(vec![n, self.out_ch, oh, ow]);
+        let co = weight.rows();
+        let mut out = Tensor::zeros(vec![n, co, oh, ow]);
         let mut conv = RowConv::new(weight, None, self.geo, &cx.scratch);
-        for (b, out) in out.data.chunks_mut(self.out_ch * oh * ow).enumerate() {
+        for (b, out) in out.data.chunks_mut(co * oh * ow).enumerate() {
             conv.rows(&images[b], transform(b), 0..oh, out);
         }
         out
