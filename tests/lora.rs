@@ -338,7 +338,11 @@ fn lora_changes_quantized_runs_as_it_changes_f32() {
 fn write_lora(dir: &Path, name: &str, modules: &[(&str, [usize; 2], [usize; 2])]) -> PathBuf {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (key, down, up) in modules {
-        let bytes = |n: usize| vec![0u8; n * 4];
+        let bytes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| (0.01 * (i % 7) as f32 + 0.01).to_le_bytes())
+                .collect()
+        };
         tensors.push((format!("{key}.lora_down.weight"), down.to_vec(), bytes(down[0] * down[1])));
         tensors.push((format!("{key}.lora_up.weight"), up.to_vec(), bytes(up[0] * up[1])));
     }
@@ -487,5 +491,66 @@ fn scratch_tiers_give_identical_bits_with_lora() {
         let got = run(tier);
         assert!(got.0 == want.0, "text encoder differs under {tier:?}");
         assert!(got.1 == want.1, "UNet differs under {tier:?}");
+    }
+}
+
+/// The family key maps of SD2.x (open_clip text encoder: q/k/v as row ranges of the fused
+/// `in_proj_weight`) and SDXL (`lora_te1_` / `lora_te2_`, `text_encoder_2.`, SGM UNet names and
+/// their diffusers names), on the tiny test models.
+#[test]
+fn sd2_and_sdxl_keys_map_to_their_weights() {
+    common::compute_threads();
+    let fixtures = common::fixtures();
+    let sdxl = Models::load(&job(&fixtures.join("tiny-sdxl/tiny-sdxl-fp32.safetensors"), &[])).unwrap();
+    let map = lora::ModuleMap::new(&sdxl.store, sdxl.spec);
+    let one = |map: &lora::ModuleMap, key: &str| {
+        let found = map.find(key);
+        assert_eq!(found.len(), 1, "{key}");
+        let t = found[0];
+        (t.weight.clone(), t.first_row, t.rows)
+    };
+    let te2 = "conditioner.embedders.1.model.transformer.resblocks.0";
+    for (key, want) in [
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            ("conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight".to_string(), 0, 16),
+        ),
+        ("lora_te2_text_model_encoder_layers_0_self_attn_k_proj", (format!("{te2}.attn.in_proj_weight"), 24, 24)),
+        ("text_encoder_2.text_model.encoder.layers.0.mlp.fc2", (format!("{te2}.mlp.c_proj.weight"), 0, 24)),
+        ("lora_te2_text_model_encoder_layers_0_self_attn_out_proj", (format!("{te2}.attn.out_proj.weight"), 0, 24)),
+        (
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k",
+            ("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight".to_string(), 0, 32),
+        ),
+        (
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+            ("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight".to_string(), 0, 32),
+        ),
+    ] {
+        assert_eq!(one(&map, key), want, "{key}");
+    }
+    // SD1's single-encoder prefix is refused on SDXL as a LoRA for another family.
+    assert!(map.find("lora_te_text_model_encoder_layers_0_self_attn_q_proj").is_empty());
+
+    // SD2: a kohya LoRA on v_proj changes only the v rows of the fused in_proj.
+    let model = fixtures.join("tiny-sd2/tiny-sd2-fp32.safetensors");
+    let sd2 = Models::load(&job(&model, &[])).unwrap();
+    let dir = std::env::temp_dir().join(format!("sdcap-lora-sd2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = "lora_te_text_model_encoder_layers_1_self_attn_v_proj";
+    let path = write_lora(&dir, "v.safetensors", &[(key, [2, 32], [32, 2])]);
+    let mut j = job(&model, &[]);
+    j.loras = vec![LoraRef { path, weight: 1.0 }];
+    let set = lora::build(&sd2, &j).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let with = Ctx::default().with_lora(set);
+    let fused = Weights::new(sd2.store.clone(), "")
+        .param_any("cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight")
+        .unwrap();
+    let x: Vec<f32> = (0..5 * 32).map(|i| (i % 9) as f32 / 9.0).collect();
+    for (third, changed) in [(0, false), (1, false), (2, true)] {
+        let layer = Linear::from_params(fused.row_range(third * 32, 32).unwrap(), None).unwrap();
+        let same = layer.product(&x, &with) == layer.product(&x, &Ctx::default());
+        assert_eq!(!same, changed, "rows {third} of in_proj");
     }
 }
