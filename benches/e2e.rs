@@ -145,7 +145,14 @@ fn lora(model: PathBuf, lora: PathBuf, size: u32, steps: usize) {
     let lat = size as usize / 8;
     let x = Tensor::new(vec![2, 4, lat, lat], common::random(2 * 4 * lat * lat, 7));
     let call = |cx: &sdcap::nn::Ctx| {
-        models.unet.forward_added(&x, &[999.0, 999.0], &cond.context, cond.added.as_deref(), cx, &mut |_, _| {})
+        models.unet.forward_added(
+            &x,
+            &[999.0, 999.0],
+            &cond.context,
+            cond.added.as_deref(),
+            cx,
+            &mut |_, _| {},
+        )
     };
     let plain = sdcap::nn::Ctx::from(TIERS[0]);
     let adapted = plain.clone().with_lora(set);
@@ -158,7 +165,11 @@ fn lora(model: PathBuf, lora: PathBuf, size: u32, steps: usize) {
             times.push((t.elapsed().as_secs_f64(), (cpu_time() - c0).as_secs_f64()));
         }
     }
-    let best = |v: &[(f64, f64)]| v.iter().fold((f64::INFINITY, f64::INFINITY), |b, x| (b.0.min(x.0), b.1.min(x.1)));
+    let best = |v: &[(f64, f64)]| {
+        v.iter().fold((f64::INFINITY, f64::INFINITY), |b, x| {
+            (b.0.min(x.0), b.1.min(x.1))
+        })
+    };
     let ((w0, c0), (w1, c1)) = (best(&without), best(&with_lora));
     let name = model.file_name().unwrap_or_default().to_string_lossy();
     println!(

@@ -274,8 +274,8 @@ fn gemm_8192x320x2560(bencher: Bencher) {
     sample_size = 1
 )]
 fn lora<const HOW: usize>(bencher: Bencher, name: &str) {
-    use sdcap::kernels::{conv2d, matmul, Conv2dGeometry, DenseRows, Transpose, WeightRows};
     use sdcap::kernels::scratch::Scratch;
+    use sdcap::kernels::{conv2d, matmul, Conv2dGeometry, DenseRows, Transpose, WeightRows};
     use sdcap::lora::{Form, LoraSet, Matrix, Term};
     const RANK: usize = 32;
     let dims: Vec<usize> = name
@@ -291,10 +291,28 @@ fn lora<const HOW: usize>(bencher: Bencher, name: &str) {
     };
     let w = common::random(n * k, 2);
     let x = common::random(m * k.max(n), 1);
-    let up = Matrix { rows: n, cols: RANK, data: common::random(n * RANK, 3) };
-    let down = Matrix { rows: RANK, cols: k, data: common::random(RANK * k, 4) };
+    let up = Matrix {
+        rows: n,
+        cols: RANK,
+        data: common::random(n * RANK, 3),
+    };
+    let down = Matrix {
+        rows: RANK,
+        cols: k,
+        data: common::random(RANK * k, 4),
+    };
     let mut set = LoraSet::default();
-    set.insert("w", Term::new(0, Form::LowRank { up: up.clone(), down: down.clone() }, 0.5));
+    set.insert(
+        "w",
+        Term::new(
+            0,
+            Form::LowRank {
+                up: up.clone(),
+                down: down.clone(),
+            },
+            0.5,
+        ),
+    );
     let base = DenseRows { data: &w, rows: n };
     let scratch = Scratch::default();
     bencher
@@ -318,11 +336,18 @@ fn lora<const HOW: usize>(bencher: Bencher, name: &str) {
                 }
                 Some((ci, co, s)) => {
                     let x = sdcap::Tensor::new(vec![2, ci, s, s], x[..2 * ci * s * s].to_vec());
-                    let geo = Conv2dGeometry { kernel: 3, stride: 1, pad: 1 };
+                    let geo = Conv2dGeometry {
+                        kernel: 3,
+                        stride: 1,
+                        pad: 1,
+                    };
                     let mut y = conv2d(&x, weight, None, geo, &scratch);
                     if HOW == 2 {
                         // LoCon: a rank-32 3×3 conv, then a 1×1 conv back to co channels.
-                        let d = DenseRows { data: &down.data, rows: RANK };
+                        let d = DenseRows {
+                            data: &down.data,
+                            rows: RANK,
+                        };
                         let t = conv2d(&x, &d, None, geo, &scratch);
                         for (b, y) in y.data.chunks_mut(co * s * s).enumerate() {
                             let t = &t.data[b * RANK * s * s..(b + 1) * RANK * s * s];

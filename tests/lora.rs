@@ -11,9 +11,9 @@ use std::sync::Arc;
 use common::{read_tensors, tiny};
 use sdcap::job::{Job, LoraRef};
 use sdcap::kernels::{DenseRows, Transpose, WeightRows};
+use sdcap::lora::{self, LoraSet};
 use sdcap::nn::layers::Linear;
 use sdcap::nn::Ctx;
-use sdcap::lora::{self, LoraSet};
 use sdcap::pipeline::{self, Generated, Models};
 use sdcap::weights::{DType, Weights};
 use sdcap::Tensor;
@@ -61,10 +61,7 @@ fn delta(set: &LoraSet, models: &Models, name: &str) -> Tensor {
     let info = models.store.get(name).expect("weight in the model");
     let (rows, len) = (info.shape[0], info.numel() / info.shape[0]);
     let zeros = vec![0.0; rows * len];
-    let base = DenseRows {
-        data: &zeros,
-        rows,
-    };
+    let base = DenseRows { data: &zeros, rows };
     let mut out = vec![0.0; rows * len];
     set.over(name, 0, &base).read_rows(0, rows, &mut out);
     Tensor::new(info.shape.clone(), out)
@@ -82,7 +79,10 @@ fn ldm_weights() -> HashMap<String, String> {
                 m["component"].as_str().unwrap(),
                 m["diffusers_module"].as_str().unwrap()
             );
-            (key, m["ldm_checkpoint_weight"].as_str().unwrap().to_string())
+            (
+                key,
+                m["ldm_checkpoint_weight"].as_str().unwrap().to_string(),
+            )
         })
         .collect()
 }
@@ -218,7 +218,9 @@ fn txt2img_with_lora_matches_diffusers() {
         ])
         .collect();
     for (name, loras) in runs {
-        let refs = read_tensors(&lora_file(&format!("txt2img_euler_{name}_given.safetensors")));
+        let refs = read_tensors(&lora_file(&format!(
+            "txt2img_euler_{name}_given.safetensors"
+        )));
         let got = given_run(&models, &job(&model, &loras), &refs);
         common::assert_run_matches(&format!("{name} {loras:?}"), &got, &refs);
     }
@@ -232,7 +234,11 @@ fn prompt_tags_resolve_in_the_lora_directory() {
     let model = f32_model();
     let models = Models::load(&job(&model, &[])).unwrap();
     let refs = read_tensors(&lora_file("txt2img_euler_lora_a_m0.5_given.safetensors"));
-    let by_flag = given_run(&models, &job(&model, &[("lora_a_kohya.safetensors", 0.5)]), &refs);
+    let by_flag = given_run(
+        &models,
+        &job(&model, &[("lora_a_kohya.safetensors", 0.5)]),
+        &refs,
+    );
     let mut tagged = job(&model, &[]);
     tagged.prompt = "a photo of a cat<lora:lora_a_kohya:0.5>".into();
     tagged.lora_model_dir = Some(lora_file(""));
@@ -248,7 +254,10 @@ fn prompt_tags_resolve_in_the_lora_directory() {
     tagged.prompt = "a cat <lora:no_such_lora:1>".into();
     let err = tagged.validate().unwrap_err();
     assert_eq!(err.exit_code(), 2);
-    assert!(err.to_string().contains("no_such_lora.safetensors"), "{err}");
+    assert!(
+        err.to_string().contains("no_such_lora.safetensors"),
+        "{err}"
+    );
 }
 
 /// On a quantized model a layer with a LoRA computes the dequantized weights' product plus
@@ -275,17 +284,27 @@ fn quantized_layers_add_the_exact_delta() {
             }
             quantized += 1;
             let (n, k, m) = (param.rows(), param.row_len(), 70);
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 31) as f32 - 15.0) / 15.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 31) as f32 - 15.0) / 15.0)
+                .collect();
             let layer = Linear::from_params(param, None).unwrap();
             let base = layer.product(&x, &Ctx::default());
-            let got: Vec<f32> = layer.product(&x, &with).iter().zip(&base).map(|(a, b)| a - b).collect();
+            let got: Vec<f32> = layer
+                .product(&x, &with)
+                .iter()
+                .zip(&base)
+                .map(|(a, b)| a - b)
+                .collect();
             let d = delta(&set, &models, name);
             let mut want = vec![0.0; m * n];
             sdcap::kernels::matmul(&x, &d.data, &mut want, m, k, n, Transpose::Yes, false);
             let (got, want) = (Tensor::new(vec![m, n], got), Tensor::new(vec![m, n], want));
             common::assert_close(&format!("{file} {name}"), &got, &want, 1e-5);
         }
-        assert!(quantized > 20, "{file}: {quantized} quantized weights have a LoRA");
+        assert!(
+            quantized > 20,
+            "{file}: {quantized} quantized weights have a LoRA"
+        );
     }
 }
 
@@ -303,12 +322,23 @@ fn lora_changes_quantized_runs_as_it_changes_f32() {
     let change = |model: &Path| -> (Vec<f32>, Vec<f32>) {
         let models = Models::load(&job(model, &[])).unwrap();
         let base = given_run(&models, &job(model, &[]), &refs);
-        let with = given_run(&models, &job(model, &[("lora_a_kohya.safetensors", 0.5)]), &refs);
-        let change = with.latent.data.iter().zip(&base.latent.data).map(|(a, b)| a - b);
+        let with = given_run(
+            &models,
+            &job(model, &[("lora_a_kohya.safetensors", 0.5)]),
+            &refs,
+        );
+        let change = with
+            .latent
+            .data
+            .iter()
+            .zip(&base.latent.data)
+            .map(|(a, b)| a - b);
         (base.latent.data.clone(), change.collect())
     };
     let max_diff = |a: &[f32], b: &[f32]| {
-        a.iter().zip(b).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        a.iter()
+            .zip(b)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
     };
     let rms = |a: &[f32]| (a.iter().map(|v| v * v).sum::<f32>() / a.len() as f32).sqrt();
     let (base, reference) = change(&f32_model());
@@ -330,12 +360,18 @@ fn lora_changes_quantized_runs_as_it_changes_f32() {
         );
         assert!(err <= tol * scale, "{file}: {err} > {tol} × {scale}");
         let size = rms(&got) / scale;
-        assert!((size - 1.0).abs() <= size_tol, "{file}: the change is {size} × f32's");
+        assert!(
+            (size - 1.0).abs() <= size_tol,
+            "{file}: the change is {size} × f32's"
+        );
     }
 }
 
+/// A LoRA module to write: key, down shape, up shape.
+type Module<'a> = (&'a str, [usize; 2], [usize; 2]);
+
 /// Writes a kohya-style LoRA of the given (key, shape) modules (rank = shape's first dim of down).
-fn write_lora(dir: &Path, name: &str, modules: &[(&str, [usize; 2], [usize; 2])]) -> PathBuf {
+fn write_lora(dir: &Path, name: &str, modules: &[Module]) -> PathBuf {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (key, down, up) in modules {
         let bytes = |n: usize| -> Vec<u8> {
@@ -343,8 +379,16 @@ fn write_lora(dir: &Path, name: &str, modules: &[(&str, [usize; 2], [usize; 2])]
                 .flat_map(|i| (0.01 * (i % 7) as f32 + 0.01).to_le_bytes())
                 .collect()
         };
-        tensors.push((format!("{key}.lora_down.weight"), down.to_vec(), bytes(down[0] * down[1])));
-        tensors.push((format!("{key}.lora_up.weight"), up.to_vec(), bytes(up[0] * up[1])));
+        tensors.push((
+            format!("{key}.lora_down.weight"),
+            down.to_vec(),
+            bytes(down[0] * down[1]),
+        ));
+        tensors.push((
+            format!("{key}.lora_up.weight"),
+            up.to_vec(),
+            bytes(up[0] * up[1]),
+        ));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
@@ -368,15 +412,22 @@ fn unknown_keys_other_families_and_empty_loras_are_refused() {
     let dir = std::env::temp_dir().join(format!("sdcap-lora-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
-    let cases: [(&str, Vec<(&str, [usize; 2], [usize; 2])>, &str); 4] = [
+    let cases: [(&str, Vec<Module>, &str); 4] = [
         (
             "unknown.safetensors",
-            vec![(q, [2, 32], [32, 2]), ("lora_unet_down_blocks_9_no_such_module", [2, 32], [32, 2])],
+            vec![
+                (q, [2, 32], [32, 2]),
+                ("lora_unet_down_blocks_9_no_such_module", [2, 32], [32, 2]),
+            ],
             "`lora_unet_down_blocks_9_no_such_module` matches no module of this SD1.x model",
         ),
         (
             "sdxl.safetensors",
-            vec![("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", [2, 32], [32, 2])],
+            vec![(
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                [2, 32],
+                [32, 2],
+            )],
             "a LoRA for SDXL, the model is SD1.x",
         ),
         (
@@ -414,11 +465,16 @@ fn the_plan_counts_lora_memory() {
     let models = Models::load(&job(&model, &[])).unwrap();
     let without = pipeline::plan(&models, &job(&model, &[])).unwrap();
     let with = pipeline::plan(&models, &job(&model, &[("lora_a_kohya.safetensors", 1.0)])).unwrap();
-    let file = std::fs::metadata(lora_file("lora_a_kohya.safetensors")).unwrap().len();
+    let file = std::fs::metadata(lora_file("lora_a_kohya.safetensors"))
+        .unwrap()
+        .len();
     // f16 in the file, f32 in memory: the file and twice its values.
     assert!(with.lora_bytes > 2 * file, "{} vs {file}", with.lora_bytes);
     assert_eq!(without.lora_bytes, 0);
-    assert_eq!((with.residency, with.scratch), (without.residency, without.scratch));
+    assert_eq!(
+        (with.residency, with.scratch),
+        (without.residency, without.scratch)
+    );
     for (a, b) in with.stages.iter().zip(&without.stages) {
         assert_eq!(a.peak_bytes, b.peak_bytes + with.lora_bytes, "{}", a.name);
     }
@@ -443,7 +499,9 @@ fn jobs_switching_loras_match_the_same_jobs_run_alone() {
         .map(|loras| {
             let job = job(&model, loras);
             let models = Models::load(&job).unwrap();
-            pipeline::generate(&models, &job, &mut |_| {}).unwrap().latent
+            pipeline::generate(&models, &job, &mut |_| {})
+                .unwrap()
+                .latent
         })
         .collect();
     assert!(alone[0] != alone[1] && alone[1] != alone[2]);
@@ -465,7 +523,10 @@ fn scratch_tiers_give_identical_bits_with_lora() {
     let model = f32_model();
     let mut j = job(
         &model,
-        &[("lora_a_kohya.safetensors", 0.6), ("loha_c_lycoris.safetensors", 0.9)],
+        &[
+            ("lora_a_kohya.safetensors", 0.6),
+            ("loha_c_lycoris.safetensors", 0.9),
+        ],
     );
     (j.width, j.height) = (256, 256);
     let models = Models::load(&j).unwrap();
@@ -501,7 +562,11 @@ fn scratch_tiers_give_identical_bits_with_lora() {
 fn sd2_and_sdxl_keys_map_to_their_weights() {
     common::compute_threads();
     let fixtures = common::fixtures();
-    let sdxl = Models::load(&job(&fixtures.join("tiny-sdxl/tiny-sdxl-fp32.safetensors"), &[])).unwrap();
+    let sdxl = Models::load(&job(
+        &fixtures.join("tiny-sdxl/tiny-sdxl-fp32.safetensors"),
+        &[],
+    ))
+    .unwrap();
     let map = lora::ModuleMap::new(&sdxl.store, sdxl.spec);
     let one = |map: &lora::ModuleMap, key: &str| {
         let found = map.find(key);
@@ -530,7 +595,9 @@ fn sd2_and_sdxl_keys_map_to_their_weights() {
         assert_eq!(one(&map, key), want, "{key}");
     }
     // SD1's single-encoder prefix is refused on SDXL as a LoRA for another family.
-    assert!(map.find("lora_te_text_model_encoder_layers_0_self_attn_q_proj").is_empty());
+    assert!(map
+        .find("lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+        .is_empty());
 
     // SD2: a kohya LoRA on v_proj changes only the v rows of the fused in_proj.
     let model = fixtures.join("tiny-sd2/tiny-sd2-fp32.safetensors");

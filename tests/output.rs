@@ -173,6 +173,7 @@ fn job() -> Job {
         prediction: None,
         size_cond: Default::default(),
         prompt_syntax: Default::default(),
+        ..Job::new(PathBuf::new(), "")
     }
 }
 

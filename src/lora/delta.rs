@@ -49,7 +49,16 @@ impl Term {
         match &self.form {
             Form::LowRank { up, down } => {
                 let (r, len) = (down.rows, down.cols);
-                matmul(rows_of(up, first, count), &down.data, out, count, r, len, Transpose::No, true);
+                matmul(
+                    rows_of(up, first, count),
+                    &down.data,
+                    out,
+                    count,
+                    r,
+                    len,
+                    Transpose::No,
+                    true,
+                );
             }
             Form::Hadamard { w1a, w1b, w2a, w2b } => {
                 // At most `HADAMARD_ROWS` rows of both products at a time (the plan counts them).
@@ -60,8 +69,26 @@ impl Term {
                     let (first, count) = (first + i * HADAMARD_ROWS, out.len() / len);
                     let (a, b) = (&mut a[..out.len()], &mut b[..out.len()]);
                     let (r1, r2) = (w1b.rows, w2b.rows);
-                    matmul(rows_of(w1a, first, count), &w1b.data, a, count, r1, len, Transpose::No, false);
-                    matmul(rows_of(w2a, first, count), &w2b.data, b, count, r2, len, Transpose::No, false);
+                    matmul(
+                        rows_of(w1a, first, count),
+                        &w1b.data,
+                        a,
+                        count,
+                        r1,
+                        len,
+                        Transpose::No,
+                        false,
+                    );
+                    matmul(
+                        rows_of(w2a, first, count),
+                        &w2b.data,
+                        b,
+                        count,
+                        r2,
+                        len,
+                        Transpose::No,
+                        false,
+                    );
                     for ((o, a), b) in out.iter_mut().zip(a.iter()).zip(b.iter()) {
                         *o += a * b;
                     }
@@ -82,7 +109,12 @@ pub struct LoraSet {
 
 impl fmt::Debug for LoraSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LoraSet({} weights, {} values)", self.weights.len(), self.values)
+        write!(
+            f,
+            "LoraSet({} weights, {} values)",
+            self.weights.len(),
+            self.values
+        )
     }
 }
 
@@ -90,7 +122,10 @@ impl LoraSet {
     /// Adds `term` to the stored weight `weight` (after the terms it has).
     pub fn insert(&mut self, weight: &str, term: Term) {
         self.values += term.form.values();
-        self.weights.entry(weight.to_string()).or_default().push(term);
+        self.weights
+            .entry(weight.to_string())
+            .or_default()
+            .push(term);
     }
 
     /// Weights modified.
@@ -112,9 +147,16 @@ impl LoraSet {
 
     /// The low-rank terms of `w` that overlap its rows, each with the overlap: (term, first row of
     /// the term, first output of `w`, count).
-    fn low_rank<'a>(&'a self, w: &Param) -> impl Iterator<Item = (&'a Matrix, &'a Matrix, usize, usize, usize)> {
+    fn low_rank<'a>(
+        &'a self,
+        w: &Param,
+    ) -> impl Iterator<Item = (&'a Matrix, &'a Matrix, usize, usize, usize)> {
         let (lo, hi) = (w.first_row(), w.first_row() + w.rows());
-        let terms = self.weights.get(&w.info().name).map(Vec::as_slice).unwrap_or(&[]);
+        let terms = self
+            .weights
+            .get(&w.info().name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
         terms.iter().filter_map(move |t| {
             let Form::LowRank { up, down } = &t.form else {
                 return None;
@@ -143,7 +185,12 @@ impl LoraSet {
     /// `y` [n, out, oh, ow] += the LoCon delta of `w`'s low-rank terms: `down_conv(down)` runs the
     /// convolution with the rank-r filters `down` [r, in·kh·kw] (read as the layer reads its input)
     /// → [n, r, oh, ow], then the 1×1 `up` maps it to the output channels.
-    pub fn add_conv(&self, w: &Param, down_conv: impl Fn(&dyn WeightRows) -> Tensor, y: &mut Tensor) {
+    pub fn add_conv(
+        &self,
+        w: &Param,
+        down_conv: impl Fn(&dyn WeightRows) -> Tensor,
+        y: &mut Tensor,
+    ) {
         let (n, co, oh, ow) = y.nchw();
         let hw = oh * ow;
         for (up, down, t_row, col, count) in self.low_rank(w) {
@@ -164,7 +211,12 @@ impl LoraSet {
 
     /// Rows `first_row ..` of the stored weight `name` read from `base` plus every term's (with a
     /// zero `base`: the delta itself).
-    pub fn over<'a>(&'a self, name: &str, first_row: usize, base: &'a dyn WeightRows) -> WithLora<'a> {
+    pub fn over<'a>(
+        &'a self,
+        name: &str,
+        first_row: usize,
+        base: &'a dyn WeightRows,
+    ) -> WithLora<'a> {
         let terms = self.weights.get(name).map(Vec::as_slice).unwrap_or(&[]);
         WithLora {
             base,
@@ -267,12 +319,16 @@ mod tests {
             }
             // And it is the definition: row 3, column 5.
             let want = match &term.form {
-                Form::LowRank { up, down } => {
-                    (0..r).map(|j| up.data[3 * r + j] * down.data[j * len + 5]).sum::<f32>()
-                }
+                Form::LowRank { up, down } => (0..r)
+                    .map(|j| up.data[3 * r + j] * down.data[j * len + 5])
+                    .sum::<f32>(),
                 Form::Hadamard { w1a, w1b, w2a, w2b } => {
-                    let a: f32 = (0..r).map(|j| w1a.data[3 * r + j] * w1b.data[j * len + 5]).sum();
-                    let b: f32 = (0..r).map(|j| w2a.data[3 * r + j] * w2b.data[j * len + 5]).sum();
+                    let a: f32 = (0..r)
+                        .map(|j| w1a.data[3 * r + j] * w1b.data[j * len + 5])
+                        .sum();
+                    let b: f32 = (0..r)
+                        .map(|j| w2a.data[3 * r + j] * w2b.data[j * len + 5])
+                        .sum();
                     a * b
                 }
             };

@@ -166,7 +166,10 @@ impl LoraFile {
             let mut data = vec![0.0; info.numel()];
             store.read_f32(info, &mut data)?;
             if let Some(v) = data.iter().find(|v| !v.is_finite()) {
-                return Err(bad(format!("tensor `{}` holds a non-finite value ({v})", info.name)));
+                return Err(bad(format!(
+                    "tensor `{}` holds a non-finite value ({v})",
+                    info.name
+                )));
             }
             if part == ".alpha" {
                 let [alpha] = data[..] else {
@@ -202,10 +205,16 @@ impl LoraFile {
                     take(".hada_w2_a"),
                     take(".hada_w2_b"),
                 ) {
-                    (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) => Form::Hadamard { w1a, w1b, w2a, w2b },
+                    (Some(w1a), Some(w1b), Some(w2a), Some(w2b)) => {
+                        Form::Hadamard { w1a, w1b, w2a, w2b }
+                    }
                     _ => return Err(bad(format!("LoRA module `{key}` lacks some of its parts"))),
                 },
-                _ => return Err(bad(format!("LoRA module `{key}` lacks its up or down matrix"))),
+                _ => {
+                    return Err(bad(format!(
+                        "LoRA module `{key}` lacks its up or down matrix"
+                    )))
+                }
             };
             if let Some(extra) = p.keys().next() {
                 return Err(bad(format!("LoRA module `{key}` mixes forms (`{extra}`)")));
@@ -237,7 +246,9 @@ fn check_form(key: &str, form: &Form) -> std::result::Result<(), String> {
     if agree {
         Ok(())
     } else {
-        Err(format!("LoRA module `{key}`: its matrices' shapes do not fit together"))
+        Err(format!(
+            "LoRA module `{key}`: its matrices' shapes do not fit together"
+        ))
     }
 }
 
@@ -245,19 +256,27 @@ fn check_form(key: &str, form: &Form) -> std::result::Result<(), String> {
 /// `alpha_pattern`); kohya files carry theirs as tensors.
 #[derive(Default)]
 struct PeftAlphas {
-    /// component (`unet`, `text_encoder`, …) → (default alpha, module → alpha).
-    components: BTreeMap<String, (Option<f32>, Vec<(String, f32)>)>,
+    /// By component (`unet`, `text_encoder`, …).
+    components: BTreeMap<String, ComponentAlphas>,
+}
+
+/// One component's `lora_alpha` and `alpha_pattern` (module → alpha).
+#[derive(Default)]
+struct ComponentAlphas {
+    default: Option<f32>,
+    patterns: Vec<(String, f32)>,
 }
 
 impl PeftAlphas {
     fn alpha(&self, key: &str) -> Option<f32> {
         let (component, module) = key.split_once('.')?;
-        let (default, patterns) = self.components.get(component)?;
-        patterns
+        let alphas = self.components.get(component)?;
+        alphas
+            .patterns
             .iter()
             .find(|(p, _)| module == p || module.ends_with(&format!(".{p}")))
             .map(|(_, a)| *a)
-            .or(*default)
+            .or(alphas.default)
     }
 }
 
@@ -269,7 +288,12 @@ fn peft_alphas(store: &TensorStore, path: &Path) -> Result<PeftAlphas> {
     else {
         return Ok(PeftAlphas::default());
     };
-    let bad = || Error::bad_file(path, "header `lora_adapter_metadata` is not the JSON PEFT writes");
+    let bad = || {
+        Error::bad_file(
+            path,
+            "header `lora_adapter_metadata` is not the JSON PEFT writes",
+        )
+    };
     let json: serde_json::Value = serde_json::from_str(text).map_err(|_| bad())?;
     let map = json.as_object().ok_or_else(bad)?;
     let mut out = PeftAlphas::default();
@@ -279,10 +303,11 @@ fn peft_alphas(store: &TensorStore, path: &Path) -> Result<PeftAlphas> {
         };
         let entry = out.components.entry(component.to_string()).or_default();
         match field {
-            "lora_alpha" => entry.0 = value.as_f64().map(|a| a as f32),
+            "lora_alpha" => entry.default = value.as_f64().map(|a| a as f32),
             "alpha_pattern" => {
                 for (module, a) in value.as_object().into_iter().flatten() {
-                    entry.1.push((module.clone(), a.as_f64().ok_or_else(bad)? as f32));
+                    let alpha = a.as_f64().ok_or_else(bad)? as f32;
+                    entry.patterns.push((module.clone(), alpha));
                 }
             }
             _ => {}

@@ -173,7 +173,11 @@ pub fn add_file(
             Part::Unet => adapter.unet_multiplier,
             Part::Text(_) => adapter.te_multiplier,
         };
-        let term = Term::new(target.first_row, module.form.clone(), module.scale() * multiplier);
+        let term = Term::new(
+            target.first_row,
+            module.form.clone(),
+            module.scale() * multiplier,
+        );
         set.insert(&target.weight, term);
     }
     Ok(())

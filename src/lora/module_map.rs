@@ -58,8 +58,16 @@ impl ModuleMap {
         map.add_unet(store, spec.unet_prefix);
         let several = spec.text_encoders.len() > 1;
         for (i, enc) in spec.text_encoders.iter().enumerate() {
-            let kohya = if several { format!("lora_te{}", i + 1) } else { "lora_te".into() };
-            let peft = if i == 0 { "text_encoder".into() } else { format!("text_encoder_{}", i + 1) };
+            let kohya = if several {
+                format!("lora_te{}", i + 1)
+            } else {
+                "lora_te".into()
+            };
+            let peft = if i == 0 {
+                "text_encoder".into()
+            } else {
+                format!("text_encoder_{}", i + 1)
+            };
             map.add_text(store, &format!("{}.", enc.prefix), i, (&kohya, &peft));
         }
         map
@@ -87,7 +95,10 @@ impl ModuleMap {
             let Some(ldm) = info.name.strip_prefix(prefix) else {
                 continue;
             };
-            let Some(module) = ldm.strip_suffix(".weight").filter(|_| info.shape.len() >= 2) else {
+            let Some(module) = ldm
+                .strip_suffix(".weight")
+                .filter(|_| info.shape.len() >= 2)
+            else {
                 continue;
             };
             let mut keys = vec![format!("lora_unet_{}", underscored(module))];
@@ -108,7 +119,13 @@ impl ModuleMap {
         }
     }
 
-    fn add_text(&mut self, store: &TensorStore, prefix: &str, index: usize, (kohya, peft): (&str, &str)) {
+    fn add_text(
+        &mut self,
+        store: &TensorStore,
+        prefix: &str,
+        index: usize,
+        (kohya, peft): (&str, &str),
+    ) {
         let open_clip = !prefix.ends_with("text_model.");
         for info in store.tensors() {
             let Some(rest) = info.name.strip_prefix(prefix) else {
@@ -136,7 +153,10 @@ impl ModuleMap {
                     row_len: info.shape[1],
                     part: Part::Text(index),
                 };
-                let keys = [format!("{kohya}_{}", underscored(&module)), format!("{peft}.{module}")];
+                let keys = [
+                    format!("{kohya}_{}", underscored(&module)),
+                    format!("{peft}.{module}"),
+                ];
                 self.add(target, keys);
             }
         }

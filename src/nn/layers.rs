@@ -191,7 +191,11 @@ impl Conv2d {
             None => self.product_of(&self.weight, x, read, cx),
             Some(set) => {
                 let mut y = self.product_of(&set.weight(&self.weight), x, read, cx);
-                set.add_conv(&self.weight, |down| self.product_of(down, x, read, cx), &mut y);
+                set.add_conv(
+                    &self.weight,
+                    |down| self.product_of(down, x, read, cx),
+                    &mut y,
+                );
                 y
             }
         }
