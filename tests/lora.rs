@@ -56,6 +56,18 @@ fn models_path() -> PathBuf {
     f32_model()
 }
 
+/// The two forms of applying a low-rank term (`lora::PANEL_FORM_VALUES`): every weight in the
+/// panel form, every weight in the low-rank form. The tiny model's weights all take the panel
+/// form by default.
+const FORMS: [(&str, usize); 2] = [("panel form", usize::MAX), ("low-rank form", 0)];
+
+/// `set` with every low-rank term applied in the form `values` says.
+fn in_form(set: Arc<LoraSet>, values: usize) -> Arc<LoraSet> {
+    let mut set = Arc::try_unwrap(set).expect("one owner");
+    set.set_panel_form_values(values);
+    Arc::new(set)
+}
+
 /// The delta a set adds to the stored weight `name` (read over a zero base).
 fn delta(set: &LoraSet, models: &Models, name: &str) -> Tensor {
     let info = models.store.get(name).expect("weight in the model");
@@ -271,40 +283,43 @@ fn quantized_layers_add_the_exact_delta() {
     for file in ["gguf/tiny-sd-q8_0.gguf", "gguf/tiny-sd-q4_0.gguf"] {
         let model = tiny(file);
         let models = Models::load(&job(&model, &[])).unwrap();
-        let set = lora::build(&models, &job(&model, &[("lora_a_kohya.safetensors", 0.8)]))
-            .unwrap()
-            .unwrap();
-        let with = Ctx::default().with_lora(Some(set.clone()));
-        let w = Weights::new(models.store.clone(), "");
-        let mut quantized = 0;
-        for name in set.weight_names() {
-            let param = w.param_any(name).unwrap();
-            if !matches!(param.info().dtype, DType::Quant(_)) || param.shape().len() != 2 {
-                continue;
+        for (form, values) in FORMS {
+            let set = lora::build(&models, &job(&model, &[("lora_a_kohya.safetensors", 0.8)]))
+                .unwrap()
+                .unwrap();
+            let set = in_form(set, values);
+            let with = Ctx::default().with_lora(Some(set.clone()));
+            let w = Weights::new(models.store.clone(), "");
+            let mut quantized = 0;
+            for name in set.weight_names() {
+                let param = w.param_any(name).unwrap();
+                if !matches!(param.info().dtype, DType::Quant(_)) || param.shape().len() != 2 {
+                    continue;
+                }
+                quantized += 1;
+                let (n, k, m) = (param.rows(), param.row_len(), 70);
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7 % 31) as f32 - 15.0) / 15.0)
+                    .collect();
+                let layer = Linear::from_params(param, None).unwrap();
+                let base = layer.product(&x, &Ctx::default());
+                let got: Vec<f32> = layer
+                    .product(&x, &with)
+                    .iter()
+                    .zip(&base)
+                    .map(|(a, b)| a - b)
+                    .collect();
+                let d = delta(&set, &models, name);
+                let mut want = vec![0.0; m * n];
+                sdcap::kernels::matmul(&x, &d.data, &mut want, m, k, n, Transpose::Yes, false);
+                let (got, want) = (Tensor::new(vec![m, n], got), Tensor::new(vec![m, n], want));
+                common::assert_close(&format!("{file} {name} {form}"), &got, &want, 1e-5);
             }
-            quantized += 1;
-            let (n, k, m) = (param.rows(), param.row_len(), 70);
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 31) as f32 - 15.0) / 15.0)
-                .collect();
-            let layer = Linear::from_params(param, None).unwrap();
-            let base = layer.product(&x, &Ctx::default());
-            let got: Vec<f32> = layer
-                .product(&x, &with)
-                .iter()
-                .zip(&base)
-                .map(|(a, b)| a - b)
-                .collect();
-            let d = delta(&set, &models, name);
-            let mut want = vec![0.0; m * n];
-            sdcap::kernels::matmul(&x, &d.data, &mut want, m, k, n, Transpose::Yes, false);
-            let (got, want) = (Tensor::new(vec![m, n], got), Tensor::new(vec![m, n], want));
-            common::assert_close(&format!("{file} {name}"), &got, &want, 1e-5);
+            assert!(
+                quantized > 20,
+                "{file}: {quantized} quantized weights have a LoRA"
+            );
         }
-        assert!(
-            quantized > 20,
-            "{file}: {quantized} quantized weights have a LoRA"
-        );
     }
 }
 
@@ -513,9 +528,10 @@ fn jobs_switching_loras_match_the_same_jobs_run_alone() {
     }
 }
 
-/// With LoRAs of both forms (low-rank A, LoHa C) every scratch tier gives the same bits, as
+/// With LoRAs (low-rank A, LoHa C) in either form every scratch tier gives the same bits, as
 /// without (tests/governor.rs): text encoder and UNet at 256², where the smallest tier splits
-/// attention queries, convolution tiles and feed-forward chunks the first computes whole.
+/// attention queries, convolution tiles and feed-forward chunks the first computes whole. And the
+/// two forms agree.
 #[test]
 fn scratch_tiers_give_identical_bits_with_lora() {
     use sdcap::kernels::scratch::TIERS;
@@ -530,7 +546,6 @@ fn scratch_tiers_give_identical_bits_with_lora() {
     );
     (j.width, j.height) = (256, 256);
     let models = Models::load(&j).unwrap();
-    let set = lora::build(&models, &j).unwrap();
     let ids: Vec<u32> = (0..154).map(|i| 49406 + (i % 2)).collect();
     let latent = Tensor::new(
         vec![2, 4, 32, 32],
@@ -538,21 +553,39 @@ fn scratch_tiers_give_identical_bits_with_lora() {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect(),
     );
-    let run = |tier| {
-        let cx = Ctx::from(tier).with_lora(set.clone());
-        let context = models.text_encoders[0].forward(&ids, 2, 1, &cx);
-        let eps = models.unet.forward(&latent, &[999.0, 999.0], &context, &cx);
-        (context, eps.data)
-    };
-    let want = run(TIERS[0]);
     let plain = Ctx::from(TIERS[0]);
     let context = models.text_encoders[0].forward(&ids, 2, 1, &plain);
-    assert!(context != want.0, "the LoRA changes the text encoder");
-    for &tier in &TIERS[1..] {
-        let got = run(tier);
-        assert!(got.0 == want.0, "text encoder differs under {tier:?}");
-        assert!(got.1 == want.1, "UNet differs under {tier:?}");
+    let mut forms = Vec::new();
+    for (form, values) in FORMS {
+        let set = Some(in_form(lora::build(&models, &j).unwrap().unwrap(), values));
+        let run = |tier| {
+            let cx = Ctx::from(tier).with_lora(set.clone());
+            let context = models.text_encoders[0].forward(&ids, 2, 1, &cx);
+            let eps = models.unet.forward(&latent, &[999.0, 999.0], &context, &cx);
+            (context, eps.data)
+        };
+        let want = run(TIERS[0]);
+        assert!(context != want.0, "the LoRA changes the text encoder");
+        for &tier in &TIERS[1..] {
+            let got = run(tier);
+            assert!(
+                got.0 == want.0,
+                "{form}: text encoder differs under {tier:?}"
+            );
+            assert!(got.1 == want.1, "{form}: UNet differs under {tier:?}");
+        }
+        forms.push(want);
     }
+    // The two forms are the same sums in another order: f32 rounding apart (1e-5 of the largest
+    // value; a missing or doubled term is off by the delta itself, ≥ 1e-2 here).
+    let t = |v: &[f32]| Tensor::new(vec![v.len()], v.to_vec());
+    common::assert_close(
+        "text encoder, forms",
+        &t(&forms[1].0),
+        &t(&forms[0].0),
+        1e-5,
+    );
+    common::assert_close("UNet, forms", &t(&forms[1].1), &t(&forms[0].1), 1e-5);
 }
 
 /// The family key maps of SD2.x (open_clip text encoder: q/k/v as row ranges of the fused

@@ -369,10 +369,7 @@ fn batch_jobs_carry_the_syntax_and_names_stay() {
         .as_ref()
         .unwrap_err()
         .contains("unknown prompt syntax"));
-    assert!(jobs[4]
-        .as_ref()
-        .unwrap_err()
-        .contains("no LoRA directory"));
+    assert!(jobs[4].as_ref().unwrap_err().contains("no LoRA directory"));
 
     let (a, p) = (jobs[0].as_ref().unwrap(), jobs[1].as_ref().unwrap());
     assert!(!naming::canonical(a).contains("prompt_syntax"));

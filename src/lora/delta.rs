@@ -1,9 +1,10 @@
-//! The job's adapters at run time: per modified weight, the scaled terms. A low-rank term (LoRA,
-//! LoCon) is added to the layer's product as `scale·up(down(x))` (`add_linear`, `add_conv`); a LoHa
-//! term, whose delta has no low-rank form, has its rows added to the weight's f32 panel as the
-//! kernels read it (`WithLora`). The base weight and its mapping are never touched, so a job
-//! without LoRA reads exactly what it read before, and the effect of a LoRA does not depend on the
-//! base weight's type (q4_0 or f16 alike).
+//! The job's adapters at run time: per modified weight, the scaled terms, applied in one of two
+//! forms. Panel form: the term's rows of ΔW are added to the weight's f32 panel as the kernels
+//! read it (`WithLora`; LoHa, whose delta has no low-rank form, and the low-rank terms of weights
+//! up to `PANEL_FORM_VALUES`). Low-rank form: `scale·up(down(x))` added to the layer's product
+//! (`add_linear`, `add_conv`; the low-rank terms of larger weights). The base weight and its
+//! mapping are never touched, so a job without LoRA reads exactly what it read before, and the
+//! effect of a LoRA does not depend on the base weight's type (q4_0 or f16 alike).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -98,13 +99,33 @@ impl Term {
     }
 }
 
+/// Weights of at most this many values (16 MiB of f32: one weight panel of the first scratch
+/// tier, read once per call) take their low-rank terms in the panel form; larger ones in the
+/// low-rank form. The panel form costs r·out·in per weight read, the low-rank form r·rows·(in + out)
+/// per call: in a UNet the small weights meet the most rows (the high-resolution levels) and the
+/// large ones the fewest, so weight size picks the cheaper form nearly everywhere (ARCHITECTURE.md).
+/// It depends on the layer only, never on the scratch tier or a call's rows (the feed-forward
+/// chunks), so every plan gives the same bits.
+pub const PANEL_FORM_VALUES: usize = 1 << 22;
+
 /// The resolved adapters of one job: for each modified weight (stored key), its terms in the
 /// order the LoRAs were given.
-#[derive(Default)]
 pub struct LoraSet {
     pub(super) weights: HashMap<String, Vec<Term>>,
     /// f32 values held (the plan counts them through `file::loaded_bytes`).
     pub(super) values: usize,
+    /// `PANEL_FORM_VALUES` (tests and benches move it to exercise either form).
+    panel_form_values: usize,
+}
+
+impl Default for LoraSet {
+    fn default() -> Self {
+        LoraSet {
+            weights: HashMap::new(),
+            values: 0,
+            panel_form_values: PANEL_FORM_VALUES,
+        }
+    }
 }
 
 impl fmt::Debug for LoraSet {
@@ -137,11 +158,23 @@ impl LoraSet {
         self.weights.is_empty()
     }
 
-    /// `w` as the products read it under this set: its rows plus the rows of its LoHa terms (the
-    /// low-rank ones are added to the product by `add_linear` / `add_conv`).
+    /// Weights of up to `values` values take the panel form (default `PANEL_FORM_VALUES`; 0: every
+    /// low-rank term in the low-rank form, `usize::MAX`: every term in the panel form).
+    pub fn set_panel_form_values(&mut self, values: usize) {
+        self.panel_form_values = values;
+    }
+
+    /// Whether `w`'s low-rank terms take the panel form.
+    fn panel_form(&self, w: &Param) -> bool {
+        w.numel() <= self.panel_form_values
+    }
+
+    /// `w` as the products read it under this set: its rows plus the rows of its LoHa terms, and of
+    /// its low-rank terms when it takes the panel form (else `add_linear` / `add_conv` add those to
+    /// the product).
     pub fn weight<'a>(&'a self, w: &'a Param) -> WithLora<'a> {
         let mut with = self.over(&w.info().name, w.first_row(), w);
-        with.panel_only = true;
+        with.loha_only = !self.panel_form(w);
         with
     }
 
@@ -152,11 +185,14 @@ impl LoraSet {
         w: &Param,
     ) -> impl Iterator<Item = (&'a Matrix, &'a Matrix, usize, usize, usize)> {
         let (lo, hi) = (w.first_row(), w.first_row() + w.rows());
-        let terms = self
-            .weights
-            .get(&w.info().name)
-            .map(Vec::as_slice)
-            .unwrap_or(&[]);
+        let terms = match self.panel_form(w) {
+            true => &[],
+            false => self
+                .weights
+                .get(&w.info().name)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]),
+        };
         terms.iter().filter_map(move |t| {
             let Form::LowRank { up, down } = &t.form else {
                 return None;
@@ -222,7 +258,7 @@ impl LoraSet {
             base,
             first_row,
             terms,
-            panel_only: false,
+            loha_only: false,
         }
     }
 
@@ -240,16 +276,7 @@ pub struct WithLora<'a> {
     first_row: usize,
     terms: &'a [Term],
     /// Add only the LoHa terms' rows (the products add the low-rank ones themselves).
-    panel_only: bool,
-}
-
-impl WithLora<'_> {
-    /// Whether reading through this adds anything to the stored rows.
-    pub fn adds_rows(&self) -> bool {
-        self.terms
-            .iter()
-            .any(|t| !self.panel_only || matches!(t.form, Form::Hadamard { .. }))
-    }
+    loha_only: bool,
 }
 
 impl WeightRows for WithLora<'_> {
@@ -267,7 +294,7 @@ impl WeightRows for WithLora<'_> {
         // Stored rows this read covers; each term adds the part it overlaps.
         let (lo, hi) = (self.first_row + first, self.first_row + first + count);
         for term in self.terms {
-            if self.panel_only && matches!(term.form, Form::LowRank { .. }) {
+            if self.loha_only && matches!(term.form, Form::LowRank { .. }) {
                 continue;
             }
             let (t_lo, t_hi) = (term.first_row, term.first_row + term.rows());
