@@ -259,11 +259,12 @@ fn gemm_8192x320x2560(bencher: Bencher) {
         });
 }
 
-/// LoRA on a weight product at SD1.5 shapes (rank 32), three ways: `base` (no LoRA), `panel` (what
-/// sdcap does: ΔW rows = up·down added to each f32 weight panel as it is read, `lora::WithLora`) and
-/// `lowrank` (`x·Wᵀ + (x·downᵀ)·upᵀ`, the alternative). The panel form costs r·n·k per weight read,
-/// the low-rank one r·m·(k+n) per call: they part ways where m (pixels × batch) is small. Counted in
-/// the base product's FLOPs, so item/s compares directly; quote CPU-seconds on a shared machine.
+/// LoRA on a weight product at SD1.5 shapes (rank 32), three ways (the const): 0 = no LoRA, 1 = the
+/// panel form (ΔW rows = up·down added to each f32 weight panel as it is read, `lora::WithLora`),
+/// 2 = the low-rank form (`x·Wᵀ + (x·downᵀ)·upᵀ`; LoCon: a rank-32 conv, then 1×1). The panel form
+/// costs r·n·k per weight read, the low-rank one r·m·(k+n) per call; sdcap picks by weight size
+/// (`lora::PANEL_FORM_VALUES`, ARCHITECTURE.md). Counted in the base product's FLOPs, so item/s
+/// compares directly; quote CPU-seconds on a shared machine.
 #[divan::bench(
     args = ["linear 8192x320x320", "linear 8192x320x2560", "linear 2048x640x640",
             "linear 512x1280x1280", "linear 128x1280x1280", "linear 128x5120x1280",
