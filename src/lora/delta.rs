@@ -9,14 +9,17 @@
 use std::collections::HashMap;
 use std::fmt;
 
+use rayon::prelude::*;
+
 use super::file::{Form, Matrix};
 use crate::kernels::matmul::matmul_strided;
 use crate::kernels::{matmul, DenseRows, Transpose, WeightRows};
 use crate::tensor::Tensor;
 use crate::weights::Param;
 
-/// Rows of a LoHa delta computed at a time: its two factors' products are held for these rows.
-pub const HADAMARD_ROWS: usize = 64;
+/// Rows of a delta computed together (each a parallel task): LoHa holds its two factors'
+/// products for these rows.
+pub const DELTA_BLOCK_ROWS: usize = 8;
 
 /// One LoRA module's contribution to one weight (rows `first_row ..` of it): `scale · form`, the
 /// scale (alpha / rank × multiplier) folded into the left factor(s) when built.
@@ -41,59 +44,42 @@ impl Term {
     }
 
     /// Adds this term's rows `first .. first + count` (the term's own row numbers) to `out`
-    /// [count, row_len]. The product's reduction runs over the rank (one block of k for gemm,
-    /// whatever the row count), so a row gets the same bits in every panelling.
+    /// [count, row_len]. Each value is summed over the rank in one fixed order, row by row (not
+    /// by gemm, whose order for a one-row call differs from a panel's), so a row gets the same bits
+    /// however the rows are read: a panel at a time, or one by one (Winograd's filter transform).
     fn add_rows(&self, first: usize, count: usize, out: &mut [f32]) {
-        fn rows_of(m: &Matrix, first: usize, count: usize) -> &[f32] {
-            &m.data[first * m.cols..(first + count) * m.cols]
-        }
+        let len = self.form.dims().1;
+        assert_eq!(out.len(), count * len, "LoRA rows");
+        // Blocks of rows share each pass over a `down` row (kept in cache); rows never interact.
+        const BLOCK: usize = DELTA_BLOCK_ROWS;
+        let blocks = out.par_chunks_mut(BLOCK * len).enumerate();
         match &self.form {
-            Form::LowRank { up, down } => {
-                let (r, len) = (down.rows, down.cols);
-                matmul(
-                    rows_of(up, first, count),
-                    &down.data,
-                    out,
-                    count,
-                    r,
-                    len,
-                    Transpose::No,
-                    true,
-                );
-            }
-            Form::Hadamard { w1a, w1b, w2a, w2b } => {
-                // At most `HADAMARD_ROWS` rows of both products at a time (the plan counts them).
-                let len = w1b.cols;
-                let mut a = vec![0.0; count.min(HADAMARD_ROWS) * len];
-                let mut b = a.clone();
-                for (i, out) in out.chunks_mut(HADAMARD_ROWS * len).enumerate() {
-                    let (first, count) = (first + i * HADAMARD_ROWS, out.len() / len);
-                    let (a, b) = (&mut a[..out.len()], &mut b[..out.len()]);
-                    let (r1, r2) = (w1b.rows, w2b.rows);
-                    matmul(
-                        rows_of(w1a, first, count),
-                        &w1b.data,
-                        a,
-                        count,
-                        r1,
-                        len,
-                        Transpose::No,
-                        false,
-                    );
-                    matmul(
-                        rows_of(w2a, first, count),
-                        &w2b.data,
-                        b,
-                        count,
-                        r2,
-                        len,
-                        Transpose::No,
-                        false,
-                    );
-                    for ((o, a), b) in out.iter_mut().zip(a.iter()).zip(b.iter()) {
-                        *o += a * b;
-                    }
+            Form::LowRank { up, down } => blocks.for_each(|(b, rows)| {
+                let row0 = first + b * BLOCK;
+                accumulate(rows, row0, up, down);
+            }),
+            Form::Hadamard { w1a, w1b, w2a, w2b } => blocks.for_each(|(b, rows)| {
+                let row0 = first + b * BLOCK;
+                let (mut p, mut q) = (vec![0.0; rows.len()], vec![0.0; rows.len()]);
+                accumulate(&mut p, row0, w1a, w1b);
+                accumulate(&mut q, row0, w2a, w2b);
+                for ((o, p), q) in rows.iter_mut().zip(&p).zip(&q) {
+                    *o += p * q;
                 }
+            }),
+        }
+    }
+}
+
+/// `rows[i] += left[row0 + i, j] · right[j, :]` for j in order, for the rows of `rows`.
+fn accumulate(rows: &mut [f32], row0: usize, left: &Matrix, right: &Matrix) {
+    let (r, len) = (right.rows, right.cols);
+    for j in 0..r {
+        let right_row = &right.data[j * len..(j + 1) * len];
+        for (i, row) in rows.chunks_mut(len).enumerate() {
+            let l = left.data[(row0 + i) * r + j];
+            for (o, &v) in row.iter_mut().zip(right_row) {
+                *o += l * v;
             }
         }
     }

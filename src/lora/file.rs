@@ -97,7 +97,7 @@ const PARTS: [&str; 9] = [
 ];
 
 /// Bytes a LoRA file costs while loaded: its mapped size (read once), the f32 copies of its
-/// tensors, and for LoHa the two factor products of `HADAMARD_ROWS` rows each thread may build
+/// tensors, and for LoHa the two factor products of `DELTA_BLOCK_ROWS` rows each thread may build
 /// while reading a weight. Reads the header only.
 pub fn loaded_bytes(path: &Path) -> Result<u64> {
     let store = open(path)?;
@@ -111,7 +111,7 @@ pub fn loaded_bytes(path: &Path) -> Result<u64> {
         .max()
         .unwrap_or(0);
     let threads = rayon::current_num_threads() as u64;
-    let loha_scratch = 2 * super::delta::HADAMARD_ROWS as u64 * loha_row * 4 * threads;
+    let loha_scratch = 2 * super::delta::DELTA_BLOCK_ROWS as u64 * loha_row * 4 * threads;
     Ok(file
         .saturating_add(values.saturating_mul(4))
         .saturating_add(loha_scratch))
