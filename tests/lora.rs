@@ -654,3 +654,81 @@ fn sd2_and_sdxl_keys_map_to_their_weights() {
         assert_eq!(!same, changed, "rows {third} of in_proj");
     }
 }
+
+/// A PEFT file without `lora_adapter_metadata` has alpha = rank (scale 1 × multiplier); a kohya
+/// module's `.alpha` scales by alpha / rank.
+#[test]
+fn alpha_defaults_to_the_rank() {
+    common::compute_threads();
+    let models = Models::load(&job(&f32_model(), &[])).unwrap();
+    let dir = std::env::temp_dir().join(format!("sdcap-lora-alpha-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let weight = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight";
+    let (up, down): (Vec<f32>, Vec<f32>) = (
+        (0..32 * 2).map(|i| (i % 5) as f32 * 0.25).collect(),
+        (0..2 * 32).map(|i| (i % 3) as f32 * 0.5 - 0.5).collect(),
+    );
+    let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let write = |name: &str, tensors: Vec<(String, Vec<usize>, Vec<u8>)>| {
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(k, shape, data)| {
+                let dtype = safetensors::Dtype::F32;
+                let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), data);
+                (k.clone(), view.unwrap())
+            })
+            .collect();
+        let path = dir.join(name);
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        path
+    };
+    let peft = write(
+        "peft.safetensors",
+        vec![
+            (
+                format!("unet.{module}.lora_A.weight"),
+                vec![2, 32],
+                bytes(&down),
+            ),
+            (
+                format!("unet.{module}.lora_B.weight"),
+                vec![32, 2],
+                bytes(&up),
+            ),
+        ],
+    );
+    let kohya_key = format!("lora_unet_{}", module.replace('.', "_"));
+    let kohya = write(
+        "kohya.safetensors",
+        vec![
+            (
+                format!("{kohya_key}.lora_down.weight"),
+                vec![2, 32],
+                bytes(&down),
+            ),
+            (
+                format!("{kohya_key}.lora_up.weight"),
+                vec![32, 2],
+                bytes(&up),
+            ),
+            (format!("{kohya_key}.alpha"), vec![], bytes(&[1.0])),
+        ],
+    );
+    let mut want = vec![0.0; 32 * 32];
+    sdcap::kernels::matmul(&up, &down, &mut want, 32, 2, 32, Transpose::No, false);
+    for (path, scale) in [(peft, 0.8), (kohya, 0.8 * 0.5)] {
+        let mut j = job(&f32_model(), &[]);
+        j.loras = vec![LoraRef {
+            path: path.clone(),
+            weight: 0.8,
+        }];
+        let set = lora::build(&models, &j).unwrap().unwrap();
+        let want: Vec<f32> = want.iter().map(|v| v * scale).collect();
+        let want = Tensor::new(vec![32, 32], want);
+        let got = delta(&set, &models, weight);
+        let got = Tensor::new(vec![32, 32], got.data);
+        common::assert_close(&path.display().to_string(), &got, &want, 1e-6);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
