@@ -6,6 +6,7 @@
 //! cargo bench --bench e2e -- stages MODEL SIZE [STEPS]   # text encode, s/UNet step, VAE decode, peak RSS
 //! cargo bench --bench e2e -- profile MODEL [LATENT]      # one UNet step (CFG batch 2) by op kind
 //! cargo bench --bench e2e -- step MODEL [LATENT]         # two bare UNet calls (for perf record)
+//! cargo bench --bench e2e -- lora MODEL LORA SIZE [STEPS] # LoRA load + apply, s/step with vs without
 //! ```
 //!
 //! With no mode (as under a plain `cargo bench`) it prints this usage and exits.
@@ -122,6 +123,61 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
         mib(peak_encode),
         mib(peak_unet),
         cpus(),
+        contention_note()
+    );
+}
+
+/// LoRA cost (issue 15; `benches/lora.sh`): the adapter set's build (file read, key mapping, f32
+/// terms: "load + apply") and UNet steps (CFG batch 2) alternating without and with it, so both
+/// see the same machine state.
+fn lora(model: PathBuf, lora: PathBuf, size: u32, steps: usize) {
+    let models = Models::load(&job(model.clone(), size)).expect("load model");
+    let cond = conditioning(&models, size);
+    let mut with = job(model.clone(), size);
+    with.loras = vec![sdcap::job::LoraRef {
+        path: lora.clone(),
+        weight: 1.0,
+    }];
+    let (c0, t) = (cpu_time(), Instant::now());
+    let set = sdcap::lora::build(&models, &with).expect("LoRA");
+    let (build, build_cpu) = (t.elapsed().as_secs_f64(), (cpu_time() - c0).as_secs_f64());
+    let modified = set.as_ref().map_or(0, |s| s.len());
+    let lat = size as usize / 8;
+    let x = Tensor::new(vec![2, 4, lat, lat], common::random(2 * 4 * lat * lat, 7));
+    let call = |cx: &sdcap::nn::Ctx| {
+        models.unet.forward_added(
+            &x,
+            &[999.0, 999.0],
+            &cond.context,
+            cond.added.as_deref(),
+            cx,
+            &mut |_, _| {},
+        )
+    };
+    let plain = sdcap::nn::Ctx::from(TIERS[0]);
+    let adapted = plain.clone().with_lora(set);
+    std::hint::black_box(call(&plain)); // pages in the weights
+    let (mut without, mut with_lora) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        for (cx, times) in [(&plain, &mut without), (&adapted, &mut with_lora)] {
+            let (c0, t) = (cpu_time(), Instant::now());
+            std::hint::black_box(call(cx));
+            times.push((t.elapsed().as_secs_f64(), (cpu_time() - c0).as_secs_f64()));
+        }
+    }
+    let best = |v: &[(f64, f64)]| {
+        v.iter().fold((f64::INFINITY, f64::INFINITY), |b, x| {
+            (b.0.min(x.0), b.1.min(x.1))
+        })
+    };
+    let ((w0, c0), (w1, c1)) = (best(&without), best(&with_lora));
+    let name = model.file_name().unwrap_or_default().to_string_lossy();
+    println!(
+        "{name} {size}², LoRA {}: load + apply {build:.2} s ({build_cpu:.2} CPU-s, {modified} weights) | UNet step best of {steps}: without {w0:.2} s ({c0:.1} CPU-s), with {w1:.2} s ({c1:.1} CPU-s): {:+.1}% wall, {:+.1}% CPU | peak RSS {:.0} MiB | {}",
+        lora.display(),
+        100.0 * (w1 / w0 - 1.0),
+        100.0 * (c1 / c0 - 1.0),
+        mib(peak_rss()),
         contention_note()
     );
 }
@@ -303,6 +359,12 @@ fn main() {
             let steps = rest.first().map_or(2, |s| s.parse().expect("steps"));
             stages(model.into(), size.parse().expect("size"), steps)
         }
+        ["lora", model, lora_file, size, rest @ ..] => lora(
+            model.into(),
+            lora_file.into(),
+            size.parse().expect("size"),
+            rest.first().map_or(3, |s| s.parse().expect("steps")),
+        ),
         ["step", model, rest @ ..] => profile_step(
             model.into(),
             rest.first().map_or(64, |s| s.parse().expect("latent")),
@@ -314,7 +376,8 @@ fn main() {
         _ => println!(
             "e2e: no mode given, nothing run. Use benches/e2e.sh, or\n  \
              cargo bench --bench e2e -- stages MODEL SIZE [STEPS]\n  \
-             cargo bench --bench e2e -- profile MODEL [LATENT]"
+             cargo bench --bench e2e -- profile MODEL [LATENT]\n  \
+             cargo bench --bench e2e -- lora MODEL LORA SIZE [STEPS]"
         ),
     }
 }

@@ -259,6 +259,108 @@ fn gemm_8192x320x2560(bencher: Bencher) {
         });
 }
 
+/// LoRA on a weight product at SD1.5 shapes (rank 32), three ways (the const): 0 = no LoRA, 1 = the
+/// panel form (ΔW rows = up·down added to each f32 weight panel as it is read, `lora::WithLora`),
+/// 2 = the low-rank form (`x·Wᵀ + (x·downᵀ)·upᵀ`; LoCon: a rank-32 conv, then 1×1). The panel form
+/// costs r·n·k per weight read, the low-rank one r·m·(k+n) per call; sdcap picks by weight size
+/// (`lora::PANEL_FORM_VALUES`, ARCHITECTURE.md). Counted in the base product's FLOPs, so item/s
+/// compares directly; quote CPU-seconds on a shared machine.
+#[divan::bench(
+    args = ["linear 8192x320x320", "linear 8192x320x2560", "linear 2048x640x640",
+            "linear 512x1280x1280", "linear 128x1280x1280", "linear 128x5120x1280",
+            "linear 154x768x320", "conv 3x3 320@64² n2", "conv 3x3 1280@16² n2",
+            "conv 3x3 2560->1280@8² n2"],
+    consts = [0, 1, 2],
+    sample_count = 3,
+    sample_size = 1
+)]
+fn lora<const HOW: usize>(bencher: Bencher, name: &str) {
+    use sdcap::kernels::scratch::Scratch;
+    use sdcap::kernels::{conv2d, matmul, Conv2dGeometry, DenseRows, Transpose, WeightRows};
+    use sdcap::lora::{Form, LoraSet, Matrix, Term};
+    const RANK: usize = 32;
+    let dims: Vec<usize> = name
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|d| d.parse().ok())
+        .collect();
+    // (m, k, n) of the product, and for a conv (n images, ci, co, side).
+    let (m, k, n, conv) = match (name.starts_with("conv"), &dims[..]) {
+        (false, &[m, k, n]) => (m, k, n, None),
+        (true, &[3, _, c, s, 2]) => (2 * s * s, 9 * c, c, Some((c, c, s))),
+        (true, &[3, _, ci, co, s, 2]) => (2 * s * s, 9 * ci, co, Some((ci, co, s))),
+        _ => panic!("shape {name}"),
+    };
+    let w = common::random(n * k, 2);
+    let x = common::random(m * k.max(n), 1);
+    let up = Matrix {
+        rows: n,
+        cols: RANK,
+        data: common::random(n * RANK, 3),
+    };
+    let down = Matrix {
+        rows: RANK,
+        cols: k,
+        data: common::random(RANK * k, 4),
+    };
+    let mut set = LoraSet::default();
+    set.insert(
+        "w",
+        Term::new(
+            0,
+            Form::LowRank {
+                up: up.clone(),
+                down: down.clone(),
+            },
+            0.5,
+        ),
+    );
+    let base = DenseRows { data: &w, rows: n };
+    let scratch = Scratch::default();
+    bencher
+        .counter(ItemsCount::new((2 * m * k * n) as u64))
+        .bench_local(|| {
+            let weight: &dyn WeightRows = match HOW {
+                1 => &set.over("w", 0, &base),
+                _ => &base,
+            };
+            match conv {
+                None => {
+                    let x = &x[..m * k];
+                    let mut y = vec![0.0f32; m * n];
+                    sdcap::kernels::matmul_weight_t(x, weight, &mut y, &scratch);
+                    if HOW == 2 {
+                        let mut t = vec![0.0f32; m * RANK];
+                        matmul(x, &down.data, &mut t, m, k, RANK, Transpose::Yes, false);
+                        matmul(&t, &up.data, &mut y, m, RANK, n, Transpose::Yes, true);
+                    }
+                    divan::black_box(y);
+                }
+                Some((ci, co, s)) => {
+                    let x = sdcap::Tensor::new(vec![2, ci, s, s], x[..2 * ci * s * s].to_vec());
+                    let geo = Conv2dGeometry {
+                        kernel: 3,
+                        stride: 1,
+                        pad: 1,
+                    };
+                    let mut y = conv2d(&x, weight, None, geo, &scratch);
+                    if HOW == 2 {
+                        // LoCon: a rank-32 3×3 conv, then a 1×1 conv back to co channels.
+                        let d = DenseRows {
+                            data: &down.data,
+                            rows: RANK,
+                        };
+                        let t = conv2d(&x, &d, None, geo, &scratch);
+                        for (b, y) in y.data.chunks_mut(co * s * s).enumerate() {
+                            let t = &t.data[b * RANK * s * s..(b + 1) * RANK * s * s];
+                            matmul(&up.data, t, y, co, RANK, s * s, Transpose::No, true);
+                        }
+                    }
+                    divan::black_box(y);
+                }
+            }
+        });
+}
+
 fn main() {
     let threads = cpus();
     let denormals = common::start_compute_threads();

@@ -129,9 +129,11 @@ pub fn encode(models: &Models, job: &Job, guided: bool, cx: &Ctx) -> Result<Cond
 }
 
 /// Refuses, with one line, what the job's prompts cannot be: in A1111 syntax a weight that is no
-/// number (`(a:1.2.3)`), and extra-network tags in the prompt (`<lora:…>`: LoRA is not supported
-/// yet, and a tag is never silently ignored). Plain syntax reads any text.
+/// number (`(a:1.2.3)`), extra-network tags other than `<lora:…>` (never silently ignored), and
+/// LoRAs that cannot be used (`lora::check`: a tag without its file, an unreadable file).
+/// Plain syntax reads any text.
 pub fn check_prompts(job: &Job) -> Result<()> {
+    crate::lora::check(job)?;
     if job.prompt_syntax == PromptSyntax::Plain {
         return Ok(());
     }
@@ -148,16 +150,10 @@ pub fn context_tokens(job: &Job, guided: bool) -> Result<usize> {
     Ok(chunks.len() / (1 + usize::from(guided)) * CONTEXT_LEN)
 }
 
-/// The prompt's text with its extra-network tags removed, refusing them (A1111 syntax).
+/// The prompt's text with its extra-network tags removed (A1111 syntax), refusing tags other than
+/// `<lora:…>` (those are the job's LoRAs, `lora::adapters`).
 fn prompt_text(job: &Job) -> Result<String> {
     let (text, tags) = job.prompt_syntax.extract_tags(&job.prompt)?;
-    if let Some(lora) = tags.loras.first() {
-        return Err(Error::BadRequest(format!(
-            "prompt: `<lora:{}>`: LoRA is not supported yet (remove the tag; with \
-             --prompt-syntax plain it is read as text)",
-            lora.name
-        )));
-    }
     if let Some(tag) = tags.other.first() {
         return Err(Error::BadRequest(format!(
             "prompt: `{tag}`: extra networks are not supported (remove the tag; with \

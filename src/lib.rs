@@ -13,6 +13,7 @@ pub mod governor;
 pub mod inspect;
 pub mod job;
 pub mod kernels;
+pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod output;

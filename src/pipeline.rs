@@ -161,7 +161,10 @@ fn run(
     {
         on_event(Event::Notice(notice));
     }
-    let cond = conditioning::encode(models, job, guided, &Ctx::from(plan.scratch))?;
+    // The job's LoRAs, read and mapped once; every network call of the job sees them.
+    let lora = crate::lora::build(models, job)?;
+    let cx = Ctx::from(plan.scratch).with_lora(lora.clone());
+    let cond = conditioning::encode(models, job, guided, &cx)?;
     end_stage(models, &plan, models.spec.text_prefix);
 
     on_event(Event::Stage("denoise"));
@@ -188,7 +191,7 @@ fn run(
         }
         let x = Tensor::new(shape.clone(), input.to_vec());
         // The tier in force for this call: the plan's, or the watch's tighter one.
-        let cx = Ctx::from(watch.borrow().scratch());
+        let cx = Ctx::from(watch.borrow().scratch()).with_lora(lora.clone());
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
         let (unet, scale) = (&models.unet, job.cfg_scale);
         let eps = predict_noise(unet, &x, t, &cond, scale, &cx, &mut after_block);

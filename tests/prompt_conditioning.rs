@@ -1,7 +1,7 @@
 //! Prompts as A1111 reads them, through the encode stage (issue 15): long prompts in 75-token chunks
 //! with emphasis against the definition computed from the tiny text encoder, the plain reading kept
 //! bit for bit where there is no syntax, SDXL's pooled embedding from the first chunk, `<lora:…>`
-//! refused, and the memory plan counting the longer context.
+//! refused without a LoRA directory, and the memory plan counting the longer context.
 
 mod common;
 
@@ -264,13 +264,14 @@ fn the_plan_counts_the_longer_context() {
     }
 }
 
-/// What A1111 syntax refuses, with one line (exit 2 from the CLI): `<lora:…>` tags (LoRA is not
-/// supported yet), other extra-network tags, weights that are no number. Plain syntax reads them as
+/// What A1111 syntax refuses, with one line (exit 2 from the CLI): `<lora:…>` tags without a LoRA
+/// directory to find them in (tests/lora.rs runs them with one), other extra-network tags, weights
+/// that are no number. Plain syntax reads them as
 /// text.
 #[test]
 fn tags_and_bad_weights_are_refused_in_a1111_syntax() {
     for (prompt, says) in [
-        ("a cat <lora:x:1>", "`<lora:x>`: LoRA is not supported yet"),
+        ("a cat <lora:x:1>", "`<lora:x>`: no LoRA directory"),
         (
             "a cat <hypernet:y:0.5>",
             "`<hypernet:y:0.5>`: extra networks",
@@ -308,7 +309,7 @@ fn the_cli_refuses_a_lora_tag() {
         assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{command}: {stderr}");
         assert!(
-            stderr.contains("`<lora:my_style>`: LoRA is not supported yet"),
+            stderr.contains("`<lora:my_style>`: no LoRA directory"),
             "{command}: {stderr}"
         );
         assert!(!dir.path().join("o.png").exists());
@@ -368,10 +369,7 @@ fn batch_jobs_carry_the_syntax_and_names_stay() {
         .as_ref()
         .unwrap_err()
         .contains("unknown prompt syntax"));
-    assert!(jobs[4]
-        .as_ref()
-        .unwrap_err()
-        .contains("LoRA is not supported yet"));
+    assert!(jobs[4].as_ref().unwrap_err().contains("no LoRA directory"));
 
     let (a, p) = (jobs[0].as_ref().unwrap(), jobs[1].as_ref().unwrap());
     assert!(!naming::canonical(a).contains("prompt_syntax"));

@@ -52,6 +52,9 @@ pub struct Plan {
     /// Streaming: the UNet blocks kept mapped for the whole denoise (read once), as many as the
     /// denoise stage's budget leaves room for (`stream::pin`); the others are read every step.
     pub pinned_blocks: Vec<String>,
+    /// The job's LoRAs (`lora::planned_bytes`: mapped file pages, f32 terms, LoHa scratch), held
+    /// for the whole job and counted in every stage's peak.
+    pub lora_bytes: u64,
     pub stages: Vec<Stage>,
 }
 
@@ -143,8 +146,11 @@ pub fn predict(
         models
             .unet
             .peak_activation_bytes(batch, (lh, lw), tokens, &scratch, threads);
-    // Latent, noise, sampler history, and what the model file's metadata keeps resident.
-    let latents = ((lh * lw * 4 * 4 * 4) as u64).saturating_add(store.metadata_bytes());
+    // Latent, noise, sampler history, what the model file's metadata keeps resident, and the LoRAs.
+    let lora_bytes = crate::lora::planned_bytes(job, (batch * lh * lw).max(batch * tokens));
+    let latents = ((lh * lw * 4 * 4 * 4) as u64)
+        .saturating_add(store.metadata_bytes())
+        .saturating_add(lora_bytes);
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(spec.unet_prefix),
@@ -184,6 +190,7 @@ pub fn predict(
         scratch,
         vae_band_rows: vae_plan.band_rows,
         pinned_blocks: Vec::new(),
+        lora_bytes,
         stages: vec![
             stage("encode", text_activations, text_weights),
             stage("denoise", unet_activations, unet_weights),

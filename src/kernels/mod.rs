@@ -6,7 +6,7 @@ mod activation;
 mod attention;
 mod conv;
 mod denormals;
-mod matmul;
+pub(crate) mod matmul;
 mod norm;
 mod panel;
 pub mod scratch;

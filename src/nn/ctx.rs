@@ -2,17 +2,45 @@
 //! layer's forward, as a value (never a global), so two jobs in one process may run with different
 //! settings at once.
 
+use std::sync::Arc;
+
 use crate::kernels::scratch::Scratch;
+use crate::lora::LoraSet;
 
 /// What every layer of one network call reads besides its input and weights.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Ctx {
     /// The kernels' memory budgets for this call (the governor's tier).
     pub scratch: Scratch,
+    /// The job's LoRA adapters, added to the weights as the products read them (`nn::layers`);
+    /// None: the weights as stored.
+    pub lora: Option<Arc<LoraSet>>,
+}
+
+impl Ctx {
+    /// The same call with the job's adapters.
+    pub fn with_lora(self, lora: Option<Arc<LoraSet>>) -> Ctx {
+        Ctx { lora, ..self }
+    }
+}
+
+impl PartialEq for Ctx {
+    /// Same tier and the same adapter set (by identity).
+    fn eq(&self, other: &Ctx) -> bool {
+        let same_lora = match (&self.lora, &other.lora) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        self.scratch == other.scratch && same_lora
+    }
 }
 
 impl From<Scratch> for Ctx {
     fn from(scratch: Scratch) -> Ctx {
-        Ctx { scratch }
+        Ctx {
+            scratch,
+            lora: None,
+        }
     }
 }

@@ -117,7 +117,13 @@ impl Linear {
         let rows = x.len() / self.in_dim;
         assert_eq!(rows * self.in_dim, x.len(), "linear input width");
         let mut y = zeroed(rows * self.out_dim);
-        kernels::matmul_weight_t(x, &self.weight, &mut y, &cx.scratch);
+        match &cx.lora {
+            None => kernels::matmul_weight_t(x, &self.weight, &mut y, &cx.scratch),
+            Some(set) => {
+                kernels::matmul_weight_t(x, &set.weight(&self.weight), &mut y, &cx.scratch);
+                set.add_linear(&self.weight, x, &mut y);
+            }
+        }
         y
     }
 
@@ -181,10 +187,26 @@ impl Conv2d {
     /// the bias, which the caller adds in its own pass (`bias`). The normalised or upsampled map is
     /// never stored.
     pub fn product(&self, x: MapRef, read: &ReadAs, cx: &Ctx) -> Tensor {
+        match &cx.lora {
+            None => self.product_of(&self.weight, x, read, cx),
+            Some(set) => {
+                let mut y = self.product_of(&set.weight(&self.weight), x, read, cx);
+                set.add_conv(
+                    &self.weight,
+                    |down| self.product_of(down, x, read, cx),
+                    &mut y,
+                );
+                y
+            }
+        }
+    }
+
+    /// `product` with the weight read through `weight` (the stored one, or with LoRA rows added).
+    fn product_of(&self, weight: &dyn WeightRows, x: MapRef, read: &ReadAs, cx: &Ctx) -> Tensor {
         let (n, c, h, w) = x.nchw();
         assert_eq!(c, self.in_ch, "conv input channels");
         if let (MapRef::One(x), None, Resize::None) = (x, &read.norm, read.resize) {
-            return kernels::conv2d(x, &self.weight, None, self.geo, &cx.scratch);
+            return kernels::conv2d(x, weight, None, self.geo, &cx.scratch);
         }
         let transform = |b: usize| InputTransform {
             affine: read
@@ -197,18 +219,19 @@ impl Conv2d {
         let images: Vec<ImageRows> = (0..n).map(|b| x.image(b)).collect();
         let (sh, sw) = read.resize.seen(h, w);
         let seen = (n, c, sh, sw);
-        if let Some(tile) = kernels::winograd_choice(self.geo, seen, self.out_ch) {
+        if let Some(tile) = kernels::winograd_choice(self.geo, seen, weight.rows()) {
             let inputs: Vec<WinogradInput> = images
                 .iter()
                 .enumerate()
                 .map(|(b, image)| (image as &dyn FeatureRows, transform(b)))
                 .collect();
-            return kernels::conv3x3_winograd_read(&inputs, &self.weight, None, tile, &cx.scratch);
+            return kernels::conv3x3_winograd_read(&inputs, weight, None, tile, &cx.scratch);
         }
         let (oh, ow) = self.geo.out_size(sh, sw);
-        let mut out = Tensor::zeros(vec![n, self.out_ch, oh, ow]);
-        let mut conv = RowConv::new(&self.weight, None, self.geo, &cx.scratch);
-        for (b, out) in out.data.chunks_mut(self.out_ch * oh * ow).enumerate() {
+        let co = weight.rows();
+        let mut out = Tensor::zeros(vec![n, co, oh, ow]);
+        let mut conv = RowConv::new(weight, None, self.geo, &cx.scratch);
+        for (b, out) in out.data.chunks_mut(co * oh * ow).enumerate() {
             conv.rows(&images[b], transform(b), 0..oh, out);
         }
         out

@@ -410,7 +410,7 @@ impl Param {
     }
 
     /// The stored tensor's outer row this param starts at (0 unless it is a row range).
-    fn first_row(&self) -> usize {
+    pub fn first_row(&self) -> usize {
         self.range.as_ref().map_or(0, |r| r.first_row)
     }
 
