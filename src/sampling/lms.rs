@@ -10,12 +10,24 @@ use crate::Result;
 const ORDER: usize = 4;
 
 pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Result<Vec<f32>> {
-    let sigmas = sigmas(schedule)?;
+    let run_sigmas = sigmas(schedule)?;
     let n = schedule.steps();
+    // diffusers weighs the derivatives from its step index in the FULL table (`begin + i`), with
+    // order min(begin + i + 1, 4), and `zip` uses as many as it has: a run that begins late has
+    // fewer derivatives than that order, and its coefficients use the skipped steps' sigmas.
+    let begin = schedule.begin();
+    let sigmas: Vec<f32> = schedule
+        .skipped_sigmas
+        .iter()
+        .chain(run_sigmas)
+        .copied()
+        .collect();
+    let sigmas = &sigmas[..];
     // Newest first.
     let mut derivatives: VecDeque<Vec<f32>> = VecDeque::with_capacity(ORDER);
     for (i, &t) in schedule.timesteps.iter().enumerate() {
-        let sigma = sigmas[i];
+        let at = begin + i;
+        let sigma = sigmas[at];
         let out = steps.predict(&scale_by_sigma(&x, sigma), t)?;
         let denoised = ve_denoised(steps.prediction, &x, &out, sigma);
         drop(out);
@@ -30,19 +42,19 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
                 .collect(),
         );
         drop(denoised);
-        let order = (i + 1).min(ORDER);
-        let coeffs: Vec<f32> = (0..order)
-            .map(|j| lms_coefficient(sigmas, order, i, j) as f32)
+        let order = (at + 1).min(ORDER);
+        let coeffs: Vec<f32> = (0..order.min(derivatives.len()))
+            .map(|j| lms_coefficient(sigmas, order, at, j) as f32)
             .collect();
         // Python's `sum(coeff * derivative ...)`, newest derivative first, then added to x.
         for (e, v) in x.iter_mut().enumerate() {
             let mut acc = coeffs[0] * derivatives[0][e];
-            for j in 1..order {
+            for j in 1..coeffs.len() {
                 acc += coeffs[j] * derivatives[j][e];
             }
             *v += acc;
         }
-        steps.done(i, n);
+        steps.done(i, n, &mut x);
     }
     Ok(x)
 }
