@@ -100,7 +100,7 @@ pub fn latent_mask(mask: &Tensor) -> Tensor {
 /// What the sampling side holds for an img2img/inpaint job besides txt2img's latents, in bytes
 /// (the governor's plan adds it to every stage): the init image and the pixel mask as f32 tensors,
 /// the masked image (inpaint), and at latent size the init latents, the img2img noise, the noised
-/// init latents of a blend, the latent mask and the masked-image latent.
+/// init latents of a blend, the latent mask, the masked-image latent and a 9-channel UNet's input.
 pub fn held_bytes(job: &Job) -> u64 {
     if job.init_image.is_none() {
         return 0;
@@ -109,7 +109,9 @@ pub fn held_bytes(job: &Job) -> u64 {
     let latent = pixels / 64 * 4 * 4;
     let mut bytes = pixels * 3 * 4 + 3 * latent;
     if job.mask.is_some() {
-        bytes += pixels * 4 + pixels * 3 * 4 + latent / 4 + latent;
+        // Pixel mask, masked image; latent mask and masked-image latent; a 9-channel UNet's input
+        // and its CFG doubling (27 latent planes) or a blend's noised init latents.
+        bytes += pixels * 4 + pixels * 3 * 4 + latent / 4 + latent + latent * 27 / 4;
     }
     bytes
 }
