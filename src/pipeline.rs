@@ -384,7 +384,8 @@ fn predict_noise(
     let eps = unet
         .forward_added(&doubled, &[t, t], &cond.context, added, cx, &mut trace)
         .data;
-    let (uncond, cond) = eps.split_at(x.numel());
+    // One output per batch row (4 channels, whatever the input has: 9 for inpainting UNets).
+    let (uncond, cond) = eps.split_at(eps.len() / 2);
     uncond
         .iter()
         .zip(cond)

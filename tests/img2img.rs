@@ -4,14 +4,17 @@
 //! and the same bits under other plans.
 
 mod common;
+#[path = "common/given_draws.rs"]
+mod given_draws;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 
 use common::{read_manifest, read_tensors, tiny};
+use given_draws::GivenDraws;
 use sdcap::init_image::InitImage;
 use sdcap::job::{Job, SamplerKind, ScheduleKind};
-use sdcap::pipeline::{self, Draws, Models};
+use sdcap::pipeline::{self, Models};
 use sdcap::sampling;
 use sdcap::Tensor;
 
@@ -20,49 +23,6 @@ pub fn sampler_of(name: &str) -> (SamplerKind, ScheduleKind) {
     match name {
         "dpmpp_2m_karras" => (SamplerKind::DpmPp2m, ScheduleKind::Karras),
         other => (other.parse().unwrap(), ScheduleKind::Discrete),
-    }
-}
-
-/// Draws recorded by diffusers, by role, handed out in order and checked to be used up.
-#[derive(Default)]
-pub struct GivenDraws {
-    pub encode: VecDeque<Vec<f32>>,
-    pub initial: VecDeque<Vec<f32>>,
-    pub step: VecDeque<Vec<f32>>,
-}
-
-impl GivenDraws {
-    pub fn take(queue: &mut VecDeque<Vec<f32>>, role: &str, shape: &[usize]) -> Vec<f32> {
-        let v = queue
-            .pop_front()
-            .unwrap_or_else(|| panic!("drew more {role} noise than diffusers did"));
-        assert_eq!(v.len(), shape.iter().product::<usize>(), "{role} size");
-        v
-    }
-
-    pub fn assert_used_up(&self, what: &str) {
-        assert!(self.encode.is_empty(), "{what}: encode draws left");
-        assert!(self.initial.is_empty(), "{what}: initial noise left");
-        assert!(self.step.is_empty(), "{what}: step noise left");
-    }
-
-    /// `step_noise.0`, `step_noise.1`, … of a case file.
-    pub fn steps_of(refs: &HashMap<String, Tensor>) -> VecDeque<Vec<f32>> {
-        (0..)
-            .map_while(|i| refs.get(&format!("step_noise.{i}")).map(|t| t.data.clone()))
-            .collect()
-    }
-}
-
-impl Draws for GivenDraws {
-    fn encode(&mut self, shape: &[usize]) -> Vec<f32> {
-        Self::take(&mut self.encode, "encode", shape)
-    }
-    fn initial(&mut self, shape: &[usize]) -> Vec<f32> {
-        Self::take(&mut self.initial, "initial", shape)
-    }
-    fn step(&mut self, shape: &[usize]) -> Vec<f32> {
-        Self::take(&mut self.step, "step", shape)
     }
 }
 
