@@ -249,12 +249,21 @@ fn run(
             }
         }
         Some(init) => {
+            if cancelled() {
+                return Err(Error::Interrupted);
+            }
             on_event(Event::Stage("encode_image"));
             let start = prepare_init(models, job, init, &schedule, &shape, draws, &plan)?;
             end_stage(models, &plan, models.spec.vae_prefix);
             start
         }
     };
+
+    let Start {
+        latent: start_latent,
+        blend,
+        unet_extra,
+    } = start;
 
     on_event(Event::Stage("denoise"));
     let denoise_peak = plan
@@ -278,7 +287,7 @@ fn run(
         if cancelled() {
             return Err(Error::Interrupted);
         }
-        let x = match &start.unet_extra {
+        let x = match &unet_extra {
             None => Tensor::new(shape.clone(), input.to_vec()),
             // 9-channel inpainting UNet: [latent (scaled), mask, masked-image latent].
             Some(extra) => {
@@ -296,7 +305,7 @@ fn run(
         Ok(eps)
     };
     let total = schedule.timesteps.len();
-    let blend = start.blend.as_ref();
+    let blend = blend.as_ref();
     let mut on_step = |i: usize, n: usize, x: &mut [f32]| {
         if let Some(blend) = blend {
             blend.apply(&schedule, i, n, x);
@@ -317,7 +326,7 @@ fn run(
         job.sampler,
         &schedule,
         models.prediction,
-        start.latent.clone(),
+        start_latent,
         &mut model,
         &mut noise,
         &mut on_step,

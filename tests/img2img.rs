@@ -334,3 +334,40 @@ fn mismatched_init_and_zero_step_strength_are_refused() {
         .expect("refused");
     assert!(e.to_string().contains("runs no step"), "{e}");
 }
+
+/// The plan counts what img2img and inpainting hold through the run (init image, mask, init
+/// latents, noise, masked-image latent, …) in every stage: more than txt2img's plan by exactly
+/// `img2img::held_bytes`, more again with a mask, nothing for txt2img.
+#[test]
+fn plan_counts_what_img2img_holds() {
+    use sdcap::governor::{self, Budget, BudgetSource, Residency};
+    let mut txt = Job::new(model(), "a photo of a cat");
+    txt.width = 512;
+    txt.height = 512;
+    let models = Models::load(&txt).unwrap();
+    let budget = Budget {
+        limit_bytes: 1 << 40,
+        source: BudgetSource::Flag,
+        margin_bytes: 0,
+        backend_bytes: 0,
+    };
+    let scratch = sdcap::kernels::scratch::TIERS[0];
+    let predict = |job: &Job| governor::plan::predict(&models, job, &budget, Residency::Keep, scratch);
+    let img = Job {
+        init_image: Some("init.png".into()),
+        ..txt.clone()
+    };
+    let inpaint = Job {
+        mask: Some("mask.png".into()),
+        ..img.clone()
+    };
+    assert_eq!(sdcap::img2img::held_bytes(&txt), 0);
+    let held = sdcap::img2img::held_bytes(&img);
+    // At least the image (3 f32 planes) and three latents.
+    assert!(held >= 512 * 512 * 12 + 3 * 64 * 64 * 16, "{held}");
+    assert!(sdcap::img2img::held_bytes(&inpaint) > held);
+    let (a, b) = (predict(&txt), predict(&img));
+    for (s, t) in a.stages.iter().zip(&b.stages) {
+        assert_eq!(t.peak_bytes - s.peak_bytes, held, "{}", s.name);
+    }
+}

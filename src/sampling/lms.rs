@@ -105,4 +105,45 @@ mod tests {
         // ∫ (τ - 4)/(8 - 4) dτ from 4 to 2 = [(τ - 4)²/8] = 4/8 = 0.5.
         assert!((lms_coefficient(&sigmas, 2, 1, 1) - 0.5).abs() < 1e-12);
     }
+
+    /// A run that begins late weighs its first derivative as diffusers does from its step index in
+    /// the full table: at begin 2 the first step has order 3 over the full table's sigmas 2, 1, 0
+    /// (not order 1, the plain Euler step `dt`). With a constant epsilon `e` the derivative is `e`,
+    /// so the step adds exactly `coefficient * e`.
+    #[test]
+    fn late_begin_uses_the_full_tables_order_and_sigmas() {
+        use crate::family::Prediction;
+        use crate::job::{SamplerKind, ScheduleKind};
+        let full = crate::sampling::schedule(SamplerKind::Lms, ScheduleKind::Discrete, 6).unwrap();
+        let late = full.begin_at(2).unwrap();
+        let sigmas = full.sigmas.clone().unwrap();
+        let e = 0.5f32;
+        let mut model = |x: &[f32], _: f32| Ok(vec![e; x.len()]);
+        struct NoNoise;
+        impl crate::sampling::NoiseSource for NoNoise {
+            fn noise(&mut self, _: usize) -> Vec<f32> {
+                unreachable!("LMS draws no noise")
+            }
+        }
+        let mut first = None;
+        let mut on_step = |i: usize, _: usize, x: &mut [f32]| {
+            if i == 0 {
+                first = Some(x[0]);
+            }
+        };
+        crate::sampling::sample_from(
+            SamplerKind::Lms,
+            &late,
+            Prediction::Eps,
+            vec![1.0; 4],
+            &mut model,
+            &mut NoNoise,
+            &mut on_step,
+        )
+        .unwrap();
+        let c = lms_coefficient(&sigmas, 3, 2, 0) as f32;
+        assert_eq!(first, Some(1.0 + c * e));
+        let euler = sigmas[3] - sigmas[2];
+        assert!((c - euler).abs() > 1e-3, "order 3 differs from order 1: {c} vs {euler}");
+    }
 }
