@@ -158,7 +158,9 @@ mod tests {
     #[test]
     fn latent_mask_takes_the_top_left_pixel_of_each_block() {
         let (h, w) = (16, 24);
-        let data = (0..h * w).map(|i| ((i % w) + 100 * (i / w)) as f32).collect();
+        let data = (0..h * w)
+            .map(|i| ((i % w) + 100 * (i / w)) as f32)
+            .collect();
         let m = latent_mask(&Tensor::new(vec![1, 1, h, w], data));
         assert_eq!(m.shape, vec![1, 1, 2, 3]);
         assert_eq!(m.data, vec![0.0, 8.0, 16.0, 800.0, 808.0, 816.0]);
@@ -168,8 +170,14 @@ mod tests {
     fn masked_image_zeroes_repainted_pixels_of_every_channel() {
         let mask = binarize(&Tensor::new(vec![1, 1, 1, 3], vec![0.2, 0.5, 0.9]));
         assert_eq!(mask.data, vec![0.0, 1.0, 1.0]);
-        let image = Tensor::new(vec![1, 3, 1, 3], vec![-1.0, 0.5, 0.7, 0.1, 0.2, 0.3, 1.0, -0.4, 0.0]);
+        let image = Tensor::new(
+            vec![1, 3, 1, 3],
+            vec![-1.0, 0.5, 0.7, 0.1, 0.2, 0.3, 1.0, -0.4, 0.0],
+        );
         let masked = masked_image(&image, &mask);
-        assert_eq!(masked.data, vec![-1.0, 0.0, 0.0, 0.1, 0.0, 0.0, 1.0, 0.0, 0.0]);
+        assert_eq!(
+            masked.data,
+            vec![-1.0, 0.0, 0.0, 0.1, 0.0, 0.0, 1.0, 0.0, 0.0]
+        );
     }
 }

@@ -539,7 +539,11 @@ fn encode_latents(
     plan: &Plan,
 ) -> Result<Vec<f32>> {
     let dist = encoder.forward(image, &Ctx::from(plan.scratch));
-    sampling::check_finite("VAE encoder", || "encoding the init image".into(), &dist.mean.data)?;
+    sampling::check_finite(
+        "VAE encoder",
+        || "encoding the init image".into(),
+        &dist.mean.data,
+    )?;
     let draw = draws.encode(&dist.mean.shape);
     Ok(dist
         .mean

@@ -209,7 +209,10 @@ fn every_sampler_begins_late_on_the_slice_of_its_full_schedule() {
             let noise = [1.0f32, 0.25];
             let got = s.add_noise(0, &x0, &noise);
             for i in 0..2 {
-                assert!((got[i] - (a * x0[i] + b * noise[i])).abs() <= 1e-6, "{name}");
+                assert!(
+                    (got[i] - (a * x0[i] + b * noise[i])).abs() <= 1e-6,
+                    "{name}"
+                );
             }
         }
         assert!(full.begin_at(steps).is_err(), "{name}: no step left");
@@ -321,17 +324,29 @@ fn mismatched_init_and_zero_step_strength_are_refused() {
         ..job.clone()
     };
     let init = init_of(&common_t, &job);
-    let e = pipeline::generate_from(&models, &wrong, Some(&init), &AtomicBool::new(false), &mut |_| {})
-        .err()
-        .expect("refused");
+    let e = pipeline::generate_from(
+        &models,
+        &wrong,
+        Some(&init),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .err()
+    .expect("refused");
     assert!(matches!(e, sdcap::Error::BadRequest(_)), "{e}");
     let zero = Job {
         strength: 0.1,
         ..job.clone()
     };
-    let e = pipeline::generate_from(&models, &zero, Some(&init), &AtomicBool::new(false), &mut |_| {})
-        .err()
-        .expect("refused");
+    let e = pipeline::generate_from(
+        &models,
+        &zero,
+        Some(&init),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .err()
+    .expect("refused");
     assert!(e.to_string().contains("runs no step"), "{e}");
 }
 
@@ -352,7 +367,8 @@ fn plan_counts_what_img2img_holds() {
         backend_bytes: 0,
     };
     let scratch = sdcap::kernels::scratch::TIERS[0];
-    let predict = |job: &Job| governor::plan::predict(&models, job, &budget, Residency::Keep, scratch);
+    let predict =
+        |job: &Job| governor::plan::predict(&models, job, &budget, Residency::Keep, scratch);
     let img = Job {
         init_image: Some("init.png".into()),
         ..txt.clone()

@@ -162,9 +162,15 @@ fn blending_keeps_the_unmasked_latent_for_every_sampler() {
         .into_iter()
         .find(|c| c["name"] == "unet4_euler_str0.75_given")
         .unwrap();
-    let refs = read_tensors(&tiny("workflows/inpaint/unet4_euler_str0.75_given.safetensors"));
+    let refs = read_tensors(&tiny(
+        "workflows/inpaint/unet4_euler_str0.75_given.safetensors",
+    ));
     let image_latents = &refs["image_latents"].data;
-    let keep: Vec<bool> = common_t["mask_latent"].data.iter().map(|&m| m == 0.0).collect();
+    let keep: Vec<bool> = common_t["mask_latent"]
+        .data
+        .iter()
+        .map(|&m| m == 0.0)
+        .collect();
     let plane = keep.len();
     let base = Job {
         steps: 4,
@@ -182,12 +188,16 @@ fn blending_keeps_the_unmasked_latent_for_every_sampler() {
             initial: [refs["noise"].data.clone()].into(),
             step: std::iter::repeat_n(vec![0.0; 256], 4).collect(),
         };
-        let got = pipeline::generate_from_draws(&models, &job, Some(&init), &mut draws, &mut |_| {})
-            .unwrap();
+        let got =
+            pipeline::generate_from_draws(&models, &job, Some(&init), &mut draws, &mut |_| {})
+                .unwrap();
         let (mut kept, mut repainted) = (Vec::new(), 0);
         for (i, (&g, &want)) in got.latent.data.iter().zip(image_latents).enumerate() {
             if keep[i % plane] {
-                assert!((g - want).abs() <= 1e-5, "{name}: kept latent {i}: {g} vs {want}");
+                assert!(
+                    (g - want).abs() <= 1e-5,
+                    "{name}: kept latent {i}: {g} vs {want}"
+                );
                 kept.push(g);
             } else if (g - want).abs() > 1e-3 {
                 repainted += 1;
@@ -196,7 +206,10 @@ fn blending_keeps_the_unmasked_latent_for_every_sampler() {
         assert!(repainted > 0, "{name}: the masked area changed");
         match &kept_bits {
             None => kept_bits = Some(kept),
-            Some(first) => assert!(*first == kept, "{name}: kept latent differs between samplers"),
+            Some(first) => assert!(
+                *first == kept,
+                "{name}: kept latent differs between samplers"
+            ),
         }
     }
 }
@@ -212,15 +225,23 @@ fn inpainting_model_needs_image_and_mask() {
     let models = Models::load(&job).unwrap();
     assert!(models.inpaint_unet);
     assert_eq!(models.latent_channels(), 4);
-    let e = pipeline::generate(&models, &job, &mut |_| {}).err().expect("refused");
+    let e = pipeline::generate(&models, &job, &mut |_| {})
+        .err()
+        .expect("refused");
     assert!(e.to_string().contains("inpainting model"), "{e}");
     job.init_image = Some("init.png".into());
     let no_mask = InitImage {
         mask: None,
         ..init_of(&common_t)
     };
-    let e = pipeline::generate_from(&models, &job, Some(&no_mask), &AtomicBool::new(false), &mut |_| {})
-        .err()
-        .expect("refused");
+    let e = pipeline::generate_from(
+        &models,
+        &job,
+        Some(&no_mask),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .err()
+    .expect("refused");
     assert!(e.to_string().contains("mask"), "{e}");
 }

@@ -144,6 +144,9 @@ mod tests {
         let c = lms_coefficient(&sigmas, 3, 2, 0) as f32;
         assert_eq!(first, Some(1.0 + c * e));
         let euler = sigmas[3] - sigmas[2];
-        assert!((c - euler).abs() > 1e-3, "order 3 differs from order 1: {c} vs {euler}");
+        assert!(
+            (c - euler).abs() > 1e-3,
+            "order 3 differs from order 1: {c} vs {euler}"
+        );
     }
 }

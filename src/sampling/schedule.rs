@@ -137,10 +137,7 @@ impl Schedule {
     /// The `(a, b)` of `add_noise` at table entry `position`: the start latent is `a * x0 + b * noise`.
     pub fn add_noise_coeffs(&self, position: usize) -> (f32, f32) {
         match (self.sampler, self.sigmas.as_deref()) {
-            (
-                SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc,
-                Some(sigmas),
-            ) => {
+            (SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc, Some(sigmas)) => {
                 let sigma = sigmas[position];
                 let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
                 (alpha, sigma * alpha)
