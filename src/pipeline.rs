@@ -493,6 +493,16 @@ impl Blend {
 
 /// Refuses an init image that does not fit the job or the model (one line, before any work).
 fn check_init(models: &Models, job: &Job, init: Option<&InitImage>) -> Result<()> {
+    // The plan counts an init image and a mask from the job's fields: they must agree with what is
+    // handed over (a job naming a picture never silently runs as txt2img).
+    let given = (init.is_some(), init.is_some_and(|i| i.mask.is_some()));
+    if given != (job.init_image.is_some(), job.mask.is_some()) {
+        return Err(Error::BadRequest(format!(
+            "the job names {} but the pipeline was given {} (load it with init_image and call generate_from)",
+            describe(job.init_image.is_some(), job.mask.is_some()),
+            describe(given.0, given.1)
+        )));
+    }
     let Some(init) = init else {
         if models.inpaint_unet {
             return Err(Error::BadRequest(
@@ -527,6 +537,14 @@ fn check_init(models: &Models, job: &Job, init: Option<&InitImage>) -> Result<()
         ));
     }
     Ok(())
+}
+
+fn describe(image: bool, mask: bool) -> &'static str {
+    match (image, mask) {
+        (false, _) => "no init image",
+        (true, false) => "an init image",
+        (true, true) => "an init image and a mask",
+    }
 }
 
 /// `vae.encode(image).latent_dist.sample(generator) * scaling_factor`: `mean + std * draw` with

@@ -387,3 +387,35 @@ fn plan_counts_what_img2img_holds() {
         assert_eq!(t.peak_bytes - s.peak_bytes, held, "{}", s.name);
     }
 }
+
+/// A job that names an init image never runs as txt2img, and a picture handed over for a job
+/// that names none is refused (the plan counts it from the job).
+#[test]
+fn job_and_init_image_must_agree() {
+    let common_t = read_tensors(&tiny("workflows/img2img/common.safetensors"));
+    let case = cases()
+        .into_iter()
+        .find(|c| c["name"] == "euler_str0.3_64x64_given")
+        .unwrap();
+    let job = case_job(&case);
+    let models = Models::load(&job).unwrap();
+    let e = pipeline::generate(&models, &job, &mut |_| {})
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("names an init image"), "{e}");
+    let txt = Job {
+        init_image: None,
+        ..job.clone()
+    };
+    let init = init_of(&common_t, &job);
+    let e = pipeline::generate_from(
+        &models,
+        &txt,
+        Some(&init),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("names no init image"), "{e}");
+}
