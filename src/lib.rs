@@ -10,6 +10,8 @@ pub mod conditioning;
 pub mod error;
 pub mod family;
 pub mod governor;
+pub mod img2img;
+pub mod init_image;
 pub mod inspect;
 pub mod job;
 pub mod kernels;

@@ -3,13 +3,16 @@
 
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::family::{ModelSpec, Prediction};
 use crate::job::Job;
 use crate::nn::clip::TextEncoder;
 use crate::nn::unet::UNet;
-use crate::nn::vae::Decoder;
+use crate::nn::vae::{Decoder, Encoder};
 use crate::weights::{self, PredictionSource, TensorStore, Weights};
+
+/// `conv_in` input channels of an inpainting UNet: 4 latent, 1 mask, 4 masked-image latent.
+pub const INPAINT_CHANNELS: usize = 9;
 
 pub struct Models {
     /// The family's description (prefixes, encoders, conditioning, scaling).
@@ -21,6 +24,12 @@ pub struct Models {
     pub text_encoders: Vec<TextEncoder>,
     pub unet: UNet,
     pub decoder: Decoder,
+    /// The VAE encoder (img2img, inpaint), when the weights have one; a job with an init image
+    /// refuses to load without it.
+    pub encoder: Option<Encoder>,
+    /// A 9-channel inpainting UNet (`conv_in` takes latent, mask and masked-image latent: SD1.5-,
+    /// SD2- and SDXL-inpainting alike), detected from `conv_in`'s input channels.
+    pub inpaint_unet: bool,
     /// The mapped weights (the governor moves their pages).
     pub store: Arc<TensorStore>,
 }
@@ -54,14 +63,35 @@ impl Models {
             .map_or(0, |t| t.shape[0]);
         let heads = spec.unet_heads(model_channels);
         let vae_prefix = spec.vae_prefix.trim_end_matches('.');
+        let vae = Weights::new(store.clone(), vae_prefix);
+        let encoder = if vae.contains("encoder.conv_in.weight") {
+            Some(Encoder::new(&vae)?)
+        } else if job.init_image.is_some() {
+            return Err(Error::UnsupportedModel(
+                "this model's VAE has no encoder, which an init image needs".into(),
+            ));
+        } else {
+            None
+        };
+        let unet = UNet::new(&Weights::new(store.clone(), unet_prefix), heads)?;
+        let inpaint_unet = unet.in_channels() == INPAINT_CHANNELS;
         Ok(Models {
             spec,
             prediction,
             prediction_source,
             text_encoders,
-            unet: UNet::new(&Weights::new(store.clone(), unet_prefix), heads)?,
-            decoder: Decoder::new(&Weights::new(store.clone(), vae_prefix))?,
+            unet,
+            decoder: Decoder::new(&vae)?,
+            encoder,
+            inpaint_unet,
             store,
         })
+    }
+}
+
+impl Models {
+    /// Channels of the latent the sampler works on (4): the UNet's output, whatever its input.
+    pub fn latent_channels(&self) -> usize {
+        self.unet.out_channels()
     }
 }

@@ -1,4 +1,4 @@
-//! txt2img orchestration: job → load → encode → denoise → decode.
+//! Generation: job → load → encode → (img2img/inpaint: encode the image) → denoise → decode.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -7,10 +7,12 @@ use std::cell::RefCell;
 use crate::conditioning::{self, Conditioning};
 use crate::error::{Error, Result};
 use crate::governor::{self, memory, watch::Watch, Budget, Plan};
+use crate::img2img;
+use crate::init_image::InitImage;
 use crate::job::Job;
 use crate::kernels::scratch::Scratch;
 use crate::nn::unet::UNet;
-use crate::nn::vae::{Decoder, VaePlan};
+use crate::nn::vae::{Decoder, Encoder, VaePlan};
 use crate::nn::Ctx;
 use crate::output::RgbImage;
 use crate::sampling::{self, rng::TorchRng, NoiseSource};
@@ -97,21 +99,68 @@ pub fn generate_with_cancel(
     cancel: &AtomicBool,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Generated> {
-    let shape = latent_shape(models, job);
-    let mut rng = TorchRng::new(job.seed);
-    let initial = rng.randn(&shape);
-    let mut noise = LatentNoise {
-        rng: &mut rng,
-        shape: &shape,
-    };
-    run(models, job, initial, &mut noise, Some(cancel), on_event)
+    generate_from(models, job, None, cancel, on_event)
+}
+
+/// As `generate_with_cancel`, starting from a picture when `init` is given: img2img
+/// (`job.strength`), or inpainting when it carries a mask (`init.mask`; latent blending with a
+/// 4-channel UNet, the mask and masked-image latent as extra input with a 9-channel one), as
+/// diffusers' img2img and inpaint pipelines do. `init` must have the job's size. Every draw comes
+/// from one torch CPU generator seeded with `job.seed`, in diffusers' order (`RngDraws`).
+pub fn generate_from(
+    models: &Models,
+    job: &Job,
+    init: Option<&InitImage>,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Generated> {
+    let mut draws = RngDraws(TorchRng::new(job.seed));
+    run(models, job, init, &mut draws, Some(cancel), on_event)
+}
+
+/// As `generate_from`, with every random draw given by role (tests feed recorded diffusers noise).
+pub fn generate_from_draws(
+    models: &Models,
+    job: &Job,
+    init: Option<&InitImage>,
+    draws: &mut dyn Draws,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<Generated> {
+    run(models, job, init, draws, None, on_event)
+}
+
+/// The random draws of one run, by role. With one generator (`RngDraws`) the roles share it in the
+/// order the pipeline asks: diffusers' order (`vae.encode(..).latent_dist.sample` of the init
+/// image, the initial/img2img noise, the masked image's, then the sampler's step noise).
+pub trait Draws {
+    /// The unit normal draw of a VAE encoding's `latent_dist.sample(generator)`.
+    fn encode(&mut self, shape: &[usize]) -> Vec<f32>;
+    /// The initial noise (txt2img, inpaint at strength 1) or img2img noise.
+    fn initial(&mut self, shape: &[usize]) -> Vec<f32>;
+    /// A sampler's step noise.
+    fn step(&mut self, shape: &[usize]) -> Vec<f32>;
+}
+
+/// Every draw from one torch CPU generator, as diffusers with `generator=torch.Generator("cpu")`.
+pub struct RngDraws(pub TorchRng);
+
+impl Draws for RngDraws {
+    fn encode(&mut self, shape: &[usize]) -> Vec<f32> {
+        self.0.randn(shape)
+    }
+    fn initial(&mut self, shape: &[usize]) -> Vec<f32> {
+        self.0.randn(shape)
+    }
+    fn step(&mut self, shape: &[usize]) -> Vec<f32> {
+        self.0.randn(shape)
+    }
 }
 
 /// [1, 4, H/8, W/8].
 pub fn latent_shape(models: &Models, job: &Job) -> Vec<usize> {
     vec![
         1,
-        models.unet.in_channels(),
+        models.latent_channels(),
         job.height as usize / 8,
         job.width as usize / 8,
     ]
@@ -126,28 +175,52 @@ pub fn generate_from_noise(
     noise: &mut dyn NoiseSource,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Generated> {
-    run(models, job, initial, noise, None, on_event)
+    let mut draws = GivenNoise {
+        initial: Some(initial),
+        noise,
+    };
+    run(models, job, None, &mut draws, None, on_event)
+}
+
+/// txt2img's given noise as `Draws`.
+struct GivenNoise<'a> {
+    initial: Option<Vec<f32>>,
+    noise: &'a mut dyn NoiseSource,
+}
+
+impl Draws for GivenNoise<'_> {
+    fn encode(&mut self, _: &[usize]) -> Vec<f32> {
+        unreachable!("txt2img encodes no image")
+    }
+    fn initial(&mut self, _: &[usize]) -> Vec<f32> {
+        self.initial.take().expect("one initial latent")
+    }
+    fn step(&mut self, shape: &[usize]) -> Vec<f32> {
+        self.noise.noise(shape.iter().product())
+    }
 }
 
 fn run(
     models: &Models,
     job: &Job,
-    initial: Vec<f32>,
-    noise: &mut dyn NoiseSource,
+    init: Option<&InitImage>,
+    draws: &mut dyn Draws,
     cancel: Option<&AtomicBool>,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Generated> {
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     job.validate()?;
-    let schedule = sampling::schedule(job.sampler, job.scheduler, job.steps as usize)?;
+    img2img::check(job)?;
+    check_init(models, job, init)?;
+    let full = sampling::schedule(job.sampler, job.scheduler, job.steps as usize)?;
+    // img2img and inpaint run the last int(steps × strength) steps of the full schedule.
+    let schedule = match init {
+        Some(_) => full.begin_at(img2img::t_start(job.steps, job.strength))?,
+        None => full,
+    };
     let plan = plan(models, job)?;
     on_event(Event::Planned(Box::new(plan.clone())));
     let shape = latent_shape(models, job);
-    assert_eq!(
-        initial.len(),
-        shape.iter().product::<usize>(),
-        "initial noise size"
-    );
 
     on_event(Event::Stage("encode"));
     // diffusers applies classifier-free guidance only when the scale is above 1.
@@ -166,6 +239,34 @@ fn run(
     let cx = Ctx::from(plan.scratch).with_lora(lora.clone());
     let cond = conditioning::encode(models, job, guided, &cx)?;
     end_stage(models, &plan, models.spec.text_prefix);
+
+    let start = match init {
+        None => {
+            let initial = draws.initial(&shape);
+            assert_eq!(initial.len(), numel(&shape), "initial noise size");
+            let sigma = schedule.init_noise_sigma;
+            Start {
+                latent: initial.into_iter().map(|v| v * sigma).collect(),
+                blend: None,
+                unet_extra: None,
+            }
+        }
+        Some(init) => {
+            if cancelled() {
+                return Err(Error::Interrupted);
+            }
+            on_event(Event::Stage("encode_image"));
+            let start = prepare_init(models, job, init, &schedule, &shape, draws, &plan)?;
+            end_stage(models, &plan, models.spec.vae_prefix);
+            start
+        }
+    };
+
+    let Start {
+        latent: start_latent,
+        blend,
+        unet_extra,
+    } = start;
 
     on_event(Event::Stage("denoise"));
     let denoise_peak = plan
@@ -189,7 +290,15 @@ fn run(
         if cancelled() {
             return Err(Error::Interrupted);
         }
-        let x = Tensor::new(shape.clone(), input.to_vec());
+        let x = match &unet_extra {
+            None => Tensor::new(shape.clone(), input.to_vec()),
+            // 9-channel inpainting UNet: [latent (scaled), mask, masked-image latent].
+            Some(extra) => {
+                let mut s = shape.clone();
+                s[1] += extra.len() / (s[2] * s[3]);
+                Tensor::new(s, [input, extra.as_slice()].concat())
+            }
+        };
         // The tier in force for this call: the plan's, or the watch's tighter one.
         let cx = Ctx::from(watch.borrow().scratch()).with_lora(lora.clone());
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
@@ -199,7 +308,11 @@ fn run(
         Ok(eps)
     };
     let total = schedule.timesteps.len();
-    let mut on_step = |i: usize, _n: usize| {
+    let blend = blend.as_ref();
+    let mut on_step = |i: usize, n: usize, x: &mut [f32]| {
+        if let Some(blend) = blend {
+            blend.apply(&schedule, i, n, x);
+        }
         if let Some(notice) = watch.borrow_mut().take_notice() {
             on_event(Event::Notice(notice));
         }
@@ -208,13 +321,17 @@ fn run(
             total,
         })
     };
-    let latent = sampling::sample(
+    let mut noise = StepNoise {
+        draws,
+        shape: &shape,
+    };
+    let latent = sampling::sample_from(
         job.sampler,
         &schedule,
         models.prediction,
-        initial,
+        start_latent,
         &mut model,
-        noise,
+        &mut noise,
         &mut on_step,
     )?;
     let latent = Tensor::new(shape.clone(), latent);
@@ -279,7 +396,8 @@ fn predict_noise(
     let eps = unet
         .forward_added(&doubled, &[t, t], &cond.context, added, cx, &mut trace)
         .data;
-    let (uncond, cond) = eps.split_at(x.numel());
+    // One output per batch row (4 channels, whatever the input has: 9 for inpainting UNets).
+    let (uncond, cond) = eps.split_at(eps.len() / 2);
     uncond
         .iter()
         .zip(cond)
@@ -321,15 +439,206 @@ fn to_rgb(image: &Tensor) -> RgbImage {
     }
 }
 
-/// Step noise drawn from the same generator as the initial latent, as diffusers does on a CPU.
-struct LatentNoise<'a> {
-    rng: &'a mut TorchRng,
+/// The sampler's step noise from the run's draws.
+struct StepNoise<'a> {
+    draws: &'a mut dyn Draws,
     shape: &'a [usize],
 }
 
-impl NoiseSource for LatentNoise<'_> {
+impl NoiseSource for StepNoise<'_> {
     fn noise(&mut self, len: usize) -> Vec<f32> {
-        debug_assert_eq!(len, self.shape.iter().product::<usize>());
-        self.rng.randn(self.shape)
+        debug_assert_eq!(len, numel(self.shape));
+        self.draws.step(self.shape)
+    }
+}
+
+fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+/// Where the sampler starts and what it needs besides the latent.
+struct Start {
+    /// The start latent (txt2img: noise × `init_noise_sigma`; img2img: `add_noise` of the init
+    /// latents).
+    latent: Vec<f32>,
+    /// Inpainting with a 4-channel UNet: blend after every model evaluation.
+    blend: Option<Blend>,
+    /// Inpainting with a 9-channel UNet: the mask and masked-image latent, channels after the
+    /// latent's ([1, 5, h, w] flattened).
+    unet_extra: Option<Vec<f32>>,
+}
+
+/// diffusers' latent blending for inpainting with a 4-channel UNet: after `scheduler.step` (each
+/// model evaluation), `latents = (1 - m) * init_latents_proper + m * latents`, where
+/// `init_latents_proper` is the init latents noised to the next table entry with the same noise,
+/// or the clean init latents after the last.
+struct Blend {
+    image_latents: Vec<f32>,
+    noise: Vec<f32>,
+    /// [h * w], 1 = repaint.
+    mask: Vec<f32>,
+}
+
+impl Blend {
+    fn apply(&self, schedule: &sampling::Schedule, call: usize, calls: usize, x: &mut [f32]) {
+        let proper = if call + 1 < calls {
+            schedule.add_noise(call + 1, &self.image_latents, &self.noise)
+        } else {
+            self.image_latents.clone()
+        };
+        let plane = self.mask.len();
+        for (i, (v, p)) in x.iter_mut().zip(&proper).enumerate() {
+            let m = self.mask[i % plane];
+            *v = (1.0 - m) * p + m * *v;
+        }
+    }
+}
+
+/// Refuses an init image that does not fit the job or the model (one line, before any work).
+fn check_init(models: &Models, job: &Job, init: Option<&InitImage>) -> Result<()> {
+    // The plan counts an init image and a mask from the job's fields: they must agree with what is
+    // handed over (a job naming a picture never silently runs as txt2img).
+    let given = (init.is_some(), init.is_some_and(|i| i.mask.is_some()));
+    if given != (job.init_image.is_some(), job.mask.is_some()) {
+        return Err(Error::BadRequest(format!(
+            "the job names {} but the pipeline was given {} (load it with init_image and call generate_from)",
+            describe(job.init_image.is_some(), job.mask.is_some()),
+            describe(given.0, given.1)
+        )));
+    }
+    let Some(init) = init else {
+        if models.inpaint_unet {
+            return Err(Error::BadRequest(
+                "this is an inpainting model (9-channel UNet): it needs an init image and a mask"
+                    .into(),
+            ));
+        }
+        return Ok(());
+    };
+    let (h, w) = (job.height as usize, job.width as usize);
+    if init.image.shape != [1, 3, h, w] {
+        return Err(Error::BadRequest(format!(
+            "init image tensor is {:?}, the job needs [1, 3, {h}, {w}]",
+            init.image.shape
+        )));
+    }
+    if let Some(mask) = &init.mask {
+        if mask.shape != [1, 1, h, w] {
+            return Err(Error::BadRequest(format!(
+                "mask tensor is {:?}, the job needs [1, 1, {h}, {w}]",
+                mask.shape
+            )));
+        }
+    } else if models.inpaint_unet {
+        return Err(Error::BadRequest(
+            "this is an inpainting model (9-channel UNet): it needs a mask (--mask)".into(),
+        ));
+    }
+    if models.encoder.is_none() {
+        return Err(Error::UnsupportedModel(
+            "this model's VAE has no encoder, which an init image needs".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn describe(image: bool, mask: bool) -> &'static str {
+    match (image, mask) {
+        (false, _) => "no init image",
+        (true, false) => "an init image",
+        (true, true) => "an init image and a mask",
+    }
+}
+
+/// `vae.encode(image).latent_dist.sample(generator) * scaling_factor`: `mean + std * draw` with
+/// `std = exp(0.5 * logvar)` (logvar clamped to [-30, 20] by the encoder), in float32.
+fn encode_latents(
+    encoder: &Encoder,
+    image: &Tensor,
+    scaling: f32,
+    draws: &mut dyn Draws,
+    plan: &Plan,
+) -> Result<Vec<f32>> {
+    let dist = encoder.forward(image, &Ctx::from(plan.scratch));
+    sampling::check_finite(
+        "VAE encoder",
+        || "encoding the init image".into(),
+        &dist.mean.data,
+    )?;
+    let draw = draws.encode(&dist.mean.shape);
+    Ok(dist
+        .mean
+        .data
+        .iter()
+        .zip(&dist.logvar.data)
+        .zip(&draw)
+        .map(|((m, lv), z)| scaling * (m + (0.5 * lv).exp() * z))
+        .collect())
+}
+
+/// Encodes the init image (and for inpainting the masked image) and makes the start latent, with
+/// the draws in diffusers' order:
+/// img2img: image encode, noise. Inpaint, 4-channel UNet: image encode, noise, masked-image encode
+/// (drawn though unused: only the draw is taken, nothing is encoded). Inpaint, 9-channel UNet:
+/// image encode only below strength 1, noise, masked-image encode.
+fn prepare_init(
+    models: &Models,
+    job: &Job,
+    init: &InitImage,
+    schedule: &sampling::Schedule,
+    shape: &[usize],
+    draws: &mut dyn Draws,
+    plan: &Plan,
+) -> Result<Start> {
+    let encoder = models.encoder.as_ref().expect("checked by check_init");
+    let scaling = models.spec.vae_scaling_factor;
+    let full_strength = img2img::t_start(job.steps, job.strength) == 0;
+    let Some(mask) = &init.mask else {
+        let image_latents = encode_latents(encoder, &init.image, scaling, draws, plan)?;
+        let noise = draws.initial(shape);
+        return Ok(Start {
+            latent: schedule.add_noise(0, &image_latents, &noise),
+            blend: None,
+            unet_extra: None,
+        });
+    };
+    let mask = img2img::binarize(mask);
+    let latent_mask = img2img::latent_mask(&mask).data;
+    // diffusers encodes the image when it blends (4 channels) or starts from it (strength < 1).
+    let image_latents = if !models.inpaint_unet || !full_strength {
+        Some(encode_latents(encoder, &init.image, scaling, draws, plan)?)
+    } else {
+        None
+    };
+    let noise = draws.initial(shape);
+    // At strength 1 inpainting starts from pure noise as txt2img does; below, as img2img.
+    let latent = match (&image_latents, full_strength) {
+        (Some(x0), false) => schedule.add_noise(0, x0, &noise),
+        _ => noise
+            .iter()
+            .map(|v| v * schedule.init_noise_sigma)
+            .collect(),
+    };
+    if models.inpaint_unet {
+        let masked = img2img::masked_image(&init.image, &mask);
+        let masked_latents = encode_latents(encoder, &masked, scaling, draws, plan)?;
+        let extra = [latent_mask.as_slice(), masked_latents.as_slice()].concat();
+        Ok(Start {
+            latent,
+            blend: None,
+            unet_extra: Some(extra),
+        })
+    } else {
+        // The masked image's encoding draw, which a 4-channel UNet never uses.
+        let _ = draws.encode(shape);
+        Ok(Start {
+            latent,
+            blend: Some(Blend {
+                image_latents: image_latents.expect("encoded for blending"),
+                noise,
+                mask: latent_mask,
+            }),
+            unet_extra: None,
+        })
     }
 }

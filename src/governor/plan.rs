@@ -146,11 +146,14 @@ pub fn predict(
         models
             .unet
             .peak_activation_bytes(batch, (lh, lw), tokens, &scratch, threads);
-    // Latent, noise, sampler history, what the model file's metadata keeps resident, and the LoRAs.
+    // Latent, noise, sampler history, what the model file's metadata keeps resident, the LoRAs;
+    // with an init image, what img2img/inpainting holds through every stage (image, mask, init
+    // latents, noise, blend, masked-image latent: `img2img::held_bytes`).
     let lora_bytes = crate::lora::planned_bytes(job, (batch * lh * lw).max(batch * tokens));
     let latents = ((lh * lw * 4 * 4 * 4) as u64)
         .saturating_add(store.metadata_bytes())
-        .saturating_add(lora_bytes);
+        .saturating_add(lora_bytes)
+        .saturating_add(crate::img2img::held_bytes(job));
     let unet_weights = match residency {
         Residency::KeepAll => all_weights,
         Residency::Keep => store.bytes_with_prefix(spec.unet_prefix),

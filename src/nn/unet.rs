@@ -371,9 +371,15 @@ impl UNet {
             .saturating_add(8 << 20)
     }
 
-    /// Latent channels the UNet takes (4 for SD1.x).
+    /// Channels the UNet takes (4 for SD1.x; 9 for an inpainting UNet: latent, mask, masked-image
+    /// latent).
     pub fn in_channels(&self) -> usize {
         self.conv_in.in_ch
+    }
+
+    /// Channels the UNet predicts (the latent's: 4).
+    pub fn out_channels(&self) -> usize {
+        self.conv_out.out_ch
     }
 
     /// Predicts noise for `x` [n, 4, h, w] at `timesteps` [n] given `context` [n, tokens, ctx_dim]

@@ -7,7 +7,8 @@ use crate::Result;
 pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Result<Vec<f32>> {
     let n = schedule.steps();
     let alphas = schedule.alphas_cumprod();
-    let stride = TRAIN_STEPS / n;
+    // The previous timestep is one stride of the FULL schedule back (an img2img run begins late).
+    let stride = TRAIN_STEPS / schedule.full_steps();
     for (i, &t) in schedule.timesteps.iter().enumerate() {
         let out = steps.predict(&x, t)?;
         let ti = t as usize;
@@ -23,7 +24,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
                 vp_denoised_and_eps(steps.prediction, *v, m, sqrt_alpha, sqrt_beta);
             *v = sqrt_alpha_prev * denoised + direction * eps;
         }
-        steps.done(i, n);
+        steps.done(i, n, &mut x);
     }
     Ok(x)
 }

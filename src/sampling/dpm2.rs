@@ -18,7 +18,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
         let out = steps.predict(&scale_by_sigma(&x, sigma), schedule.timesteps[call])?;
         let denoised = ve_denoised(steps.prediction, &x, &out, sigma);
         let dt = mid - sigma;
-        let stepped: Vec<f32> = x
+        let mut stepped: Vec<f32> = x
             .iter()
             .zip(&denoised)
             .map(|(v, d)| {
@@ -26,7 +26,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
                 v + derivative * dt
             })
             .collect();
-        steps.done(call, calls);
+        steps.done(call, calls, &mut stepped);
         call += 1;
         if i + 1 == n {
             x = stepped;
@@ -39,7 +39,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             let derivative = (s - p) / mid;
             *v += derivative * dt;
         }
-        steps.done(call, calls);
+        steps.done(call, calls, &mut x);
         call += 1;
     }
     Ok(x)

@@ -10,12 +10,24 @@ use crate::Result;
 const ORDER: usize = 4;
 
 pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Result<Vec<f32>> {
-    let sigmas = sigmas(schedule)?;
+    let run_sigmas = sigmas(schedule)?;
     let n = schedule.steps();
+    // diffusers weighs the derivatives from its step index in the FULL table (`begin + i`), with
+    // order min(begin + i + 1, 4), and `zip` uses as many as it has: a run that begins late has
+    // fewer derivatives than that order, and its coefficients use the skipped steps' sigmas.
+    let begin = schedule.begin();
+    let sigmas: Vec<f32> = schedule
+        .skipped_sigmas
+        .iter()
+        .chain(run_sigmas)
+        .copied()
+        .collect();
+    let sigmas = &sigmas[..];
     // Newest first.
     let mut derivatives: VecDeque<Vec<f32>> = VecDeque::with_capacity(ORDER);
     for (i, &t) in schedule.timesteps.iter().enumerate() {
-        let sigma = sigmas[i];
+        let at = begin + i;
+        let sigma = sigmas[at];
         let out = steps.predict(&scale_by_sigma(&x, sigma), t)?;
         let denoised = ve_denoised(steps.prediction, &x, &out, sigma);
         drop(out);
@@ -30,19 +42,19 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
                 .collect(),
         );
         drop(denoised);
-        let order = (i + 1).min(ORDER);
-        let coeffs: Vec<f32> = (0..order)
-            .map(|j| lms_coefficient(sigmas, order, i, j) as f32)
+        let order = (at + 1).min(ORDER);
+        let coeffs: Vec<f32> = (0..order.min(derivatives.len()))
+            .map(|j| lms_coefficient(sigmas, order, at, j) as f32)
             .collect();
         // Python's `sum(coeff * derivative ...)`, newest derivative first, then added to x.
         for (e, v) in x.iter_mut().enumerate() {
             let mut acc = coeffs[0] * derivatives[0][e];
-            for j in 1..order {
+            for j in 1..coeffs.len() {
                 acc += coeffs[j] * derivatives[j][e];
             }
             *v += acc;
         }
-        steps.done(i, n);
+        steps.done(i, n, &mut x);
     }
     Ok(x)
 }
@@ -92,5 +104,49 @@ mod tests {
         assert!((lms_coefficient(&sigmas, 2, 1, 0) + 2.5).abs() < 1e-12);
         // ∫ (τ - 4)/(8 - 4) dτ from 4 to 2 = [(τ - 4)²/8] = 4/8 = 0.5.
         assert!((lms_coefficient(&sigmas, 2, 1, 1) - 0.5).abs() < 1e-12);
+    }
+
+    /// A run that begins late weighs its first derivative as diffusers does from its step index in
+    /// the full table: at begin 2 the first step has order 3 over the full table's sigmas 2, 1, 0
+    /// (not order 1, the plain Euler step `dt`). With a constant epsilon `e` the derivative is `e`,
+    /// so the step adds exactly `coefficient * e`.
+    #[test]
+    fn late_begin_uses_the_full_tables_order_and_sigmas() {
+        use crate::family::Prediction;
+        use crate::job::{SamplerKind, ScheduleKind};
+        let full = crate::sampling::schedule(SamplerKind::Lms, ScheduleKind::Discrete, 6).unwrap();
+        let late = full.begin_at(2).unwrap();
+        let sigmas = full.sigmas.clone().unwrap();
+        let e = 0.5f32;
+        let mut model = |x: &[f32], _: f32| Ok(vec![e; x.len()]);
+        struct NoNoise;
+        impl crate::sampling::NoiseSource for NoNoise {
+            fn noise(&mut self, _: usize) -> Vec<f32> {
+                unreachable!("LMS draws no noise")
+            }
+        }
+        let mut first = None;
+        let mut on_step = |i: usize, _: usize, x: &mut [f32]| {
+            if i == 0 {
+                first = Some(x[0]);
+            }
+        };
+        crate::sampling::sample_from(
+            SamplerKind::Lms,
+            &late,
+            Prediction::Eps,
+            vec![1.0; 4],
+            &mut model,
+            &mut NoNoise,
+            &mut on_step,
+        )
+        .unwrap();
+        let c = lms_coefficient(&sigmas, 3, 2, 0) as f32;
+        assert_eq!(first, Some(1.0 + c * e));
+        let euler = sigmas[3] - sigmas[2];
+        assert!(
+            (c - euler).abs() > 1e-3,
+            "order 3 differs from order 1: {c} vs {euler}"
+        );
     }
 }

@@ -64,6 +64,27 @@ pub fn sample(
     noise: &mut dyn NoiseSource,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<f32>> {
+    let init = schedule.init_noise_sigma;
+    let x: Vec<f32> = x.into_iter().map(|v| v * init).collect();
+    let mut on_step = |i: usize, n: usize, _: &mut [f32]| on_step(i, n);
+    sample_from(sampler, schedule, prediction, x, model, noise, &mut on_step)
+}
+
+/// As [`sample`], but `x` is the start latent itself (img2img: the scheduler's `add_noise` of the
+/// init latents, with no `init_noise_sigma`), and `on_step(c, n, latent)` gets the latent after
+/// model evaluation `c` may change it before the sampler goes on (inpainting with a 4-channel
+/// UNet blends it with the noised init latents there, as diffusers does after each
+/// `scheduler.step`; for Heun and DPM2 that includes the latent of a step's first half, which
+/// their second evaluation reads). The schedule may begin late ([`Schedule::begin_at`]).
+pub fn sample_from(
+    sampler: SamplerKind,
+    schedule: &Schedule,
+    prediction: Prediction,
+    x: Vec<f32>,
+    model: Model<'_>,
+    noise: &mut dyn NoiseSource,
+    on_step: &mut dyn FnMut(usize, usize, &mut [f32]),
+) -> Result<Vec<f32>> {
     if schedule.sampler != sampler {
         return Err(Error::BadRequest(format!(
             "schedule was made for sampler {}, not {sampler}",
@@ -73,8 +94,6 @@ pub fn sample(
     if x.is_empty() {
         return Err(Error::BadRequest("initial latent is empty".into()));
     }
-    let init = schedule.init_noise_sigma;
-    let x: Vec<f32> = x.into_iter().map(|v| v * init).collect();
     let mut steps = Steps {
         model,
         prediction,
@@ -101,7 +120,7 @@ struct Steps<'a, 'm> {
     /// What the model output is; read by the `*_denoised` functions.
     prediction: Prediction,
     noise: &'a mut dyn NoiseSource,
-    on_step: &'a mut dyn FnMut(usize, usize),
+    on_step: &'a mut dyn FnMut(usize, usize, &mut [f32]),
 }
 
 impl Steps<'_, '_> {
@@ -119,8 +138,10 @@ impl Steps<'_, '_> {
         Ok(noise)
     }
 
-    fn done(&mut self, i: usize, n: usize) {
-        (self.on_step)(i, n);
+    /// Model evaluation `i` of `n` is done and `x` is the latent it led to (which the caller may
+    /// change: inpainting's blend).
+    fn done(&mut self, i: usize, n: usize, x: &mut [f32]) {
+        (self.on_step)(i, n, x);
     }
 }
 

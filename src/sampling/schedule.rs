@@ -37,8 +37,14 @@ pub struct Schedule {
     pub init_noise_sigma: f32,
     pub(crate) sampler: SamplerKind,
     pub(crate) alphas_cumprod: Vec<f32>,
-    /// Sampling steps asked for (`timesteps.len()` is the number of model evaluations).
+    /// Sampling steps this schedule runs (`timesteps.len()` is the number of model evaluations).
     pub(crate) steps: usize,
+    /// Steps of the full schedule skipped before the first one run (img2img's `t_start`, diffusers'
+    /// `set_begin_index`; 0 for txt2img). See [`Schedule::begin_at`].
+    pub(crate) begin: usize,
+    /// The step sigmas of the skipped steps (LMS weighs its first derivatives with them, as
+    /// diffusers' LMSDiscreteScheduler does from its step index).
+    pub(crate) skipped_sigmas: Vec<f32>,
 }
 
 impl Schedule {
@@ -52,9 +58,96 @@ impl Schedule {
         &self.alphas_cumprod
     }
 
-    /// Sampling steps asked for; the model is evaluated `timesteps.len()` times.
+    /// Sampling steps run; the model is evaluated `timesteps.len()` times.
     pub fn steps(&self) -> usize {
         self.steps
+    }
+
+    /// Steps of the full schedule skipped before this one starts (0 unless made by `begin_at`).
+    pub fn begin(&self) -> usize {
+        self.begin
+    }
+
+    /// The steps of the full schedule the run was asked for (`steps() + begin()`).
+    pub fn full_steps(&self) -> usize {
+        self.steps + self.begin
+    }
+
+    /// Model evaluations per step in diffusers' table layout (`scheduler.order`): 2 for Heun and
+    /// DPM2 (their timesteps and sigmas repeat every inner entry), else 1.
+    fn order(&self) -> usize {
+        match self.sampler {
+            SamplerKind::Heun | SamplerKind::Dpm2 => 2,
+            _ => 1,
+        }
+    }
+
+    /// The schedule of an img2img run that starts `t_start` steps into this one, as diffusers'
+    /// img2img and inpaint pipelines make it: the full schedule's tables from index
+    /// `t_start * order` on (`timesteps[t_start * order:]` and `set_begin_index(t_start * order)`),
+    /// a sampler state as fresh as a new scheduler's (first multistep step of first order, no
+    /// history). Fails when no step would remain.
+    pub fn begin_at(&self, t_start: usize) -> Result<Schedule> {
+        if self.begin != 0 {
+            return Err(Error::BadRequest("schedule already begins late".into()));
+        }
+        if t_start >= self.steps {
+            return Err(Error::BadRequest(format!(
+                "starting at step {t_start} of {} leaves no step to run",
+                self.steps
+            )));
+        }
+        let at = t_start * self.order();
+        let skipped_sigmas = self
+            .step_sigmas()
+            .map(|s| s[..t_start].to_vec())
+            .unwrap_or_default();
+        Ok(Schedule {
+            timesteps: self.timesteps[at..].to_vec(),
+            sigmas: self.sigmas.as_ref().map(|s| s[at..].to_vec()),
+            init_noise_sigma: self.init_noise_sigma,
+            sampler: self.sampler,
+            alphas_cumprod: self.alphas_cumprod.clone(),
+            steps: self.steps - t_start,
+            begin: t_start,
+            skipped_sigmas,
+        })
+    }
+
+    /// diffusers' `scheduler.add_noise(x0, noise, t)` for the table entry `position` of this
+    /// schedule (0 = the first timestep run: img2img's start latent; `c + 1` after model evaluation
+    /// `c`: what inpainting blends with), in each scheduler class's float32 operations:
+    /// sigma-based (Euler, Euler a, Heun, DPM2, LMS) `x0 + noise * sigma`; DPM-Solver++ and UniPC
+    /// `alpha_t * x0 + sigma_t * noise` with `alpha_t = 1/sqrt(sigma^2+1)`, `sigma_t = sigma *
+    /// alpha_t`; DDIM and LCM (DDPM form) `sqrt(a) * x0 + sqrt(1 - a) * noise`, `a =
+    /// alphas_cumprod[t]`.
+    pub fn add_noise(&self, position: usize, x0: &[f32], noise: &[f32]) -> Vec<f32> {
+        assert_eq!(x0.len(), noise.len(), "add_noise: latent and noise sizes");
+        let (a, b) = self.add_noise_coeffs(position);
+        match self.sampler {
+            SamplerKind::Euler
+            | SamplerKind::EulerA
+            | SamplerKind::Heun
+            | SamplerKind::Dpm2
+            | SamplerKind::Lms => x0.iter().zip(noise).map(|(x, n)| x + n * b).collect(),
+            _ => x0.iter().zip(noise).map(|(x, n)| a * x + b * n).collect(),
+        }
+    }
+
+    /// The `(a, b)` of `add_noise` at table entry `position`: the start latent is `a * x0 + b * noise`.
+    pub fn add_noise_coeffs(&self, position: usize) -> (f32, f32) {
+        match (self.sampler, self.sigmas.as_deref()) {
+            (SamplerKind::DpmPp2m | SamplerKind::DpmPp2mSde | SamplerKind::UniPc, Some(sigmas)) => {
+                let sigma = sigmas[position];
+                let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+                (alpha, sigma * alpha)
+            }
+            (_, Some(sigmas)) => (1.0, sigmas[position]),
+            (_, None) => {
+                let a = self.alphas_cumprod[self.timesteps[position] as usize];
+                (a.sqrt(), (1.0 - a).sqrt())
+            }
+        }
     }
 
     /// The sigma at the start of each step plus the final 0 (`steps() + 1` values): `sigmas` without
@@ -156,6 +249,8 @@ pub fn schedule(sampler: SamplerKind, scheduler: ScheduleKind, steps: usize) -> 
         sampler,
         alphas_cumprod,
         steps,
+        begin: 0,
+        skipped_sigmas: Vec::new(),
     })
 }
 

@@ -64,10 +64,11 @@ pub fn detect_family(store: &TensorStore) -> Result<Family> {
         return Err(Error::UnsupportedModel(unknown_hint(store)));
     }
     let in_channels = conv_in(store)?.1;
-    if in_channels != 4 {
+    // 4: text-to-image; 9: inpainting (latent, mask, masked-image latent; `Models::inpaint_unet`).
+    if in_channels != 4 && in_channels != 9 {
         return Err(Error::UnsupportedModel(format!(
-            "this {family} UNet takes {in_channels} input channels (an inpainting or instruct-pix2pix model); \
-             sdcap runs 4-channel text-to-image models"
+            "this {family} UNet takes {in_channels} input channels (an instruct-pix2pix model?); \
+             sdcap runs 4-channel text-to-image and 9-channel inpainting models"
         )));
     }
     Ok(family)

@@ -60,6 +60,41 @@ fn sd2_and_sdxl_are_told_apart_by_their_text_encoders() {
     }
 }
 
+/// A 9-channel `conv_in` (latent, mask, masked-image latent) is an inpainting UNet of its family,
+/// which sdcap runs (`Models::inpaint_unet`).
+#[test]
+fn inpainting_unets_are_their_familys() {
+    let dir = temp_dir("families_inpaint");
+    let conv_in = "model.diffusion_model.input_blocks.0.0.weight";
+    let to_k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+    let cases: Vec<(&str, Tensors, Family)> = vec![
+        (
+            "sd1_inpaint",
+            vec![(conv_in, vec![4, 9, 3, 3]), (to_k, vec![2, 768])],
+            Family::Sd1,
+        ),
+        (
+            "sdxl_inpaint",
+            vec![
+                (conv_in, vec![4, 9, 3, 3]),
+                (
+                    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+                    vec![4],
+                ),
+                ("conditioner.embedders.1.model.ln_final.weight", vec![4]),
+                ("model.diffusion_model.label_emb.0.0.weight", vec![4, 4]),
+            ],
+            Family::Sdxl,
+        ),
+    ];
+    for (name, tensors, family) in cases {
+        let path = dir.join(format!("{name}.safetensors"));
+        write_zeros(&path, &tensors);
+        let store = TensorStore::open(&path).unwrap();
+        assert_eq!(detect_family(&store).unwrap(), family, "{name}");
+    }
+}
+
 #[test]
 fn other_families_are_named_in_one_line() {
     let dir = temp_dir("families");
@@ -94,17 +129,17 @@ fn other_families_are_named_in_one_line() {
             "Flux is not supported yet",
         ),
         (
-            "inpaint",
-            vec![(conv_in, vec![4, 9, 3, 3]), (to_k, vec![2, 768])],
-            "9 input channels",
+            "pix2pix",
+            vec![(conv_in, vec![4, 8, 3, 3]), (to_k, vec![2, 768])],
+            "8 input channels",
         ),
         (
-            "sdxl_inpaint",
+            "sdxl_pix2pix",
             vec![
-                (conv_in, vec![4, 9, 3, 3]),
+                (conv_in, vec![4, 8, 3, 3]),
                 ("conditioner.embedders.1.model.ln_final.weight", vec![4]),
             ],
-            "SDXL UNet takes 9 input channels",
+            "SDXL UNet takes 8 input channels",
         ),
         (
             "lora",
