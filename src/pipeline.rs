@@ -11,6 +11,7 @@ use crate::job::Job;
 use crate::kernels::scratch::Scratch;
 use crate::nn::unet::UNet;
 use crate::nn::vae::{Decoder, VaePlan};
+use crate::kernels::{Isa, Mode, Precision};
 use crate::nn::Ctx;
 use crate::output::RgbImage;
 use crate::sampling::{self, rng::TorchRng, NoiseSource};
@@ -40,6 +41,27 @@ pub struct Generated {
     pub peak_rss_bytes: u64,
     /// Peak charge of our cgroup seen at block boundaries (0 where there is no cgroup file), bytes.
     pub peak_cgroup_bytes: u64,
+    /// The mode the UNet's weight products ran in (`auto` resolved).
+    pub precision: Mode,
+}
+
+/// The precision of a job's UNet calls: the job's mode, `auto` resolved against the type of the
+/// UNet's linear weights (one attention projection stands for all) and the kernels' instruction
+/// set (`kernels::precision::resolve`). Text encoders and the VAE always run in f32.
+pub fn unet_precision(models: &Models, job: &Job) -> Precision {
+    let isa = Isa::selected();
+    let linear = models
+        .store
+        .tensors()
+        .iter()
+        .find(|t| {
+            t.name.starts_with(models.spec.unet_prefix) && t.name.ends_with("attn1.to_q.weight")
+        })
+        .map(|t| t.dtype);
+    Precision {
+        mode: crate::kernels::precision::resolve(job.precision, linear, isa),
+        isa,
+    }
 }
 
 pub use crate::models::Models;
@@ -165,6 +187,7 @@ fn run(
     end_stage(models, &plan, models.spec.text_prefix);
 
     on_event(Event::Stage("denoise"));
+    let precision = unet_precision(models, job);
     let denoise_peak = plan
         .stages
         .iter()
@@ -188,7 +211,10 @@ fn run(
         }
         let x = Tensor::new(shape.clone(), input.to_vec());
         // The tier in force for this call: the plan's, or the watch's tighter one.
-        let cx = Ctx::from(watch.borrow().scratch());
+        let cx = Ctx {
+            scratch: watch.borrow().scratch(),
+            precision,
+        };
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
         let (unet, scale) = (&models.unet, job.cfg_scale);
         let eps = predict_noise(unet, &x, t, &cond, scale, &cx, &mut after_block);
@@ -240,6 +266,7 @@ fn run(
         plan,
         peak_rss_bytes: memory::peak_rss_bytes().unwrap_or(0),
         peak_cgroup_bytes,
+        precision: precision.mode,
     })
 }
 

@@ -117,7 +117,7 @@ impl Linear {
         let rows = x.len() / self.in_dim;
         assert_eq!(rows * self.in_dim, x.len(), "linear input width");
         let mut y = zeroed(rows * self.out_dim);
-        kernels::matmul_weight_t(x, &self.weight, &mut y, &cx.scratch);
+        kernels::weight_product(x, &self.weight, &mut y, &cx.scratch, cx.precision);
         y
     }
 
@@ -518,6 +518,9 @@ impl WeightRows for Param {
     }
     fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
         Param::read_rows(self, first, count, out)
+    }
+    fn blocks(&self, first: usize, count: usize) -> Option<(crate::weights::DType, &[u8])> {
+        Param::stored_rows(self, first, count)
     }
 }
 
