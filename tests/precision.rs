@@ -191,11 +191,12 @@ fn golden_txt2img_in_each_mode() {
 }
 
 /// `auto` resolves to int8 for a model whose linear weights the int8 products read (q8_0, q4_0)
-/// on a CPU with SIMD kernels, and to f32 otherwise; the run reports the mode it used.
+/// on a CPU with VNNI, and to f32 otherwise (`kernels::precision::resolve`); the run reports the
+/// mode it used.
 #[test]
 fn auto_resolves_from_the_weights_and_the_cpu() {
     common::compute_threads();
-    let simd = Isa::selected() >= Isa::Avx2;
+    let vnni = Isa::selected() >= Isa::Avx512;
     for (file, quantized) in [
         ("tiny-sd-fp32.safetensors", false),
         ("gguf/tiny-sd-f16.gguf", false),
@@ -206,7 +207,7 @@ fn auto_resolves_from_the_weights_and_the_cpu() {
             steps: 1,
             ..golden_job(tiny(file), Requested::Auto, 7.5)
         };
-        let want = if quantized && simd {
+        let want = if quantized && vnni {
             Mode::Int8
         } else {
             Mode::F32

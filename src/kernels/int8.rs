@@ -195,8 +195,8 @@ pub fn product(isa: Isa, x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: u
     });
 }
 
-/// One output tile, register tile by register tile: weight rows outer (a pair of weight rows,
-/// 2·k bytes, stays in L1 while the tile's activation rows stream past).
+/// One output tile: for each pair of weight rows (2·k bytes, in L1 while the tile's activation
+/// rows stream past), register tiles of MR activation rows × NR weight rows.
 ///
 /// # Safety
 /// `out` must be valid for writes at every (row, col) of the tile, and nothing else may access
@@ -211,34 +211,29 @@ unsafe fn tile(
     out: Out,
 ) {
     let nb = k / QK;
+    assert!(x.q.len() >= rows.end * k && x.d.len() >= rows.end * nb);
+    assert!(w.q.len() >= cols.end * k && w.d.len() >= cols.end * nb);
     let mut j = cols.start;
     while j < cols.end {
         let nr = NR.min(cols.end - j);
-        let mut i = rows.start;
-        while i < rows.end {
-            let mr = MR.min(rows.end - i);
-            let mut acc = [[0.0f32; NR]; MR];
-            let xs = |r: usize| (&x.q[(i + r) * k..(i + r + 1) * k], &x.d[(i + r) * nb..(i + r + 1) * nb]);
-            let ws = |c: usize| (&w.q[(j + c) * k..(j + c + 1) * k], &w.d[(j + c) * nb..(j + c + 1) * nb]);
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 | Isa::Avx512 => simd::tile(isa, mr, nr, &xs, &ws, nb, &mut acc),
-                _ => {
-                    for (r, acc) in acc.iter_mut().enumerate().take(mr) {
-                        let (xq, xd) = xs(r);
-                        for (c, acc) in acc.iter_mut().enumerate().take(nr) {
-                            let (wq, wd) = ws(c);
-                            *acc = dot_scalar(xq, xd, wq, wd);
-                        }
+        let dst = out.ptr.add(rows.start * out.ld + j);
+        let xs = (x.q.as_ptr().add(rows.start * k), x.d.as_ptr().add(rows.start * nb));
+        let ws = (w.q.as_ptr().add(j * k), w.d.as_ptr().add(j * nb));
+        let (m, ld) = (rows.len(), out.ld);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::Avx512 => simd::columns(isa, nr, xs, m, ws, nb, dst, ld),
+            _ => {
+                for r in 0..m {
+                    let xq = std::slice::from_raw_parts(xs.0.add(r * k), k);
+                    let xd = std::slice::from_raw_parts(xs.1.add(r * nb), nb);
+                    for c in 0..nr {
+                        let wq = std::slice::from_raw_parts(ws.0.add(c * k), k);
+                        let wd = std::slice::from_raw_parts(ws.1.add(c * nb), nb);
+                        *dst.add(r * ld + c) = dot_scalar(xq, xd, wq, wd);
                     }
                 }
             }
-            for (r, acc) in acc.iter().enumerate().take(mr) {
-                for (c, &v) in acc.iter().enumerate().take(nr) {
-                    *out.ptr.add((i + r) * out.ld + j + c) = v;
-                }
-            }
-            i += mr;
         }
         j += nr;
     }
@@ -248,98 +243,136 @@ unsafe fn tile(
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{lanes_sum, Isa, MR, NR, QK};
+    use super::{lanes_sum, Isa, MR, QK};
 
-    type Rows<'a> = dyn Fn(usize) -> (&'a [i8], &'a [f32]) + 'a;
-
-    /// Dispatches a register tile of `mr` × `nr` (≤ MR × NR) to its monomorphic kernel.
-    pub(super) fn tile<'a>(
+    /// `m` activation rows (i8 values and scales from `xs`, rows k = nb·32 apart) against `nr`
+    /// (1 or 2) weight rows from `ws`, into `dst` (row stride `ld`).
+    ///
+    /// # Safety
+    /// The pointers must cover the rows named, `dst` must be writable there, and `isa` must be
+    /// at or below what this CPU runs (`Isa::parse`/`Isa::detected`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn columns(
         isa: Isa,
-        mr: usize,
         nr: usize,
-        xs: &Rows<'a>,
-        ws: &Rows<'a>,
+        xs: (*const i8, *const f32),
+        m: usize,
+        ws: (*const i8, *const f32),
         nb: usize,
-        acc: &mut [[f32; NR]; MR],
+        dst: *mut f32,
+        ld: usize,
     ) {
-        macro_rules! go {
-            ($($m:literal $n:literal),*) => {
-                match (mr, nr) {
-                    $(($m, $n) => {
-                        let x: [(&[i8], &[f32]); $m] = std::array::from_fn(|r| xs(r));
-                        let w: [(&[i8], &[f32]); $n] = std::array::from_fn(|c| ws(c));
-                        // SAFETY: the caller picked `isa` at or below what this CPU runs
-                        // (`Isa::parse`/`Isa::detected`); slices hold nb blocks each.
-                        let got = unsafe {
-                            if isa == Isa::Avx512 {
-                                kernel_vnni::<$m, $n>(&x, &w, nb)
-                            } else {
-                                kernel_avx2::<$m, $n>(&x, &w, nb)
-                            }
-                        };
-                        for r in 0..$m {
-                            acc[r][..$n].copy_from_slice(&got[r]);
-                        }
-                    })*
-                    _ => unreachable!("register tile {mr}×{nr}"),
-                }
-            };
+        match (isa, nr) {
+            (Isa::Avx512, 2) => columns_vnni::<2>(xs, m, ws, nb, dst, ld),
+            (Isa::Avx512, _) => columns_vnni::<1>(xs, m, ws, nb, dst, ld),
+            (_, 2) => columns_avx2::<2>(xs, m, ws, nb, dst, ld),
+            _ => columns_avx2::<1>(xs, m, ws, nb, dst, ld),
         }
-        go!(4 2, 3 2, 2 2, 1 2, 4 1, 3 1, 2 1, 1 1)
     }
 
     macro_rules! kernel {
-        ($name:ident, $features:literal, $lane_sums:expr) => {
+        ($name:ident, $features:literal, |$a:ident, $b:ident| $lane_sums:expr) => {
             #[target_feature(enable = $features)]
-            unsafe fn $name<const M: usize, const N: usize>(
-                x: &[(&[i8], &[f32]); M],
-                w: &[(&[i8], &[f32]); N],
+            unsafe fn $name<const N: usize>(
+                xs: (*const i8, *const f32),
+                m: usize,
+                ws: (*const i8, *const f32),
                 nb: usize,
-            ) -> [[f32; N]; M] {
-                for (q, d) in x.iter().chain(w) {
-                    assert!(q.len() >= nb * QK && d.len() >= nb);
-                }
-                let mut acc = [[_mm256_setzero_ps(); N]; M];
-                for b in 0..nb {
-                    let mut wv = [_mm256_setzero_si256(); N];
-                    let mut wa = [_mm256_setzero_si256(); N];
-                    let mut wd = [_mm256_setzero_ps(); N];
-                    for c in 0..N {
-                        wv[c] = _mm256_loadu_si256(w[c].0.as_ptr().add(b * QK) as *const __m256i);
-                        wa[c] = _mm256_sign_epi8(wv[c], wv[c]);
-                        wd[c] = _mm256_set1_ps(*w[c].1.get_unchecked(b));
-                    }
-                    for r in 0..M {
-                        let xv = _mm256_loadu_si256(x[r].0.as_ptr().add(b * QK) as *const __m256i);
-                        let xd = _mm256_set1_ps(*x[r].1.get_unchecked(b));
-                        for c in 0..N {
-                            let sx = _mm256_sign_epi8(xv, wv[c]);
-                            let sums: __m256i = $lane_sums(wa[c], sx);
-                            let d = _mm256_mul_ps(wd[c], xd);
-                            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r][c]);
+                dst: *mut f32,
+                ld: usize,
+            ) {
+                let k = nb * QK;
+                // Scale products of up to RUN blocks per (row, column) of a register tile; each
+                // is written before it is read.
+                const RUN: usize = 32;
+                let mut scales = std::mem::MaybeUninit::<[f32; MR * 2 * RUN]>::uninit();
+                // One register tile of $m rows from row `r0`.
+                macro_rules! rows {
+                    ($m:literal, $r0:expr) => {{
+                        let r0 = $r0;
+                        let mut acc = [[_mm256_setzero_ps(); N]; $m];
+                        let mut start = 0;
+                        while start < nb {
+                            let run = RUN.min(nb - start);
+                            // The scale products dw·dx of this run of blocks, 8 at a time: the
+                            // inner loop then only broadcasts them from memory (a load).
+                            let sp = scales.as_mut_ptr() as *mut f32;
+                            for r in 0..$m {
+                                for c in 0..N {
+                                    let dst = sp.add((r * N + c) * RUN);
+                                    let xd = xs.1.add((r0 + r) * nb + start);
+                                    let wd = ws.1.add(c * nb + start);
+                                    let mut i = 0;
+                                    while i + 8 <= run {
+                                        let v = _mm256_mul_ps(
+                                            _mm256_loadu_ps(wd.add(i)),
+                                            _mm256_loadu_ps(xd.add(i)),
+                                        );
+                                        _mm256_storeu_ps(dst.add(i), v);
+                                        i += 8;
+                                    }
+                                    while i < run {
+                                        *dst.add(i) = *wd.add(i) * *xd.add(i);
+                                        i += 1;
+                                    }
+                                }
+                            }
+                            for i in 0..run {
+                                let b = start + i;
+                                let mut wv = [_mm256_setzero_si256(); N];
+                                let mut wa = [_mm256_setzero_si256(); N];
+                                for c in 0..N {
+                                    let p = ws.0.add(c * k + b * QK) as *const __m256i;
+                                    wv[c] = _mm256_loadu_si256(p);
+                                    wa[c] = _mm256_sign_epi8(wv[c], wv[c]);
+                                }
+                                for r in 0..$m {
+                                    let p = xs.0.add((r0 + r) * k + b * QK) as *const __m256i;
+                                    let xv = _mm256_loadu_si256(p);
+                                    for c in 0..N {
+                                        let sx = _mm256_sign_epi8(xv, wv[c]);
+                                        let ($a, $b) = (wa[c], sx);
+                                        let sums: __m256i = $lane_sums;
+                                        let d = _mm256_broadcast_ss(&*sp.add((r * N + c) * RUN + i));
+                                        acc[r][c] =
+                                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r][c]);
+                                    }
+                                }
+                            }
+                            start += run;
                         }
-                    }
+                        for r in 0..$m {
+                            for c in 0..N {
+                                let mut lanes = [0.0f32; 8];
+                                _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
+                                *dst.add((r0 + r) * ld + c) = lanes_sum(lanes);
+                            }
+                        }
+                    }};
                 }
-                let mut out = [[0.0f32; N]; M];
-                for r in 0..M {
-                    for c in 0..N {
-                        let mut lanes = [0.0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][c]);
-                        out[r][c] = lanes_sum(lanes);
-                    }
+                let mut r = 0;
+                while r + MR <= m {
+                    rows!(4, r);
+                    r += MR;
                 }
-                out
+                match m - r {
+                    3 => rows!(3, r),
+                    2 => rows!(2, r),
+                    1 => rows!(1, r),
+                    _ => {}
+                }
             }
         };
     }
 
-    kernel!(kernel_avx2, "avx2,fma", |a: __m256i, b: __m256i| {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
-    });
+    kernel!(columns_avx2, "avx2,fma", |a, b| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(a, b),
+        _mm256_set1_epi16(1)
+    ));
     kernel!(
-        kernel_vnni,
+        columns_vnni,
         "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni",
-        |a: __m256i, b: __m256i| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+        |a, b| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
     );
 }
 

@@ -166,17 +166,23 @@ pub fn int8_reads(dtype: DType) -> bool {
     )
 }
 
-/// The mode a request runs in. `auto` is the fastest mode whose accuracy bound is tested on this
-/// CPU: int8 when the UNet's linear weights are blocks the int8 products read (`unet_linear`: the
-/// type of one of its attention projections) and the CPU has AVX2 (the scalar kernel is slower
-/// than f32's gemm); otherwise f32 (bf16 has no native kernel yet, so it is never faster than f32).
+/// The mode a request runs in. `auto` is meant to be the fastest mode whose accuracy bound is
+/// tested (tests/precision.rs) on this CPU:
+/// - int8 when the UNet's linear weights are blocks the int8 products read (`unet_linear`: the
+///   type of one of its attention projections) and the CPU has VNNI (`vpdpbusd` does the 4-way
+///   byte dot of a lane in one instruction). Not yet measured on such a CPU: to be confirmed with
+///   `benches/kernels.rs`'s precision table (`int8 avx512` against `f32`).
+/// - f32 otherwise. On AVX2 without VNNI the int8 products (`vpsignb` + `vpmaddubsw` + `vpmaddwd`,
+///   then a conversion and an FMA per block) measured slower than f32's gemm at SD1.5's shapes
+///   (about 0.6× the GFLOP per CPU-second, benches/PROFILE.md), and bf16 has no native kernel yet,
+///   so neither is ever faster than f32 there.
 pub fn resolve(requested: Requested, unet_linear: Option<DType>, isa: Isa) -> Mode {
     match requested {
         Requested::F32 => Mode::F32,
         Requested::Bf16 => Mode::Bf16,
         Requested::Int8 => Mode::Int8,
         Requested::Auto => {
-            if unet_linear.is_some_and(int8_reads) && isa >= Isa::Avx2 {
+            if unet_linear.is_some_and(int8_reads) && isa >= Isa::Avx512 {
                 Mode::Int8
             } else {
                 Mode::F32
@@ -211,12 +217,13 @@ mod tests {
     }
 
     #[test]
-    fn auto_picks_int8_only_for_blocks_it_reads_with_simd() {
+    fn auto_picks_int8_only_for_blocks_it_reads_with_vnni() {
         let q8 = Some(DType::Quant(quant::GgmlType::Q8_0));
         let q4k = Some(DType::Quant(quant::GgmlType::Q4K));
-        assert_eq!(resolve(Requested::Auto, q8, Isa::Avx2), Mode::Int8);
+        assert_eq!(resolve(Requested::Auto, q8, Isa::Avx512), Mode::Int8);
+        assert_eq!(resolve(Requested::Auto, q8, Isa::Avx2), Mode::F32);
         assert_eq!(resolve(Requested::Auto, q8, Isa::Scalar), Mode::F32);
-        assert_eq!(resolve(Requested::Auto, q4k, Isa::Avx2), Mode::F32);
+        assert_eq!(resolve(Requested::Auto, q4k, Isa::Avx512), Mode::F32);
         assert_eq!(
             resolve(Requested::Auto, Some(DType::F16), Isa::Avx512),
             Mode::F32
