@@ -30,8 +30,19 @@ use sdcap::kernels::scratch::TIERS;
 use sdcap::pipeline::Models;
 use sdcap::tensor::Tensor;
 
+/// The precision mode the UNet calls run in: `$SDCAP_BENCH_PRECISION` (f32, bf16, int8, auto;
+/// default f32), set by `benches/e2e.sh`'s fifth argument.
+fn requested_precision() -> sdcap::job::Precision {
+    std::env::var("SDCAP_BENCH_PRECISION")
+        .ok()
+        .map_or(sdcap::job::Precision::F32, |p| {
+            p.parse().expect("SDCAP_BENCH_PRECISION: f32, bf16, int8 or auto")
+        })
+}
+
 fn job(model: PathBuf, size: u32) -> Job {
     Job {
+        precision: requested_precision(),
         negative: Some("blurry".into()),
         width: size,
         height: size,
@@ -49,16 +60,17 @@ fn conditioning(models: &Models, size: u32) -> Conditioning {
         .expect("encode")
 }
 
-/// One UNet call on the CFG batch `x` at timestep `t`, with SDXL's added conditioning if any.
+/// One UNet call on the CFG batch `x` at timestep `t`, with SDXL's added conditioning if any, in
+/// the requested precision mode (resolved as the pipeline does).
 fn unet_call(models: &Models, x: &Tensor, t: f32, cond: &Conditioning) -> Tensor {
-    models.unet.forward_added(
-        x,
-        &[t, t],
-        &cond.context,
-        cond.added.as_deref(),
-        &sdcap::nn::Ctx::from(TIERS[0]),
-        &mut |_, _| {},
-    )
+    let job = job(PathBuf::new(), 8 * x.shape[2] as u32);
+    let cx = sdcap::nn::Ctx {
+        scratch: TIERS[0],
+        precision: sdcap::pipeline::unet_precision(models, &job),
+    };
+    models
+        .unet
+        .forward_added(x, &[t, t], &cond.context, cond.added.as_deref(), &cx, &mut |_, _| {})
 }
 
 /// The op list shape of the model's family.
@@ -116,8 +128,11 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
     let mean = step_times.iter().sum::<f64>() / steps as f64;
     let best = step_times.iter().cloned().fold(f64::INFINITY, f64::min);
     let name = model.file_name().unwrap_or_default().to_string_lossy();
+    let mode = sdcap::pipeline::unet_precision(&models, &job(PathBuf::new(), size));
     println!(
-        "{name} {size}²: load {load:.1} s | text encode {encode:.2} s | UNet step (batch 2) mean {mean:.2} s, best {best:.2} s over {steps} | VAE decode {decode:.2} s | peak RSS {:.0} MiB (encode {:.0}, denoise {:.0}) | UNet CPU use {unet_cpu:.2} of {} cores | start: {load_note}; end: {}",
+        "{name} {size}² precision {} ({}): load {load:.1} s | text encode {encode:.2} s | UNet step (batch 2) mean {mean:.2} s, best {best:.2} s over {steps} | VAE decode {decode:.2} s | peak RSS {:.0} MiB (encode {:.0}, denoise {:.0}) | UNet CPU use {unet_cpu:.2} of {} cores | start: {load_note}; end: {}",
+        mode.mode.name(),
+        mode.isa.name(),
         mib(peak),
         mib(peak_encode),
         mib(peak_unet),
