@@ -36,7 +36,8 @@ fn requested_precision() -> sdcap::job::Precision {
     std::env::var("SDCAP_BENCH_PRECISION")
         .ok()
         .map_or(sdcap::job::Precision::F32, |p| {
-            p.parse().expect("SDCAP_BENCH_PRECISION: f32, bf16, int8 or auto")
+            p.parse()
+                .expect("SDCAP_BENCH_PRECISION: f32, bf16, int8 or auto")
         })
 }
 
@@ -68,9 +69,14 @@ fn unet_call(models: &Models, x: &Tensor, t: f32, cond: &Conditioning) -> Tensor
         scratch: TIERS[0],
         precision: sdcap::pipeline::unet_precision(models, &job),
     };
-    models
-        .unet
-        .forward_added(x, &[t, t], &cond.context, cond.added.as_deref(), &cx, &mut |_, _| {})
+    models.unet.forward_added(
+        x,
+        &[t, t],
+        &cond.context,
+        cond.added.as_deref(),
+        &cx,
+        &mut |_, _| {},
+    )
 }
 
 /// The op list shape of the model's family.

@@ -263,7 +263,15 @@ fn gemm_8192x320x2560(bencher: Bencher) {
 /// 64²-level GEGLU projection, an attention projection, and a 3×3 conv's GEMM (320 → 320 at 64²,
 /// k = 9·320; convs stay f32 in every mode today, this shows what int8 would give there). The
 /// weight is stored as `ty` (f16, q8_0 or q4_0); f32 mode reads it through the f32 panel path.
-fn precision_cases() -> Vec<(&'static str, (usize, usize, usize), &'static str, &'static str)> {
+/// (shape name, (m, k, n), weight type, mode).
+type PrecisionCase = (
+    &'static str,
+    (usize, usize, usize),
+    &'static str,
+    &'static str,
+);
+
+fn precision_cases() -> Vec<PrecisionCase> {
     let shapes = [
         ("geglu 8192x320x2560", (8192, 320, 2560)),
         ("attn proj 8192x320x320", (8192, 320, 320)),
@@ -274,7 +282,10 @@ fn precision_cases() -> Vec<(&'static str, (usize, usize, usize), &'static str, 
     for (name, shape) in shapes {
         for (ty, modes) in [
             ("f16", &["f32", "bf16"][..]),
-            ("q8_0", &["f32", "int8 scalar", "int8 avx2", "int8 avx512"][..]),
+            (
+                "q8_0",
+                &["f32", "int8 scalar", "int8 avx2", "int8 avx512"][..],
+            ),
             ("q4_0", &["f32", "int8 avx2", "int8 avx512"][..]),
         ] {
             for &mode in modes {
@@ -306,7 +317,11 @@ impl sdcap::kernels::WeightRows for Stored {
     }
     fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
         let row = self.ty.bytes_for(self.k as u64).unwrap() as usize;
-        quant::dequantize(self.ty, &self.bytes[first * row..(first + count) * row], out);
+        quant::dequantize(
+            self.ty,
+            &self.bytes[first * row..(first + count) * row],
+            out,
+        );
     }
     fn blocks(&self, first: usize, count: usize) -> Option<(sdcap::weights::DType, &[u8])> {
         let row = self.ty.bytes_for(self.k as u64).unwrap() as usize;

@@ -84,7 +84,10 @@ fn unet_call_errors_within_the_bounds_on_every_isa() {
             let err = rel_l2(&got, &reference);
             eprintln!("{file} {mode:?} {isa:?}: relative L2 vs f32 {err:.3e} (bound {bound:e})");
             assert!(err <= bound, "{file} {mode:?} {isa:?}: {err:e} > {bound:e}");
-            assert!(err > 0.0, "{file} {mode:?}: same bits as f32, the mode did not run");
+            assert!(
+                err > 0.0,
+                "{file} {mode:?}: same bits as f32, the mode did not run"
+            );
             match &first {
                 None => first = Some(got),
                 Some(scalar) => assert!(
@@ -187,7 +190,10 @@ fn golden_txt2img_in_each_mode() {
         err / scale
     );
     assert!(err <= 3e-2 * scale, "int8 latent error {err:e}");
-    assert!(err > 0.0, "int8 run equals the f32 run: the mode did not run");
+    assert!(
+        err > 0.0,
+        "int8 run equals the f32 run: the mode did not run"
+    );
 }
 
 /// `auto` resolves to int8 for a model whose linear weights the int8 products read (q8_0, q4_0)

@@ -153,7 +153,10 @@ mod tests {
         for &x in &v {
             let want = half::bf16::from_f32(x).to_f32();
             let got = round_scalar(x);
-            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()), "{x:e}");
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x:e}"
+            );
         }
         let mut scalar = v.clone();
         round_in_place(&mut scalar, Isa::Scalar);
@@ -168,8 +171,12 @@ mod tests {
     #[test]
     fn product_is_the_rounded_operands_product_for_any_budget() {
         let (m, k, n) = (140, 96, 130);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.3).collect();
-        let wv: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.1).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.3)
+            .collect();
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.1)
+            .collect();
         let w = DenseRows { data: &wv, rows: n };
         let mut want = vec![0.0; m * n];
         matmul_weight_t(&x, &w, &mut want, usize::MAX, Isa::Scalar);
@@ -178,7 +185,9 @@ mod tests {
                 let exact: f64 = (0..k)
                     .map(|e| round_scalar(x[r * k + e]) as f64 * round_scalar(wv[c * k + e]) as f64)
                     .sum();
-                let mag: f64 = (0..k).map(|e| (x[r * k + e] * wv[c * k + e]).abs() as f64).sum();
+                let mag: f64 = (0..k)
+                    .map(|e| (x[r * k + e] * wv[c * k + e]).abs() as f64)
+                    .sum();
                 assert!((want[r * n + c] as f64 - exact).abs() <= 1e-6 * mag);
             }
         }

@@ -154,9 +154,7 @@ pub fn dot_scalar(xq: &[i8], xd: &[f32], wq: &[i8], wd: &[f32]) -> f32 {
         let d = dw * dx;
         let (x, w) = (&xq[b * QK..(b + 1) * QK], &wq[b * QK..(b + 1) * QK]);
         for (l, acc) in acc.iter_mut().enumerate() {
-            let s: i32 = (4 * l..4 * l + 4)
-                .map(|e| x[e] as i32 * w[e] as i32)
-                .sum();
+            let s: i32 = (4 * l..4 * l + 4).map(|e| x[e] as i32 * w[e] as i32).sum();
             *acc = (s as f32).mul_add(d, *acc);
         }
     }
@@ -217,7 +215,10 @@ unsafe fn tile(
     while j < cols.end {
         let nr = NR.min(cols.end - j);
         let dst = out.ptr.add(rows.start * out.ld + j);
-        let xs = (x.q.as_ptr().add(rows.start * k), x.d.as_ptr().add(rows.start * nb));
+        let xs = (
+            x.q.as_ptr().add(rows.start * k),
+            x.d.as_ptr().add(rows.start * nb),
+        );
         let ws = (w.q.as_ptr().add(j * k), w.d.as_ptr().add(j * nb));
         let (m, ld) = (rows.len(), out.ld);
         match isa {
@@ -333,7 +334,8 @@ mod simd {
                                         let sx = _mm256_sign_epi8(xv, wv[c]);
                                         let ($a, $b) = (wa[c], sx);
                                         let sums: __m256i = $lane_sums;
-                                        let d = _mm256_broadcast_ss(&*sp.add((r * N + c) * RUN + i));
+                                        let d =
+                                            _mm256_broadcast_ss(&*sp.add((r * N + c) * RUN + i));
                                         acc[r][c] =
                                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r][c]);
                                     }
@@ -437,7 +439,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
             })
             .collect()
@@ -492,7 +496,11 @@ mod tests {
         let mut x = Blocks::default();
         quantize_activations(&data(m * k, 7), &mut x);
         let mut w = Blocks::default();
-        unpack_weights(GgmlType::Q8_0, &blocks_of(GgmlType::Q8_0, &data(n * k, 9)), &mut w);
+        unpack_weights(
+            GgmlType::Q8_0,
+            &blocks_of(GgmlType::Q8_0, &data(n * k, 9)),
+            &mut w,
+        );
         x.q[..32].fill(127);
         x.q[32..64].fill(-127);
         w.q[..64].fill(-128);
@@ -509,7 +517,8 @@ mod tests {
                 );
                 let exact: f64 = (0..k)
                     .map(|e| {
-                        x.q[r * k + e] as f64 * x.d[r * nb + e / QK] as f64
+                        x.q[r * k + e] as f64
+                            * x.d[r * nb + e / QK] as f64
                             * w.q[c * k + e] as f64
                             * w.d[c * nb + e / QK] as f64
                     })
@@ -535,9 +544,20 @@ mod tests {
         let (m, k, n) = (150, 64, 140);
         let x = data(m * k, 11);
         let bytes = blocks_of(GgmlType::Q4_0, &data(n * k, 13));
-        let w = RawRows { bytes: &bytes, ty: GgmlType::Q4_0, rows: n, k };
+        let w = RawRows {
+            bytes: &bytes,
+            ty: GgmlType::Q4_0,
+            rows: n,
+            k,
+        };
         let mut want = vec![0.0; m * n];
-        assert!(matmul_weight_t(&x, &w, &mut want, usize::MAX, Isa::detected()));
+        assert!(matmul_weight_t(
+            &x,
+            &w,
+            &mut want,
+            usize::MAX,
+            Isa::detected()
+        ));
         for budget in [1, 65 * k, 100 * k] {
             let mut got = vec![0.0; m * n];
             matmul_weight_t(&x, &w, &mut got, budget, Isa::detected());
@@ -562,11 +582,18 @@ mod tests {
         }
         fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
             let row = self.ty.bytes_for(self.k as u64).unwrap() as usize;
-            quant::dequantize(self.ty, &self.bytes[first * row..(first + count) * row], out);
+            quant::dequantize(
+                self.ty,
+                &self.bytes[first * row..(first + count) * row],
+                out,
+            );
         }
         fn blocks(&self, first: usize, count: usize) -> Option<(DType, &[u8])> {
             let row = self.ty.bytes_for(self.k as u64).unwrap() as usize;
-            Some((DType::Quant(self.ty), &self.bytes[first * row..(first + count) * row]))
+            Some((
+                DType::Quant(self.ty),
+                &self.bytes[first * row..(first + count) * row],
+            ))
         }
     }
 }
