@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench e2e -- stages MODEL SIZE [STEPS]   # text encode, s/UNet step, VAE decode, peak RSS
 //! cargo bench --bench e2e -- profile MODEL [LATENT]      # one UNet step (CFG batch 2) by op kind
+//! cargo bench --bench e2e -- accuracy MODEL [LATENT]     # one UNet call per precision mode vs f32
 //! cargo bench --bench e2e -- step MODEL [LATENT]         # two bare UNet calls (for perf record)
 //! ```
 //!
@@ -145,6 +146,54 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
         cpus(),
         contention_note()
     );
+}
+
+/// One UNet call (CFG batch 2, random latent, the job's conditioning) per precision mode, each
+/// against the f32 call: relative L2 error and time, the issue's per-call bounds at full size.
+fn accuracy(model: PathBuf, latent: usize) {
+    use sdcap::kernels::{Isa, Mode, Precision};
+    let models = Models::load(&job(model.clone(), latent as u32 * 8)).expect("load model");
+    let cond = conditioning(&models, latent as u32 * 8);
+    let x = Tensor::new(
+        vec![2, 4, latent, latent],
+        common::random(2 * 4 * latent * latent, 7),
+    );
+    let call = |mode| {
+        let cx = sdcap::nn::Ctx {
+            scratch: TIERS[0],
+            precision: Precision::new(mode),
+        };
+        let t = Instant::now();
+        let out = models.unet.forward_added(
+            &x,
+            &[999.0, 999.0],
+            &cond.context,
+            cond.added.as_deref(),
+            &cx,
+            &mut |_, _| {},
+        );
+        (out, t.elapsed().as_secs_f64())
+    };
+    let (reference, t_ref) = call(Mode::F32);
+    let name = model.file_name().unwrap_or_default().to_string_lossy();
+    println!(
+        "{name} latent {latent}² (CFG batch 2), kernels {:?}: f32 {t_ref:.2} s — {}",
+        Isa::selected(),
+        contention_note()
+    );
+    for mode in [Mode::Bf16, Mode::Int8] {
+        let (out, t) = call(mode);
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (a, b) in out.data.iter().zip(&reference.data) {
+            num += (*a as f64 - *b as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+        println!(
+            "  {}: relative L2 vs f32 {:.3e}, {t:.2} s (int8 on weights without int8 products computes in f32)",
+            mode.name(),
+            (num / den).sqrt()
+        );
+    }
 }
 
 /// Two real UNet calls (CFG batch 2) and nothing else, for `perf record`.
@@ -325,6 +374,10 @@ fn main() {
             stages(model.into(), size.parse().expect("size"), steps)
         }
         ["step", model, rest @ ..] => profile_step(
+            model.into(),
+            rest.first().map_or(64, |s| s.parse().expect("latent")),
+        ),
+        ["accuracy", model, rest @ ..] => accuracy(
             model.into(),
             rest.first().map_or(64, |s| s.parse().expect("latent")),
         ),
