@@ -224,3 +224,33 @@ fn auto_resolves_from_the_weights_and_the_cpu() {
         assert_eq!(got.precision, want, "{file}");
     }
 }
+
+/// `SDCAP_KERNELS` names an instruction set; an unknown name, or one this CPU lacks, is a bad
+/// request (`kernels::precision::check`, which `Job::validate` calls). Only values the kernels
+/// would ignore anyway are set here (an unusable value leaves `Isa::selected` at the detected
+/// level), so the other tests of this binary are not affected whatever the order.
+#[test]
+fn kernels_env_is_checked() {
+    use sdcap::kernels::precision::{check, KERNELS_ENV};
+    // Fix the process's selection (read once) before the variable changes; restore it after.
+    let selected = Isa::selected();
+    let original = std::env::var_os(KERNELS_ENV);
+    let job = Job::new(tiny("tiny-sd-fp32.safetensors"), "a cat");
+    let mut bad = vec!["neon"];
+    if Isa::detected() < Isa::Avx512 {
+        bad.push("avx512");
+    }
+    for value in bad {
+        std::env::set_var(KERNELS_ENV, value);
+        let err = check(&job).expect_err(value);
+        assert!(matches!(err, sdcap::Error::BadRequest(_)), "{value}: {err}");
+        assert_eq!(err.exit_code(), 2, "{value}");
+    }
+    std::env::set_var(KERNELS_ENV, "scalar");
+    assert!(check(&job).is_ok());
+    match original {
+        Some(v) => std::env::set_var(KERNELS_ENV, v),
+        None => std::env::remove_var(KERNELS_ENV),
+    }
+    assert_eq!(Isa::selected(), selected, "read once");
+}
