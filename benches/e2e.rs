@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench e2e -- stages MODEL SIZE [STEPS]   # text encode, s/UNet step, VAE decode, peak RSS
 //! cargo bench --bench e2e -- profile MODEL [LATENT]      # one UNet step (CFG batch 2) by op kind
+//! cargo bench --bench e2e -- accuracy MODEL [LATENT]     # one UNet call per precision mode vs f32
 //! cargo bench --bench e2e -- step MODEL [LATENT]         # two bare UNet calls (for perf record)
 //! cargo bench --bench e2e -- lora MODEL LORA SIZE [STEPS] # LoRA load + apply, s/step with vs without
 //! ```
@@ -31,8 +32,20 @@ use sdcap::kernels::scratch::TIERS;
 use sdcap::pipeline::Models;
 use sdcap::tensor::Tensor;
 
+/// The precision mode the UNet calls run in: `$SDCAP_BENCH_PRECISION` (f32, bf16, int8, auto;
+/// default f32), set by `benches/e2e.sh`'s fifth argument.
+fn requested_precision() -> sdcap::job::Precision {
+    std::env::var("SDCAP_BENCH_PRECISION")
+        .ok()
+        .map_or(sdcap::job::Precision::F32, |p| {
+            p.parse()
+                .expect("SDCAP_BENCH_PRECISION: f32, bf16, int8 or auto")
+        })
+}
+
 fn job(model: PathBuf, size: u32) -> Job {
     Job {
+        precision: requested_precision(),
         negative: Some("blurry".into()),
         width: size,
         height: size,
@@ -50,14 +63,21 @@ fn conditioning(models: &Models, size: u32) -> Conditioning {
         .expect("encode")
 }
 
-/// One UNet call on the CFG batch `x` at timestep `t`, with SDXL's added conditioning if any.
+/// One UNet call on the CFG batch `x` at timestep `t`, with SDXL's added conditioning if any, in
+/// the requested precision mode (resolved as the pipeline does).
 fn unet_call(models: &Models, x: &Tensor, t: f32, cond: &Conditioning) -> Tensor {
+    let job = job(PathBuf::new(), 8 * x.shape[2] as u32);
+    let cx = sdcap::nn::Ctx {
+        scratch: TIERS[0],
+        precision: sdcap::pipeline::unet_precision(models, &job),
+        lora: None,
+    };
     models.unet.forward_added(
         x,
         &[t, t],
         &cond.context,
         cond.added.as_deref(),
-        &sdcap::nn::Ctx::from(TIERS[0]),
+        &cx,
         &mut |_, _| {},
     )
 }
@@ -117,8 +137,11 @@ fn stages(model: PathBuf, size: u32, steps: usize) {
     let mean = step_times.iter().sum::<f64>() / steps as f64;
     let best = step_times.iter().cloned().fold(f64::INFINITY, f64::min);
     let name = model.file_name().unwrap_or_default().to_string_lossy();
+    let mode = sdcap::pipeline::unet_precision(&models, &job(PathBuf::new(), size));
     println!(
-        "{name} {size}²: load {load:.1} s | text encode {encode:.2} s | UNet step (batch 2) mean {mean:.2} s, best {best:.2} s over {steps} | VAE decode {decode:.2} s | peak RSS {:.0} MiB (encode {:.0}, denoise {:.0}) | UNet CPU use {unet_cpu:.2} of {} cores | start: {load_note}; end: {}",
+        "{name} {size}² precision {} ({}): load {load:.1} s | text encode {encode:.2} s | UNet step (batch 2) mean {mean:.2} s, best {best:.2} s over {steps} | VAE decode {decode:.2} s | peak RSS {:.0} MiB (encode {:.0}, denoise {:.0}) | UNet CPU use {unet_cpu:.2} of {} cores | start: {load_note}; end: {}",
+        mode.mode.name(),
+        mode.isa.name(),
         mib(peak),
         mib(peak_encode),
         mib(peak_unet),
@@ -180,6 +203,55 @@ fn lora(model: PathBuf, lora: PathBuf, size: u32, steps: usize) {
         mib(peak_rss()),
         contention_note()
     );
+}
+
+/// One UNet call (CFG batch 2, random latent, the job's conditioning) per precision mode, each
+/// against the f32 call: relative L2 error and time, the issue's per-call bounds at full size.
+fn accuracy(model: PathBuf, latent: usize) {
+    use sdcap::kernels::{Isa, Mode, Precision};
+    let models = Models::load(&job(model.clone(), latent as u32 * 8)).expect("load model");
+    let cond = conditioning(&models, latent as u32 * 8);
+    let x = Tensor::new(
+        vec![2, 4, latent, latent],
+        common::random(2 * 4 * latent * latent, 7),
+    );
+    let call = |mode| {
+        let cx = sdcap::nn::Ctx {
+            scratch: TIERS[0],
+            precision: Precision::new(mode),
+            lora: None,
+        };
+        let t = Instant::now();
+        let out = models.unet.forward_added(
+            &x,
+            &[999.0, 999.0],
+            &cond.context,
+            cond.added.as_deref(),
+            &cx,
+            &mut |_, _| {},
+        );
+        (out, t.elapsed().as_secs_f64())
+    };
+    let (reference, t_ref) = call(Mode::F32);
+    let name = model.file_name().unwrap_or_default().to_string_lossy();
+    println!(
+        "{name} latent {latent}² (CFG batch 2), kernels {:?}: f32 {t_ref:.2} s — {}",
+        Isa::selected(),
+        contention_note()
+    );
+    for mode in [Mode::Bf16, Mode::Int8] {
+        let (out, t) = call(mode);
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (a, b) in out.data.iter().zip(&reference.data) {
+            num += (*a as f64 - *b as f64).powi(2);
+            den += (*b as f64).powi(2);
+        }
+        println!(
+            "  {}: relative L2 vs f32 {:.3e}, {t:.2} s (int8 on weights without int8 products computes in f32)",
+            mode.name(),
+            (num / den).sqrt()
+        );
+    }
 }
 
 /// Two real UNet calls (CFG batch 2) and nothing else, for `perf record`.
@@ -366,6 +438,10 @@ fn main() {
             rest.first().map_or(3, |s| s.parse().expect("steps")),
         ),
         ["step", model, rest @ ..] => profile_step(
+            model.into(),
+            rest.first().map_or(64, |s| s.parse().expect("latent")),
+        ),
+        ["accuracy", model, rest @ ..] => accuracy(
             model.into(),
             rest.first().map_or(64, |s| s.parse().expect("latent")),
         ),

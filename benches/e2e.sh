@@ -2,8 +2,10 @@
 # End-to-end benchmark: text encode (every encoder of the family), s per UNet step (CFG batch 2),
 # VAE decode and peak RSS at each size and weight type, each configuration in its own process.
 #
-#   benches/e2e.sh [SIZES] [TYPES] [STEPS] [FAMILY]
+#   benches/e2e.sh [SIZES] [TYPES] [STEPS] [FAMILY] [PRECISIONS]
 #       e.g. benches/e2e.sh "256 512" "f16 q8_0 q4_0" 2            (SD1.5)
+#            benches/e2e.sh 512 "f16 q8_0 q4_0" 2 sd15 "f32 bf16 int8 auto"   (each precision mode;
+#                the line names the mode used: int8 on f16 weights computes in f32)
 #            benches/e2e.sh "512 1024" "q4_0" 2 sdxl                (SDXL)
 #            benches/e2e.sh 768 "f16 q4_0" 2 sd21                   (SD2.1 768-v)
 #
@@ -20,6 +22,7 @@ SIZES=${1:-"256 512"}
 TYPES=${2:-"f16 q8_0 q4_0"}
 STEPS=${3:-2}
 FAMILY=${4:-sd15}
+PRECISIONS=${5:-f32}
 . benches/models.sh
 IDLE_WAIT=${IDLE_WAIT:-120}
 IDLE_LOAD=${IDLE_LOAD:-0.5}
@@ -54,7 +57,9 @@ if [ "$SIZES" = profile ]; then
 fi
 for size in $SIZES; do
   for ty in $TYPES; do
-    wait_idle
-    "$bin" stages "$(model_for "$ty" "$FAMILY")" "$size" "$STEPS"
+    for precision in $PRECISIONS; do
+      wait_idle
+      SDCAP_BENCH_PRECISION=$precision "$bin" stages "$(model_for "$ty" "$FAMILY")" "$size" "$STEPS"
+    done
   done
 done

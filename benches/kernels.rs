@@ -361,6 +361,138 @@ fn lora<const HOW: usize>(bencher: Bencher, name: &str) {
         });
 }
 
+/// The linear-layer product in each precision mode (`kernels::weight_product`) at SD1.5 shapes: the
+/// 64²-level GEGLU projection, an attention projection, and a 3×3 conv's GEMM (320 → 320 at 64²,
+/// k = 9·320; convs stay f32 in every mode today, this shows what int8 would give there). The
+/// weight is stored as `ty` (f16, q8_0 or q4_0); f32 mode reads it through the f32 panel path.
+/// (shape name, (m, k, n), weight type, mode).
+type PrecisionCase = (
+    &'static str,
+    (usize, usize, usize),
+    &'static str,
+    &'static str,
+);
+
+fn precision_cases() -> Vec<PrecisionCase> {
+    let shapes = [
+        ("geglu 8192x320x2560", (8192, 320, 2560)),
+        ("attn proj 8192x320x320", (8192, 320, 320)),
+        ("ff out 8192x1280x320", (8192, 1280, 320)),
+        ("conv3x3 gemm 8192x2880x320", (8192, 2880, 320)),
+    ];
+    let mut cases = Vec::new();
+    for (name, shape) in shapes {
+        for (ty, modes) in [
+            ("f16", &["f32", "bf16"][..]),
+            (
+                "q8_0",
+                &["f32", "int8 scalar", "int8 avx2", "int8 avx512"][..],
+            ),
+            ("q4_0", &["f32", "int8 avx2", "int8 avx512"][..]),
+        ] {
+            for &mode in modes {
+                // The scalar reference is for agreement, not speed: one shape is enough.
+                if mode == "int8 scalar" && shape != (8192, 320, 320) {
+                    continue;
+                }
+                cases.push((name, shape, ty, mode));
+            }
+        }
+    }
+    cases
+}
+
+/// A weight held as stored bytes of a GGML type, as a mapped tensor is.
+struct Stored {
+    ty: quant::GgmlType,
+    bytes: Vec<u8>,
+    rows: usize,
+    k: usize,
+}
+
+impl sdcap::kernels::WeightRows for Stored {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn row_len(&self) -> usize {
+        self.k
+    }
+    fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+        let row = self.ty.bytes_for(self.k as u64).unwrap() as usize;
+        quant::dequantize(
+            self.ty,
+            &self.bytes[first * row..(first + count) * row],
+            out,
+        );
+    }
+    fn blocks(&self, first: usize, count: usize) -> Option<(sdcap::weights::DType, &[u8])> {
+        let row = self.ty.bytes_for(self.k as u64).unwrap() as usize;
+        let dtype = match self.ty {
+            quant::GgmlType::F16 => sdcap::weights::DType::F16,
+            ty => sdcap::weights::DType::Quant(ty),
+        };
+        Some((dtype, &self.bytes[first * row..(first + count) * row]))
+    }
+}
+
+fn precision_table(pn: f64) {
+    use sdcap::kernels::{Isa, Mode, Precision};
+    let only = std::env::var("SDCAP_BENCH_ONLY").unwrap_or_default();
+    println!(
+        "\nprecision modes (kernels::weight_product, CPU runs up to {:?})\n{:<28} {:>5} {:>12} {:>9} {:>8} {:>7} {:>12}",
+        Isa::detected(),
+        "shape",
+        "type",
+        "mode",
+        "best ms",
+        "GFLOP/s",
+        "% peak",
+        "GFLOP/CPU-s"
+    );
+    for (name, (m, k, n), ty, mode) in precision_cases() {
+        let label = format!("precision {name} {ty} {mode}");
+        if !label.contains(only.as_str()) {
+            continue;
+        }
+        let (mode_v, isa) = match mode {
+            "f32" => (Mode::F32, Isa::detected()),
+            "bf16" => (Mode::Bf16, Isa::detected()),
+            "int8 scalar" => (Mode::Int8, Isa::Scalar),
+            "int8 avx2" => (Mode::Int8, Isa::Avx2),
+            _ => (Mode::Int8, Isa::Avx512),
+        };
+        if isa > Isa::detected() {
+            println!("{name:<28} {ty:>5} {mode:>12}   (not run: this CPU lacks it)");
+            continue;
+        }
+        let ggml = quant::GgmlType::from_name(ty).unwrap();
+        let values = common::random(n * k, 2);
+        let mut bytes = vec![0u8; ggml.bytes_for((n * k) as u64).unwrap() as usize];
+        quant::quantize(ggml, &values, &mut bytes);
+        let w = Stored {
+            ty: ggml,
+            bytes,
+            rows: n,
+            k,
+        };
+        let x = common::random(m * k, 1);
+        let mut y = vec![0.0f32; m * n];
+        let precision = Precision { mode: mode_v, isa };
+        let scratch = sdcap::kernels::scratch::Scratch::default();
+        let mut f = || sdcap::kernels::weight_product(&x, &w, &mut y, &scratch, precision);
+        let (wall, cpu) = best_wall_and_cpu(2, &mut f);
+        let flops = 2.0 * (m * k * n) as f64;
+        let (t, c) = (wall.as_secs_f64(), cpu.as_secs_f64());
+        println!(
+            "{name:<28} {ty:>5} {mode:>12} {:>9.1} {:>8.1} {:>6.1}% {:>12.1}",
+            t * 1e3,
+            flops / t / 1e9,
+            100.0 * flops / t / pn,
+            flops / c / 1e9,
+        );
+    }
+}
+
 fn main() {
     let threads = cpus();
     let denormals = common::start_compute_threads();
@@ -412,6 +544,7 @@ fn main() {
          per CPU-second of all threads, % core: of the 1-thread peak — steadier on a shared machine; {})\n",
         contention_note()
     );
+    precision_table(pn);
     if std::env::var_os("SDCAP_BENCH_TABLE_ONLY").is_none() {
         divan::main();
     }

@@ -11,6 +11,7 @@ use crate::img2img;
 use crate::init_image::InitImage;
 use crate::job::Job;
 use crate::kernels::scratch::Scratch;
+use crate::kernels::{Isa, Mode, Precision};
 use crate::nn::unet::UNet;
 use crate::nn::vae::{Decoder, Encoder, VaePlan};
 use crate::nn::Ctx;
@@ -42,6 +43,27 @@ pub struct Generated {
     pub peak_rss_bytes: u64,
     /// Peak charge of our cgroup seen at block boundaries (0 where there is no cgroup file), bytes.
     pub peak_cgroup_bytes: u64,
+    /// The mode the UNet's weight products ran in (`auto` resolved).
+    pub precision: Mode,
+}
+
+/// The precision of a job's UNet calls: the job's mode, `auto` resolved against the type of the
+/// UNet's linear weights (one attention projection stands for all) and the kernels' instruction
+/// set (`kernels::precision::resolve`). Text encoders and the VAE always run in f32.
+pub fn unet_precision(models: &Models, job: &Job) -> Precision {
+    let isa = Isa::selected();
+    let linear = models
+        .store
+        .tensors()
+        .iter()
+        .find(|t| {
+            t.name.starts_with(models.spec.unet_prefix) && t.name.ends_with("attn1.to_q.weight")
+        })
+        .map(|t| t.dtype);
+    Precision {
+        mode: crate::kernels::precision::resolve(job.precision, linear, isa),
+        isa,
+    }
 }
 
 pub use crate::models::Models;
@@ -269,6 +291,7 @@ fn run(
     } = start;
 
     on_event(Event::Stage("denoise"));
+    let precision = unet_precision(models, job);
     let denoise_peak = plan
         .stages
         .iter()
@@ -300,7 +323,11 @@ fn run(
             }
         };
         // The tier in force for this call: the plan's, or the watch's tighter one.
-        let cx = Ctx::from(watch.borrow().scratch()).with_lora(lora.clone());
+        let cx = Ctx {
+            scratch: watch.borrow().scratch(),
+            precision,
+            lora: lora.clone(),
+        };
         let mut after_block = |name: &str| watch.borrow_mut().after_block(name);
         let (unet, scale) = (&models.unet, job.cfg_scale);
         let eps = predict_noise(unet, &x, t, &cond, scale, &cx, &mut after_block);
@@ -360,6 +387,7 @@ fn run(
         plan,
         peak_rss_bytes: memory::peak_rss_bytes().unwrap_or(0),
         peak_cgroup_bytes,
+        precision: precision.mode,
     })
 }
 

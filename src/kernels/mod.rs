@@ -4,11 +4,14 @@
 
 mod activation;
 mod attention;
+pub mod bf16;
 mod conv;
 mod denormals;
+pub mod int8;
 pub(crate) mod matmul;
 mod norm;
 mod panel;
+pub mod precision;
 pub mod scratch;
 mod winograd;
 
@@ -23,7 +26,8 @@ pub use matmul::{matmul, Transpose};
 pub use norm::{
     group_norm, group_norm_stats, group_norm_stats_bytes, layer_norm, layer_norm_to, GroupStats,
 };
-pub use panel::{matmul_weight_t, panel_bytes, DenseRows, LhsPanels, WeightRows};
+pub use panel::{matmul_weight_t, panel_bytes, weight_product, DenseRows, LhsPanels, WeightRows};
+pub use precision::{Isa, Mode, Precision};
 pub use winograd::{
     conv3x3_winograd, conv3x3_winograd_read, winograd_choice, winograd_scratch_bytes, WinogradConv,
     WinogradInput, WinogradTile,

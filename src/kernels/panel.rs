@@ -4,6 +4,7 @@
 //! this CPU, DESIGN.md).
 
 use super::matmul::{matmul_strided, Transpose};
+use super::precision::{Mode, Precision};
 use super::scratch::{longest_piece, pieces, Scratch, MIN_SPLIT};
 use crate::tensor::zeroed;
 
@@ -13,6 +14,11 @@ pub trait WeightRows: Sync {
     fn row_len(&self) -> usize;
     /// Rows `first .. first + count` into `out` (count · row_len values).
     fn read_rows(&self, first: usize, count: usize, out: &mut [f32]);
+    /// The stored bytes of rows `first .. first + count` and their type, for kernels that read a
+    /// GGML block type directly (`kernels::int8`); None when the weight is not held that way.
+    fn blocks(&self, _first: usize, _count: usize) -> Option<(crate::weights::DType, &[u8])> {
+        None
+    }
 }
 
 /// A plain f32 matrix as `WeightRows` (tests, and weights already in memory).
@@ -54,6 +60,30 @@ pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32], scratch: &S
         return; // --backend cuda
     }
     matmul_weight_t_budget(x, w, y, scratch.weight_panel)
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ` in the mode of `precision` (`kernels::precision`): the one place
+/// a linear layer's product picks its kernel. Int8 on a weight type without int8 products computes
+/// in f32.
+pub fn weight_product(
+    x: &[f32],
+    w: &dyn WeightRows,
+    y: &mut [f32],
+    scratch: &Scratch,
+    precision: Precision,
+) {
+    match precision.mode {
+        Mode::Int8 if crate::backend::active() == crate::backend::Backend::Cpu => {
+            let budget = scratch.weight_panel;
+            if !super::int8::matmul_weight_t(x, w, y, budget, precision.isa) {
+                matmul_weight_t(x, w, y, scratch);
+            }
+        }
+        Mode::Bf16 if crate::backend::active() == crate::backend::Backend::Cpu => {
+            super::bf16::matmul_weight_t(x, w, y, scratch.weight_panel, precision.isa)
+        }
+        _ => matmul_weight_t(x, w, y, scratch),
+    }
 }
 
 fn matmul_weight_t_budget(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usize) {

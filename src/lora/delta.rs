@@ -291,6 +291,20 @@ impl WeightRows for WithLora<'_> {
             }
         }
     }
+
+    /// The stored blocks when no term changes the panel (no LoRA on this weight, or only
+    /// low-rank terms, which the product adds to its output): an int8 product may read them.
+    fn blocks(&self, first: usize, count: usize) -> Option<(crate::weights::DType, &[u8])> {
+        let panel_terms = self
+            .terms
+            .iter()
+            .any(|t| !(self.loha_only && matches!(t.form, Form::LowRank { .. })));
+        if panel_terms {
+            None
+        } else {
+            self.base.blocks(first, count)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::kernels::scratch::Scratch;
+use crate::kernels::Precision;
 use crate::lora::LoraSet;
 
 /// What every layer of one network call reads besides its input and weights.
@@ -12,6 +13,9 @@ use crate::lora::LoraSet;
 pub struct Ctx {
     /// The kernels' memory budgets for this call (the governor's tier).
     pub scratch: Scratch,
+    /// What the linear layers' weight products compute in (`kernels::precision`; f32 unless the
+    /// pipeline sets the job's mode for a UNet call).
+    pub precision: Precision,
     /// The job's LoRA adapters, added to the weights as the products read them (`nn::layers`);
     /// None: the weights as stored.
     pub lora: Option<Arc<LoraSet>>,
@@ -22,17 +26,27 @@ impl Ctx {
     pub fn with_lora(self, lora: Option<Arc<LoraSet>>) -> Ctx {
         Ctx { lora, ..self }
     }
+
+    /// The same call with its weight products in f32: for what stays exact whatever the mode
+    /// (time and label embeddings, the cross-attention keys and values of the text context).
+    /// The adapters stay.
+    pub fn exact(&self) -> Ctx {
+        Ctx {
+            precision: self.precision.exact(),
+            ..self.clone()
+        }
+    }
 }
 
 impl PartialEq for Ctx {
-    /// Same tier and the same adapter set (by identity).
+    /// Same tier, same precision and the same adapter set (by identity).
     fn eq(&self, other: &Ctx) -> bool {
         let same_lora = match (&self.lora, &other.lora) {
             (None, None) => true,
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             _ => false,
         };
-        self.scratch == other.scratch && same_lora
+        self.scratch == other.scratch && self.precision == other.precision && same_lora
     }
 }
 
@@ -40,7 +54,7 @@ impl From<Scratch> for Ctx {
     fn from(scratch: Scratch) -> Ctx {
         Ctx {
             scratch,
-            lora: None,
+            ..Ctx::default()
         }
     }
 }

@@ -118,9 +118,10 @@ impl Linear {
         assert_eq!(rows * self.in_dim, x.len(), "linear input width");
         let mut y = zeroed(rows * self.out_dim);
         match &cx.lora {
-            None => kernels::matmul_weight_t(x, &self.weight, &mut y, &cx.scratch),
+            None => kernels::weight_product(x, &self.weight, &mut y, &cx.scratch, cx.precision),
             Some(set) => {
-                kernels::matmul_weight_t(x, &set.weight(&self.weight), &mut y, &cx.scratch);
+                let w = set.weight(&self.weight);
+                kernels::weight_product(x, &w, &mut y, &cx.scratch, cx.precision);
                 set.add_linear(&self.weight, x, &mut y);
             }
         }
@@ -541,6 +542,9 @@ impl WeightRows for Param {
     }
     fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
         Param::read_rows(self, first, count, out)
+    }
+    fn blocks(&self, first: usize, count: usize) -> Option<(crate::weights::DType, &[u8])> {
+        Param::stored_rows(self, first, count)
     }
 }
 

@@ -74,7 +74,7 @@ impl ResnetBlock {
         match &self.time_proj {
             Some(proj) => {
                 let temb = silu_temb.expect("UNet resnet needs a time embedding");
-                let temb = proj.forward(temb, cx);
+                let temb = proj.forward(temb, &cx.exact());
                 for_each_plane(&mut h, |b, ch, plane| {
                     let (bias, t) = (bias1[ch], temb[b * c + ch]);
                     plane.iter_mut().for_each(|v| *v = (*v + bias) + t);

@@ -448,9 +448,11 @@ impl UNet {
             timestep_embedding(timesteps, self.model_channels),
         );
         trace("time_proj", &t_proj);
-        let mut temb = self.time_embed.0.forward(&t_proj.data, cx);
+        // The time and label embeddings stay f32 whatever the precision mode.
+        let exact = cx.exact();
+        let mut temb = self.time_embed.0.forward(&t_proj.data, &exact);
         kernels::silu(&mut temb);
-        let mut temb = self.time_embed.1.forward(&temb, cx);
+        let mut temb = self.time_embed.1.forward(&temb, &exact);
         let width = temb.len() / n;
         trace("time_emb", &Tensor::new(vec![n, width], temb.clone()));
         match (&self.label_emb, added) {
@@ -458,9 +460,9 @@ impl UNet {
                 let adm_in = label.mlp.0.in_dim;
                 assert_eq!(y.len(), n * adm_in, "added conditioning is [n, adm_in]");
                 trace("added", &Tensor::new(vec![n, adm_in], y.to_vec()));
-                let mut h = label.mlp.0.forward(y, cx);
+                let mut h = label.mlp.0.forward(y, &exact);
                 kernels::silu(&mut h);
-                let label_emb = label.mlp.1.forward(&h, cx);
+                let label_emb = label.mlp.1.forward(&h, &exact);
                 trace("label_emb", &Tensor::new(vec![n, width], label_emb.clone()));
                 temb.iter_mut().zip(&label_emb).for_each(|(t, l)| *t += l);
                 trace("emb", &Tensor::new(vec![n, width], temb.clone()));

@@ -510,6 +510,19 @@ impl Param {
             });
     }
 
+    /// The stored bytes of rows `first .. first + count` (a matrix's rows are whole blocks) with
+    /// their type, straight from the mapping: for kernels that read GGML blocks directly.
+    pub fn stored_rows(&self, first: usize, count: usize) -> Option<(DType, &[u8])> {
+        let info = self.info();
+        let row_len = self.row_len();
+        if self.shape().len() < 2 || first + count > self.rows() {
+            return None;
+        }
+        let start = info.dtype.bytes_for((self.first_row() + first) * row_len)?;
+        let len = info.dtype.bytes_for(count * row_len)?;
+        Some((info.dtype, &self.store.bytes(info)[start..start + len]))
+    }
+
     /// The weight as f32 values (a transient copy; the mapping stays the only resident form). For
     /// small tensors (biases, norms); matrices are read in panels with `read_rows`.
     pub fn to_f32(&self) -> Vec<f32> {

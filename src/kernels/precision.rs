@@ -1,0 +1,233 @@
+//! How the weight products of one network call compute (`--precision`), and which instruction set
+//! the kernels use (`SDCAP_KERNELS`, read here and nowhere else).
+//!
+//! Only the products of `Linear` layers (`kernels::weight_product`) change with the mode: attention
+//! projections, proj_in/proj_out, the feed-forward. The pipeline gives the mode to the UNet call
+//! only (text encoders and the VAE run in f32), and the UNet keeps in f32 what is known to be
+//! sensitive: the time (and SDXL label) embedding, the cross-attention keys and values of the text
+//! context (`Precision::exact`), softmax and attention probabilities (the attention kernel is f32
+//! whatever the mode), GroupNorm/LayerNorm statistics. Convolutions stay f32 in every mode: the
+//! 3×3 convolutions run as Winograd, whose transformed filters are no longer the file's blocks (an
+//! int8 product there would have to re-quantize the transformed filters and the transformed input
+//! tiles, both with a larger dynamic range than the originals), and the transforms are f32 by the
+//! issue's rule.
+
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+use crate::job::Precision as Requested;
+use crate::weights::DType;
+
+/// What the weight products compute in, resolved (no `auto`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// The reference: f32 weights (converted from the file) and activations, f32 arithmetic.
+    #[default]
+    F32,
+    /// Weights and activations rounded to bf16 (round to nearest even), products accumulated in
+    /// f32.
+    Bf16,
+    /// Weights stored as q8_0/q5_0/q4_0 read as their integer blocks, activations quantized on
+    /// the fly per 32-value block with a dynamic f32 scale, integer dot products per block, f32
+    /// accumulation. Other weight types compute in f32.
+    Int8,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::F32 => "f32",
+            Mode::Bf16 => "bf16",
+            Mode::Int8 => "int8",
+        }
+    }
+}
+
+/// The instruction set the precision kernels use. Every level has a scalar twin that gives the
+/// same bits (`kernels::int8`, `kernels::bf16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512 F/BW/VL with VNNI (256-bit `vpdpbusd` in the int8 kernel).
+    Avx512,
+}
+
+/// The environment variable that forces an instruction set (tests, comparisons).
+pub const KERNELS_ENV: &str = "SDCAP_KERNELS";
+
+impl Isa {
+    /// The best level this CPU runs.
+    pub fn detected() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Parses a `SDCAP_KERNELS` value and checks that this CPU runs it.
+    pub fn parse(text: &str) -> Result<Isa> {
+        let isa = match text.trim() {
+            "scalar" => Isa::Scalar,
+            "avx2" => Isa::Avx2,
+            "avx512" => Isa::Avx512,
+            other => {
+                return Err(Error::BadRequest(format!(
+                    "{KERNELS_ENV}=`{other}` is not one of scalar, avx2, avx512"
+                )))
+            }
+        };
+        let detected = Isa::detected();
+        if isa > detected {
+            return Err(Error::BadRequest(format!(
+                "{KERNELS_ENV}={} needs instructions this CPU lacks (it runs up to {})",
+                isa.name(),
+                detected.name()
+            )));
+        }
+        Ok(isa)
+    }
+
+    /// What the kernels use unless a caller says otherwise: `SDCAP_KERNELS` when set (read once),
+    /// else the detected level. An unusable value falls back to the detected level here;
+    /// `check` (called when a request is validated) reports it as an error first.
+    pub fn selected() -> Isa {
+        static SELECTED: OnceLock<Isa> = OnceLock::new();
+        *SELECTED.get_or_init(|| match std::env::var(KERNELS_ENV) {
+            Ok(v) => Isa::parse(&v).unwrap_or_else(|_| Isa::detected()),
+            Err(_) => Isa::detected(),
+        })
+    }
+}
+
+/// What one network call's weight products compute in, and with which instructions. Part of
+/// `nn::Ctx`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    pub mode: Mode,
+    pub isa: Isa,
+}
+
+impl Default for Precision {
+    /// f32, the reference (the kernels' instruction set as selected).
+    fn default() -> Self {
+        Precision {
+            mode: Mode::F32,
+            isa: Isa::selected(),
+        }
+    }
+}
+
+impl Precision {
+    pub fn new(mode: Mode) -> Self {
+        Precision {
+            mode,
+            isa: Isa::selected(),
+        }
+    }
+
+    /// The same instructions in f32: for the products kept exact whatever the mode.
+    pub fn exact(self) -> Self {
+        Precision {
+            mode: Mode::F32,
+            ..self
+        }
+    }
+}
+
+/// Whether the int8 products read this weight type's blocks (others compute in f32).
+pub fn int8_reads(dtype: DType) -> bool {
+    matches!(
+        dtype,
+        DType::Quant(quant::GgmlType::Q8_0 | quant::GgmlType::Q5_0 | quant::GgmlType::Q4_0)
+    )
+}
+
+/// The mode a request runs in. `auto` is meant to be the fastest mode whose accuracy bound is
+/// tested (tests/precision.rs) on this CPU:
+/// - int8 when the UNet's linear weights are blocks the int8 products read (`unet_linear`: the
+///   type of one of its attention projections) and the CPU has VNNI (`vpdpbusd` does the 4-way
+///   byte dot of a lane in one instruction). Not yet measured on such a CPU: to be confirmed with
+///   `benches/kernels.rs`'s precision table (`int8 avx512` against `f32`).
+/// - f32 otherwise. On AVX2 without VNNI the int8 products (`vpsignb` + `vpmaddubsw` + `vpmaddwd`,
+///   then a conversion and an FMA per block) measured slower than f32's gemm at SD1.5's shapes
+///   (about 0.6× the GFLOP per CPU-second, benches/PROFILE.md), and bf16 has no native kernel yet,
+///   so neither is ever faster than f32 there.
+pub fn resolve(requested: Requested, unet_linear: Option<DType>, isa: Isa) -> Mode {
+    match requested {
+        Requested::F32 => Mode::F32,
+        Requested::Bf16 => Mode::Bf16,
+        Requested::Int8 => Mode::Int8,
+        Requested::Auto => {
+            if unet_linear.is_some_and(int8_reads) && isa >= Isa::Avx512 {
+                Mode::Int8
+            } else {
+                Mode::F32
+            }
+        }
+    }
+}
+
+/// Checks what can be checked of the precision settings without the model: a `SDCAP_KERNELS`
+/// value this CPU runs. For `Job::validate`.
+pub fn check(_job: &crate::job::Job) -> Result<()> {
+    match std::env::var(KERNELS_ENV) {
+        Ok(v) => Isa::parse(&v).map(|_| ()),
+        Err(std::env::VarError::NotPresent) => Ok(()),
+        Err(std::env::VarError::NotUnicode(_)) => Err(Error::BadRequest(format!(
+            "{KERNELS_ENV} is not one of scalar, avx2, avx512"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_refuses_unknown_names_and_levels_above_the_cpu() {
+        assert!(Isa::parse("neon").is_err());
+        assert_eq!(Isa::parse("scalar").unwrap(), Isa::Scalar);
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            assert_eq!(Isa::parse(isa.name()).is_ok(), isa <= Isa::detected());
+        }
+    }
+
+    #[test]
+    fn auto_picks_int8_only_for_blocks_it_reads_with_vnni() {
+        let q8 = Some(DType::Quant(quant::GgmlType::Q8_0));
+        let q4k = Some(DType::Quant(quant::GgmlType::Q4K));
+        assert_eq!(resolve(Requested::Auto, q8, Isa::Avx512), Mode::Int8);
+        assert_eq!(resolve(Requested::Auto, q8, Isa::Avx2), Mode::F32);
+        assert_eq!(resolve(Requested::Auto, q8, Isa::Scalar), Mode::F32);
+        assert_eq!(resolve(Requested::Auto, q4k, Isa::Avx512), Mode::F32);
+        assert_eq!(
+            resolve(Requested::Auto, Some(DType::F16), Isa::Avx512),
+            Mode::F32
+        );
+        assert_eq!(resolve(Requested::Bf16, None, Isa::Scalar), Mode::Bf16);
+    }
+}
