@@ -10,6 +10,7 @@ pub mod conditioning;
 pub mod error;
 pub mod family;
 pub mod governor;
+pub mod init_image;
 pub mod inspect;
 pub mod job;
 pub mod kernels;
