@@ -160,12 +160,10 @@ fn open(path: &Path) -> Result<(ImageFormat, impl ImageDecoder)> {
         Some(f @ (ImageFormat::Png | ImageFormat::Jpeg)) => f,
         _ => return Err(bad("not a PNG or JPEG image".into())),
     };
-    // The decoders' own allocation limit, as a second guard behind the header check.
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_INPUT_SIDE);
-    limits.max_image_height = Some(MAX_INPUT_SIDE);
-    limits.max_alloc = None;
-    reader.limits(limits);
+    // The size is checked from the header (`header_of`) before any pixel is decoded, and what a
+    // picture within it costs is the plan's to count: the decoders' own default cap (512 MiB)
+    // would refuse a large 16-bit picture that the plan can fit.
+    reader.no_limits();
     let decoder = reader
         .into_decoder()
         .map_err(|e| bad(format!("not a readable {} image: {e}", format_name(format))))?;
@@ -232,12 +230,9 @@ pub fn load(job: &Job) -> Result<Option<InitImage>> {
     let (rgb, original) = decode(path, Channels::Rgb)?;
     let resized_from = (original != size).then_some(original);
     let rgb = resize_u8(&rgb, 3, original, size);
-    let image = Tensor::new(
-        vec![1, 3, size.1 as usize, size.0 as usize],
-        planes(&rgb, 3)
-            .map(|v| 2.0 * (v as f32 / 255.0) - 1.0)
-            .collect(),
-    );
+    let mut values = Vec::with_capacity(rgb.len());
+    values.extend(planes(&rgb, 3).map(|v| 2.0 * (v as f32 / 255.0) - 1.0));
+    let image = Tensor::new(vec![1, 3, size.1 as usize, size.0 as usize], values);
     drop(rgb);
     let mask = match &job.mask {
         Some(path) => {
@@ -275,7 +270,7 @@ pub enum Channels {
 pub fn decode(path: &Path, channels: Channels) -> Result<(Vec<u8>, (u32, u32))> {
     let (format, mut decoder) = open(path)?;
     let (_, orientation) = header_of(path, format, &mut decoder)?;
-    let mut picture = DynamicImage::from_decoder(decoder).map_err(|e| {
+    let picture = DynamicImage::from_decoder(decoder).map_err(|e| {
         Error::bad_file(
             path,
             format!("not a readable {} image: {e}", format_name(format)),
@@ -283,8 +278,7 @@ pub fn decode(path: &Path, channels: Channels) -> Result<(Vec<u8>, (u32, u32))> 
     })?;
     // Alpha dropped and 16-bit samples rounded to 8 bits (`image`'s conversions), before turning:
     // the turn then moves 3 bytes a pixel.
-    let rgb = picture.to_rgb8();
-    picture = DynamicImage::ImageRgb8(rgb);
+    let mut picture = DynamicImage::ImageRgb8(picture.into_rgb8());
     picture.apply_orientation(orientation);
     let rgb = picture.into_rgb8();
     let size = rgb.dimensions();

@@ -9,6 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use sdcap::error::Error;
 use sdcap::init_image::{self, Channels};
@@ -58,6 +59,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// The allocation counters are process-wide: every test of this file takes this lock.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn inputs() -> PathBuf {
     common::fixtures().join("tiny-sd/workflows/inputs")
 }
@@ -88,6 +96,7 @@ fn preprocessed(reference: &Tensor) -> Vec<f32> {
 
 #[test]
 fn init_images_are_diffusers_preprocess_bit_for_bit() {
+    let _serial = serial();
     let common = common::read_tensors(
         &common::fixtures().join("tiny-sd/workflows/img2img/common.safetensors"),
     );
@@ -111,6 +120,7 @@ fn init_images_are_diffusers_preprocess_bit_for_bit() {
 /// Down, up, one side only, and below the source on both sides: the same bytes as PIL.
 #[test]
 fn resize_is_pil_lanczos_bit_for_bit() {
+    let _serial = serial();
     let refs = pil_refs();
     for (w, h) in [(40, 56), (80, 128), (64, 72), (48, 96), (24, 16)] {
         let path = inputs().join("init_64x96.png");
@@ -132,6 +142,7 @@ fn resize_is_pil_lanczos_bit_for_bit() {
 /// 127 → 0), as diffusers' `mask_processor`.
 #[test]
 fn mask_is_resized_then_binarised_like_diffusers() {
+    let _serial = serial();
     let refs = pil_refs();
     let stored = common::read_tensors(&inputs().join("inputs.safetensors"));
     let binarised = |t: &Tensor| -> Vec<f32> {
@@ -178,6 +189,7 @@ fn as_u8(t: &Tensor) -> Vec<u8> {
 
 #[test]
 fn exif_orientation_is_honoured_in_png_and_jpeg() {
+    let _serial = serial();
     let refs = pil_refs();
     // Stored 16 wide × 24 high with orientation 6 (turn 90° clockwise to show): shown 24 × 16.
     let (png, size) = init_image::decode(&pil("orient6.png"), Channels::Rgb).unwrap();
@@ -204,6 +216,7 @@ fn exif_orientation_is_honoured_in_png_and_jpeg() {
 
 #[test]
 fn alpha_is_dropped_and_16_bit_rounded() {
+    let _serial = serial();
     let refs = pil_refs();
     let (rgb, size) = init_image::decode(&pil("rgba.png"), Channels::Rgb).unwrap();
     assert_eq!(size, (24, 16));
@@ -225,6 +238,7 @@ fn alpha_is_dropped_and_16_bit_rounded() {
 
 #[test]
 fn size_without_width_and_height_is_the_pictures_rounded_down() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     for ((w, h), want) in [
         ((100, 70), (96, 64)),
@@ -251,7 +265,8 @@ fn write_png(path: &Path, w: u32, h: u32) {
     enc.write_header().unwrap().write_image_data(&pixels).unwrap();
 }
 
-/// A PNG signature and IHDR chunk declaring `w × h` RGB, then `rest`.
+/// A PNG signature and IHDR chunk declaring `w × h` RGB, then `rest` (an IDAT chunk's start
+/// makes the header complete: decoders read up to the first IDAT).
 fn png_header(w: u32, h: u32, rest: &[u8]) -> Vec<u8> {
     let mut chunk = b"IHDR".to_vec();
     chunk.extend(w.to_be_bytes());
@@ -264,6 +279,9 @@ fn png_header(w: u32, h: u32, rest: &[u8]) -> Vec<u8> {
     out.extend(rest);
     out
 }
+
+/// The start of an IDAT chunk of 1000 bytes, cut short.
+const IDAT_START: &[u8] = b"\x00\x00\x03\xe8IDAT\x78\x9c";
 
 /// A JPEG that declares `w × h` in its frame header and holds no scan.
 fn jpeg_header(w: u16, h: u16) -> Vec<u8> {
@@ -290,6 +308,7 @@ fn refused(job: &Job) -> String {
 
 #[test]
 fn bad_input_is_refused_in_one_line_before_the_model_loads() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, bytes: &[u8]| {
         let path = dir.path().join(name);
@@ -330,15 +349,15 @@ fn bad_input_is_refused_in_one_line_before_the_model_loads() {
     }
 
     // Decompression bombs: refused from the header, nothing allocated for the pixels.
-    let bomb = file("bomb.png", &png_header(100_000, 100_000, &[]));
+    let bomb = file("bomb.png", &png_header(100_000, 100_000, IDAT_START));
     assert!(refused(&image(bomb)).contains("100000x100000"));
     let jbomb = file("bomb.jpg", &jpeg_header(65_000, 65_000));
     let line = refused(&image(jbomb));
     assert!(line.contains("bomb.jpg"), "{line}");
     // Within the side limit but cut short: streamed a row at a time, refused.
-    let big = file("big.png", &png_header(16_000, 16_000, &[]));
+    let big = file("big.png", &png_header(16_000, 16_000, IDAT_START));
     assert!(refused(&image(big)).contains("not a readable PNG"));
-    let zero = file("zero.png", &png_header(0, 64, &[]));
+    let zero = file("zero.png", &png_header(0, 64, IDAT_START));
     let line = refused(&image(zero));
     assert!(line.contains("zero.png"), "{line}");
 
@@ -369,6 +388,7 @@ fn bad_input_is_refused_in_one_line_before_the_model_loads() {
 /// plain, a resized and a masked load.
 #[test]
 fn load_peak_is_predicted() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let big = dir.path().join("big.png");
     write_png(&big, 640, 400);
@@ -395,3 +415,4 @@ fn load_peak_is_predicted() {
     }
     assert_eq!(init_image::load_peak_bytes(&job(None, None, (512, 512))), 0);
 }
+
