@@ -117,7 +117,10 @@ fn header_of(
 ) -> Result<(Header, Orientation)> {
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
-        return Err(Error::bad_file(path, format!("the image is {w}x{h} pixels")));
+        return Err(Error::bad_file(
+            path,
+            format!("the image is {w}x{h} pixels"),
+        ));
     }
     if w > MAX_INPUT_SIDE || h > MAX_INPUT_SIDE {
         return Err(Error::bad_file(
@@ -180,9 +183,13 @@ fn format_name(format: ImageFormat) -> &'static str {
 /// Decodes a PNG's rows one at a time to its end (one row of memory): a truncated or corrupt
 /// file is refused by `check`, before any model is loaded.
 fn verify_png(path: &Path) -> Result<()> {
-    let bad = |e: png::DecodingError| Error::bad_file(path, format!("not a readable PNG image: {e}"));
-    let file = File::open(path).map_err(|e| Error::bad_file(path, format!("cannot read the image: {e}")))?;
-    let mut reader = png::Decoder::new(BufReader::new(file)).read_info().map_err(bad)?;
+    let bad =
+        |e: png::DecodingError| Error::bad_file(path, format!("not a readable PNG image: {e}"));
+    let file = File::open(path)
+        .map_err(|e| Error::bad_file(path, format!("cannot read the image: {e}")))?;
+    let mut reader = png::Decoder::new(BufReader::new(file))
+        .read_info()
+        .map_err(bad)?;
     while reader.next_row().map_err(bad)?.is_some() {}
     Ok(())
 }
@@ -432,6 +439,8 @@ mod tests {
         }
         // A flat picture stays flat.
         let flat = vec![77u8; 9 * 11];
-        assert!(resize_u8(&flat, 1, (9, 11), (24, 5)).iter().all(|&v| v == 77));
+        assert!(resize_u8(&flat, 1, (9, 11), (24, 5))
+            .iter()
+            .all(|&v| v == 77));
     }
 }

@@ -8,7 +8,7 @@ use crate::family::{ModelSpec, Prediction};
 use crate::job::Job;
 use crate::nn::clip::TextEncoder;
 use crate::nn::unet::UNet;
-use crate::nn::vae::Decoder;
+use crate::nn::vae::{Decoder, Encoder};
 use crate::weights::{self, PredictionSource, TensorStore, Weights};
 
 pub struct Models {
@@ -21,6 +21,8 @@ pub struct Models {
     pub text_encoders: Vec<TextEncoder>,
     pub unet: UNet,
     pub decoder: Decoder,
+    /// The VAE encoder (img2img, inpaint), when the file has one (a VAE may ship its decoder alone).
+    pub encoder: Option<Encoder>,
     /// The mapped weights (the governor moves their pages).
     pub store: Arc<TensorStore>,
 }
@@ -61,6 +63,14 @@ impl Models {
             text_encoders,
             unet: UNet::new(&Weights::new(store.clone(), unet_prefix), heads)?,
             decoder: Decoder::new(&Weights::new(store.clone(), vae_prefix))?,
+            encoder: if store
+                .get(&format!("{vae_prefix}.encoder.conv_in.weight"))
+                .is_some()
+            {
+                Some(Encoder::new(&Weights::new(store.clone(), vae_prefix))?)
+            } else {
+                None
+            },
             store,
         })
     }

@@ -72,7 +72,9 @@ fn inputs() -> PathBuf {
 
 /// Our own references (not from the shared fixtures): `tests/pil/README.md`.
 fn pil(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pil").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/pil")
+        .join(name)
 }
 
 fn pil_refs() -> HashMap<String, Tensor> {
@@ -211,7 +213,10 @@ fn exif_orientation_is_honoured_in_png_and_jpeg() {
         }
     }
     assert_eq!(turned, want);
-    assert_eq!(init_image::default_size(&pil("orient6.jpg")).unwrap(), (64, 64));
+    assert_eq!(
+        init_image::default_size(&pil("orient6.jpg")).unwrap(),
+        (64, 64)
+    );
 }
 
 #[test]
@@ -221,10 +226,7 @@ fn alpha_is_dropped_and_16_bit_rounded() {
     let (rgb, size) = init_image::decode(&pil("rgba.png"), Channels::Rgb).unwrap();
     assert_eq!(size, (24, 16));
     let rgba = as_u8(&refs["rgba"]);
-    let want: Vec<u8> = rgba
-        .chunks(4)
-        .flat_map(|p| [p[0], p[1], p[2]])
-        .collect();
+    let want: Vec<u8> = rgba.chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
     assert_eq!(rgb, want);
     let (grey, size) = init_image::decode(&pil("grey16.png"), Channels::Grey).unwrap();
     assert_eq!(size, (24, 16));
@@ -262,7 +264,10 @@ fn write_png(path: &Path, w: u32, h: u32) {
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let pixels: Vec<u8> = (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect();
-    enc.write_header().unwrap().write_image_data(&pixels).unwrap();
+    enc.write_header()
+        .unwrap()
+        .write_image_data(&pixels)
+        .unwrap();
 }
 
 /// A PNG signature and IHDR chunk declaring `w × h` RGB, then `rest` (an IDAT chunk's start
@@ -321,7 +326,10 @@ fn bad_input_is_refused_in_one_line_before_the_model_loads() {
     assert!(init_image::check(&job(None, None, (64, 64))).is_ok());
 
     let missing = refused(&image(dir.path().join("nope.png")));
-    assert!(missing.contains("nope.png") && missing.contains("cannot read"), "{missing}");
+    assert!(
+        missing.contains("nope.png") && missing.contains("cannot read"),
+        "{missing}"
+    );
     assert!(refused(&image(dir.path().to_path_buf())).contains("not a regular file"));
     let fifo = dir.path().join("fifo");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
@@ -416,3 +424,122 @@ fn load_peak_is_predicted() {
     assert_eq!(init_image::load_peak_bytes(&job(None, None, (512, 512))), 0);
 }
 
+fn budget(bytes: u64) -> sdcap::governor::Budget {
+    use sdcap::governor::{budget::margin_for, Budget, BudgetSource};
+    Budget {
+        limit_bytes: bytes,
+        source: BudgetSource::Flag,
+        margin_bytes: margin_for(bytes),
+        backend_bytes: 0,
+    }
+}
+
+/// The plan has an "image_encode" stage exactly when the job has an init image: the picture's
+/// load and the banded VAE encode (bands chosen to fit like the decode's), on top of the tensors
+/// `load` returns; a mask adds its tensors.
+#[test]
+fn image_encode_is_a_stage_of_the_plan() {
+    use sdcap::governor::plan::{predict, Residency};
+    use sdcap::kernels::scratch::TIERS;
+    use sdcap::nn::vae::VaePlan;
+    let _serial = serial();
+    let mut j = common::job(common::tiny("tiny-sd-fp32.safetensors"));
+    let models = sdcap::models::Models::load(&j).unwrap();
+    let encoder = models
+        .encoder
+        .as_ref()
+        .expect("the tiny model has an encoder");
+    let huge = budget(1 << 40);
+    let names = |j: &Job| -> Vec<&'static str> {
+        let p = predict(&models, j, &huge, Residency::Keep, TIERS[0]);
+        p.stages.iter().map(|s| s.name).collect()
+    };
+    assert_eq!(names(&j), ["encode", "denoise", "decode"]);
+    (j.width, j.height) = (512, 512);
+    j.init_image = Some(inputs().join("init_64x96.png"));
+    assert_eq!(names(&j), ["encode", "image_encode", "denoise", "decode"]);
+    let plan = predict(&models, &j, &huge, Residency::Keep, TIERS[0]);
+    let stage = &plan.stages[1];
+    assert_eq!(plan.encode_band_rows, None, "whole maps fit a huge budget");
+    let image_tensor = 3 * 512 * 512 * 4;
+    assert!(
+        stage.activation_bytes >= encoder.peak_bytes(512, 512, &VaePlan::whole()) + image_tensor
+    );
+    assert!(stage.activation_bytes >= init_image::load_peak_bytes(&j));
+    assert!(
+        stage.weight_bytes > 0 && stage.peak_bytes >= stage.activation_bytes + stage.weight_bytes
+    );
+    j.mask = Some(inputs().join("mask_64x64.png"));
+    let masked = predict(&models, &j, &huge, Residency::Keep, TIERS[0]);
+    assert_eq!(
+        masked.stages[1].activation_bytes,
+        stage.activation_bytes + 4 * 512 * 512 * 4,
+        "mask and masked image"
+    );
+    // A budget between the 1-row and whole-map encodes: bands chosen to fit it.
+    j.mask = None;
+    let tight = encoder.peak_bytes(512, 512, &VaePlan::banded(1));
+    let whole = encoder.peak_bytes(512, 512, &VaePlan::whole());
+    assert!(tight <= whole);
+    let fixed = stage.peak_bytes - encoder.peak_bytes(512, 512, &VaePlan::whole());
+    let limit = {
+        let mut l = fixed + tight;
+        while budget(l).usable_bytes() < fixed + tight {
+            l += 1 << 18;
+        }
+        l
+    };
+    let p = predict(&models, &j, &budget(limit), Residency::Keep, TIERS[0]);
+    assert!(p.stages[1].peak_bytes <= budget(limit).usable_bytes() || tight == whole);
+}
+
+/// SD1.5's layout (`/tmp/sd15.safetensors`, a random-weight file with the real shapes; skipped
+/// when absent): a 512² img2img plans its encode within 512 MiB; a 1024² init image on a 512 MiB
+/// cap is planned (the encode stage is predicted from the shapes, with 1-row bands) and refused
+/// with numbers, exit 3, as txt2img at 1024² is.
+#[test]
+fn sd15_image_encode_is_planned() {
+    use sdcap::governor::plan::{predict, Residency};
+    use sdcap::kernels::scratch::SMALLEST;
+    let _serial = serial();
+    let model = Path::new("/tmp/sd15.safetensors");
+    if !model.exists() {
+        eprintln!("skipped: {} is absent", model.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = Job::new(model.to_path_buf(), "x");
+    let models = sdcap::models::Models::load(&j).unwrap();
+    let encoder = models.encoder.as_ref().unwrap();
+    let cap = budget(512 << 20);
+    for side in [512u32, 1024] {
+        let picture = dir.path().join(format!("{side}.png"));
+        write_png(&picture, side, side);
+        (j.width, j.height, j.init_image, j.ram_cap) = (side, side, Some(picture), Some(512 << 20));
+        let p = predict(&models, &j, &cap, Residency::Stream, SMALLEST);
+        let stage = p.stages.iter().find(|s| s.name == "image_encode").unwrap();
+        let s = side as usize;
+        let one_row = encoder.peak_bytes(s, s, &sdcap::nn::vae::VaePlan::banded(1));
+        eprintln!(
+            "{side}²: image_encode {} MiB (activations {} MiB, weights {} MiB), bands {:?}; 1-row encode {} MiB",
+            stage.peak_bytes >> 20,
+            stage.activation_bytes >> 20,
+            stage.weight_bytes >> 20,
+            p.encode_band_rows,
+            one_row >> 20
+        );
+        // A 128-channel full-resolution resnet holds its input and output (2 × 4·128·side²).
+        assert!(one_row >= 2 * 4 * 128 * (s * s) as u64);
+        if side == 512 {
+            assert!(
+                stage.peak_bytes <= cap.usable_bytes(),
+                "512² encode fits 512 MiB"
+            );
+        } else {
+            assert_eq!(p.encode_band_rows, Some(1));
+            assert!(stage.peak_bytes > cap.usable_bytes());
+            let err = sdcap::governor::plan(&models, &j, &cap).unwrap_err();
+            assert_eq!(err.exit_code(), 3, "{err}");
+        }
+    }
+}

@@ -183,9 +183,8 @@ fn peak_model_is_monotone_and_never_absurd() {
 fn encoder_every_plan_matches_diffusers_and_gives_the_whole_map_bits() {
     let _serial = serial();
     let encoder = Encoder::new(&tiny_weights("first_stage_model")).unwrap();
-    let refs = read_tensors(
-        &common::fixtures().join("tiny-sd/workflows/img2img/common.safetensors"),
-    );
+    let refs =
+        read_tensors(&common::fixtures().join("tiny-sd/workflows/img2img/common.safetensors"));
     for (w, h) in [(64, 64), (64, 96)] {
         let image = &refs[&format!("init_image_{w}x{h}")];
         let whole = encoder.forward_planned(image, &VaePlan::whole());
@@ -193,7 +192,12 @@ fn encoder_every_plan_matches_diffusers_and_gives_the_whole_map_bits() {
         // 1e-4 × max|ref|, as the decoder's golden tests (observed ~1e-6).
         let mean = &refs[&format!("encode_mean_{w}x{h}")];
         assert_close("mean", &whole.mean, mean, 1e-4);
-        assert_close("std", &whole.std(), &refs[&format!("encode_std_{w}x{h}")], 1e-4);
+        assert_close(
+            "std",
+            &whole.std(),
+            &refs[&format!("encode_std_{w}x{h}")],
+            1e-4,
+        );
         for band_rows in PLANS {
             for scratch in [TIERS[0], SMALLEST] {
                 let plan = VaePlan { band_rows, scratch };
@@ -206,7 +210,10 @@ fn encoder_every_plan_matches_diffusers_and_gives_the_whole_map_bits() {
                     "{w}x{h} plan {plan:?} differs from whole"
                 );
                 let predicted = encoder.peak_bytes(h, w, &plan);
-                assert!(heap <= predicted, "{plan:?}: {heap} > predicted {predicted}");
+                assert!(
+                    heap <= predicted,
+                    "{plan:?}: {heap} > predicted {predicted}"
+                );
             }
         }
         let noise = Tensor::new(mean.shape.clone(), vec![0.5; mean.data.len()]);
@@ -240,7 +247,10 @@ fn encoder_peak_model_is_monotone_and_never_absurd() {
         last = banded;
     }
     assert!(encoder.peak_bytes(1024, 1024, &VaePlan::banded(8)) > last);
-    assert_eq!(encoder.peak_bytes(1 << 40, 1 << 40, &VaePlan::whole()), u64::MAX);
+    assert_eq!(
+        encoder.peak_bytes(1 << 40, 1 << 40, &VaePlan::whole()),
+        u64::MAX
+    );
     assert_eq!(
         VaePlan::fitting_encoder(&encoder, 512, 512, u64::MAX),
         Some(VaePlan::whole())
@@ -401,4 +411,74 @@ fn decode_only() {
             .collect();
         std::fs::write(path, bytes).expect("SDCAP_VAE_SAVE written");
     }
+}
+
+/// Full-size SD1.5 VAE encoder (`SDCAP_VAE_ENCODE_SIDE`, default 256, on a side): banded equals
+/// whole bit for bit, and `RssAnon` growth (heap plus bands) stays under the prediction.
+#[test]
+#[ignore = "full-size model: cargo test --release --test vae_tiled -- --ignored full_size_encoder"]
+fn full_size_encoder_banded_equals_whole() {
+    let _serial = serial();
+    let path = Path::new("/tmp/sd15.safetensors");
+    if !path.exists() {
+        eprintln!("skipped: {} is absent", path.display());
+        return;
+    }
+    let store = TensorStore::open(path).expect("sd15 opens");
+    let encoder = Encoder::new(&Weights::new(Arc::new(store), "first_stage_model")).unwrap();
+    let side: usize = std::env::var("SDCAP_VAE_ENCODE_SIDE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    // A deterministic picture in [-1, 1].
+    let noise = latent(1, side, side);
+    let image = Tensor::new(
+        vec![1, 3, side, side],
+        noise.data[..3 * side * side]
+            .iter()
+            .map(|v| (v / 4.0).clamp(-1.0, 1.0))
+            .collect(),
+    );
+    let mut results = Vec::new();
+    for plan in [VaePlan::whole(), VaePlan::banded(8), VaePlan::banded(1)] {
+        crate_release();
+        let anon_before = rss_anon_bytes();
+        let sampling = Arc::new(AtomicU64::new(1));
+        let sampler = {
+            let sampling = sampling.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while sampling.load(Ordering::Relaxed) == 1 {
+                    peak = peak.max(rss_anon_bytes());
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                peak
+            })
+        };
+        let start = Instant::now();
+        let dist = encoder.forward_planned(&image, &plan);
+        let secs = start.elapsed().as_secs_f64();
+        sampling.store(0, Ordering::Relaxed);
+        let anon = sampler.join().unwrap().saturating_sub(anon_before);
+        let predicted = encoder.peak_bytes(side, side, &plan);
+        eprintln!(
+            "{plan:?} {side}²: {secs:.1} s, RssAnon +{} MiB at peak, predicted {} MiB",
+            anon >> 20,
+            predicted >> 20
+        );
+        assert!(
+            anon <= predicted,
+            "{plan:?}: {anon} > predicted {predicted}"
+        );
+        results.push(dist);
+    }
+    for other in &results[1..] {
+        assert!(other.mean.data == results[0].mean.data);
+        assert!(other.logvar.data == results[0].logvar.data);
+    }
+}
+
+/// Returns freed heap to the system so that `RssAnon` growth is measured from a clean start.
+fn crate_release() {
+    sdcap::governor::memory::release_free_memory();
 }

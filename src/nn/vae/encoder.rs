@@ -148,7 +148,9 @@ impl Encoder {
         self.down
             .iter()
             .filter(|l| l.downsample.is_some())
-            .fold((h, w), |(h, w), _| ((h.max(2) - 2) / 2 + 1, (w.max(2) - 2) / 2 + 1))
+            .fold((h, w), |(h, w), _| {
+                ((h.max(2) - 2) / 2 + 1, (w.max(2) - 2) / 2 + 1)
+            })
     }
 
     /// One image's mean and (clamped) log-variance, planes [c, h, w] each.
@@ -180,7 +182,10 @@ impl Encoder {
         drop(x);
         let moments = conv_map(&self.quant_conv, h, plain, plan).to_planes();
         let half = moments.len() / 2;
-        let logvar = moments[half..].iter().map(|v| v.clamp(-30.0, 20.0)).collect();
+        let logvar = moments[half..]
+            .iter()
+            .map(|v| v.clamp(-30.0, 20.0))
+            .collect();
         (moments[..half].to_vec(), logvar)
     }
 
