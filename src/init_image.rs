@@ -30,8 +30,9 @@ use crate::tensor::Tensor;
 /// under 12k a side). What a picture below it costs is counted by the plan.
 pub const MAX_INPUT_SIDE: u32 = 16384;
 
-/// The smallest side `default_size` gives (sdcap's smallest image).
+/// The smallest and largest sides `default_size` gives (sdcap's smallest and largest image).
 const MIN_DEFAULT_SIDE: u32 = crate::job::MIN_SIDE;
+const MAX_DEFAULT_SIDE: u32 = crate::job::MAX_SIDE;
 
 /// The init image (and mask) of an img2img or inpaint job, ready for the VAE encoder.
 #[derive(Clone, Debug)]
@@ -94,10 +95,16 @@ pub fn check(job: &Job) -> Result<()> {
 
 /// The size a job takes from its init image when the user gave no width and height: the picture's
 /// own (as shown), each side rounded down to a multiple of 8 and at least 64 (diffusers rounds
-/// down to the VAE's multiple; sdcap's smallest side is 64). `load` resizes to it when it differs.
+/// down to the VAE's multiple; sdcap's smallest side is 64); a picture larger than sdcap's largest
+/// side (2048) is first scaled down to it, keeping its aspect. `load` resizes to it when it
+/// differs (and `InitImage::notice` says so).
 pub fn default_size(path: &Path) -> Result<(u32, u32)> {
     let h = read_header(path)?;
-    let side = |v: u32| (v / 8 * 8).max(MIN_DEFAULT_SIDE);
+    let scale = (MAX_DEFAULT_SIDE as f64 / h.width.max(h.height) as f64).min(1.0);
+    let side = |v: u32| {
+        let scaled = (v as f64 * scale).floor() as u32;
+        (scaled / 8 * 8).clamp(MIN_DEFAULT_SIDE, MAX_DEFAULT_SIDE)
+    };
     Ok((side(h.width), side(h.height)))
 }
 
