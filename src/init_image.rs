@@ -10,8 +10,9 @@
 //! converted to grey with PIL's `convert("L")` formula, resized the same way, `/ 255`, and
 //! binarised at 0.5 (`mask_processor`: `do_binarize`, `do_convert_grayscale`, Lanczos).
 //!
-//! `check` reads only headers (and streams a PNG's rows through the decoder one at a time, so a
-//! truncated PNG is refused before any model is loaded); `load` decodes. `load_peak_bytes` is what
+//! `check` reads headers, streams a PNG's rows through the decoder one at a time and decodes a
+//! JPEG of at most 64 MiB of pixels, so a truncated file is refused before any model is loaded;
+//! `load` decodes. `load_peak_bytes` is what
 //! `load` allocates, counted by the governor's plan.
 
 use std::fs::File;
@@ -86,11 +87,29 @@ pub fn check(job: &Job) -> Result<()> {
     }
     for path in job.init_image.iter().chain(&job.mask) {
         let header = read_header(path)?;
-        if header.format == ImageFormat::Png {
-            verify_png(path)?;
+        match header.format {
+            ImageFormat::Png => verify_png(path)?,
+            // A JPEG decodes only whole: here when that is small (below every plan's peak, and
+            // less than `load` itself takes), else by `load`, under the plan.
+            _ if header.decoded_bytes <= CHECK_DECODE_BYTES => {
+                decode(path, Channels::Rgb)?;
+            }
+            _ => {}
         }
     }
     Ok(())
+}
+
+/// The largest JPEG (decoded bytes) `check` decodes whole to find a corrupt file before the
+/// model loads: 64 MiB, a 21-megapixel photo.
+const CHECK_DECODE_BYTES: u64 = 64 << 20;
+
+/// An `image` or `png` error as one line (some end with a newline or hold several lines).
+fn one_line(e: impl std::fmt::Display) -> String {
+    e.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The size a job takes from its init image when the user gave no width and height: the picture's
@@ -160,12 +179,13 @@ fn open(path: &Path) -> Result<(ImageFormat, impl ImageDecoder)> {
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => {}
         Ok(_) => return Err(bad("not a regular file".into())),
-        Err(e) => return Err(bad(format!("cannot read the image: {e}"))),
+        Err(e) => return Err(bad(format!("cannot read the image: {}", one_line(e)))),
     }
-    let file = File::open(path).map_err(|e| bad(format!("cannot read the image: {e}")))?;
+    let file =
+        File::open(path).map_err(|e| bad(format!("cannot read the image: {}", one_line(e))))?;
     let mut reader = ImageReader::new(BufReader::new(file))
         .with_guessed_format()
-        .map_err(|e| bad(format!("cannot read the image: {e}")))?;
+        .map_err(|e| bad(format!("cannot read the image: {}", one_line(e))))?;
     let format = match reader.format() {
         Some(f @ (ImageFormat::Png | ImageFormat::Jpeg)) => f,
         _ => return Err(bad("not a PNG or JPEG image".into())),
@@ -174,9 +194,13 @@ fn open(path: &Path) -> Result<(ImageFormat, impl ImageDecoder)> {
     // picture within it costs is the plan's to count: the decoders' own default cap (512 MiB)
     // would refuse a large 16-bit picture that the plan can fit.
     reader.no_limits();
-    let decoder = reader
-        .into_decoder()
-        .map_err(|e| bad(format!("not a readable {} image: {e}", format_name(format))))?;
+    let decoder = reader.into_decoder().map_err(|e| {
+        bad(format!(
+            "not a readable {} image: {}",
+            format_name(format),
+            one_line(e)
+        ))
+    })?;
     Ok((format, decoder))
 }
 
@@ -190,8 +214,9 @@ fn format_name(format: ImageFormat) -> &'static str {
 /// Decodes a PNG's rows one at a time to its end (one row of memory): a truncated or corrupt
 /// file is refused by `check`, before any model is loaded.
 fn verify_png(path: &Path) -> Result<()> {
-    let bad =
-        |e: png::DecodingError| Error::bad_file(path, format!("not a readable PNG image: {e}"));
+    let bad = |e: png::DecodingError| {
+        Error::bad_file(path, format!("not a readable PNG image: {}", one_line(e)))
+    };
     let file = File::open(path)
         .map_err(|e| Error::bad_file(path, format!("cannot read the image: {e}")))?;
     let mut reader = png::Decoder::new(BufReader::new(file))
@@ -287,7 +312,11 @@ pub fn decode(path: &Path, channels: Channels) -> Result<(Vec<u8>, (u32, u32))> 
     let picture = DynamicImage::from_decoder(decoder).map_err(|e| {
         Error::bad_file(
             path,
-            format!("not a readable {} image: {e}", format_name(format)),
+            format!(
+                "not a readable {} image: {}",
+                format_name(format),
+                one_line(e)
+            ),
         )
     })?;
     // Alpha dropped and 16-bit samples rounded to 8 bits (`image`'s conversions), before turning:
