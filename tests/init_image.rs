@@ -403,7 +403,15 @@ fn load_peak_is_predicted() {
     let big = dir.path().join("big.png");
     write_png(&big, 640, 400);
     let mask = inputs().join("mask_64x64.png");
+    let photo = dir.path().join("photo.jpg");
+    image::RgbImage::from_fn(640, 400, |x, y| {
+        image::Rgb([x as u8, y as u8, (x ^ y) as u8])
+    })
+    .save(&photo)
+    .unwrap();
     for j in [
+        job(Some(photo.clone()), None, (640, 400)),
+        job(Some(photo), Some(big.clone()), (512, 512)),
         job(Some(big.clone()), None, (640, 400)),
         job(Some(big.clone()), None, (512, 512)),
         job(Some(big.clone()), Some(mask.clone()), (256, 384)),
