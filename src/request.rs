@@ -161,7 +161,7 @@ pub struct Request {
     #[arg(long, value_name = "PATH")]
     pub taesd: Option<PathBuf>,
 
-    #[arg(long, value_name = "MODE", help = names_help("Preview while sampling: none, proj (a 4x3 latent-to-RGB projection), tae (TAESD, needs --taesd), vae (the full decoder) [default: none]", PreviewMode::NAMES))]
+    #[arg(long, value_name = "MODE", help = names_help("Preview while sampling, decoded by a 4x3 latent-to-RGB projection (proj), TAESD (tae, needs --taesd) or the full VAE (vae) [default: none]", PreviewMode::NAMES))]
     #[serde(default, deserialize_with = "parsed")]
     pub preview: Option<PreviewMode>,
 
@@ -178,7 +178,7 @@ pub struct Request {
     #[serde(default)]
     pub taesd_preview_only: bool,
 
-    #[arg(long, value_name = "MODE", help = names_help("How weight products compute: f32 (the reference), bf16, int8 (quantized models), auto (the fastest that is accurate on this CPU) [default: f32]", Precision::NAMES))]
+    #[arg(long, value_name = "MODE", help = names_help("How weight products compute: f32 is the reference, int8 is for quantized models, auto the fastest that is accurate on this CPU [default: f32]", Precision::NAMES))]
     #[serde(default, deserialize_with = "parsed")]
     pub precision: Option<Precision>,
 
@@ -237,10 +237,11 @@ impl<'de> Deserialize<'de> for LoraArg {
 /// `PATH[:WEIGHT]`: the part after the last `:` is the weight when it reads as a number.
 pub fn parse_lora(text: &str) -> std::result::Result<LoraArg, String> {
     let (path, weight) = match text.rsplit_once(':') {
-        Some((p, w)) if !p.is_empty() && w.trim().parse::<f32>().is_ok() => {
-            (p, w.trim().parse::<f32>().unwrap_or(1.0))
-        }
-        _ => (text, 1.0),
+        Some((p, w)) => match w.trim().parse::<f32>() {
+            Ok(weight) => (p, weight),
+            Err(_) => (text, 1.0),
+        },
+        None => (text, 1.0),
     };
     if path.is_empty() {
         return Err(format!("lora `{text}` names no file (PATH[:WEIGHT])"));
