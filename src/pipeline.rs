@@ -587,7 +587,14 @@ fn encode_latents(
     draws: &mut dyn Draws,
     plan: &Plan,
 ) -> Result<Vec<f32>> {
-    let dist = encoder.forward(image, &Ctx::from(plan.scratch));
+    // Bands the plan chose, at the first scratch tier, which the encoder's memory model counts.
+    let dist = encoder.forward_planned(
+        image,
+        &VaePlan {
+            band_rows: plan.encode_band_rows,
+            scratch: Scratch::default(),
+        },
+    );
     sampling::check_finite(
         "VAE encoder",
         || "encoding the init image".into(),

@@ -16,7 +16,7 @@ use std::time::Instant;
 use common::{assert_close, read_tensors, tiny, tiny_weights};
 use sdcap::family::SD1;
 use sdcap::kernels::scratch::{SMALLEST, TIERS};
-use sdcap::nn::vae::{Decoder, VaePlan};
+use sdcap::nn::vae::{Decoder, Encoder, VaePlan};
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
 
@@ -176,6 +176,90 @@ fn peak_model_is_monotone_and_never_absurd() {
     assert!(decoder.peak_bytes(64, 64, &tight) <= last + 1);
 }
 
+/// The banded encoder: diffusers' Gaussian for the img2img goldens' init images (64×64 and 64×96,
+/// `encode_mean_*` / `encode_std_*`), the same bits under every band plan and scratch tier, a heap
+/// peak under the prediction (bands aside, as for the decoder), and a batch encoded image by image.
+#[test]
+fn encoder_every_plan_matches_diffusers_and_gives_the_whole_map_bits() {
+    let _serial = serial();
+    let encoder = Encoder::new(&tiny_weights("first_stage_model")).unwrap();
+    let refs =
+        read_tensors(&common::fixtures().join("tiny-sd/workflows/img2img/common.safetensors"));
+    for (w, h) in [(64, 64), (64, 96)] {
+        let image = &refs[&format!("init_image_{w}x{h}")];
+        let whole = encoder.forward_planned(image, &VaePlan::whole());
+        assert_eq!(encoder.latent_size(h, w), (h / 8, w / 8));
+        // 1e-4 × max|ref|, as the decoder's golden tests (observed ~1e-6).
+        let mean = &refs[&format!("encode_mean_{w}x{h}")];
+        assert_close("mean", &whole.mean, mean, 1e-4);
+        assert_close(
+            "std",
+            &whole.std(),
+            &refs[&format!("encode_std_{w}x{h}")],
+            1e-4,
+        );
+        for band_rows in PLANS {
+            for scratch in [TIERS[0], SMALLEST] {
+                let plan = VaePlan { band_rows, scratch };
+                let before = LIVE.load(Ordering::Relaxed);
+                PEAK.store(before, Ordering::Relaxed);
+                let got = encoder.forward_planned(image, &plan);
+                let heap = PEAK.load(Ordering::Relaxed) - before;
+                assert!(
+                    got.mean.data == whole.mean.data && got.logvar.data == whole.logvar.data,
+                    "{w}x{h} plan {plan:?} differs from whole"
+                );
+                let predicted = encoder.peak_bytes(h, w, &plan);
+                assert!(
+                    heap <= predicted,
+                    "{plan:?}: {heap} > predicted {predicted}"
+                );
+            }
+        }
+        let noise = Tensor::new(mean.shape.clone(), vec![0.5; mean.data.len()]);
+        let sample = whole.sample(&noise);
+        let std = whole.std();
+        assert_eq!(sample.data[3], whole.mean.data[3] + std.data[3] * 0.5);
+    }
+    // A batch: each image alone.
+    let one = &refs["init_image_64x64"];
+    let mut data = one.data.clone();
+    data.extend(one.data.iter().rev());
+    let both = encoder.forward_planned(&Tensor::new(vec![2, 3, 64, 64], data), &VaePlan::banded(3));
+    let first = encoder.forward_planned(one, &VaePlan::banded(3));
+    let half = both.mean.data.len() / 2;
+    assert_eq!(both.mean.shape, [2, 4, 8, 8]);
+    assert!(both.mean.data[..half] == first.mean.data[..]);
+    assert!(both.mean.data[half..] != first.mean.data[..]);
+}
+
+#[test]
+fn encoder_peak_model_is_monotone_and_never_absurd() {
+    let _serial = serial();
+    let encoder = Encoder::new(&tiny_weights("first_stage_model")).unwrap();
+    // Smaller bands never cost more (the tiny VAE's peak is a full-resolution resnet's x + h
+    // either way; `sd15_image_encode_is_planned` sees the gain on SD1.5's layout).
+    let whole = encoder.peak_bytes(512, 512, &VaePlan::whole());
+    let mut last = whole;
+    for rows in [64, 16, 8, 4, 1] {
+        let banded = encoder.peak_bytes(512, 512, &VaePlan::banded(rows));
+        assert!(banded <= last, "{rows} rows: {banded} > {last}");
+        last = banded;
+    }
+    assert!(encoder.peak_bytes(1024, 1024, &VaePlan::banded(8)) > last);
+    assert_eq!(
+        encoder.peak_bytes(1 << 40, 1 << 40, &VaePlan::whole()),
+        u64::MAX
+    );
+    assert_eq!(
+        VaePlan::fitting_encoder(&encoder, 512, 512, u64::MAX),
+        Some(VaePlan::whole())
+    );
+    assert_eq!(VaePlan::fitting_encoder(&encoder, 512, 512, 1 << 10), None);
+    let tight = VaePlan::fitting_encoder(&encoder, 512, 512, last + 1).unwrap();
+    assert!(encoder.peak_bytes(512, 512, &tight) <= last + 1);
+}
+
 /// Deterministic pseudo-random latent in about [-4, 4] (an unscaled SD latent's range).
 fn latent(n: usize, h: usize, w: usize) -> Tensor {
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
@@ -327,4 +411,74 @@ fn decode_only() {
             .collect();
         std::fs::write(path, bytes).expect("SDCAP_VAE_SAVE written");
     }
+}
+
+/// Full-size SD1.5 VAE encoder (`SDCAP_VAE_ENCODE_SIDE`, default 256, on a side): banded equals
+/// whole bit for bit, and `RssAnon` growth (heap plus bands) stays under the prediction.
+#[test]
+#[ignore = "full-size model: cargo test --release --test vae_tiled -- --ignored full_size_encoder"]
+fn full_size_encoder_banded_equals_whole() {
+    let _serial = serial();
+    let path = Path::new("/tmp/sd15.safetensors");
+    if !path.exists() {
+        eprintln!("skipped: {} is absent", path.display());
+        return;
+    }
+    let store = TensorStore::open(path).expect("sd15 opens");
+    let encoder = Encoder::new(&Weights::new(Arc::new(store), "first_stage_model")).unwrap();
+    let side: usize = std::env::var("SDCAP_VAE_ENCODE_SIDE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    // A deterministic picture in [-1, 1].
+    let noise = latent(1, side, side);
+    let image = Tensor::new(
+        vec![1, 3, side, side],
+        noise.data[..3 * side * side]
+            .iter()
+            .map(|v| (v / 4.0).clamp(-1.0, 1.0))
+            .collect(),
+    );
+    let mut results = Vec::new();
+    for plan in [VaePlan::whole(), VaePlan::banded(8), VaePlan::banded(1)] {
+        crate_release();
+        let anon_before = rss_anon_bytes();
+        let sampling = Arc::new(AtomicU64::new(1));
+        let sampler = {
+            let sampling = sampling.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0;
+                while sampling.load(Ordering::Relaxed) == 1 {
+                    peak = peak.max(rss_anon_bytes());
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                peak
+            })
+        };
+        let start = Instant::now();
+        let dist = encoder.forward_planned(&image, &plan);
+        let secs = start.elapsed().as_secs_f64();
+        sampling.store(0, Ordering::Relaxed);
+        let anon = sampler.join().unwrap().saturating_sub(anon_before);
+        let predicted = encoder.peak_bytes(side, side, &plan);
+        eprintln!(
+            "{plan:?} {side}²: {secs:.1} s, RssAnon +{} MiB at peak, predicted {} MiB",
+            anon >> 20,
+            predicted >> 20
+        );
+        assert!(
+            anon <= predicted,
+            "{plan:?}: {anon} > predicted {predicted}"
+        );
+        results.push(dist);
+    }
+    for other in &results[1..] {
+        assert!(other.mean.data == results[0].mean.data);
+        assert!(other.logvar.data == results[0].logvar.data);
+    }
+}
+
+/// Returns freed heap to the system so that `RssAnon` growth is measured from a clean start.
+fn crate_release() {
+    sdcap::governor::memory::release_free_memory();
 }

@@ -49,6 +49,9 @@ pub struct Plan {
     /// VAE decode: rows per stored band of each feature map (None = whole maps). Every choice gives
     /// the same output bits (`nn::vae`), so this only trades memory.
     pub vae_band_rows: Option<usize>,
+    /// VAE encode of the init image (img2img, inpaint; the "image_encode" stage): rows per band
+    /// as `vae_band_rows` (None = whole maps; unused without an init image).
+    pub encode_band_rows: Option<usize>,
     /// Streaming: the UNet blocks kept mapped for the whole denoise (read once), as many as the
     /// denoise stage's budget leaves room for (`stream::pin`); the others are read every step.
     pub pinned_blocks: Vec<String>,
@@ -179,6 +182,36 @@ pub fn predict(
         VaePlan::fitting(&models.decoder, lh, lw, decode_room).unwrap_or(VaePlan::banded(1));
     let vae_activations = models.decoder.peak_bytes(lh, lw, &vae_plan);
 
+    // img2img / inpaint: the picture(s) read, then VAE-encoded (the inpaint masked image after
+    // the image, one at a time), with the tensors `init_image::load` returns alive throughout.
+    let (side_h, side_w) = (job.height as u64, job.width as u64);
+    let init_tensors = match &job.mask {
+        // Image, mask and the masked image (3 + 1 + 3 planes).
+        Some(_) => side_h.saturating_mul(side_w).saturating_mul(7 * 4),
+        None => side_h.saturating_mul(side_w).saturating_mul(3 * 4),
+    };
+    let encoder_weights = match residency {
+        Residency::KeepAll => all_weights,
+        _ => {
+            store.bytes_with_prefix(&format!("{}encoder.", spec.vae_prefix))
+                + store.bytes_with_prefix(&format!("{}quant_conv.", spec.vae_prefix))
+        }
+    };
+    let (encode_plan, encode_activations) = match &models.encoder {
+        Some(encoder) if job.init_image.is_some() => {
+            let (h, w) = (job.height as usize, job.width as usize);
+            let room = budget.usable_bytes().saturating_sub(
+                encoder_weights
+                    .saturating_add(latents)
+                    .saturating_add(init_tensors),
+            );
+            let plan = VaePlan::fitting_encoder(encoder, h, w, room).unwrap_or(VaePlan::banded(1));
+            let peak = encoder.peak_bytes(h, w, &plan).saturating_add(init_tensors);
+            (plan, peak.max(crate::init_image::load_peak_bytes(job)))
+        }
+        _ => (VaePlan::default(), crate::init_image::load_peak_bytes(job)),
+    };
+
     let stage = |name, activation_bytes: u64, weight_bytes: u64| Stage {
         name,
         activation_bytes,
@@ -192,13 +225,20 @@ pub fn predict(
         residency,
         scratch,
         vae_band_rows: vae_plan.band_rows,
+        encode_band_rows: encode_plan.band_rows,
         pinned_blocks: Vec::new(),
         lora_bytes,
-        stages: vec![
-            stage("encode", text_activations, text_weights),
-            stage("denoise", unet_activations, unet_weights),
-            stage("decode", vae_activations, vae_weights),
-        ],
+        stages: std::iter::once(stage("encode", text_activations, text_weights))
+            .chain(
+                job.init_image
+                    .is_some()
+                    .then(|| stage("image_encode", encode_activations, encoder_weights)),
+            )
+            .chain([
+                stage("denoise", unet_activations, unet_weights),
+                stage("decode", vae_activations, vae_weights),
+            ])
+            .collect(),
     }
 }
 

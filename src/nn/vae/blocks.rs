@@ -50,6 +50,18 @@ impl Conv {
         })
     }
 
+    /// LDM's downsampler: 3×3 with stride 2 over the map padded by one zero row below and one
+    /// zero column on the right (`downsample_map` supplies them).
+    pub fn downsample(w: &Weights) -> Result<Self> {
+        let mut conv = Conv::new(w, 3)?;
+        conv.geo = Conv2dGeometry {
+            kernel: 3,
+            stride: 2,
+            pad: 0,
+        };
+        Ok(conv)
+    }
+
     /// The Winograd tile this convolution takes on an `h × w` map (the UNet's rule), if any.
     fn winograd(&self, (h, w): (usize, usize)) -> Option<WinogradTile> {
         winograd_choice(self.geo, (1, self.in_ch, h, w), self.out_ch)
@@ -241,6 +253,107 @@ pub(super) fn stream_peak(
         };
         let written: u64 = outs.iter().map(|o| o.bytes_written_to(r1)).sum();
         maps = maps.max(kept.saturating_add(written));
+    }
+    maps.saturating_add(held)
+        .saturating_add(gemm)
+        .saturating_add(tile)
+}
+
+/// A few rows of a map as the downsampler sees it: the map with one zero row below and one zero
+/// column on the right ([c, h + 1, w + 1]), holding only rows `first..first + rows`, copied.
+struct PaddedRows {
+    dims: (usize, usize, usize),
+    first: usize,
+    rows: usize,
+    values: Vec<f32>,
+}
+
+impl PaddedRows {
+    fn new(src: &BandedMap, rows: std::ops::Range<usize>) -> Self {
+        let BandLayout { c, h, w, .. } = src.layout();
+        let mut values = vec![0.0; c * rows.len() * (w + 1)];
+        for ch in 0..c {
+            for (i, y) in rows.clone().enumerate().filter(|&(_, y)| y < h) {
+                let at = (ch * rows.len() + i) * (w + 1);
+                values[at..at + w].copy_from_slice(src.row(ch, y));
+            }
+        }
+        PaddedRows {
+            dims: (c, h + 1, w + 1),
+            first: rows.start,
+            rows: rows.len(),
+            values,
+        }
+    }
+
+    fn bytes(c: usize, rows: usize, w: usize) -> u64 {
+        (c as u64 * rows as u64 * (w as u64 + 1)).saturating_mul(4)
+    }
+}
+
+impl FeatureRows for PaddedRows {
+    fn dims(&self) -> (usize, usize, usize) {
+        self.dims
+    }
+
+    fn row(&self, c: usize, y: usize) -> &[f32] {
+        let w = self.dims.2;
+        let at = (c * self.rows + y - self.first) * w;
+        &self.values[at..at + w]
+    }
+}
+
+/// The downsampler's output size on an `h × w` map.
+fn downsample_size(conv: &Conv, (h, w): (usize, usize)) -> (usize, usize) {
+    conv.geo.out_size(h + 1, w + 1)
+}
+
+/// The rows of the padded map that output rows `r0..r1` of the downsampler read.
+fn downsample_window(conv: &Conv, h: usize, r0: usize, r1: usize) -> std::ops::Range<usize> {
+    let first = conv.geo.first_input_row(r0);
+    let end = ((r1 - 1) * conv.geo.stride + conv.geo.kernel).min(h + 1);
+    first..end
+}
+
+/// `conv` (a `Conv::downsample`) over `src`, consuming it, into a new banded map: tile by tile
+/// (tiles fixed by the output's shape), each tile's input rows copied padded (`PaddedRows`).
+pub(super) fn downsample_map(conv: &Conv, mut src: BandedMap, plan: &VaePlan) -> BandedMap {
+    let BandLayout { h, w, .. } = src.layout();
+    let (oh, ow) = downsample_size(conv, (h, w));
+    let scratch = &plan.scratch;
+    let step = conv.tile_rows(oh, ow, scratch);
+    let mut out = BandedMap::empty(BandLayout::new(conv.out_ch, oh, ow, plan.band_rows));
+    let mut run = conv.runner((oh, ow), scratch);
+    let mut tile = vec![0.0; conv.out_ch * step * ow];
+    for r0 in (0..oh).step_by(step) {
+        let r1 = (r0 + step).min(oh);
+        let window = PaddedRows::new(&src, downsample_window(conv, h, r0, r1));
+        let out_tile = &mut tile[..conv.out_ch * (r1 - r0) * ow];
+        run.rows(&window, InputTransform::default(), r0..r1, out_tile);
+        drop(window);
+        out.write_rows(r0, out_tile);
+        src.free_below(conv.geo.first_input_row(r1));
+    }
+    out
+}
+
+/// Peak of `downsample_map` over a map of `src` (source and output included).
+pub(super) fn downsample_map_peak(conv: &Conv, src: BandLayout, plan: &VaePlan) -> u64 {
+    let scratch = &plan.scratch;
+    let (oh, ow) = downsample_size(conv, (src.h, src.w));
+    let out = BandLayout::new(conv.out_ch, oh, ow, plan.band_rows);
+    let step = conv.tile_rows(oh, ow, scratch);
+    let tile = (conv.out_ch as u64 * step as u64 * ow as u64).saturating_mul(4);
+    let held = conv.held_bytes((oh, ow), step, scratch);
+    let gemm = conv.gemm_bytes((oh, ow), step, scratch);
+    let mut maps = 0u64;
+    for r0 in (0..oh).step_by(step) {
+        let r1 = (r0 + step).min(oh);
+        let window = downsample_window(conv, src.h, r0, r1);
+        let rows = PaddedRows::bytes(src.c, window.len(), src.w);
+        let kept = src.bytes_kept_from(window.start);
+        let written = out.bytes_written_to(r1);
+        maps = maps.max(kept.saturating_add(written).saturating_add(rows));
     }
     maps.saturating_add(held)
         .saturating_add(gemm)

@@ -4,20 +4,19 @@ use super::bands::{BandLayout, BandedMap};
 use super::blocks::{
     conv_map, conv_map_peak, norm_silu, stream, stream_peak, Conv, Norm, Resnet, UPSAMPLE,
 };
-use super::{count_levels, AttnBlock, VaePlan};
+use super::{banded_attention, count_levels, AttnBlock, VaePlan};
 use crate::error::{Error, Result};
 use crate::kernels::{group_norm_stats_bytes, InputTransform};
-use crate::nn::Ctx;
 use crate::tensor::Tensor;
 use crate::weights::Weights;
 
 /// Allowance for what a decode holds besides maps and scratch: GroupNorm scale and shift,
 /// bookkeeping, and malloc's partly used pages (measured: RssAnon runs 5–10 MiB above the counted
 /// buffers at 512²).
-const SMALL_BYTES: u64 = 8 << 20;
+pub(super) const SMALL_BYTES: u64 = 8 << 20;
 /// Per compute thread: gemm's thread-local cache slab (the L2 size, 1 MiB here) and the gather's
 /// line buffers.
-const PER_THREAD_BYTES: u64 = 2 << 20;
+pub(super) const PER_THREAD_BYTES: u64 = 2 << 20;
 
 /// One resolution level: resnets, then an optional nearest 2× upsample + conv.
 struct Level {
@@ -121,7 +120,7 @@ impl Decoder {
         let x = conv_map(&self.post_quant_conv, z, plain, plan);
         let x = conv_map(&self.conv_in, x, plain, plan);
         let x = self.mid_block_1.forward(x, plan);
-        let x = self.attention(x, plan);
+        let x = banded_attention(&self.mid_attn_1, x, plan);
         let mut x = self.mid_block_2.forward(x, plan);
         for level in &self.up {
             for block in &level.blocks {
@@ -145,22 +144,6 @@ impl Decoder {
                 }
             },
         );
-    }
-
-    /// The mid block's attention sees the whole (small, latent-sized) map.
-    fn attention(&self, x: BandedMap, plan: &VaePlan) -> BandedMap {
-        let layout = x.layout();
-        let whole = Tensor::new(vec![1, layout.c, layout.h, layout.w], x.to_planes());
-        drop(x);
-        let out = self.mid_attn_1.forward(&whole, &Ctx::from(plan.scratch));
-        drop(whole);
-        let layout = BandLayout::new(layout.c, layout.h, layout.w, plan.band_rows);
-        let x = BandedMap::from_planes(&out.data, layout);
-        drop(out);
-        // The attention's intermediates (nine latent-sized maps, many freed on worker threads)
-        // would otherwise stay in malloc's arenas through the full-resolution levels.
-        crate::governor::memory::release_free_memory();
-        x
     }
 
     /// Predicted peak of anonymous memory (bytes) that `forward_planned` allocates to decode one

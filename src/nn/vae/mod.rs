@@ -106,6 +106,23 @@ impl AttnBlock {
     }
 }
 
+/// The mid block's attention (of the decoder or the encoder) over a banded map: it sees the whole
+/// (small, latent-sized) map.
+fn banded_attention(attn: &AttnBlock, x: bands::BandedMap, plan: &VaePlan) -> bands::BandedMap {
+    let layout = x.layout();
+    let whole = Tensor::new(vec![1, layout.c, layout.h, layout.w], x.to_planes());
+    drop(x);
+    let out = attn.forward(&whole, &Ctx::from(plan.scratch));
+    drop(whole);
+    let layout = bands::BandLayout::new(layout.c, layout.h, layout.w, plan.band_rows);
+    let x = bands::BandedMap::from_planes(&out.data, layout);
+    drop(out);
+    // The attention's intermediates (nine latent-sized maps, many freed on worker threads)
+    // would otherwise stay in malloc's arenas through the full-resolution levels.
+    crate::governor::memory::release_free_memory();
+    x
+}
+
 /// How many `{kind}.{i}` resolution levels the checkpoint has.
 fn count_levels(w: &Weights, kind: &str) -> usize {
     (0..)

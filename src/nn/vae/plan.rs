@@ -1,6 +1,6 @@
-//! How the decoder holds its feature maps, and choosing that from a memory budget.
+//! How the decoder and the encoder hold their feature maps, and choosing that from a memory budget.
 
-use super::Decoder;
+use super::{Decoder, Encoder};
 use crate::kernels::scratch::Scratch;
 
 /// Rows per band when a plan does not say otherwise: small enough that the slack of partly
@@ -8,7 +8,7 @@ use crate::kernels::scratch::Scratch;
 /// large enough that bookkeeping is negligible.
 const DEFAULT_BAND_ROWS: usize = 8;
 
-/// The decoder's memory plan. It never changes the numbers, only the memory: every plan gives the
+/// The decoder's (or encoder's) memory plan. It never changes the numbers, only the memory: every plan gives the
 /// same output bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VaePlan {
@@ -50,8 +50,24 @@ impl VaePlan {
         latent_w: usize,
         budget_bytes: u64,
     ) -> Option<VaePlan> {
+        Self::first_fitting(budget_bytes, |plan| {
+            decoder.peak_bytes(latent_h, latent_w, plan)
+        })
+    }
+
+    /// As `fitting`, for encoding an `h × w` image with `encoder`.
+    pub fn fitting_encoder(
+        encoder: &Encoder,
+        h: usize,
+        w: usize,
+        budget_bytes: u64,
+    ) -> Option<VaePlan> {
+        Self::first_fitting(budget_bytes, |plan| encoder.peak_bytes(h, w, plan))
+    }
+
+    fn first_fitting(budget_bytes: u64, peak: impl Fn(&VaePlan) -> u64) -> Option<VaePlan> {
         std::iter::once(VaePlan::whole())
             .chain([64, 32, 16, 8, 4, 2, 1].map(VaePlan::banded))
-            .find(|plan| decoder.peak_bytes(latent_h, latent_w, plan) <= budget_bytes)
+            .find(|plan| peak(plan) <= budget_bytes)
     }
 }
