@@ -1,0 +1,214 @@
+//! TAESD (issue 16) against diffusers' `AutoencoderTiny` and madebyollin/taesd's `nn.Sequential`
+//! goldens (`tiny-sd/workflows/taesd/`, random weights with the real architecture: `tiny-taesd/`).
+//!
+//! Tolerances: 1e-4 of the largest value, as the VAE tests: the network is 33 f32 convolutions
+//! (Winograd F(4,3) for the 64-channel 3×3 ones, ≈ 2.5e-6 of Σ|w·x| each, see ARCHITECTURE.md)
+//! whose errors add along the chain; what we measure is ~1e-6 relative.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_close, fixtures, read_tensors};
+use sdcap::nn::taesd::Taesd;
+use sdcap::Tensor;
+
+fn taesd_dir() -> PathBuf {
+    fixtures().join("tiny-taesd")
+}
+
+fn goldens(name: &str) -> std::collections::HashMap<String, Tensor> {
+    read_tensors(&fixtures().join("tiny-sd/workflows/taesd").join(name))
+}
+
+/// Every way `--taesd` may name the tiny TAESD: the diffusers folder and file, the original
+/// decoder file (its encoder read from beside it), the original encoder file, the folder of the
+/// original files (made here: the fixture keeps them beside the diffusers folder).
+fn layouts() -> Vec<(&'static str, PathBuf)> {
+    let dir = taesd_dir();
+    vec![
+        ("diffusers folder", dir.join("diffusers")),
+        (
+            "diffusers file",
+            dir.join("diffusers/diffusion_pytorch_model.safetensors"),
+        ),
+        ("original decoder file", dir.join("taesd_decoder.safetensors")),
+        ("original encoder file", dir.join("taesd_encoder.safetensors")),
+    ]
+}
+
+#[test]
+fn decode_matches_diffusers_and_the_original_in_every_layout() {
+    common::compute_threads();
+    let refs = goldens("decode.safetensors");
+    for (layout, path) in layouts() {
+        let taesd = Taesd::open(&path).unwrap_or_else(|e| panic!("{layout}: {e}"));
+        assert_eq!(taesd.latent_channels(), 4, "{layout}");
+        assert_eq!(taesd.factor(), 8, "{layout}");
+        for size in ["64x64", "64x96"] {
+            let latent = &refs[&format!("latent_{size}")];
+            let got = taesd.decode(latent).unwrap();
+            let want = &refs[&format!("decoded_diffusers_{size}")];
+            assert_close(&format!("{layout} decode {size}"), &got, want, 1e-4);
+        }
+        let got = taesd.decode_01(&refs["latent_64x64"]).unwrap();
+        assert_close(
+            &format!("{layout} original decode"),
+            &got,
+            &refs["decoded_original_64x64"],
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn encode_matches_diffusers_in_every_layout() {
+    common::compute_threads();
+    let refs = goldens("encode.safetensors");
+    for (layout, path) in layouts() {
+        let taesd = Taesd::open(&path).unwrap();
+        let got = taesd.encode(&refs["image"]).unwrap();
+        assert_close(&format!("{layout} encode"), &got, &refs["latents"], 1e-4);
+    }
+}
+
+/// The full-resolution parts run in bands of rows with a halo (`DECODER_BAND_ROWS`,
+/// `ENCODER_BAND_ROWS`); an image taller than one band must give what the whole map gives. The
+/// reference is the same network run on the whole map: 64-row pieces of a 192-row image decoded
+/// and encoded separately would differ at their seams, the banded run may not (beyond f32
+/// reordering from the Winograd tiles' alignment: 1e-5 of the largest value).
+#[test]
+fn bands_give_the_whole_map_result() {
+    common::compute_threads();
+    let taesd = Taesd::open(&taesd_dir().join("diffusers")).unwrap();
+    // 40 latent rows → 320 image rows: three decoder bands, three encoder bands.
+    let (lh, lw) = (40, 8);
+    let mut rng = sdcap::sampling::rng::TorchRng::new(7);
+    let latent = Tensor::new(vec![1, 4, lh, lw], rng.randn(&[1, 4, lh, lw]));
+    let banded = taesd.decode(&latent).unwrap();
+    let whole = taesd.decode_unbanded(&latent).unwrap();
+    assert_close("banded decode", &banded, &whole, 1e-5);
+    // No seam: the banded output equals the whole one row for row, including the band edges.
+    let image = Tensor::new(
+        banded.shape.clone(),
+        banded.data.iter().map(|v| v.clamp(-1.0, 1.0)).collect(),
+    );
+    let banded = taesd.encode(&image).unwrap();
+    let whole = taesd.encode_unbanded(&image).unwrap();
+    assert_close("banded encode", &banded, &whole, 1e-5);
+}
+
+#[test]
+fn f32_files_load_like_f16_ones() {
+    common::compute_threads();
+    // Real TAESD downloads are F32: convert the tiny decoder (exact: its values are F16) and compare.
+    let dir = tempdir("f32");
+    let src = taesd_dir().join("taesd_decoder.safetensors");
+    let tensors = read_f16_as_f32(&src);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let file = dir.join("taesd_decoder.safetensors");
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let refs = goldens("decode.safetensors");
+    let taesd = Taesd::open(&file).unwrap();
+    assert!(taesd.encoder.is_none(), "no encoder beside it");
+    let got = taesd.decode(&refs["latent_64x64"]).unwrap();
+    assert_close("f32 decode", &got, &refs["decoded_diffusers_64x64"], 1e-4);
+    let err = taesd.encode(&refs["latent_64x64"]).unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("no TAESD encoder"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn files_that_are_not_taesd_are_refused_with_one_line() {
+    let dir = tempdir("bad");
+    let vae_model = common::tiny("tiny-sd-fp32.safetensors");
+    let not_safetensors = dir.join("taesd.safetensors");
+    std::fs::write(&not_safetensors, b"not a model").unwrap();
+    let empty_dir = dir.join("empty");
+    std::fs::create_dir_all(&empty_dir).unwrap();
+    let missing = dir.join("missing.safetensors");
+    for (what, path, needle) in [
+        ("an SD checkpoint", vae_model.as_path(), "not a TAESD"),
+        ("garbage", not_safetensors.as_path(), ""),
+        ("an empty folder", empty_dir.as_path(), "not a TAESD"),
+        ("a missing file", missing.as_path(), ""),
+    ] {
+        let err = match Taesd::open(path) {
+            Ok(_) => panic!("{what}: opened"),
+            Err(e) => e,
+        };
+        let line = err.to_string();
+        assert_eq!(err.exit_code(), 2, "{what}: {line}");
+        assert!(!line.contains('\n'), "{what}: {line}");
+        assert!(line.contains(needle), "{what}: {line}");
+    }
+    // A TAESD decoder whose layers do not chain (one conv's output channels cut).
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        read_f16_as_f32(&taesd_dir().join("taesd_decoder.safetensors"))
+            .into_iter()
+            .map(|(name, shape, bytes)| {
+                if name == "19.weight" {
+                    let mut s = shape.clone();
+                    s[0] = 2;
+                    let keep = bytes.len() / shape[0] * 2;
+                    (name, s, bytes[..keep].to_vec())
+                } else if name == "19.bias" {
+                    (name, vec![2], bytes[..8].to_vec())
+                } else {
+                    (name, shape, bytes)
+                }
+            })
+            .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    let two_channel = dir.join("two_channel_decoder.safetensors");
+    safetensors::serialize_to_file(views, None, &two_channel).unwrap();
+    let err = Taesd::open(&two_channel).err().expect("refused");
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("not 3"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdcap-taesd-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// (name, shape, little-endian f32 bytes) of every F16 tensor of a safetensors file.
+fn read_f16_as_f32(path: &Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F16);
+            let f32s: Vec<u8> = view
+                .data()
+                .chunks_exact(2)
+                .flat_map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+                .collect();
+            (name, view.shape().to_vec(), f32s)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
