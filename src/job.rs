@@ -291,6 +291,11 @@ impl Job {
         }
     }
 
+    /// The TAESD file that decodes the final image (`--taesd` without `--taesd-preview-only`).
+    pub fn final_taesd(&self) -> Option<&std::path::Path> {
+        self.taesd.as_deref().filter(|_| !self.preview.taesd_only)
+    }
+
     /// The negative prompt's text ("" when there is none).
     pub fn negative_text(&self) -> &str {
         self.negative.as_deref().unwrap_or("")

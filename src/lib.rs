@@ -19,6 +19,7 @@ pub mod output;
 pub mod pipeline;
 pub mod prompt;
 pub mod quantize;
+pub mod request;
 pub mod sampling;
 pub mod tensor;
 pub mod tokenizer;

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::atomic_file::{write_atomically, Existing};
 use crate::error::{Error, Result};
-use crate::job::{Job, SamplerKind, ScheduleKind};
+use crate::job::{Job, Precision, SamplerKind, ScheduleKind};
 use crate::prompt::PromptSyntax;
 use crate::tokenizer::{Tokenizer, CONTEXT_LEN};
 
@@ -89,6 +89,10 @@ pub fn parameters_text(job: &Job) -> String {
         PromptSyntax::A1111 => infotext_line(text),
     };
     let mut text = stored(&job.prompt);
+    // `--lora` files as A1111 records LoRAs: tags in the prompt (it finds them by file stem).
+    for lora in &job.loras {
+        text.push_str(&format!(" <lora:{}:{}>", model_name(&lora.path), lora.weight));
+    }
     if !job.negative_text().is_empty() {
         text.push_str("\nNegative prompt: ");
         text.push_str(&stored(job.negative_text()));
@@ -126,6 +130,19 @@ pub fn parameters_text(job: &Job) -> String {
     }
     if let Some(target) = job.size_cond.target {
         fields.push(format!("Target size: {}", size(target)));
+    }
+    if let Some(init) = &job.init_image {
+        fields.push(format!("Denoising strength: {}", job.strength));
+        fields.push(format!("Init image: {}", quote(&file_label(init))));
+    }
+    if let Some(mask) = &job.mask {
+        fields.push(format!("Mask: {}", quote(&file_label(mask))));
+    }
+    if let Some(taesd) = job.final_taesd() {
+        fields.push(format!("TAESD: {}", quote(&file_label(taesd))));
+    }
+    if job.precision != Precision::default() {
+        fields.push(format!("Precision: {}", job.precision));
     }
     // A1111's key for "initial noise from torch's CPU generator", which is what `--rng cpu` reproduces.
     fields.push("RNG: CPU".to_string());

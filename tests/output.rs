@@ -172,7 +172,7 @@ fn job() -> Job {
         ram_cap: None,
         prediction: None,
         size_cond: Default::default(),
-        prompt_syntax: Default::default(),
+        ..Job::new(PathBuf::new(), "")
     }
 }
 

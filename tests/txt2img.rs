@@ -38,7 +38,7 @@ fn job(model: PathBuf, prompt: &str, sampler: &str, cfg: f32, seed: u64) -> Job 
         ram_cap: None,
         prediction: None,
         size_cond: Default::default(),
-        prompt_syntax: Default::default(),
+        ..Job::new(PathBuf::new(), "")
     }
 }
 

@@ -5,25 +5,23 @@
 //! {"prompt": "a red bicycle", "negative": "blurry", "width": 640, "sampler": "dpm++2m", "cfg": 6}
 //! ```
 //!
-//! Fields: `prompt`, `negative` (alias `negative_prompt`), `seed`, `width`, `height`, `steps`,
-//! `cfg` (alias `cfg_scale`), `sampler` (alias `sampling_method`), `scheduler`, `clip_skip`, `rng`,
-//! `model`, `vae`, `ram_cap` (bytes, or a size such as `"6G"`), `prediction` (`"eps"` or `"v"`),
-//! SDXL's size conditioning `original_size` and `target_size` (`"WxH"`, e.g. `"2048x2048"`) and
-//! `crop_coords` (`"TOP,LEFT"`, e.g. `"0,256"`), and `prompt_syntax` (`"a1111"` or `"plain"`). A
+//! Fields: every setting of `request::Request` under its job-file key (`prompt`, `negative`, `seed`,
+//! `width`, `height`, `steps`, `cfg`, `sampler`, `scheduler`, `clip_skip`, `rng`, `model`, `vae`,
+//! `ram_cap` (bytes, or a size such as `"6G"`), `prediction`, `original_size`, `crop_coords`,
+//! `target_size`, `prompt_syntax`, `lora`, `lora_model_dir`, `init_image`, `strength`, `mask`,
+//! `taesd`, `preview`, `preview_interval`, `preview_path`, `taesd_preview_only`, `precision`). A
 //! field left out takes the value of the corresponding command-line flag; `width`, `height`,
 //! `steps`, `cfg`, `sampler` and `scheduler` given by neither take the model family's default (see
 //! `Job::apply_defaults`). Blank lines are ignored and do not count as jobs. A line that is not a
 //! valid job (bad JSON, an unknown field, a bad value) is still a job: it keeps its index and fails
 //! on its own, the others run.
-//! Relative `model` and `vae` paths are taken from the job file's folder.
+//! Relative paths (model, vae, LoRAs, images, TAESD, preview) are taken from the job file's folder.
 
-use std::path::{Path, PathBuf};
-
-use serde::Deserialize;
+use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::governor::parse_size;
-use crate::job::{Given, Job, SizeConditioning};
+use crate::job::{Given, Job};
+use crate::request::Request;
 
 /// One non-blank line of the job file.
 #[derive(Clone, Debug)]
@@ -37,33 +35,6 @@ pub struct Entry {
     /// Which of the job's per-family settings the line or the flags gave; the runner fills the
     /// others from the model's family before naming the output.
     pub given: Given,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Line {
-    prompt: Option<String>,
-    #[serde(alias = "negative_prompt")]
-    negative: Option<String>,
-    seed: Option<i64>,
-    width: Option<u32>,
-    height: Option<u32>,
-    steps: Option<u32>,
-    #[serde(alias = "cfg_scale")]
-    cfg: Option<f32>,
-    #[serde(alias = "sampling_method")]
-    sampler: Option<String>,
-    scheduler: Option<String>,
-    clip_skip: Option<u32>,
-    rng: Option<String>,
-    model: Option<PathBuf>,
-    vae: Option<PathBuf>,
-    ram_cap: Option<serde_json::Value>,
-    prediction: Option<String>,
-    original_size: Option<String>,
-    crop_coords: Option<String>,
-    target_size: Option<String>,
-    prompt_syntax: Option<String>,
 }
 
 /// Reads a job file (`-` is standard input). Only an unreadable file is an error here; bad lines
@@ -127,80 +98,19 @@ fn parse_line(
     given: &mut Given,
     base: &Path,
 ) -> std::result::Result<Job, String> {
-    let line: Line = serde_json::from_str(text).map_err(|e| {
+    let mut line: Request = serde_json::from_str(text).map_err(|e| {
         // serde's "at line 1 column 9" counts within the line; the record carries the file line.
         let msg = e.to_string();
         let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
         format!("not a valid job: {msg} (column {})", e.column())
     })?;
-    let mut job = defaults.clone();
-    if let Some(prompt) = line.prompt {
-        job.prompt = prompt;
-    } else if job.prompt.is_empty() {
+    if line.prompt.is_none() && defaults.prompt.is_empty() {
         return Err("the job has no `prompt` (and no --prompt default was given)".into());
     }
-    if line.negative.is_some() {
-        job.negative = line.negative;
-    }
-    given.width |= set(&mut job.width, line.width);
-    given.height |= set(&mut job.height, line.height);
-    given.steps |= set(&mut job.steps, line.steps);
-    set(&mut job.clip_skip, line.clip_skip);
-    given.cfg_scale |= set(&mut job.cfg_scale, line.cfg);
-    if let Some(seed) = line.seed {
-        job.seed = u64::try_from(seed).map_err(|_| {
-            format!("seed {seed} is negative; a batch needs fixed seeds so reruns resume")
-        })?;
-    }
+    line.rebase(base);
+    let mut job = defaults.clone();
     let err = |e: Error| e.to_string();
-    if let Some(s) = line.sampler {
-        job.sampler = s.parse().map_err(err)?;
-        given.sampler = true;
-    }
-    if let Some(s) = line.scheduler {
-        job.scheduler = s.parse().map_err(err)?;
-        given.scheduler = true;
-    }
-    if let Some(s) = line.prediction {
-        job.prediction = Some(s.parse().map_err(err)?);
-    }
-    if let Some(s) = line.original_size {
-        job.size_cond.original =
-            Some(SizeConditioning::parse_size("original_size", &s).map_err(err)?);
-    }
-    if let Some(s) = line.crop_coords {
-        job.size_cond.crop = SizeConditioning::parse_crop(&s).map_err(err)?;
-    }
-    if let Some(s) = line.target_size {
-        job.size_cond.target = Some(SizeConditioning::parse_size("target_size", &s).map_err(err)?);
-    }
-    if let Some(s) = line.prompt_syntax {
-        job.prompt_syntax = s.parse().map_err(err)?;
-    }
-    if let Some(s) = line.rng {
-        job.rng = s.parse().map_err(err)?;
-    }
-    if let Some(m) = line.model {
-        job.model = base.join(m);
-    }
-    if let Some(v) = line.vae {
-        job.vae = Some(base.join(v));
-    }
-    if let Some(cap) = line.ram_cap {
-        job.ram_cap = Some(
-            match &cap {
-                serde_json::Value::Number(n) => n.as_u64().filter(|&b| b > 0),
-                serde_json::Value::String(s) => parse_size(s).ok(),
-                _ => None,
-            }
-            .ok_or_else(|| format!("ram_cap {cap} is not a size (e.g. \"6G\" or 6442450944)"))?,
-        );
-    }
+    line.apply(&mut job, given).map_err(err)?;
     job.validate().map_err(err)?;
     Ok(job)
-}
-
-/// Sets `value` from the line when it has one; says whether it had.
-fn set<T>(value: &mut T, from_line: Option<T>) -> bool {
-    from_line.map(|v| *value = v).is_some()
 }

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::job::Job;
+use crate::job::{Job, Precision};
 use crate::prompt::PromptSyntax;
 
 /// Bump when the canonical form changes meaning, so old outputs are not taken as done.
@@ -49,6 +49,22 @@ struct Canonical<'a> {
     /// Only when not the default (a1111).
     #[serde(skip_serializing_if = "Option::is_none")]
     prompt_syntax: Option<&'static str>,
+    /// `--lora` files (by name) and weights; tags are part of the prompt.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    loras: Vec<(String, f32)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init_image: Option<String>,
+    /// Only with an init image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    strength: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mask: Option<String>,
+    /// Only when TAESD decodes the image (not for previews only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    taesd: Option<String>,
+    /// Only when not the default (f32).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    precision: Option<&'static str>,
 }
 
 /// The job as one line of JSON with a fixed field order.
@@ -75,6 +91,18 @@ pub fn canonical(job: &Job) -> String {
         prompt_syntax: Some(job.prompt_syntax)
             .filter(|&s| s != PromptSyntax::default())
             .map(PromptSyntax::name),
+        loras: job
+            .loras
+            .iter()
+            .map(|l| (file_name(&l.path), l.weight))
+            .collect(),
+        init_image: job.init_image.as_deref().map(file_name),
+        strength: job.init_image.as_ref().map(|_| job.strength),
+        mask: job.mask.as_deref().map(file_name),
+        taesd: job.final_taesd().map(file_name),
+        precision: Some(job.precision)
+            .filter(|&p| p != Precision::default())
+            .map(Precision::name),
     };
     serde_json::to_string(&c).expect("a job always serialises")
 }

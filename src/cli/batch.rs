@@ -12,26 +12,29 @@ use std::sync::Arc;
 
 use clap::Args;
 use sdcap::batch::{self, shard, BatchEvent, Shard, Status};
-use sdcap::job::{Given, Job, RngKind, SamplerKind, ScheduleKind};
+use sdcap::job::{Given, Job};
+use sdcap::request::Request;
 use sdcap::Error;
 use serde_json::json;
 
-use super::generate::{check_model_file, given};
+use super::generate::check_model_file;
 use super::progress::{round3, Progress, ProgressMode};
 use super::threads::start_pool;
-use super::{names_help, parse_ram_cap, parse_threads, FamilyArgs, DEFAULT_MODEL};
+use super::{parse_threads, DEFAULT_MODEL};
 
 /// Exit code when some jobs failed and the others were done.
 const EXIT_SOME_FAILED: u8 = 4;
 const EXIT_INTERRUPTED: u8 = 130;
 
-// The job defaults mirror `generate`'s flags (same names, same defaults).
+/// `batch`'s flags: the job file, the output directory, sharding, and the request flags, which are
+/// the defaults of every job (a job line's field overrides its flag).
 #[derive(Debug, Args)]
 pub struct BatchArgs {
     /// Job file: JSON Lines, one job per line, e.g. {"prompt": "a lighthouse", "seed": 1};
-    /// `-` reads standard input. Fields: prompt, negative, seed, width, height, steps, cfg,
-    /// sampler, scheduler, clip_skip, rng, model, vae, ram_cap, prediction, original_size,
-    /// crop_coords, target_size, prompt_syntax; a field left out takes the flag's value.
+    /// `-` reads standard input. A field has the name of its flag in snake_case (`cfg`,
+    /// `sampler`, `negative` and `init_image` for --cfg-scale, --sampling-method,
+    /// --negative-prompt and --init-img); a field left out takes the flag's value. Relative paths
+    /// are taken from the job file's folder.
     #[arg(value_name = "JOBS")]
     pub jobs: PathBuf,
 
@@ -52,70 +55,8 @@ pub struct BatchArgs {
     #[arg(long, value_enum, value_name = "MODE", default_value_t = ProgressMode::Auto)]
     pub progress: ProgressMode,
 
-    /// Default model: single-file .safetensors checkpoint (LDM layout) or diffusers folder.
-    /// Default: the shipped tiny demo model (random weights, the images are noise).
-    #[arg(short = 'm', long, value_name = "PATH")]
-    pub model: Option<PathBuf>,
-
-    /// Default separate VAE file replacing the model's own.
-    #[arg(long, value_name = "PATH")]
-    pub vae: Option<PathBuf>,
-
-    /// Default prompt, for jobs without one.
-    #[arg(short = 'p', long, value_name = "TEXT")]
-    pub prompt: Option<String>,
-
-    /// Default negative prompt (none: SDXL guides against all-zero embeddings).
-    #[arg(short = 'n', long, value_name = "TEXT")]
-    pub negative_prompt: Option<String>,
-
-    /// Default image width in pixels (multiple of 8, 64..=2048)
-    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
-    #[arg(short = 'W', long, value_name = "PX")]
-    pub width: Option<u32>,
-
-    /// Default image height in pixels (multiple of 8, 64..=2048)
-    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
-    #[arg(short = 'H', long, value_name = "PX")]
-    pub height: Option<u32>,
-
-    /// Default number of sampling steps [default: per model family (20)].
-    #[arg(long, value_name = "N")]
-    pub steps: Option<u32>,
-
-    /// Default classifier-free guidance scale [default: per model family (7)].
-    #[arg(long, value_name = "SCALE")]
-    pub cfg_scale: Option<f32>,
-
-    #[arg(long, value_name = "NAME", help = names_help("Default sampling method [default: per model family (euler_a)]", SamplerKind::NAMES))]
-    pub sampling_method: Option<SamplerKind>,
-
-    #[arg(long, value_name = "NAME", help = names_help("Default noise schedule [default: per model family (discrete)]", ScheduleKind::NAMES))]
-    pub scheduler: Option<ScheduleKind>,
-
     #[command(flatten)]
-    pub family: FamilyArgs,
-
-    /// Default seed (a batch needs fixed seeds, so that a rerun finds its outputs).
-    #[arg(short = 's', long, value_name = "N", default_value_t = 42)]
-    pub seed: u64,
-
-    /// Default CLIP layer: 1 = last, 2 = penultimate.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub clip_skip: u32,
-
-    #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Default random number generator", RngKind::NAMES))]
-    pub rng: RngKind,
-
-    /// Default prompt syntax: a1111 (emphasis, `BREAK`, long prompts in 75-token chunks) or plain
-    /// (the text as it is, cut after 75 tokens).
-    #[arg(long, value_name = "NAME", default_value = "a1111")]
-    pub prompt_syntax: sdcap::prompt::PromptSyntax,
-
-    /// Default memory cap (e.g. 6G); without it, the cgroup limit or the available memory. A job
-    /// that cannot fit is refused before it starts and recorded as failed.
-    #[arg(long, value_name = "SIZE", value_parser = parse_ram_cap)]
-    pub ram_cap: Option<u64>,
+    pub request: Request,
 
     /// Compute threads [default: physical cores, at most the CPUs this process may use].
     #[arg(short = 't', long, value_name = "N", value_parser = parse_threads)]
@@ -131,26 +72,11 @@ fn parse_count(s: &str) -> Result<usize, String> {
 }
 
 pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
-    let default_model = args.model.is_none();
-    let model = args.model.unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
-    let mut defaults = Job::new(model, &args.prompt.unwrap_or_default());
-    defaults.vae = args.vae;
-    defaults.negative = args.negative_prompt;
+    let default_model = args.request.model.is_none();
+    let mut defaults = Job::new(PathBuf::from(DEFAULT_MODEL), "");
     // Settings given by neither a flag nor the job's line take the model family's default, per job.
-    let given = Given {
-        width: given(&mut defaults.width, args.width),
-        height: given(&mut defaults.height, args.height),
-        steps: given(&mut defaults.steps, args.steps),
-        cfg_scale: given(&mut defaults.cfg_scale, args.cfg_scale),
-        sampler: given(&mut defaults.sampler, args.sampling_method),
-        scheduler: given(&mut defaults.scheduler, args.scheduler),
-    };
-    defaults.seed = args.seed;
-    defaults.clip_skip = args.clip_skip;
-    defaults.rng = args.rng;
-    defaults.prompt_syntax = args.prompt_syntax;
-    defaults.ram_cap = args.ram_cap;
-    args.family.apply(&mut defaults);
+    let mut given = Given::default();
+    args.request.apply(&mut defaults, &mut given)?;
     // Defaults that no job could use are refused before anything starts.
     defaults.validate()?;
     let env = |name: &str| std::env::var(name).ok();
@@ -175,6 +101,8 @@ pub fn run(args: BatchArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
+    // As generate: no usable GPU is a one-line refusal (exit 2), before anything starts.
+    sdcap::backend::select(args.request.backend.unwrap_or_default())?;
     let threads_notice = start_pool(args.threads)?;
     let cancel = cancel_on_signals()?;
 

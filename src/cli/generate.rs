@@ -24,27 +24,20 @@ impl GenerateArgs {
     /// settings were given: the others hold placeholders until [`resolve`] fills them from the
     /// model's family. The given values are checked here, before anything is loaded.
     pub fn to_job(&self) -> anyhow::Result<(Job, Given)> {
-        let model = self
-            .model
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL));
-        let mut job = Job::new(model, &self.prompt);
-        job.vae = self.vae.clone();
-        job.negative = self.negative_prompt.clone();
-        let given = Given {
-            width: given(&mut job.width, self.width),
-            height: given(&mut job.height, self.height),
-            steps: given(&mut job.steps, self.steps),
-            cfg_scale: given(&mut job.cfg_scale, self.cfg_scale),
-            sampler: given(&mut job.sampler, self.sampling_method),
-            scheduler: given(&mut job.scheduler, self.scheduler),
-        };
-        job.seed = resolve_seed(self.seed);
-        job.clip_skip = self.clip_skip;
-        job.rng = self.rng;
-        job.prompt_syntax = self.prompt_syntax;
-        job.ram_cap = self.ram_cap;
-        self.family.apply(&mut job);
+        let mut request = self.request.clone();
+        if request.prompt.is_none() {
+            return Err(Error::BadRequest(
+                "the following required argument was not provided: --prompt <TEXT>".into(),
+            )
+            .into());
+        }
+        // stable-diffusion.cpp's convention: a negative seed asks for a random one.
+        if let Some(seed) = request.seed.filter(|&s| s < 0) {
+            request.seed = Some(resolve_seed(seed) as i64);
+        }
+        let mut job = Job::new(PathBuf::from(DEFAULT_MODEL), "");
+        let mut given = Given::default();
+        request.apply(&mut job, &mut given)?;
         job.validate()?;
         check_model_file(&job.model, "model")?;
         if let Some(vae) = &job.vae {
@@ -52,11 +45,6 @@ impl GenerateArgs {
         }
         Ok((job, given))
     }
-}
-
-/// Sets `value` from the flag when there is one; says whether there was.
-pub(super) fn given<T>(value: &mut T, flag: Option<T>) -> bool {
-    flag.map(|v| *value = v).is_some()
 }
 
 /// The job with the model family's defaults in place of every setting the user did not give
@@ -91,7 +79,7 @@ pub(super) fn prediction_reason(source: PredictionSource) -> &'static str {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let default_model = args.model.is_none();
+    let default_model = args.request.model.is_none();
     // Everything that can be refused is refused before any work starts, so a bad request costs
     // nothing and leaves no file. The output's temporary file is created now: a directory where
     // it cannot be written is found before the model is loaded.
@@ -106,7 +94,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
 
     // Before the pool and the model: no usable GPU is a one-line refusal (exit 2).
-    sdcap::backend::select(args.backend)?;
+    sdcap::backend::select(args.request.backend.unwrap_or_default())?;
 
     if let Some(notice) = start_pool(args.threads)? {
         progress.on_event(pipeline::Event::Notice(notice));
@@ -122,7 +110,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let (family, prediction) = (models.spec.name, models.prediction);
     let because = prediction_reason(models.prediction_source);
-    if args.backend != Backend::Cpu {
+    if args.request.backend.unwrap_or_default() != Backend::Cpu {
         // The device-memory check between loading and running (exit 3).
         sdcap::pipeline::check_device_plan(&models, &job)?;
     }

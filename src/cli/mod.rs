@@ -16,9 +16,7 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
-use sdcap::family::Prediction;
-use sdcap::job::{RngKind, SamplerKind, ScheduleKind, SizeConditioning};
-use sdcap::prompt::PromptSyntax;
+use sdcap::request::Request;
 
 /// The demo model shipped with the crate: tiny, random weights, so its images are noise.
 pub const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-sd.safetensors");
@@ -59,97 +57,15 @@ pub struct PlanArgs {
     pub json: bool,
 }
 
-// Numeric flags take negative numbers as values, so `-W -512` is reported as a bad width rather than
-// as an unknown flag `-5`.
+/// `generate`'s flags: the request, and what only a single run has.
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Model: single-file .safetensors checkpoint (LDM layout) or diffusers folder.
-    /// Default: the shipped tiny demo model (random weights, the image is noise).
-    #[arg(short = 'm', long, value_name = "PATH")]
-    pub model: Option<PathBuf>,
-
-    /// Separate VAE file replacing the model's own.
-    #[arg(long, value_name = "PATH")]
-    pub vae: Option<PathBuf>,
-
-    /// The prompt.
-    #[arg(short = 'p', long, value_name = "TEXT")]
-    pub prompt: String,
-
-    /// The negative prompt. Without one, SDXL's unconditional half is all zeros (as diffusers);
-    /// `-n ""` encodes the empty prompt like any other (SD1.x and SD2.x do that either way).
-    #[arg(short = 'n', long, value_name = "TEXT")]
-    pub negative_prompt: Option<String>,
-
-    /// Image width in pixels (multiple of 8, 64..=2048)
-    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
-    #[arg(short = 'W', long, value_name = "PX", allow_negative_numbers = true)]
-    pub width: Option<u32>,
-
-    /// Image height in pixels (multiple of 8, 64..=2048)
-    /// [default: per model family (SD1/SD2 512, SD2-v 768, SDXL 1024)].
-    #[arg(short = 'H', long, value_name = "PX", allow_negative_numbers = true)]
-    pub height: Option<u32>,
-
-    /// Number of sampling steps [default: per model family (20)].
-    #[arg(long, value_name = "N", allow_negative_numbers = true)]
-    pub steps: Option<u32>,
-
-    /// Classifier-free guidance scale; 1 or less runs the UNet on the prompt only
-    /// [default: per model family (7)].
-    #[arg(long, value_name = "SCALE", allow_negative_numbers = true)]
-    pub cfg_scale: Option<f32>,
-
-    #[arg(long, value_name = "NAME", help = names_help("Sampling method [default: per model family (euler_a)]", SamplerKind::NAMES))]
-    pub sampling_method: Option<SamplerKind>,
-
-    #[arg(long, value_name = "NAME", help = names_help("Noise schedule [default: per model family (discrete)]", ScheduleKind::NAMES))]
-    pub scheduler: Option<ScheduleKind>,
-
     #[command(flatten)]
-    pub family: FamilyArgs,
-
-    /// Seed; a negative value picks a random seed (printed in the summary).
-    #[arg(
-        short = 's',
-        long,
-        value_name = "N",
-        default_value_t = 42,
-        allow_negative_numbers = true
-    )]
-    pub seed: i64,
-
-    /// Which CLIP layer conditions the UNet: 1 = last, 2 = penultimate (A1111 convention).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 1,
-        allow_negative_numbers = true
-    )]
-    pub clip_skip: u32,
-
-    #[arg(long, value_name = "NAME", default_value = "cpu", help = names_help("Random number generator (cpu = PyTorch's CPU generator, as diffusers uses it)", RngKind::NAMES))]
-    pub rng: RngKind,
-
-    /// How prompts are read: a1111 = emphasis `(a:1.2)` `[a]`, `BREAK`, any length in 75-token
-    /// chunks (`<lora:…>` tags are refused: LoRA is not supported yet); plain = the text as it is,
-    /// cut after 75 tokens, as diffusers reads it.
-    #[arg(long, value_name = "NAME", default_value = "a1111")]
-    pub prompt_syntax: PromptSyntax,
-
-    /// RAM cap (512M, 1.5G, 2GiB): the plan keeps the predicted peak under it, or sdcap refuses
-    /// with exit code 3 before loading anything [default: the cgroup limit, else available memory].
-    #[arg(long, value_name = "SIZE", value_parser = parse_ram_cap)]
-    pub ram_cap: Option<u64>,
+    pub request: Request,
 
     /// Compute threads [default: physical cores, at most the CPUs this process may use].
     #[arg(short = 't', long, value_name = "N", value_parser = parse_threads, allow_negative_numbers = true)]
     pub threads: Option<usize>,
-
-    /// Where the weight matmuls run: cpu, or cuda (cuBLAS; needs a build with `--features cuda`
-    /// and a GPU, else exit 2). The rest of the work stays on the CPU either way.
-    #[arg(long, value_name = "NAME", default_value = "cpu")]
-    pub backend: sdcap::backend::Backend,
 
     /// Output PNG; written only once the image is complete, replacing any file there (a link is
     /// followed: the file it points to is replaced; a device, FIFO, socket or directory is
@@ -160,61 +76,6 @@ pub struct GenerateArgs {
     /// Progress display: auto = a bar on a terminal, JSON lines on stderr otherwise.
     #[arg(long, value_enum, value_name = "MODE", default_value_t = progress::ProgressMode::Auto)]
     pub progress: progress::ProgressMode,
-}
-
-/// The flags for what only some families read, shared by `generate`, `plan` and `batch`.
-#[derive(Debug, Args)]
-pub struct FamilyArgs {
-    /// What the UNet predicts: eps (noise) or v (velocity, SD2.x 768-v models) [default: the
-    /// file's metadata, else the weights (SD2.x), else the family's (eps)].
-    #[arg(long, value_name = "TYPE")]
-    pub prediction: Option<Prediction>,
-
-    /// SDXL size conditioning: diffusers' `original_size`, WxH [default: the image size].
-    #[arg(long, value_name = "WxH", value_parser = parse_original_size)]
-    pub original_size: Option<(u32, u32)>,
-
-    /// SDXL crop conditioning: diffusers' `crops_coords_top_left`, TOP,LEFT [default: 0,0].
-    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_crop)]
-    pub crop_coords: Option<(u32, u32)>,
-
-    /// SDXL size conditioning: diffusers' `target_size`, WxH [default: the image size].
-    #[arg(long, value_name = "WxH", value_parser = parse_target_size)]
-    pub target_size: Option<(u32, u32)>,
-}
-
-impl FamilyArgs {
-    /// Sets the job's prediction and size conditioning from these flags (those given).
-    pub fn apply(&self, job: &mut sdcap::job::Job) {
-        if self.prediction.is_some() {
-            job.prediction = self.prediction;
-        }
-        if self.original_size.is_some() {
-            job.size_cond.original = self.original_size;
-        }
-        if let Some(crop) = self.crop_coords {
-            job.size_cond.crop = crop;
-        }
-        if self.target_size.is_some() {
-            job.size_cond.target = self.target_size;
-        }
-    }
-}
-
-fn parse_original_size(s: &str) -> Result<(u32, u32), String> {
-    SizeConditioning::parse_size("original-size", s).map_err(|e| e.to_string())
-}
-
-fn parse_target_size(s: &str) -> Result<(u32, u32), String> {
-    SizeConditioning::parse_size("target-size", s).map_err(|e| e.to_string())
-}
-
-fn parse_crop(s: &str) -> Result<(u32, u32), String> {
-    SizeConditioning::parse_crop(s).map_err(|e| e.to_string())
-}
-
-fn names_help(what: &str, names: &[&str]) -> String {
-    format!("{what}: {}", names.join(", "))
 }
 
 fn parse_threads(s: &str) -> Result<usize, String> {
@@ -330,9 +191,6 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-fn parse_ram_cap(text: &str) -> Result<u64, String> {
-    sdcap::governor::parse_size(text).map_err(|e| e.to_string())
-}
 
 #[cfg(test)]
 mod tests {

@@ -16,7 +16,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     }
     // As generate: no usable GPU is a one-line refusal (exit 2); with one, the budget sets the
     // CUDA libraries' host memory aside and the device memory is checked below.
-    sdcap::backend::select(args.generate.backend)?;
+    sdcap::backend::select(args.generate.request.backend.unwrap_or_default())?;
     let budget = Budget::discover(job.ram_cap)?;
     // Maps the model and reads tensor shapes only; no weight data is touched.
     let models = Models::load(&job)?;

@@ -350,8 +350,7 @@ pub fn job(model: PathBuf) -> Job {
         rng: RngKind::Cpu,
         ram_cap: None,
         prediction: None,
-        size_cond: Default::default(),
-        prompt_syntax: Default::default(),
+        ..Job::new(PathBuf::new(), "")
     }
 }
 
