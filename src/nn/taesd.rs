@@ -302,14 +302,14 @@ impl Half {
                 });
             } else if l.contains("weight") {
                 let has_bias = l.contains("bias");
-                let conv = if has_bias {
-                    Conv2d::from_weights(&l, 1, 1)?
-                } else {
-                    Conv2d::from_weights_without_bias(&l, 1, 1)?
-                };
                 let resample = !has_bias;
                 let stride = if resample && role == Role::Encoder { 2 } else { 1 };
                 let upsample = resample && role == Role::Decoder;
+                let conv = if has_bias {
+                    Conv2d::from_weights(&l, stride, 1)?
+                } else {
+                    Conv2d::from_weights_without_bias(&l, stride, 1)?
+                };
                 if upsample && !gap {
                     return Err(bad(format!("conv {i} without bias follows no upsample")));
                 }
