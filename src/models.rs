@@ -6,7 +6,9 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::family::{ModelSpec, Prediction};
 use crate::job::Job;
+use crate::error::Error;
 use crate::nn::clip::TextEncoder;
+use crate::nn::taesd::Taesd;
 use crate::nn::unet::UNet;
 use crate::nn::vae::Decoder;
 use crate::weights::{self, PredictionSource, TensorStore, Weights};
@@ -21,6 +23,9 @@ pub struct Models {
     pub text_encoders: Vec<TextEncoder>,
     pub unet: UNet,
     pub decoder: Decoder,
+    /// `--taesd`: the tiny autoencoder (final decode unless `--taesd-preview-only`, previews,
+    /// img2img's encode), checked against the VAE's latent channels and scale.
+    pub taesd: Option<Taesd>,
     /// The mapped weights (the governor moves their pages).
     pub store: Arc<TensorStore>,
 }
@@ -29,6 +34,8 @@ impl Models {
     /// Opens the model (file or diffusers folder), optionally replacing its VAE, names its family
     /// and checks that it has every tensor the family's networks need.
     pub fn load(job: &Job) -> Result<Self> {
+        // The small file first: a bad `--taesd` is refused before the model is mapped.
+        let taesd = job.taesd.as_deref().map(Taesd::open).transpose()?;
         let mut store = TensorStore::open(&job.model)?;
         if let Some(vae) = &job.vae {
             store = store.with_vae(vae)?;
@@ -54,13 +61,30 @@ impl Models {
             .map_or(0, |t| t.shape[0]);
         let heads = spec.unet_heads(model_channels);
         let vae_prefix = spec.vae_prefix.trim_end_matches('.');
+        let decoder = Decoder::new(&Weights::new(store.clone(), vae_prefix))?;
+        if let Some(t) = &taesd {
+            let (c, f) = (decoder.latent_channels(), decoder.upscale());
+            if t.latent_channels() != c || t.factor() != f {
+                return Err(Error::bad_file(
+                    &t.path,
+                    format!(
+                        "a TAESD for {}-channel latents at 1/{} scale; this {} model's are {c}-channel at 1/{f} \
+                         (SD1/SD2 take taesd, SDXL taesdxl)",
+                        t.latent_channels(),
+                        t.factor(),
+                        spec.name
+                    ),
+                ));
+            }
+        }
         Ok(Models {
             spec,
             prediction,
             prediction_source,
             text_encoders,
             unet: UNet::new(&Weights::new(store.clone(), unet_prefix), heads)?,
-            decoder: Decoder::new(&Weights::new(store.clone(), vae_prefix))?,
+            decoder,
+            taesd,
             store,
         })
     }

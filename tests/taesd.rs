@@ -9,8 +9,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_close, fixtures, read_tensors};
+use common::{assert_close, fixtures, read_tensors, tiny};
+use sdcap::job::{Job, PreviewMode};
 use sdcap::nn::taesd::Taesd;
+use sdcap::pipeline::{self, Event, Models};
+use sdcap::preview::{Projection, SD1};
 use sdcap::Tensor;
 
 fn taesd_dir() -> PathBuf {
@@ -211,4 +214,229 @@ fn read_f16_as_f32(path: &Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// The golden run's job (tiny SD1, "a photo of a cat", Euler, 4 steps, CFG 7.5, 64×64) with TAESD.
+fn taesd_job(taesd: PathBuf) -> Job {
+    let mut job = common::job(tiny("tiny-sd-fp32.safetensors"));
+    job.negative = Some(String::new());
+    job.taesd = Some(taesd);
+    job
+}
+
+fn run(job: &Job, models: &Models) -> (pipeline::Generated, Vec<Event>) {
+    let refs = goldens("txt2img_euler_taesd.safetensors");
+    let mut events = Vec::new();
+    let mut noise = common::Recorded(Default::default());
+    let got = pipeline::generate_from_noise(
+        models,
+        job,
+        refs["initial_noise"].data.clone(),
+        &mut noise,
+        &mut |e| events.push(e),
+    )
+    .unwrap();
+    (got, events)
+}
+
+/// `StableDiffusionPipeline(vae=AutoencoderTiny)`: the same sampling, the final latents decoded by
+/// TAESD as they are (scaling factor 1). Image within 1 level as the VAE runs.
+#[test]
+fn txt2img_decoded_with_taesd_matches_diffusers() {
+    common::compute_threads();
+    let refs = goldens("txt2img_euler_taesd.safetensors");
+    for (layout, path) in [
+        ("diffusers", taesd_dir().join("diffusers")),
+        ("original", taesd_dir().join("taesd_decoder.safetensors")),
+    ] {
+        let job = taesd_job(path);
+        let models = Models::load(&job).unwrap();
+        let plan = pipeline::plan(&models, &job).unwrap();
+        let decode = plan.stages.iter().find(|s| s.name == "decode").unwrap();
+        let taesd = models.taesd.as_ref().unwrap();
+        assert_eq!(decode.activation_bytes, taesd.decode_peak_bytes(8, 8), "{layout}: plan");
+        let (got, _) = run(&job, &models);
+        common::assert_run_matches(&format!("taesd {layout}"), &got, &refs);
+    }
+    // `--taesd-preview-only`: the VAE decodes the final image (diffusers' VAE golden).
+    let mut job = taesd_job(taesd_dir().join("diffusers"));
+    job.preview.taesd_only = true;
+    let models = Models::load(&job).unwrap();
+    let (got, _) = run(&job, &models);
+    let vae_refs = read_tensors(&tiny("golden/txt2img_euler.safetensors"));
+    common::assert_run_matches("taesd preview only", &got, &vae_refs);
+}
+
+/// A TAESD whose latents are not the model's is refused when the models load.
+#[test]
+fn a_taesd_for_other_latents_is_refused() {
+    let dir = tempdir("channels");
+    // The original decoder with its first conv reading 3 latent channels instead of 4.
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        read_f16_as_f32(&taesd_dir().join("taesd_decoder.safetensors"))
+            .into_iter()
+            .map(|(name, shape, bytes)| {
+                if name == "1.weight" {
+                    let mut s = shape.clone();
+                    s[1] = 3;
+                    let per_out = bytes.len() / shape[0];
+                    let keep: Vec<u8> = bytes
+                        .chunks(per_out)
+                        .flat_map(|row| row[..per_out / 4 * 3].to_vec())
+                        .collect();
+                    (name, s, keep)
+                } else {
+                    (name, shape, bytes)
+                }
+            })
+            .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    let file = dir.join("taesd3_decoder.safetensors");
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let err = Models::load(&taesd_job(file)).err().expect("refused");
+    assert_eq!(err.exit_code(), 2, "{err}");
+    assert!(err.to_string().contains("3-channel"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// stable-diffusion.cpp's SD1 projection on the golden run's final latents: the matrix, the RGB
+/// values (1e-6: four products summed in another order) and the truncated 8-bit image (exact but
+/// for a value sitting on a level boundary, ±1).
+#[test]
+fn projection_matches_the_fixture() {
+    let refs = goldens("txt2img_euler_taesd.safetensors");
+    let want: Vec<f32> = SD1.matrix.iter().flatten().copied().collect();
+    assert_eq!(refs["preview_sdcpp_matrix"].data, want);
+    let latent = &refs["final_latents"];
+    let rgb = SD1.rgb(latent);
+    assert_close("projection", &rgb, &refs["preview_sdcpp_rgb"], 1e-6);
+    let image = SD1.image(latent);
+    assert_eq!((image.width, image.height), (8, 8));
+    let want = &refs["preview_sdcpp_uint8_trunc"].data;
+    let off: Vec<(u8, f32)> = image
+        .pixels
+        .iter()
+        .zip(want)
+        .filter(|(a, b)| **a as f32 != **b)
+        .map(|(a, b)| (*a, *b))
+        .collect();
+    assert!(off.iter().all(|(a, b)| (*a as f32 - b).abs() <= 1.0), "{off:?}");
+    assert!(off.len() <= 2, "{} values differ: {off:?}", off.len());
+    // A1111's matrix gives other numbers: the fixture tells the two apart.
+    let a1111 = Projection {
+        matrix: [
+            [0.298, 0.207, 0.208],
+            [0.187, 0.286, 0.173],
+            [-0.158, 0.189, 0.264],
+            [-0.184, -0.271, -0.473],
+        ],
+        bias: [0.0; 3],
+    };
+    assert_close("a1111 projection", &a1111.rgb(latent), &refs["preview_a1111_rgb"], 1e-6);
+}
+
+/// Every mode writes its preview at steps `interval`, 2·`interval`, …: a PNG of the right size
+/// (proj: one pixel per latent pixel; tae and vae: the image), named by a `Preview` event, with
+/// no temporary file left beside it. The final image is the TAESD-decoded one in every case.
+#[test]
+fn previews_are_written_at_their_steps() {
+    common::compute_threads();
+    let dir = tempdir("previews");
+    let refs = goldens("txt2img_euler_taesd.safetensors");
+    for (mode, side) in [
+        (PreviewMode::Proj, 8),
+        (PreviewMode::Tae, 64),
+        (PreviewMode::Vae, 64),
+    ] {
+        let mut job = taesd_job(taesd_dir().join("diffusers"));
+        let path = dir.join(format!("{mode}.png"));
+        job.preview.mode = mode;
+        job.preview.interval = 2;
+        job.preview.path = Some(path.clone());
+        sdcap::preview::check(&job).unwrap();
+        let models = Models::load(&job).unwrap();
+        let plan = pipeline::plan(&models, &job).unwrap();
+        assert!(plan.stages.iter().any(|s| s.name == "preview"), "{mode}: planned");
+        let (got, events) = run(&job, &models);
+        common::assert_run_matches(&format!("{mode} previews"), &got, &refs);
+        let previews: Vec<usize> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Preview { step, path: p } => {
+                    assert_eq!(p, &path);
+                    Some(*step)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(previews, vec![2, 4], "{mode}");
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert_eq!((info.width, info.height), (side, side), "{mode}");
+        assert_eq!(info.color_type, png::ColorType::Rgb);
+        // The last preview is of the final latent: for tae it is the final image itself.
+        if mode == PreviewMode::Tae {
+            assert_eq!(&buf[..info.buffer_size()], &got.image.pixels[..]);
+        }
+        if mode == PreviewMode::Proj {
+            assert_eq!(&buf[..info.buffer_size()], &SD1.image(&got.latent).pixels[..]);
+        }
+    }
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["proj.png", "tae.png", "vae.png"], "no temporary files left");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_preview_settings_are_refused_before_loading() {
+    let dir = tempdir("settings");
+    let base = taesd_job(taesd_dir().join("diffusers"));
+    let cases: Vec<(&str, Box<dyn Fn(&mut Job)>)> = vec![
+        ("--preview tae needs --taesd", Box::new(|j: &mut Job| {
+            j.taesd = None;
+            j.preview.mode = PreviewMode::Tae;
+        })),
+        ("--taesd-preview-only needs --taesd", Box::new(|j: &mut Job| {
+            j.taesd = None;
+            j.preview.taesd_only = true;
+        })),
+        ("at least 1", Box::new(|j: &mut Job| {
+            j.preview.mode = PreviewMode::Proj;
+            j.preview.interval = 0;
+        })),
+        ("no such file", Box::new(|j: &mut Job| {
+            j.taesd = Some(PathBuf::from("/nonexistent/taesd.safetensors"));
+        })),
+        ("does not exist", Box::new(|j: &mut Job| {
+            j.preview.mode = PreviewMode::Proj;
+            j.preview.path = Some(PathBuf::from("/nonexistent/dir/preview.png"));
+        })),
+    ];
+    for (needle, change) in cases {
+        let mut job = base.clone();
+        change(&mut job);
+        let err = sdcap::preview::check(&job).err().unwrap_or_else(|| panic!("{needle}: accepted"));
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
+    // A directory as the preview file.
+    let mut job = base.clone();
+    job.preview.mode = PreviewMode::Proj;
+    job.preview.path = Some(dir.clone());
+    assert_eq!(sdcap::preview::check(&job).unwrap_err().exit_code(), 2);
+    sdcap::preview::check(&base).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -777,8 +777,8 @@ fn taesd_files(path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Which halves a store holds, and their key prefixes: diffusers' `decoder.layers` /
-/// `encoder.layers`, or an original file (keys `N.*`): an encoder starts with conv `0` reading
-/// 3 channels, a decoder with conv `1` (its index 0 is the Clamp) reading the latent.
+/// `encoder.layers`, or an original file (keys `N.*`): an encoder starts with conv `0`, a decoder
+/// with conv `1` (its index 0 is the parameter-free Clamp). `Half::check` then checks the ends.
 fn halves_of(store: &TensorStore, keys: &[String]) -> Vec<(Role, &'static str)> {
     let mut halves = Vec::new();
     if keys.iter().any(|k| k.starts_with("decoder.layers.")) {
@@ -797,11 +797,10 @@ fn halves_of(store: &TensorStore, keys: &[String]) -> Vec<(Role, &'static str)> 
     if !all_indexed {
         return halves;
     }
-    let in_ch = |name: &str| store.get(name).and_then(|t| t.shape.get(1).copied());
-    match (in_ch("0.weight"), in_ch("1.weight")) {
-        (Some(3), _) => halves.push((Role::Encoder, "")),
-        (None, Some(c)) if c != 3 => halves.push((Role::Decoder, "")),
-        _ => {}
+    if store.contains("0.weight") {
+        halves.push((Role::Encoder, ""));
+    } else if store.contains("1.weight") {
+        halves.push((Role::Decoder, ""));
     }
     halves
 }

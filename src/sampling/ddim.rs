@@ -23,7 +23,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
                 vp_denoised_and_eps(steps.prediction, *v, m, sqrt_alpha, sqrt_beta);
             *v = sqrt_alpha_prev * denoised + direction * eps;
         }
-        steps.done(i, n);
+        steps.done(i, n, &x);
     }
     Ok(x)
 }

@@ -26,7 +26,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
                 v + derivative * dt
             })
             .collect();
-        steps.done(call, calls);
+        steps.done(call, calls, &stepped);
         call += 1;
         if i + 1 == n {
             x = stepped;
@@ -39,7 +39,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             let derivative = (s - p) / mid;
             *v += derivative * dt;
         }
-        steps.done(call, calls);
+        steps.done(call, calls, &x);
         call += 1;
     }
     Ok(x)

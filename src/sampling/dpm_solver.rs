@@ -40,7 +40,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             }
         }
         previous = Some(denoised);
-        steps.done(i, n);
+        steps.done(i, n, &x);
     }
     Ok(x)
 }

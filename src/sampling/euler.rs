@@ -16,7 +16,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             let derivative = (*v - denoised) / sigma;
             *v += derivative * dt;
         }
-        steps.done(i, n);
+        steps.done(i, n, &x);
     }
     Ok(x)
 }

@@ -24,7 +24,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
         for (v, z) in x.iter_mut().zip(&noise) {
             *v += z * sigma_up;
         }
-        steps.done(i, n);
+        steps.done(i, n, &x);
     }
     Ok(x)
 }

@@ -23,7 +23,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             .map(|(v, d)| (v - d) / sigma)
             .collect();
         let stepped: Vec<f32> = x.iter().zip(&derivative).map(|(v, d)| v + d * dt).collect();
-        steps.done(call, calls);
+        steps.done(call, calls, &stepped);
         call += 1;
         if i + 1 == n {
             x = stepped;
@@ -37,7 +37,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             let d = (d1 + d2) / 2.0;
             *v += d * dt;
         }
-        steps.done(call, calls);
+        steps.done(call, calls, &x);
         call += 1;
     }
     Ok(x)

@@ -36,7 +36,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             // No noise on the final step: the result is the denoised prediction.
             denoised
         };
-        steps.done(i, n);
+        steps.done(i, n, &x);
     }
     Ok(x)
 }

@@ -42,7 +42,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
             }
             *v += acc;
         }
-        steps.done(i, n);
+        steps.done(i, n, &x);
     }
     Ok(x)
 }

@@ -64,6 +64,22 @@ pub fn sample(
     noise: &mut dyn NoiseSource,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<f32>> {
+    let mut counted = |i: usize, n: usize, _: &[f32]| on_step(i, n);
+    sample_observed(sampler, schedule, prediction, x, model, noise, &mut counted)
+}
+
+/// As `sample`, with the sampler's latent after each evaluation handed to `on_step(i, n, x)`
+/// (the previews read it: the noisy latent, as stable-diffusion.cpp's `--preview-noisy`; for Heun
+/// and DPM2 the first evaluation of a step gives its first-order estimate).
+pub fn sample_observed(
+    sampler: SamplerKind,
+    schedule: &Schedule,
+    prediction: Prediction,
+    x: Vec<f32>,
+    model: Model<'_>,
+    noise: &mut dyn NoiseSource,
+    on_step: &mut dyn FnMut(usize, usize, &[f32]),
+) -> Result<Vec<f32>> {
     if schedule.sampler != sampler {
         return Err(Error::BadRequest(format!(
             "schedule was made for sampler {}, not {sampler}",
@@ -101,7 +117,7 @@ struct Steps<'a, 'm> {
     /// What the model output is; read by the `*_denoised` functions.
     prediction: Prediction,
     noise: &'a mut dyn NoiseSource,
-    on_step: &'a mut dyn FnMut(usize, usize),
+    on_step: &'a mut dyn FnMut(usize, usize, &[f32]),
 }
 
 impl Steps<'_, '_> {
@@ -119,8 +135,9 @@ impl Steps<'_, '_> {
         Ok(noise)
     }
 
-    fn done(&mut self, i: usize, n: usize) {
-        (self.on_step)(i, n);
+    /// Evaluation `i` of `n` finished; `x` is the sampler's latent after it.
+    fn done(&mut self, i: usize, n: usize, x: &[f32]) {
+        (self.on_step)(i, n, x);
     }
 }
 

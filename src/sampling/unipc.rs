@@ -36,7 +36,7 @@ pub(super) fn run(schedule: &Schedule, mut x: Vec<f32>, steps: &mut Steps) -> Re
         let next = predict(sigmas, i, &history, &x, order);
         last = Some((std::mem::replace(&mut x, next), order));
         lower_order_nums = (lower_order_nums + 1).min(ORDER);
-        steps.done(i, n);
+        steps.done(i, n, &x);
     }
     Ok(x)
 }
