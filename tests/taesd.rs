@@ -440,3 +440,24 @@ fn bad_preview_settings_are_refused_before_loading() {
     sdcap::preview::check(&base).unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// When the VAE decode is what does not fit, the refusal offers TAESD with its need, and with
+/// `--taesd` the same job plans within the cap (tiny SD1 at 1024²: its VAE decode needs ~316 MiB
+/// whatever the bands, the UNet far less).
+#[test]
+fn the_refusal_offers_taesd_when_the_vae_decode_does_not_fit() {
+    let mut job = common::job(tiny("tiny-sd-fp32.safetensors"));
+    (job.width, job.height) = (1024, 1024);
+    job.ram_cap = Some(300 << 20);
+    let models = Models::load(&job).unwrap();
+    let err = pipeline::plan(&models, &job).err().expect("the VAE decode does not fit");
+    assert_eq!(err.exit_code(), 3);
+    let text = err.to_string();
+    assert!(text.contains("a TAESD decode (`--taesd"), "{text}");
+    job.taesd = Some(taesd_dir().join("diffusers"));
+    let models = Models::load(&job).unwrap();
+    let plan = pipeline::plan(&models, &job).unwrap();
+    assert!(plan.fits());
+    let decode = plan.stages.iter().find(|s| s.name == "decode").unwrap();
+    assert_eq!(decode.activation_bytes, models.taesd.as_ref().unwrap().decode_peak_bytes(128, 128));
+}

@@ -537,7 +537,17 @@ pub fn peak_bytes(role: Role, shapes: &[LayerShape], h: usize, w: usize) -> u64 
     }
     let threads = rayon::current_num_threads();
     let row = shapes.iter().map(|s| s.in_ch * 9).max().unwrap_or(0);
-    let scratch = Scratch::default().peak_bytes(row, max_w, (1, 1), threads);
+    // The first tier's patch; its panel only as large as the largest filter bank can fill
+    // (Winograd F(4,3)'s transformed filters: 36 values per input·output channel pair); no
+    // feed-forward chunks, no attention.
+    let widest = shapes.iter().map(|s| s.in_ch.max(s.out_ch)).max().unwrap_or(0);
+    let first = Scratch::default();
+    let scratch = Scratch {
+        weight_panel: first.weight_panel.min(36 * widest * widest),
+        ff_chunk: 0,
+        ..first
+    }
+    .peak_bytes(row, max_w, (1, 1), threads);
     peak.saturating_add(scratch)
         .saturating_add(SMALL_BYTES)
         .saturating_add(PER_THREAD_BYTES.saturating_mul(threads as u64))
