@@ -31,53 +31,61 @@ type Named = (String, Vec<usize>, Vec<f32>);
 /// convs, 0.5 for its last, 1 otherwise), biases `N(0, 0.05²)`: the tiny-taesd fixture's rule,
 /// which keeps the decoded image from being nearly constant (the speed does not depend on it).
 fn random_half(encoder: bool, rng: &mut TorchRng) -> Vec<Named> {
-    let mut out = Vec::new();
-    let mut conv = |out: &mut Vec<Named>, name: String, co: usize, ci: usize, bias: bool, gain: f32| {
-        let fan_in = (ci * 9) as f32;
-        let w = rng.randn(&[co, ci, 3, 3]);
-        let scale = gain / fan_in.sqrt();
-        out.push((format!("{name}.weight"), vec![co, ci, 3, 3], w.iter().map(|v| v * scale).collect()));
-        if bias {
-            let b = rng.randn(&[co]);
-            out.push((format!("{name}.bias"), vec![co], b.iter().map(|v| v * 0.05).collect()));
-        }
-    };
-    let block = |out: &mut Vec<Named>, conv: &mut dyn FnMut(&mut Vec<Named>, String, usize, usize, bool, f32), i: usize| {
-        for (k, gain) in [(0, 2f32.sqrt()), (2, 2f32.sqrt()), (4, 0.5)] {
-            conv(out, format!("{i}.conv.{k}"), 64, 64, true, gain);
-        }
+    let mut g = Gen {
+        rng,
+        out: Vec::new(),
     };
     if encoder {
         // 0 conv(3,64); 1 Block; then three times: conv stride 2 (no bias), Block ×3; conv(64,4).
-        conv(&mut out, "0".into(), 64, 3, true, 1.0);
-        block(&mut out, &mut conv, 1);
+        g.conv("0", 64, 3, true, 1.0);
+        g.block(1);
         let mut i = 2;
         for _ in 0..3 {
-            conv(&mut out, i.to_string(), 64, 64, false, 1.0);
-            for b in 1..=3 {
-                block(&mut out, &mut conv, i + b);
-            }
+            g.conv(&i.to_string(), 64, 64, false, 1.0);
+            (1..=3).for_each(|b| g.block(i + b));
             i += 4;
         }
-        conv(&mut out, i.to_string(), 4, 64, true, 1.0);
+        g.conv(&i.to_string(), 4, 64, true, 1.0);
     } else {
         // 0 Clamp; 1 conv(4,64); 2 ReLU; 3-5 Blocks; then (Upsample, conv no bias, Blocks) for
         // 3, 3, 1 blocks; conv(64,3).
-        conv(&mut out, "1".into(), 64, 4, true, 1.0);
-        for b in 3..6 {
-            block(&mut out, &mut conv, b);
-        }
+        g.conv("1", 64, 4, true, 1.0);
+        (3..6).for_each(|b| g.block(b));
         let mut i = 6;
         for blocks in [3, 3, 1] {
-            conv(&mut out, (i + 1).to_string(), 64, 64, false, 1.0);
-            for b in 0..blocks {
-                block(&mut out, &mut conv, i + 2 + b);
-            }
+            g.conv(&(i + 1).to_string(), 64, 64, false, 1.0);
+            (0..blocks).for_each(|b| g.block(i + 2 + b));
             i += 2 + blocks;
         }
-        conv(&mut out, i.to_string(), 3, 64, true, 1.0);
+        g.conv(&i.to_string(), 3, 64, true, 1.0);
     }
-    out
+    g.out
+}
+
+/// Draws tensors in state-dict order.
+struct Gen<'a> {
+    rng: &'a mut TorchRng,
+    out: Vec<Named>,
+}
+
+impl Gen<'_> {
+    fn conv(&mut self, name: &str, co: usize, ci: usize, bias: bool, gain: f32) {
+        let scale = gain / ((ci * 9) as f32).sqrt();
+        let w = self.rng.randn(&[co, ci, 3, 3]);
+        let w = w.iter().map(|v| v * scale).collect();
+        self.out
+            .push((format!("{name}.weight"), vec![co, ci, 3, 3], w));
+        if bias {
+            let b = self.rng.randn(&[co]).iter().map(|v| v * 0.05).collect();
+            self.out.push((format!("{name}.bias"), vec![co], b));
+        }
+    }
+
+    fn block(&mut self, i: usize) {
+        for (k, gain) in [(0, 2f32.sqrt()), (2, 2f32.sqrt()), (4, 0.5)] {
+            self.conv(&format!("{i}.conv.{k}"), 64, 64, true, gain);
+        }
+    }
 }
 
 fn write(path: &Path, tensors: &[Named]) {
@@ -89,8 +97,9 @@ fn write(path: &Path, tensors: &[Named]) {
         .iter()
         .zip(&bytes)
         .map(|((name, shape, _), b)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .expect("view");
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .expect("view");
             (name.clone(), view)
         })
         .collect();
@@ -114,7 +123,10 @@ fn make(dir: &Path) {
 fn decode(which: &str, model: &Path, taesd: &Path, size: usize, repeats: usize) {
     let note = contention_note();
     let lat = size / 8;
-    let z = Tensor::new(vec![1, 4, lat, lat], TorchRng::new(1).randn(&[1, 4, lat, lat]));
+    let z = Tensor::new(
+        vec![1, 4, lat, lat],
+        TorchRng::new(1).randn(&[1, 4, lat, lat]),
+    );
     let run: Box<dyn Fn() -> Tensor> = match which {
         "vae" => {
             let store = TensorStore::open(model).expect("open the model");
@@ -148,13 +160,27 @@ fn decode(which: &str, model: &Path, taesd: &Path, size: usize, repeats: usize) 
 
 fn main() {
     let denormals = common::start_compute_threads();
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         ["make", dir] => make(Path::new(dir)),
         ["decode", which, model, taesd, size, rest @ ..] => {
             println!("({denormals})");
             let repeats = rest.first().map_or(2, |r| r.parse().expect("repeats"));
-            decode(which, Path::new(model), Path::new(taesd), size.parse().expect("size"), repeats)
+            decode(
+                which,
+                Path::new(model),
+                Path::new(taesd),
+                size.parse().expect("size"),
+                repeats,
+            )
         }
         _ => println!(
             "taesd: no mode given, nothing run. Use benches/taesd.sh, or\n  \

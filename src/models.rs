@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use crate::error::Error;
 use crate::error::Result;
 use crate::family::{ModelSpec, Prediction};
 use crate::job::Job;
-use crate::error::Error;
 use crate::nn::clip::TextEncoder;
 use crate::nn::taesd::Taesd;
 use crate::nn::unet::UNet;

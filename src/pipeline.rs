@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::job::{Job, PreviewMode};
 use crate::kernels::scratch::Scratch;
-use crate::nn::unet::UNet;
 use crate::nn::taesd::Taesd;
+use crate::nn::unet::UNet;
 use crate::nn::vae::{Decoder, VaePlan};
 use crate::nn::Ctx;
 use crate::output::RgbImage;
@@ -240,7 +240,11 @@ fn run(
         // The tier the decoder's memory model was planned with (`nn::vae`), not the UNet's.
         scratch: Scratch::default(),
     };
-    let image = match models.taesd.as_ref().filter(|_| job.final_taesd().is_some()) {
+    let image = match models
+        .taesd
+        .as_ref()
+        .filter(|_| job.final_taesd().is_some())
+    {
         Some(taesd) => decode_taesd(taesd, &latent)?,
         None => decode(
             &models.decoder,
@@ -332,9 +336,10 @@ fn write_preview(models: &Models, job: &Job, plan: &Plan, latent: &Tensor) -> Re
         PreviewMode::None => return Err(Error::BadRequest("no preview mode".into())),
         PreviewMode::Proj => Projection::of(models.spec.family).image(latent),
         PreviewMode::Tae => {
-            let taesd = models.taesd.as_ref().ok_or_else(|| {
-                Error::BadRequest("--preview tae needs --taesd PATH".into())
-            })?;
+            let taesd = models
+                .taesd
+                .as_ref()
+                .ok_or_else(|| Error::BadRequest("--preview tae needs --taesd PATH".into()))?;
             decode_taesd(taesd, latent)?
         }
         PreviewMode::Vae => {

@@ -109,7 +109,8 @@ pub fn path(job: &Job) -> PathBuf {
 
 /// Whether a preview is written after model evaluation `index` (0-based).
 pub fn due(job: &Job, index: usize) -> bool {
-    job.preview.mode != PreviewMode::None && (index + 1) % job.preview.interval.max(1) as usize == 0
+    job.preview.mode != PreviewMode::None
+        && (index + 1).is_multiple_of(job.preview.interval.max(1) as usize)
 }
 
 /// Checks the TAESD and preview settings of a job before anything is loaded (`Job::validate`

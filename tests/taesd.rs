@@ -35,8 +35,14 @@ fn layouts() -> Vec<(&'static str, PathBuf)> {
             "diffusers file",
             dir.join("diffusers/diffusion_pytorch_model.safetensors"),
         ),
-        ("original decoder file", dir.join("taesd_decoder.safetensors")),
-        ("original encoder file", dir.join("taesd_encoder.safetensors")),
+        (
+            "original decoder file",
+            dir.join("taesd_decoder.safetensors"),
+        ),
+        (
+            "original encoder file",
+            dir.join("taesd_encoder.safetensors"),
+        ),
     ]
 }
 
@@ -175,8 +181,8 @@ fn files_that_are_not_taesd_are_refused_with_one_line() {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, b)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
             (n.clone(), view)
         })
         .collect();
@@ -207,7 +213,11 @@ fn read_f16_as_f32(path: &Path) -> Vec<(String, Vec<usize>, Vec<u8>)> {
             let f32s: Vec<u8> = view
                 .data()
                 .chunks_exact(2)
-                .flat_map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+                .flat_map(|c| {
+                    half::f16::from_le_bytes([c[0], c[1]])
+                        .to_f32()
+                        .to_le_bytes()
+                })
                 .collect();
             (name, view.shape().to_vec(), f32s)
         })
@@ -254,7 +264,11 @@ fn txt2img_decoded_with_taesd_matches_diffusers() {
         let plan = pipeline::plan(&models, &job).unwrap();
         let decode = plan.stages.iter().find(|s| s.name == "decode").unwrap();
         let taesd = models.taesd.as_ref().unwrap();
-        assert_eq!(decode.activation_bytes, taesd.decode_peak_bytes(8, 8), "{layout}: plan");
+        assert_eq!(
+            decode.activation_bytes,
+            taesd.decode_peak_bytes(8, 8),
+            "{layout}: plan"
+        );
         let (got, _) = run(&job, &models);
         common::assert_run_matches(&format!("taesd {layout}"), &got, &refs);
     }
@@ -293,8 +307,8 @@ fn a_taesd_for_other_latents_is_refused() {
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, s, b)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .unwrap();
             (n.clone(), view)
         })
         .collect();
@@ -327,7 +341,10 @@ fn projection_matches_the_fixture() {
         .filter(|(a, b)| **a as f32 != **b)
         .map(|(a, b)| (*a, *b))
         .collect();
-    assert!(off.iter().all(|(a, b)| (*a as f32 - b).abs() <= 1.0), "{off:?}");
+    assert!(
+        off.iter().all(|(a, b)| (*a as f32 - b).abs() <= 1.0),
+        "{off:?}"
+    );
     assert!(off.len() <= 2, "{} values differ: {off:?}", off.len());
     // A1111's matrix gives other numbers: the fixture tells the two apart.
     let a1111 = Projection {
@@ -339,7 +356,12 @@ fn projection_matches_the_fixture() {
         ],
         bias: [0.0; 3],
     };
-    assert_close("a1111 projection", &a1111.rgb(latent), &refs["preview_a1111_rgb"], 1e-6);
+    assert_close(
+        "a1111 projection",
+        &a1111.rgb(latent),
+        &refs["preview_a1111_rgb"],
+        1e-6,
+    );
 }
 
 /// Every mode writes its preview at steps `interval`, 2·`interval`, …: a PNG of the right size
@@ -363,7 +385,10 @@ fn previews_are_written_at_their_steps() {
         sdcap::preview::check(&job).unwrap();
         let models = Models::load(&job).unwrap();
         let plan = pipeline::plan(&models, &job).unwrap();
-        assert!(plan.stages.iter().any(|s| s.name == "preview"), "{mode}: planned");
+        assert!(
+            plan.stages.iter().any(|s| s.name == "preview"),
+            "{mode}: planned"
+        );
         let (got, events) = run(&job, &models);
         common::assert_run_matches(&format!("{mode} previews"), &got, &refs);
         let previews: Vec<usize> = events
@@ -377,7 +402,8 @@ fn previews_are_written_at_their_steps() {
             })
             .collect();
         assert_eq!(previews, vec![2, 4], "{mode}");
-        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
         let mut reader = decoder.read_info().unwrap();
         let mut buf = vec![0; reader.output_buffer_size()];
         let info = reader.next_frame(&mut buf).unwrap();
@@ -388,7 +414,10 @@ fn previews_are_written_at_their_steps() {
             assert_eq!(&buf[..info.buffer_size()], &got.image.pixels[..]);
         }
         if mode == PreviewMode::Proj {
-            assert_eq!(&buf[..info.buffer_size()], &SD1.image(&got.latent).pixels[..]);
+            assert_eq!(
+                &buf[..info.buffer_size()],
+                &SD1.image(&got.latent).pixels[..]
+            );
         }
     }
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -396,7 +425,11 @@ fn previews_are_written_at_their_steps() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["proj.png", "tae.png", "vae.png"], "no temporary files left");
+    assert_eq!(
+        names,
+        ["proj.png", "tae.png", "vae.png"],
+        "no temporary files left"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -404,31 +437,49 @@ fn previews_are_written_at_their_steps() {
 fn bad_preview_settings_are_refused_before_loading() {
     let dir = tempdir("settings");
     let base = taesd_job(taesd_dir().join("diffusers"));
-    let cases: Vec<(&str, Box<dyn Fn(&mut Job)>)> = vec![
-        ("--preview tae needs --taesd", Box::new(|j: &mut Job| {
-            j.taesd = None;
-            j.preview.mode = PreviewMode::Tae;
-        })),
-        ("--taesd-preview-only needs --taesd", Box::new(|j: &mut Job| {
-            j.taesd = None;
-            j.preview.taesd_only = true;
-        })),
-        ("at least 1", Box::new(|j: &mut Job| {
-            j.preview.mode = PreviewMode::Proj;
-            j.preview.interval = 0;
-        })),
-        ("no such file", Box::new(|j: &mut Job| {
-            j.taesd = Some(PathBuf::from("/nonexistent/taesd.safetensors"));
-        })),
-        ("does not exist", Box::new(|j: &mut Job| {
-            j.preview.mode = PreviewMode::Proj;
-            j.preview.path = Some(PathBuf::from("/nonexistent/dir/preview.png"));
-        })),
+    type Change = Box<dyn Fn(&mut Job)>;
+    let cases: Vec<(&str, Change)> = vec![
+        (
+            "--preview tae needs --taesd",
+            Box::new(|j: &mut Job| {
+                j.taesd = None;
+                j.preview.mode = PreviewMode::Tae;
+            }),
+        ),
+        (
+            "--taesd-preview-only needs --taesd",
+            Box::new(|j: &mut Job| {
+                j.taesd = None;
+                j.preview.taesd_only = true;
+            }),
+        ),
+        (
+            "at least 1",
+            Box::new(|j: &mut Job| {
+                j.preview.mode = PreviewMode::Proj;
+                j.preview.interval = 0;
+            }),
+        ),
+        (
+            "no such file",
+            Box::new(|j: &mut Job| {
+                j.taesd = Some(PathBuf::from("/nonexistent/taesd.safetensors"));
+            }),
+        ),
+        (
+            "does not exist",
+            Box::new(|j: &mut Job| {
+                j.preview.mode = PreviewMode::Proj;
+                j.preview.path = Some(PathBuf::from("/nonexistent/dir/preview.png"));
+            }),
+        ),
     ];
     for (needle, change) in cases {
         let mut job = base.clone();
         change(&mut job);
-        let err = sdcap::preview::check(&job).err().unwrap_or_else(|| panic!("{needle}: accepted"));
+        let err = sdcap::preview::check(&job)
+            .err()
+            .unwrap_or_else(|| panic!("{needle}: accepted"));
         assert_eq!(err.exit_code(), 2, "{err}");
         assert!(err.to_string().contains(needle), "{needle}: {err}");
     }
@@ -450,7 +501,7 @@ fn the_refusal_offers_taesd_when_the_vae_decode_does_not_fit() {
     (job.width, job.height) = (1024, 1024);
     job.ram_cap = Some(300 << 20);
     let models = Models::load(&job).unwrap();
-    let err = pipeline::plan(&models, &job).err().expect("the VAE decode does not fit");
+    let err = pipeline::plan(&models, &job).expect_err("the VAE decode does not fit");
     assert_eq!(err.exit_code(), 3);
     let text = err.to_string();
     assert!(text.contains("a TAESD decode (`--taesd"), "{text}");
@@ -459,5 +510,8 @@ fn the_refusal_offers_taesd_when_the_vae_decode_does_not_fit() {
     let plan = pipeline::plan(&models, &job).unwrap();
     assert!(plan.fits());
     let decode = plan.stages.iter().find(|s| s.name == "decode").unwrap();
-    assert_eq!(decode.activation_bytes, models.taesd.as_ref().unwrap().decode_peak_bytes(128, 128));
+    assert_eq!(
+        decode.activation_bytes,
+        models.taesd.as_ref().unwrap().decode_peak_bytes(128, 128)
+    );
 }

@@ -83,7 +83,10 @@ fn the_memory_model_bounds_decode_and_encode() {
         let predicted = taesd.decode_peak_bytes(lh, lw);
         eprintln!("decode {lh}x{lw}: {used} B used, {predicted} B predicted");
         assert!(used <= predicted, "decode {lh}x{lw}: {used} > {predicted}");
-        assert!(predicted <= 3 * used + fixed, "decode {lh}x{lw}: {predicted} ≫ {used}");
+        assert!(
+            predicted <= 3 * used + fixed,
+            "decode {lh}x{lw}: {predicted} ≫ {used}"
+        );
         let image = Tensor::new(
             image.shape.clone(),
             image.data.iter().map(|v| v.clamp(-1.0, 1.0)).collect(),
@@ -92,7 +95,10 @@ fn the_memory_model_bounds_decode_and_encode() {
         let predicted = taesd.encode_peak_bytes(8 * lh, 8 * lw);
         eprintln!("encode {lh}x{lw}: {used} B used, {predicted} B predicted");
         assert!(used <= predicted, "encode {lh}x{lw}: {used} > {predicted}");
-        assert!(predicted <= 3 * used + fixed, "encode {lh}x{lw}: {predicted} ≫ {used}");
+        assert!(
+            predicted <= 3 * used + fixed,
+            "encode {lh}x{lw}: {predicted} ≫ {used}"
+        );
     }
 }
 

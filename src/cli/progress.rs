@@ -199,7 +199,10 @@ impl Progress {
             // A preview PNG was replaced (JSON lines only: a bar or plain log stays quiet).
             Event::Preview { step, path } => {
                 if let Style::Json = self.style {
-                    self.json("preview", json!({ "step": step, "path": path.display().to_string() }));
+                    self.json(
+                        "preview",
+                        json!({ "step": step, "path": path.display().to_string() }),
+                    );
                 }
             }
         }

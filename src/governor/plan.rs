@@ -175,7 +175,10 @@ pub fn predict(
         VaePlan::fitting(&models.decoder, lh, lw, decode_room).unwrap_or(VaePlan::banded(1));
     let vae_activations = models.decoder.peak_bytes(lh, lw, &vae_plan);
     // `--taesd` decodes instead (unless only for previews): its banded maps and its file's pages.
-    let final_taesd = models.taesd.as_ref().filter(|_| job.final_taesd().is_some());
+    let final_taesd = models
+        .taesd
+        .as_ref()
+        .filter(|_| job.final_taesd().is_some());
     let (decode_activations, decode_weights) = match final_taesd {
         Some(t) => (
             t.decode_peak_bytes(lh, lw),
@@ -194,7 +197,10 @@ pub fn predict(
         PreviewMode::None => (0, 0, None),
         PreviewMode::Proj => (((lh * lw * 3) as u64).saturating_mul(8), 0, None),
         PreviewMode::Tae => (
-            models.taesd.as_ref().map_or(0, |t| t.decode_peak_bytes(lh, lw)),
+            models
+                .taesd
+                .as_ref()
+                .map_or(0, |t| t.decode_peak_bytes(lh, lw)),
             if keep_all { 0 } else { taesd_weights },
             None,
         ),
@@ -203,8 +209,13 @@ pub fn predict(
             let room = budget
                 .usable_bytes()
                 .saturating_sub(unet_weights.saturating_add(weights).saturating_add(latents));
-            let plan = VaePlan::fitting(&models.decoder, lh, lw, room).unwrap_or(VaePlan::banded(1));
-            (models.decoder.peak_bytes(lh, lw, &plan), weights, plan.band_rows)
+            let plan =
+                VaePlan::fitting(&models.decoder, lh, lw, room).unwrap_or(VaePlan::banded(1));
+            (
+                models.decoder.peak_bytes(lh, lw, &plan),
+                weights,
+                plan.band_rows,
+            )
         }
     };
     // The final image's pixels, kept from the decode to the write (a preview's likewise).

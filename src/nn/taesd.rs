@@ -77,8 +77,8 @@ enum Layer {
     },
     /// `relu(conv.4(relu(conv.2(relu(conv.0(x))))) + skip(x))`, skip = identity or a 1×1 conv.
     Block {
-        convs: [Conv2d; 3],
-        skip: Option<Conv2d>,
+        convs: Box<[Conv2d; 3]>,
+        skip: Option<Box<Conv2d>>,
     },
 }
 
@@ -145,7 +145,9 @@ impl LayerShape {
         // further conv of a block (stride 1) widens that by pad on each side.
         let (s, extra) = (self.stride, (self.convs - 1) * pad);
         let a = (s * p).saturating_sub(pad + extra);
-        let b = (s * (q - 1) + self.kernel + extra).saturating_sub(pad).min(in_h);
+        let b = (s * (q - 1) + self.kernel + extra)
+            .saturating_sub(pad)
+            .min(in_h);
         (a - a % s, b)
     }
 
@@ -157,7 +159,10 @@ impl LayerShape {
             (start, len)
         } else {
             let pad = self.kernel / 2;
-            (start / self.stride, (len + 2 * pad - self.kernel) / self.stride + 1)
+            (
+                start / self.stride,
+                (len + 2 * pad - self.kernel) / self.stride + 1,
+            )
         }
     }
 
@@ -292,18 +297,26 @@ impl Half {
             if l.contains("conv.0.weight") {
                 let conv = |name: &str| Conv2d::from_weights(&l.pp(name), 1, 1);
                 let skip = if l.contains("skip.weight") {
-                    Some(Conv2d::from_weights_without_bias(&l.pp("skip"), 1, 0)?)
+                    Some(Box::new(Conv2d::from_weights_without_bias(
+                        &l.pp("skip"),
+                        1,
+                        0,
+                    )?))
                 } else {
                     None
                 };
                 layers.push(Layer::Block {
-                    convs: [conv("conv.0")?, conv("conv.2")?, conv("conv.4")?],
+                    convs: Box::new([conv("conv.0")?, conv("conv.2")?, conv("conv.4")?]),
                     skip,
                 });
             } else if l.contains("weight") {
                 let has_bias = l.contains("bias");
                 let resample = !has_bias;
-                let stride = if resample && role == Role::Encoder { 2 } else { 1 };
+                let stride = if resample && role == Role::Encoder {
+                    2
+                } else {
+                    1
+                };
                 let upsample = resample && role == Role::Decoder;
                 let conv = if has_bias {
                     Conv2d::from_weights(&l, stride, 1)?
@@ -350,7 +363,10 @@ impl Half {
                 Layer::Block { convs, .. } => convs.iter().collect(),
             };
             if let Some(c) = convs.iter().find(|c| c.kernel() != 3) {
-                return Err(format!("a {0}x{0} convolution (TAESD's are 3x3)", c.kernel()));
+                return Err(format!(
+                    "a {0}x{0} convolution (TAESD's are 3x3)",
+                    c.kernel()
+                ));
             }
         }
         let image = match self.role {
@@ -452,9 +468,7 @@ fn slab_rows(shapes: &[LayerShape], in_h: usize, rows: (usize, usize)) -> (usize
 fn forward_banded(layers: &[Layer], x: &Tensor, band_rows: usize, cx: &Ctx) -> Tensor {
     let shapes: Vec<LayerShape> = layers.iter().map(Layer::shape).collect();
     let (n, c, h, w) = x.nchw();
-    let (oh, ow) = shapes
-        .iter()
-        .fold((h, w), |(h, w), s| s.out_size(h, w));
+    let (oh, ow) = shapes.iter().fold((h, w), |(h, w), s| s.out_size(h, w));
     let out_c = shapes.last().map_or(c, |s| s.out_ch);
     if oh <= band_rows {
         return layers.iter().fold(x.clone(), |x, l| l.forward(&x, cx));
@@ -476,8 +490,10 @@ fn forward_banded(layers: &[Layer], x: &Tensor, band_rows: usize, cx: &Ctx) -> T
         debug_assert!(start <= y0 && y1 <= start + sh, "band covers its rows");
         for b in 0..n {
             for ch in 0..out_c {
-                let src = &slab.data[((b * out_c + ch) * sh + (y0 - start)) * ow..][..(y1 - y0) * ow];
-                out.data[((b * out_c + ch) * oh + y0) * ow..][..(y1 - y0) * ow].copy_from_slice(src);
+                let src =
+                    &slab.data[((b * out_c + ch) * sh + (y0 - start)) * ow..][..(y1 - y0) * ow];
+                out.data[((b * out_c + ch) * oh + y0) * ow..][..(y1 - y0) * ow]
+                    .copy_from_slice(src);
             }
         }
     }
@@ -540,7 +556,11 @@ pub fn peak_bytes(role: Role, shapes: &[LayerShape], h: usize, w: usize) -> u64 
     // The first tier's patch; its panel only as large as the largest filter bank can fill
     // (Winograd F(4,3)'s transformed filters: 36 values per input·output channel pair); no
     // feed-forward chunks, no attention.
-    let widest = shapes.iter().map(|s| s.in_ch.max(s.out_ch)).max().unwrap_or(0);
+    let widest = shapes
+        .iter()
+        .map(|s| s.in_ch.max(s.out_ch))
+        .max()
+        .unwrap_or(0);
     let first = Scratch::default();
     let scratch = Scratch {
         weight_panel: first.weight_panel.min(36 * widest * widest),
@@ -744,8 +764,11 @@ impl Taesd {
 /// latent, without loading one (the governor's refusal hint).
 pub fn standard_decode_peak_bytes(latent_channels: usize, latent_h: usize, latent_w: usize) -> u64 {
     let shapes = LayerShape::standard_decoder(latent_channels);
-    peak_bytes(Role::Decoder, &shapes, latent_h, latent_w)
-        .saturating_add(map_bytes(latent_channels, latent_h, latent_w))
+    peak_bytes(Role::Decoder, &shapes, latent_h, latent_w).saturating_add(map_bytes(
+        latent_channels,
+        latent_h,
+        latent_w,
+    ))
 }
 
 /// The files `--taesd PATH` names.
@@ -755,11 +778,16 @@ fn taesd_files(path: &Path) -> Result<Vec<PathBuf>> {
         if diffusers.is_file() {
             return Ok(vec![diffusers]);
         }
-        let originals: Vec<PathBuf> = ["taesd_decoder", "taesd_encoder", "taesdxl_decoder", "taesdxl_encoder"]
-            .iter()
-            .map(|n| path.join(format!("{n}.safetensors")))
-            .filter(|p| p.is_file())
-            .collect();
+        let originals: Vec<PathBuf> = [
+            "taesd_decoder",
+            "taesd_encoder",
+            "taesdxl_decoder",
+            "taesdxl_encoder",
+        ]
+        .iter()
+        .map(|n| path.join(format!("{n}.safetensors")))
+        .filter(|p| p.is_file())
+        .collect();
         if originals.is_empty() {
             return Err(Error::bad_file(
                 path,
@@ -801,9 +829,11 @@ fn halves_of(store: &TensorStore, keys: &[String]) -> Vec<(Role, &'static str)> 
         return halves;
     }
     let all_indexed = !keys.is_empty()
-        && keys
-            .iter()
-            .all(|k| k.split('.').next().is_some_and(|n| n.parse::<usize>().is_ok()));
+        && keys.iter().all(|k| {
+            k.split('.')
+                .next()
+                .is_some_and(|n| n.parse::<usize>().is_ok())
+        });
     if !all_indexed {
         return halves;
     }
