@@ -201,7 +201,8 @@ pub fn predict(
                 .taesd
                 .as_ref()
                 .map_or(0, |t| t.decode_peak_bytes(lh, lw)),
-            if keep_all { 0 } else { taesd_weights },
+            // Not part of the model's file: charged under every residency.
+            taesd_weights,
             None,
         ),
         PreviewMode::Vae => {
