@@ -75,12 +75,7 @@ pub struct Request {
     pub cfg_scale: Option<f32>,
 
     #[arg(long, value_name = "NAME", help = names_help("Sampling method [default: per model family (euler_a)]", SamplerKind::NAMES))]
-    #[serde(
-        rename = "sampler",
-        alias = "sampling_method",
-        default,
-        deserialize_with = "parsed"
-    )]
+    #[serde(rename = "sampler", alias = "sampling_method", default, deserialize_with = "parsed")]
     pub sampling_method: Option<SamplerKind>,
 
     #[arg(long, value_name = "NAME", help = names_help("Noise schedule [default: per model family (discrete)]", ScheduleKind::NAMES))]
@@ -226,7 +221,7 @@ impl<'de> Deserialize<'de> for LoraArg {
                     (Some(p), None) => Ok(LoraArg::Path(p, weight)),
                     (None, Some(n)) => Ok(LoraArg::Name(n, weight)),
                     _ => Err(bad(
-                        "a lora entry names exactly one of `path` and `name`".into()
+                        "a lora entry names exactly one of `path` and `name`".into(),
                     )),
                 }
             }
@@ -311,11 +306,7 @@ pub const FIELDS: &[Field] = &[
         Infotext::Absent("the prompt is stored as given; A1111 reads it with its own syntax"),
     ),
     field("prediction", Naming::Named, Infotext::Key("Prediction")),
-    field(
-        "original_size",
-        Naming::Named,
-        Infotext::Key("Original size"),
-    ),
+    field("original_size", Naming::Named, Infotext::Key("Original size")),
     field("crop_coords", Naming::Named, Infotext::Key("Crop coords")),
     field("target_size", Naming::Named, Infotext::Key("Target size")),
     field("lora", Naming::Named, Infotext::Prompt),
@@ -325,11 +316,7 @@ pub const FIELDS: &[Field] = &[
         Infotext::Absent("a local folder"),
     ),
     field("init_image", Naming::Named, Infotext::Key("Init image")),
-    field(
-        "strength",
-        Naming::Named,
-        Infotext::Key("Denoising strength"),
-    ),
+    field("strength", Naming::Named, Infotext::Key("Denoising strength")),
     field("mask", Naming::Named, Infotext::Key("Mask")),
     field("taesd", Naming::Named, Infotext::Key("TAESD")),
     field(
@@ -347,7 +334,11 @@ pub const FIELDS: &[Field] = &[
         Naming::Unnamed(SAME_PIXELS),
         Infotext::Absent(SAME_PIXELS),
     ),
-    field("taesd_preview_only", Naming::Named, Infotext::Key("TAESD")),
+    field(
+        "taesd_preview_only",
+        Naming::Named,
+        Infotext::Key("TAESD"),
+    ),
     field("precision", Naming::Named, Infotext::Key("Precision")),
     field(
         "ram_cap",
@@ -494,15 +485,11 @@ where
         .transpose()
 }
 
-fn original_size<'de, D: Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<(u32, u32)>, D::Error> {
+fn original_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<(u32, u32)>, D::Error> {
     with_text(d, |s| SizeConditioning::parse_size("original_size", s))
 }
 
-fn target_size<'de, D: Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<(u32, u32)>, D::Error> {
+fn target_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<(u32, u32)>, D::Error> {
     with_text(d, |s| SizeConditioning::parse_size("target_size", s))
 }
 
@@ -565,14 +552,8 @@ mod tests {
     #[test]
     fn lora_flags_read_path_and_weight() {
         let p = |s| parse_lora(s).unwrap();
-        assert_eq!(
-            p("a.safetensors"),
-            LoraArg::Path("a.safetensors".into(), 1.0)
-        );
-        assert_eq!(
-            p("a.safetensors:0.5"),
-            LoraArg::Path("a.safetensors".into(), 0.5)
-        );
+        assert_eq!(p("a.safetensors"), LoraArg::Path("a.safetensors".into(), 1.0));
+        assert_eq!(p("a.safetensors:0.5"), LoraArg::Path("a.safetensors".into(), 0.5));
         assert_eq!(p("dir:x/a.st:-1"), LoraArg::Path("dir:x/a.st".into(), -1.0));
         assert_eq!(p("dir:x/a.st"), LoraArg::Path("dir:x/a.st".into(), 1.0));
         assert!(parse_lora(":0.5").is_err());

@@ -191,6 +191,7 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+
 #[cfg(test)]
 mod tests {
     use super::*;
