@@ -336,6 +336,33 @@ impl Job {
         }
     }
 
+    /// The settings of img2img, inpainting, TAESD and previews agree with each other (files are
+    /// checked by their own modules).
+    fn check_workflow(&self) -> Result<()> {
+        let bad = |msg: &str| Err(Error::BadRequest(msg.to_string()));
+        if !(self.strength > 0.0 && self.strength <= 1.0) {
+            return Err(Error::BadRequest(format!(
+                "strength {} is outside (0, 1]",
+                self.strength
+            )));
+        }
+        if self.mask.is_some() && self.init_image.is_none() {
+            return bad("--mask needs an image to repaint: give it with -i/--init-img");
+        }
+        if self.preview.interval == 0 {
+            return bad("preview-interval must be at least 1");
+        }
+        if self.taesd.is_none() {
+            if self.preview.mode == PreviewMode::Tae {
+                return bad("--preview tae decodes with TAESD: give the file with --taesd");
+            }
+            if self.preview.taesd_only {
+                return bad("--taesd-preview-only needs --taesd");
+            }
+        }
+        Ok(())
+    }
+
     /// Checks everything that can be checked without opening the model.
     pub fn validate(&self) -> Result<()> {
         for (what, v) in [("width", self.width), ("height", self.height)] {
@@ -370,6 +397,7 @@ impl Job {
             ));
         }
         self.size_cond.validate()?;
+        self.check_workflow()?;
         crate::conditioning::check_prompts(self)
     }
 }

@@ -91,7 +91,11 @@ pub fn parameters_text(job: &Job) -> String {
     let mut text = stored(&job.prompt);
     // `--lora` files as A1111 records LoRAs: tags in the prompt (it finds them by file stem).
     for lora in &job.loras {
-        text.push_str(&format!(" <lora:{}:{}>", model_name(&lora.path), lora.weight));
+        text.push_str(&format!(
+            " <lora:{}:{}>",
+            model_name(&lora.path),
+            lora.weight
+        ));
     }
     if !job.negative_text().is_empty() {
         text.push_str("\nNegative prompt: ");

@@ -75,7 +75,12 @@ pub struct Request {
     pub cfg_scale: Option<f32>,
 
     #[arg(long, value_name = "NAME", help = names_help("Sampling method [default: per model family (euler_a)]", SamplerKind::NAMES))]
-    #[serde(rename = "sampler", alias = "sampling_method", default, deserialize_with = "parsed")]
+    #[serde(
+        rename = "sampler",
+        alias = "sampling_method",
+        default,
+        deserialize_with = "parsed"
+    )]
     pub sampling_method: Option<SamplerKind>,
 
     #[arg(long, value_name = "NAME", help = names_help("Noise schedule [default: per model family (discrete)]", ScheduleKind::NAMES))]
@@ -156,7 +161,7 @@ pub struct Request {
     #[arg(long, value_name = "PATH")]
     pub taesd: Option<PathBuf>,
 
-    #[arg(long, value_name = "MODE", help = names_help("Preview while sampling: none, proj (a 4x3 latent-to-RGB projection), tae (TAESD, needs --taesd), vae (the full decoder) [default: none]", PreviewMode::NAMES))]
+    #[arg(long, value_name = "MODE", help = names_help("Preview while sampling, decoded by a 4x3 latent-to-RGB projection (proj), TAESD (tae, needs --taesd) or the full VAE (vae) [default: none]", PreviewMode::NAMES))]
     #[serde(default, deserialize_with = "parsed")]
     pub preview: Option<PreviewMode>,
 
@@ -173,7 +178,7 @@ pub struct Request {
     #[serde(default)]
     pub taesd_preview_only: bool,
 
-    #[arg(long, value_name = "MODE", help = names_help("How weight products compute: f32 (the reference), bf16, int8 (quantized models), auto (the fastest that is accurate on this CPU) [default: f32]", Precision::NAMES))]
+    #[arg(long, value_name = "MODE", help = names_help("How weight products compute: f32 is the reference, int8 is for quantized models, auto the fastest that is accurate on this CPU [default: f32]", Precision::NAMES))]
     #[serde(default, deserialize_with = "parsed")]
     pub precision: Option<Precision>,
 
@@ -221,7 +226,7 @@ impl<'de> Deserialize<'de> for LoraArg {
                     (Some(p), None) => Ok(LoraArg::Path(p, weight)),
                     (None, Some(n)) => Ok(LoraArg::Name(n, weight)),
                     _ => Err(bad(
-                        "a lora entry names exactly one of `path` and `name`".into(),
+                        "a lora entry names exactly one of `path` and `name`".into()
                     )),
                 }
             }
@@ -232,10 +237,11 @@ impl<'de> Deserialize<'de> for LoraArg {
 /// `PATH[:WEIGHT]`: the part after the last `:` is the weight when it reads as a number.
 pub fn parse_lora(text: &str) -> std::result::Result<LoraArg, String> {
     let (path, weight) = match text.rsplit_once(':') {
-        Some((p, w)) if !p.is_empty() && w.trim().parse::<f32>().is_ok() => {
-            (p, w.trim().parse::<f32>().unwrap_or(1.0))
-        }
-        _ => (text, 1.0),
+        Some((p, w)) => match w.trim().parse::<f32>() {
+            Ok(weight) => (p, weight),
+            Err(_) => (text, 1.0),
+        },
+        None => (text, 1.0),
     };
     if path.is_empty() {
         return Err(format!("lora `{text}` names no file (PATH[:WEIGHT])"));
@@ -306,7 +312,11 @@ pub const FIELDS: &[Field] = &[
         Infotext::Absent("the prompt is stored as given; A1111 reads it with its own syntax"),
     ),
     field("prediction", Naming::Named, Infotext::Key("Prediction")),
-    field("original_size", Naming::Named, Infotext::Key("Original size")),
+    field(
+        "original_size",
+        Naming::Named,
+        Infotext::Key("Original size"),
+    ),
     field("crop_coords", Naming::Named, Infotext::Key("Crop coords")),
     field("target_size", Naming::Named, Infotext::Key("Target size")),
     field("lora", Naming::Named, Infotext::Prompt),
@@ -316,7 +326,11 @@ pub const FIELDS: &[Field] = &[
         Infotext::Absent("a local folder"),
     ),
     field("init_image", Naming::Named, Infotext::Key("Init image")),
-    field("strength", Naming::Named, Infotext::Key("Denoising strength")),
+    field(
+        "strength",
+        Naming::Named,
+        Infotext::Key("Denoising strength"),
+    ),
     field("mask", Naming::Named, Infotext::Key("Mask")),
     field("taesd", Naming::Named, Infotext::Key("TAESD")),
     field(
@@ -334,11 +348,7 @@ pub const FIELDS: &[Field] = &[
         Naming::Unnamed(SAME_PIXELS),
         Infotext::Absent(SAME_PIXELS),
     ),
-    field(
-        "taesd_preview_only",
-        Naming::Named,
-        Infotext::Key("TAESD"),
-    ),
+    field("taesd_preview_only", Naming::Named, Infotext::Key("TAESD")),
     field("precision", Naming::Named, Infotext::Key("Precision")),
     field(
         "ram_cap",
@@ -485,11 +495,15 @@ where
         .transpose()
 }
 
-fn original_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<(u32, u32)>, D::Error> {
+fn original_size<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<(u32, u32)>, D::Error> {
     with_text(d, |s| SizeConditioning::parse_size("original_size", s))
 }
 
-fn target_size<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<(u32, u32)>, D::Error> {
+fn target_size<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<(u32, u32)>, D::Error> {
     with_text(d, |s| SizeConditioning::parse_size("target_size", s))
 }
 
@@ -552,8 +566,14 @@ mod tests {
     #[test]
     fn lora_flags_read_path_and_weight() {
         let p = |s| parse_lora(s).unwrap();
-        assert_eq!(p("a.safetensors"), LoraArg::Path("a.safetensors".into(), 1.0));
-        assert_eq!(p("a.safetensors:0.5"), LoraArg::Path("a.safetensors".into(), 0.5));
+        assert_eq!(
+            p("a.safetensors"),
+            LoraArg::Path("a.safetensors".into(), 1.0)
+        );
+        assert_eq!(
+            p("a.safetensors:0.5"),
+            LoraArg::Path("a.safetensors".into(), 0.5)
+        );
         assert_eq!(p("dir:x/a.st:-1"), LoraArg::Path("dir:x/a.st".into(), -1.0));
         assert_eq!(p("dir:x/a.st"), LoraArg::Path("dir:x/a.st".into(), 1.0));
         assert!(parse_lora(":0.5").is_err());

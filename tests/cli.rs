@@ -248,7 +248,11 @@ fn missing_prompt() {
 #[test]
 fn unknown_flag() {
     let s = Scratch::new();
-    assert_bad_input(&s, &["--no-such-flag", "0.5", "-o", &s.out()], &["--no-such-flag"]);
+    assert_bad_input(
+        &s,
+        &["--no-such-flag", "0.5", "-o", &s.out()],
+        &["--no-such-flag"],
+    );
 }
 
 #[test]

@@ -191,7 +191,6 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
