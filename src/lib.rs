@@ -20,6 +20,7 @@ pub mod models;
 pub mod nn;
 pub mod output;
 pub mod pipeline;
+pub mod preview;
 pub mod prompt;
 pub mod quantize;
 pub mod request;

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::family::{ModelSpec, Prediction};
 use crate::job::Job;
 use crate::nn::clip::TextEncoder;
+use crate::nn::taesd::Taesd;
 use crate::nn::unet::UNet;
 use crate::nn::vae::{Decoder, Encoder};
 use crate::weights::{self, PredictionSource, TensorStore, Weights};
@@ -30,6 +31,9 @@ pub struct Models {
     /// A 9-channel inpainting UNet (`conv_in` takes latent, mask and masked-image latent: SD1.5-,
     /// SD2- and SDXL-inpainting alike), detected from `conv_in`'s input channels.
     pub inpaint_unet: bool,
+    /// `--taesd`: the tiny autoencoder (final decode unless `--taesd-preview-only`, previews,
+    /// img2img's encode), checked against the VAE's latent channels and scale.
+    pub taesd: Option<Taesd>,
     /// The mapped weights (the governor moves their pages).
     pub store: Arc<TensorStore>,
 }
@@ -38,6 +42,8 @@ impl Models {
     /// Opens the model (file or diffusers folder), optionally replacing its VAE, names its family
     /// and checks that it has every tensor the family's networks need.
     pub fn load(job: &Job) -> Result<Self> {
+        // The small file first: a bad `--taesd` is refused before the model is mapped.
+        let taesd = job.taesd.as_deref().map(Taesd::open).transpose()?;
         let mut store = TensorStore::open(&job.model)?;
         if let Some(vae) = &job.vae {
             store = store.with_vae(vae)?;
@@ -75,15 +81,32 @@ impl Models {
         };
         let unet = UNet::new(&Weights::new(store.clone(), unet_prefix), heads)?;
         let inpaint_unet = unet.in_channels() == INPAINT_CHANNELS;
+        let decoder = Decoder::new(&vae)?;
+        if let Some(t) = &taesd {
+            let (c, f) = (decoder.latent_channels(), decoder.upscale());
+            if t.latent_channels() != c || t.factor() != f {
+                return Err(Error::bad_file(
+                    &t.path,
+                    format!(
+                        "a TAESD for {}-channel latents at 1/{} scale; this {} model's are {c}-channel at 1/{f} \
+                         (SD1/SD2 take taesd, SDXL taesdxl)",
+                        t.latent_channels(),
+                        t.factor(),
+                        spec.name
+                    ),
+                ));
+            }
+        }
         Ok(Models {
             spec,
             prediction,
             prediction_source,
             text_encoders,
             unet,
-            decoder: Decoder::new(&vae)?,
+            decoder,
             encoder,
             inpaint_unet,
+            taesd,
             store,
         })
     }

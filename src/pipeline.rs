@@ -1,5 +1,6 @@
 //! Generation: job → load → encode → (img2img/inpaint: encode the image) → denoise → decode.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use std::cell::RefCell;
@@ -9,13 +10,15 @@ use crate::error::{Error, Result};
 use crate::governor::{self, memory, watch::Watch, Budget, Plan};
 use crate::img2img;
 use crate::init_image::InitImage;
-use crate::job::Job;
+use crate::job::{Job, PreviewMode};
 use crate::kernels::scratch::Scratch;
 use crate::kernels::{Isa, Mode, Precision};
+use crate::nn::taesd::Taesd;
 use crate::nn::unet::UNet;
 use crate::nn::vae::{Decoder, Encoder, VaePlan};
 use crate::nn::Ctx;
 use crate::output::RgbImage;
+use crate::preview::Projection;
 use crate::sampling::{self, rng::TorchRng, NoiseSource};
 use crate::tensor::Tensor;
 
@@ -30,6 +33,8 @@ pub enum Event {
     Planned(Box<Plan>),
     /// Something the user should know, said once (e.g. the governor tightened the plan).
     Notice(String),
+    /// A preview PNG was written after model evaluation `step` (1-based, as `Step::index`).
+    Preview { step: usize, path: PathBuf },
 }
 
 /// The result of one generation.
@@ -346,7 +351,15 @@ fn run(
         on_event(Event::Step {
             index: i + 1,
             total,
-        })
+        });
+        if crate::preview::due(job, i) {
+            let latent = Tensor::new(shape.clone(), x.to_vec());
+            match write_preview(models, job, &plan, &latent) {
+                Ok(path) => on_event(Event::Preview { step: i + 1, path }),
+                // A preview is a convenience: the run goes on without it.
+                Err(e) => on_event(Event::Notice(format!("preview not written: {e}"))),
+            }
+        }
     };
     let mut noise = StepNoise {
         draws,
@@ -374,12 +387,19 @@ fn run(
         // The tier the decoder's memory model was planned with (`nn::vae`), not the UNet's.
         scratch: Scratch::default(),
     };
-    let image = decode(
-        &models.decoder,
-        &latent,
-        models.spec.vae_scaling_factor,
-        &vae_plan,
-    )?;
+    let image = match models
+        .taesd
+        .as_ref()
+        .filter(|_| job.final_taesd().is_some())
+    {
+        Some(taesd) => decode_taesd(taesd, &latent)?,
+        None => decode(
+            &models.decoder,
+            &latent,
+            models.spec.vae_scaling_factor,
+            &vae_plan,
+        )?,
+    };
     end_stage(models, &plan, models.spec.vae_prefix);
     Ok(Generated {
         image,
@@ -449,6 +469,45 @@ pub fn decode(
     let image = decoder.forward_planned(&z, plan);
     sampling::check_finite("VAE decoder", || "decoding the image".into(), &image.data)?;
     Ok(to_rgb(&image))
+}
+
+/// Decodes a sampler latent with TAESD (as it is: `AutoencoderTiny`'s scaling factor is 1) to
+/// 8-bit RGB, post-processed as `decode` does.
+pub fn decode_taesd(taesd: &Taesd, latent: &Tensor) -> Result<RgbImage> {
+    let image = taesd.decode(latent)?;
+    sampling::check_finite("TAESD decoder", || "decoding the image".into(), &image.data)?;
+    Ok(to_rgb(&image))
+}
+
+/// Writes the preview of `latent` (`job.preview`) atomically; returns its path.
+fn write_preview(models: &Models, job: &Job, plan: &Plan, latent: &Tensor) -> Result<PathBuf> {
+    let image = match job.preview.mode {
+        PreviewMode::None => return Err(Error::BadRequest("no preview mode".into())),
+        PreviewMode::Proj => Projection::of(models.spec.family).image(latent),
+        PreviewMode::Tae => {
+            let taesd = models
+                .taesd
+                .as_ref()
+                .ok_or_else(|| Error::BadRequest("--preview tae needs --taesd PATH".into()))?;
+            decode_taesd(taesd, latent)?
+        }
+        PreviewMode::Vae => {
+            let vae_plan = VaePlan {
+                band_rows: plan.preview_vae_band_rows,
+                scratch: Scratch::default(),
+            };
+            decode(
+                &models.decoder,
+                latent,
+                models.spec.vae_scaling_factor,
+                &vae_plan,
+            )?
+        }
+    };
+    let path = crate::preview::path(job);
+    crate::output::write_png(&path, &image, "")?;
+    memory::release_free_memory();
+    Ok(path)
 }
 
 fn to_rgb(image: &Tensor) -> RgbImage {

@@ -196,6 +196,15 @@ impl Progress {
                     Style::Plain => {}
                 }
             }
+            // A preview PNG was replaced (JSON lines only: a bar or plain log stays quiet).
+            Event::Preview { step, path } => {
+                if let Style::Json = self.style {
+                    self.json(
+                        "preview",
+                        json!({ "step": step, "path": path.display().to_string() }),
+                    );
+                }
+            }
         }
     }
 

@@ -6,12 +6,14 @@ use serde::Serialize;
 use super::budget::Budget;
 use super::stream;
 use crate::error::{Error, Result};
-use crate::job::Job;
+use crate::job::{Job, PreviewMode};
 use crate::kernels::scratch::{Scratch, SMALLEST, TIERS};
 use crate::models::Models;
 use crate::nn::vae::VaePlan;
 
 const MIB: u64 = 1 << 20;
+/// The standard TAESD decoder's file in F32 (1,222,531 parameters), for the refusal's hint.
+const TAESD_DECODER_F32_BYTES: u64 = 1_222_531 * 4;
 
 /// What happens to mapped weight pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -52,6 +54,9 @@ pub struct Plan {
     /// VAE encode of the init image (img2img, inpaint; the "image_encode" stage): rows per band
     /// as `vae_band_rows` (None = whole maps; unused without an init image).
     pub encode_band_rows: Option<usize>,
+    /// `--preview vae`: the VAE's band rows for the previews, which run while the UNet's weights
+    /// are still charged (None = whole maps, or no VAE previews).
+    pub preview_vae_band_rows: Option<usize>,
     /// Streaming: the UNet blocks kept mapped for the whole denoise (read once), as many as the
     /// denoise stage's budget leaves room for (`stream::pin`); the others are read every step.
     pub pinned_blocks: Vec<String>,
@@ -181,6 +186,53 @@ pub fn predict(
     let vae_plan =
         VaePlan::fitting(&models.decoder, lh, lw, decode_room).unwrap_or(VaePlan::banded(1));
     let vae_activations = models.decoder.peak_bytes(lh, lw, &vae_plan);
+    // `--taesd` decodes instead (unless only for previews): its banded maps and its file's pages.
+    let final_taesd = models
+        .taesd
+        .as_ref()
+        .filter(|_| job.final_taesd().is_some());
+    let (decode_activations, decode_weights) = match final_taesd {
+        Some(t) => (
+            t.decode_peak_bytes(lh, lw),
+            match residency {
+                Residency::KeepAll => all_weights.saturating_add(t.weight_bytes),
+                _ => t.weight_bytes,
+            },
+        ),
+        None => (vae_activations, vae_weights),
+    };
+    // Previews run between steps, with the UNet's weights still charged: their decoder's
+    // working set and weights on top (`pin_blocks` keeps the two stages' UNet charge equal).
+    let taesd_weights = models.taesd.as_ref().map_or(0, |t| t.weight_bytes);
+    let keep_all = residency == Residency::KeepAll;
+    let (preview_activations, preview_weights, preview_vae_band_rows) = match job.preview.mode {
+        PreviewMode::None => (0, 0, None),
+        PreviewMode::Proj => (((lh * lw * 3) as u64).saturating_mul(8), 0, None),
+        PreviewMode::Tae => (
+            models
+                .taesd
+                .as_ref()
+                .map_or(0, |t| t.decode_peak_bytes(lh, lw)),
+            // Not part of the model's file: charged under every residency.
+            taesd_weights,
+            None,
+        ),
+        PreviewMode::Vae => {
+            let weights = if keep_all { 0 } else { vae_weights };
+            let room = budget
+                .usable_bytes()
+                .saturating_sub(unet_weights.saturating_add(weights).saturating_add(latents));
+            let plan =
+                VaePlan::fitting(&models.decoder, lh, lw, room).unwrap_or(VaePlan::banded(1));
+            (
+                models.decoder.peak_bytes(lh, lw, &plan),
+                weights,
+                plan.band_rows,
+            )
+        }
+    };
+    // The final image's pixels, kept from the decode to the write (a preview's likewise).
+    let image_bytes = (job.width as u64) * (job.height as u64) * 3;
 
     // img2img / inpaint: the picture(s) read, then VAE-encoded (the inpaint masked image after
     // the image, one at a time), with the tensors `init_image::load` returns alive throughout.
@@ -226,19 +278,27 @@ pub fn predict(
         scratch,
         vae_band_rows: vae_plan.band_rows,
         encode_band_rows: encode_plan.band_rows,
+        preview_vae_band_rows,
         pinned_blocks: Vec::new(),
         lora_bytes,
-        stages: std::iter::once(stage("encode", text_activations, text_weights))
-            .chain(
-                job.init_image
-                    .is_some()
-                    .then(|| stage("image_encode", encode_activations, encoder_weights)),
-            )
-            .chain([
-                stage("denoise", unet_activations, unet_weights),
-                stage("decode", vae_activations, vae_weights),
-            ])
-            .collect(),
+        stages: [
+            Some(stage("encode", text_activations, text_weights)),
+            job.init_image
+                .is_some()
+                .then(|| stage("image_encode", encode_activations, encoder_weights)),
+            Some(stage("denoise", unet_activations, unet_weights)),
+            (job.preview.mode != PreviewMode::None).then(|| {
+                stage(
+                    "preview",
+                    preview_activations.saturating_add(image_bytes),
+                    unet_weights.saturating_add(preview_weights),
+                )
+            }),
+            Some(stage("decode", decode_activations, decode_weights)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     }
 }
 
@@ -278,10 +338,24 @@ fn stream_charge(models: &Models, block_bytes: &[u64], pinned: &[bool]) -> u64 {
 /// room for, and charges them.
 fn pin_blocks(models: &Models, plan: &mut Plan) {
     let usable = plan.budget.usable_bytes();
-    let Some(denoise) = plan.stages.iter_mut().find(|s| s.name == "denoise") else {
+    let Some(unpinned) = plan
+        .stages
+        .iter()
+        .find(|s| s.name == "denoise")
+        .map(|s| s.weight_bytes)
+    else {
         return;
     };
-    let others = denoise.peak_bytes - denoise.weight_bytes;
+    // The denoise and the previews between its steps carry the same UNet charge; what else each
+    // holds is the rest of its peak.
+    let charged = |s: &Stage| s.name == "denoise" || s.name == "preview";
+    let others = plan
+        .stages
+        .iter()
+        .filter(|s| charged(s))
+        .map(|s| s.peak_bytes - unpinned)
+        .max()
+        .unwrap_or(0);
     let blocks = unet_block_bytes(models);
     let room = usable.saturating_sub(others.saturating_add(unet_resident_bytes(models, &blocks)));
     let pinned = stream::pin(&blocks, room);
@@ -290,8 +364,12 @@ fn pin_blocks(models: &Models, plan: &mut Plan) {
         .filter(|&b| pinned[b])
         .map(|b| names[b].clone())
         .collect();
-    denoise.weight_bytes = stream_charge(models, &blocks, &pinned);
-    denoise.peak_bytes = others + denoise.weight_bytes;
+    let charge = stream_charge(models, &blocks, &pinned);
+    for stage in plan.stages.iter_mut().filter(|s| charged(s)) {
+        let rest = stage.peak_bytes - unpinned;
+        stage.weight_bytes = stage.weight_bytes - unpinned + charge;
+        stage.peak_bytes = rest + charge;
+    }
 }
 
 /// What would fit instead: a smaller image, or a 4-bit model; `smallest` is this job's plan
@@ -318,6 +396,29 @@ fn hint(models: &Models, job: &Job, budget: &Budget, smallest: &Plan) -> String 
                 p.peak_bytes().div_ceil(MIB)
             ));
             break;
+        }
+    }
+    // TAESD instead of the VAE decode, when the decode is what does not fit: the standard TAESD
+    // decoder's memory model (F32 file pages, ~4.7 MiB, charged) in place of the VAE's stage.
+    let usable = budget.usable_bytes();
+    let decode = smallest.stages.iter().find(|s| s.name == "decode");
+    if let Some(decode) = decode.filter(|d| d.peak_bytes > usable && job.final_taesd().is_none()) {
+        let (lh, lw) = (job.height as usize / 8, job.width as usize / 8);
+        let latents = decode.peak_bytes - decode.activation_bytes - decode.weight_bytes;
+        let taesd = crate::nn::taesd::standard_decode_peak_bytes(4, lh, lw)
+            .saturating_add(TAESD_DECODER_F32_BYTES)
+            .saturating_add(latents);
+        let needed = smallest
+            .stages
+            .iter()
+            .filter(|s| s.name != "decode")
+            .map(|s| s.peak_bytes)
+            .fold(taesd, u64::max);
+        if needed <= usable {
+            parts.push(format!(
+                "a TAESD decode (`--taesd taesd_decoder.safetensors`, needs about {} MiB)",
+                needed.div_ceil(MIB)
+            ));
         }
     }
     // A 4-bit model: q4_0 keeps 18 bytes per 32 weights, so every stage's weight pages shrink by

@@ -137,7 +137,8 @@ impl Linear {
 /// 2-D convolution with a square kernel.
 pub struct Conv2d {
     weight: Param,
-    bias: Param,
+    /// None for the convolutions stored without one (TAESD's resampling convs).
+    bias: Option<Param>,
     geo: Conv2dGeometry,
     pub in_ch: usize,
     pub out_ch: usize,
@@ -154,7 +155,7 @@ impl Conv2d {
     ) -> Result<Self> {
         Ok(Conv2d {
             weight: w.param("weight", &[out_ch, in_ch, kernel, kernel])?,
-            bias: w.param("bias", &[out_ch])?,
+            bias: Some(w.param("bias", &[out_ch])?),
             geo: Conv2dGeometry {
                 kernel,
                 stride,
@@ -178,9 +179,34 @@ impl Conv2d {
         Self::new(w, shape[1], shape[0], shape[2], stride, pad)
     }
 
+    /// As `from_weights`, for a convolution stored without a bias (`{prefix}.bias` absent).
+    pub fn from_weights_without_bias(w: &Weights, stride: usize, pad: usize) -> Result<Self> {
+        let shape = w.param_any("weight")?.shape().to_vec();
+        if shape.len() != 4 || shape[2] != shape[3] {
+            return Err(crate::Error::BadShape {
+                name: format!("{}.weight", w.prefix()),
+                found: shape,
+                expected: vec![0, 0, 3, 3],
+            });
+        }
+        Ok(Conv2d {
+            weight: w.param_any("weight")?,
+            bias: None,
+            geo: Conv2dGeometry {
+                kernel: shape[2],
+                stride,
+                pad,
+            },
+            in_ch: shape[1],
+            out_ch: shape[0],
+        })
+    }
+
     pub fn forward(&self, x: &Tensor, cx: &Ctx) -> Tensor {
         let mut y = self.product(MapRef::One(x), &ReadAs::default(), cx);
-        add_channel_bias(&mut y, &self.bias());
+        if self.bias.is_some() {
+            add_channel_bias(&mut y, &self.bias());
+        }
         y
     }
 
@@ -238,8 +264,16 @@ impl Conv2d {
         out
     }
 
+    /// The kernel's side.
+    pub fn kernel(&self) -> usize {
+        self.geo.kernel
+    }
+
+    /// The bias (zeros for a convolution stored without one).
     pub fn bias(&self) -> Vec<f32> {
-        self.bias.to_f32()
+        self.bias
+            .as_ref()
+            .map_or_else(|| vec![0.0; self.out_ch], Param::to_f32)
     }
 }
 

@@ -4,6 +4,7 @@ pub mod clip;
 pub mod ctx;
 pub mod layers;
 pub mod resnet;
+pub mod taesd;
 pub mod transformer;
 pub mod unet;
 pub mod vae;

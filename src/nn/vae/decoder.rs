@@ -84,6 +84,11 @@ impl Decoder {
         })
     }
 
+    /// Channels of the latent it decodes (4 for SD).
+    pub fn latent_channels(&self) -> usize {
+        self.post_quant_conv.in_ch
+    }
+
     /// Image pixels per latent pixel along each side (8 for SD).
     pub fn upscale(&self) -> usize {
         1 << self.up.iter().filter(|l| l.upsample.is_some()).count()
