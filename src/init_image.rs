@@ -67,24 +67,11 @@ pub struct Header {
     pub decoded_bytes: u64,
 }
 
-/// Cheap checks for `Job::validate`: strength in (0, 1], no mask without an image, each file a
-/// readable PNG or JPEG of a sane declared size (a PNG also decodes to its end).
+/// Cheap checks for `Job::validate`: the img2img settings (`img2img::check`: strength, a mask
+/// only with an image), then each file a readable PNG or JPEG of a sane declared size (a PNG also
+/// decodes to its end).
 pub fn check(job: &Job) -> Result<()> {
-    if job.init_image.is_none() {
-        if let Some(mask) = &job.mask {
-            return Err(Error::bad_file(
-                mask,
-                "a mask needs an init image (`--init-img`)",
-            ));
-        }
-        return Ok(());
-    }
-    if !(job.strength > 0.0 && job.strength <= 1.0) {
-        return Err(Error::BadRequest(format!(
-            "strength {} is out of range: it must be in (0, 1]",
-            job.strength
-        )));
-    }
+    crate::img2img::check(job)?;
     for path in job.init_image.iter().chain(&job.mask) {
         let header = read_header(path)?;
         match header.format {

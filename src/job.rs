@@ -271,11 +271,19 @@ impl Job {
     /// `ModelSpec`; the side depends on the prediction type (SD2.x: 512 for eps, 768 for v).
     pub fn apply_defaults(&mut self, spec: &ModelSpec, prediction: Prediction, given: Given) {
         let side = spec.default_side(prediction);
+        // img2img/inpaint: the picture's own size (rounded to a multiple of 8) when none is given,
+        // as diffusers; an unreadable picture is refused by `validate`.
+        let (w, h) = match &self.init_image {
+            Some(path) if !(given.width && given.height) => {
+                crate::init_image::default_size(path).unwrap_or((side, side))
+            }
+            _ => (side, side),
+        };
         if !given.width {
-            self.width = side;
+            self.width = w;
         }
         if !given.height {
-            self.height = side;
+            self.height = h;
         }
         if !given.steps {
             self.steps = spec.default_steps;
@@ -336,33 +344,6 @@ impl Job {
         }
     }
 
-    /// The settings of img2img, inpainting, TAESD and previews agree with each other (files are
-    /// checked by their own modules).
-    fn check_workflow(&self) -> Result<()> {
-        let bad = |msg: &str| Err(Error::BadRequest(msg.to_string()));
-        if !(self.strength > 0.0 && self.strength <= 1.0) {
-            return Err(Error::BadRequest(format!(
-                "strength {} is outside (0, 1]",
-                self.strength
-            )));
-        }
-        if self.mask.is_some() && self.init_image.is_none() {
-            return bad("--mask needs an image to repaint: give it with -i/--init-img");
-        }
-        if self.preview.interval == 0 {
-            return bad("preview-interval must be at least 1");
-        }
-        if self.taesd.is_none() {
-            if self.preview.mode == PreviewMode::Tae {
-                return bad("--preview tae decodes with TAESD: give the file with --taesd");
-            }
-            if self.preview.taesd_only {
-                return bad("--taesd-preview-only needs --taesd");
-            }
-        }
-        Ok(())
-    }
-
     /// Checks everything that can be checked without opening the model.
     pub fn validate(&self) -> Result<()> {
         for (what, v) in [("width", self.width), ("height", self.height)] {
@@ -397,7 +378,12 @@ impl Job {
             ));
         }
         self.size_cond.validate()?;
-        self.check_workflow()?;
+        // Each feature checks its own settings and files (one line, exit 2), before any model
+        // is opened: img2img/inpaint pictures, TAESD and previews, the kernels, the prompts'
+        // syntax and LoRAs.
+        crate::init_image::check(self)?;
+        crate::preview::check(self)?;
+        crate::kernels::precision::check(self)?;
         crate::conditioning::check_prompts(self)
     }
 }

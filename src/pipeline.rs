@@ -52,6 +52,21 @@ pub struct Generated {
     pub precision: Mode,
 }
 
+impl Generated {
+    /// The job as it ran, for its PNG parameters: `--precision auto` as the mode it resolved to.
+    pub fn as_run(&self, job: &Job) -> Job {
+        let precision = match self.precision {
+            Mode::F32 => crate::job::Precision::F32,
+            Mode::Bf16 => crate::job::Precision::Bf16,
+            Mode::Int8 => crate::job::Precision::Int8,
+        };
+        Job {
+            precision,
+            ..job.clone()
+        }
+    }
+}
+
 /// The precision of a job's UNet calls: the job's mode, `auto` resolved against the type of the
 /// UNet's linear weights (one attention projection stands for all) and the kernels' instruction
 /// set (`kernels::precision::resolve`). Text encoders and the VAE always run in f32.
@@ -237,7 +252,19 @@ fn run(
 ) -> Result<Generated> {
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
     job.validate()?;
-    img2img::check(job)?;
+    // The plan first: it counts the picture's decode, so one too large for the budget is refused
+    // before it is read.
+    let plan = plan(models, job)?;
+    on_event(Event::Planned(Box::new(plan.clone())));
+    // The job's init image and mask, read here unless the caller handed them over.
+    let loaded = match init {
+        None => crate::init_image::load(job)?,
+        Some(_) => None,
+    };
+    if let Some(notice) = loaded.as_ref().and_then(InitImage::notice) {
+        on_event(Event::Notice(notice));
+    }
+    let init = init.or(loaded.as_ref());
     check_init(models, job, init)?;
     let full = sampling::schedule(job.sampler, job.scheduler, job.steps as usize)?;
     // img2img and inpaint run the last int(steps × strength) steps of the full schedule.
@@ -245,8 +272,6 @@ fn run(
         Some(_) => full.begin_at(img2img::t_start(job.steps, job.strength))?,
         None => full,
     };
-    let plan = plan(models, job)?;
-    on_event(Event::Planned(Box::new(plan.clone())));
     let shape = latent_shape(models, job);
 
     on_event(Event::Stage("encode"));

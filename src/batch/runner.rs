@@ -266,12 +266,15 @@ fn run_one(
             on_event(BatchEvent::Pipeline { index, event })
         })?;
         planned_mib = Some(results::to_mib(g.plan.peak_bytes()));
-        output::encode(pending.file(), &g.image, &output::parameters_text(&t.job)).map_err(
-            |source| Error::Io {
-                path: path.clone(),
-                source,
-            },
-        )?;
+        output::encode(
+            pending.file(),
+            &g.image,
+            &output::parameters_text(&g.as_run(&t.job)),
+        )
+        .map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
         pending.commit()
         // `g` is dropped here, before the RSS reading below.
     });
@@ -300,13 +303,21 @@ fn run_one(
     rec
 }
 
-/// Jobs grouped by (model, VAE, `prediction`), groups in order of first appearance, jobs in file
+/// Jobs grouped by (model, VAE, `prediction`, TAESD), groups in order of first appearance, jobs in file
 /// order within a group: each model is loaded once per prediction type asked for (the loaded
 /// models carry it), and only one is in memory at a time.
 fn group_by_model(todo: Vec<Todo<'_>>) -> Vec<Vec<Todo<'_>>> {
     let mut groups: Vec<Vec<Todo>> = Vec::new();
     for t in todo {
-        let key = |x: &Todo| (x.job.model.clone(), x.job.vae.clone(), x.job.prediction);
+        let key = |x: &Todo| {
+            let j = &x.job;
+            (
+                j.model.clone(),
+                j.vae.clone(),
+                j.prediction,
+                j.taesd.clone(),
+            )
+        };
         match groups.iter_mut().find(|g| key(&g[0]) == key(&t)) {
             Some(g) => g.push(t),
             None => groups.push(vec![t]),

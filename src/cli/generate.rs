@@ -118,7 +118,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let models_source = models.prediction_source;
     drop(models);
 
-    sink.write(&generated.image, &output::parameters_text(&job))?;
+    sink.write(
+        &generated.image,
+        &output::parameters_text(&generated.as_run(&job)),
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     let plan = &generated.plan;
     progress.summary(

@@ -129,7 +129,7 @@ pub fn max_rank(path: &Path) -> Result<usize> {
         .unwrap_or(0))
 }
 
-fn open(path: &Path) -> Result<TensorStore> {
+pub(super) fn open(path: &Path) -> Result<TensorStore> {
     if !path.is_file() {
         return Err(Error::bad_file(path, "LoRA file not found"));
     }

@@ -83,7 +83,7 @@ pub fn check(job: &Job) -> Result<()> {
                 )));
             }
         }
-        file::loaded_bytes(&a.path)?;
+        file::open(&a.path)?;
     }
     Ok(())
 }

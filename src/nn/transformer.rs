@@ -51,7 +51,11 @@ impl Attention {
         let (ctx, lk) = context.unwrap_or((x, lq));
         let q = self.to_q.forward(x, cx);
         // The text context's keys and values stay f32 whatever the precision mode.
-        let kv_cx = if context.is_some() { cx.exact() } else { cx.clone() };
+        let kv_cx = if context.is_some() {
+            cx.exact()
+        } else {
+            cx.clone()
+        };
         let k = self.to_k.forward(ctx, &kv_cx);
         let v = self.to_v.forward(ctx, &kv_cx);
         kernels::attention(
