@@ -70,7 +70,18 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
             job.sampler,
             job.scheduler
         );
-        print!("{}", describe(shown, [&keep_all, &keep, &stream]));
+        println!(
+            "precision: {} (UNet weight products){}",
+            sdcap::pipeline::unet_precision(&models, &job).mode.name(),
+            match shown.lora_bytes {
+                0 => String::new(),
+                bytes => format!(
+                    "; LoRA: {} MiB (files, f32 terms, per-call products)",
+                    bytes.div_ceil(MIB)
+                ),
+            }
+        );
+        print!("{}", describe(&job, shown, [&keep_all, &keep, &stream]));
     }
     // Printed above either way; a plan that does not fit still exits 3.
     chosen?;
@@ -79,7 +90,7 @@ pub fn run(args: PlanArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe(plan: &Plan, alternatives: [&Plan; 3]) -> String {
+fn describe(job: &sdcap::job::Job, plan: &Plan, alternatives: [&Plan; 3]) -> String {
     let b = &plan.budget;
     let libraries = match b.backend_bytes {
         0 => String::new(),
@@ -119,17 +130,24 @@ fn describe(plan: &Plan, alternatives: [&Plan; 3]) -> String {
         sc.attention_query_chunk,
         mib(sc.ff_chunk),
     );
-    out += &match plan.vae_band_rows {
-        Some(rows) => format!("decode: feature maps in bands of {rows} rows\n"),
-        None => "decode: whole feature maps\n".to_string(),
+    if job.init_image.is_some() {
+        out += &match plan.encode_band_rows {
+            Some(rows) => format!("image encode: VAE feature maps in bands of {rows} rows\n"),
+            None => "image encode: whole VAE feature maps\n".to_string(),
+        };
+    }
+    out += &match (job.final_taesd(), plan.vae_band_rows) {
+        (Some(_), _) => "decode: TAESD (--taesd)\n".to_string(),
+        (None, Some(rows)) => format!("decode: feature maps in bands of {rows} rows\n"),
+        (None, None) => "decode: whole feature maps\n".to_string(),
     };
     out += &format!(
-        "{:<8} {:>12} {:>10} {:>10}\n",
+        "{:<12} {:>12} {:>10} {:>10}\n",
         "stage", "activations", "weights", "peak"
     );
     for s in &plan.stages {
         out += &format!(
-            "{:<8} {:>8} MiB {:>6} MiB {:>6} MiB\n",
+            "{:<12} {:>8} MiB {:>6} MiB {:>6} MiB\n",
             s.name,
             s.activation_bytes.div_ceil(MIB),
             s.weight_bytes.div_ceil(MIB),
