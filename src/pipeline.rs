@@ -613,7 +613,7 @@ fn check_init(models: &Models, job: &Job, init: Option<&InitImage>) -> Result<()
     let given = (init.is_some(), init.is_some_and(|i| i.mask.is_some()));
     if given != (job.init_image.is_some(), job.mask.is_some()) {
         return Err(Error::BadRequest(format!(
-            "the job names {} but the pipeline was given {} (load it with init_image and call generate_from)",
+            "the job names {} but the pipeline was given {} (hand over the job's own picture, or none)",
             describe(job.init_image.is_some(), job.mask.is_some()),
             describe(given.0, given.1)
         )));

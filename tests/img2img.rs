@@ -44,7 +44,7 @@ fn case_job(case: &serde_json::Value) -> Job {
     job.scheduler = scheduler;
     job.strength = case["strength"].as_f64().unwrap() as f32;
     job.seed = case["seed"].as_u64().unwrap_or(0);
-    job.init_image = Some("init.png".into());
+    job.init_image = Some(tiny("workflows/inputs/init_64x64.png"));
     job
 }
 
@@ -231,7 +231,7 @@ fn every_sampler_runs_img2img() {
     base.height = 64;
     base.steps = 4;
     base.strength = 0.5;
-    base.init_image = Some("init.png".into());
+    base.init_image = Some(tiny("workflows/inputs/init_64x64.png"));
     let models = Models::load(&base).unwrap();
     for &name in SamplerKind::NAMES {
         let job = Job {
@@ -370,11 +370,11 @@ fn plan_counts_what_img2img_holds() {
     let predict =
         |job: &Job| governor::plan::predict(&models, job, &budget, Residency::Keep, scratch);
     let img = Job {
-        init_image: Some("init.png".into()),
+        init_image: Some(tiny("workflows/inputs/init_64x64.png")),
         ..txt.clone()
     };
     let inpaint = Job {
-        mask: Some("mask.png".into()),
+        mask: Some(tiny("workflows/inputs/mask_64x64.png")),
         ..img.clone()
     };
     assert_eq!(sdcap::img2img::held_bytes(&txt), 0);
@@ -391,8 +391,9 @@ fn plan_counts_what_img2img_holds() {
     assert!(b.stages.iter().any(|t| t.name == "image_encode"));
 }
 
-/// A job that names an init image never runs as txt2img, and a picture handed over for a job
-/// that names none is refused (the plan counts it from the job).
+/// A job that names an init image never runs as txt2img: `generate` reads the picture itself (the
+/// same run as handing the loaded picture over), and a picture handed over for a job that names
+/// none is refused (the plan counts it from the job).
 #[test]
 fn job_and_init_image_must_agree() {
     let common_t = read_tensors(&tiny("workflows/img2img/common.safetensors"));
@@ -402,10 +403,24 @@ fn job_and_init_image_must_agree() {
         .unwrap();
     let job = case_job(&case);
     let models = Models::load(&job).unwrap();
-    let e = pipeline::generate(&models, &job, &mut |_| {})
-        .err()
-        .expect("refused");
-    assert!(e.to_string().contains("names an init image"), "{e}");
+    let by_job = pipeline::generate(&models, &job, &mut |_| {}).unwrap();
+    let loaded = sdcap::init_image::load(&job).unwrap().unwrap();
+    let cancel = AtomicBool::new(false);
+    let by_value = pipeline::generate_from(&models, &job, Some(&loaded), &cancel, &mut |_| {});
+    assert_eq!(by_job.latent.data, by_value.unwrap().latent.data);
+    let plain = pipeline::generate(
+        &models,
+        &Job {
+            init_image: None,
+            ..job.clone()
+        },
+        &mut |_| {},
+    );
+    assert_ne!(
+        by_job.latent.data,
+        plain.unwrap().latent.data,
+        "img2img, not txt2img"
+    );
     let txt = Job {
         init_image: None,
         ..job.clone()

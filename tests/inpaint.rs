@@ -40,8 +40,8 @@ fn case_job(case: &serde_json::Value) -> Job {
     job.sampler = case["sampler"].as_str().unwrap().parse().unwrap();
     job.strength = case["strength"].as_f64().unwrap() as f32;
     job.seed = case["seed"].as_u64().unwrap_or(0);
-    job.init_image = Some("init.png".into());
-    job.mask = Some("mask.png".into());
+    job.init_image = Some(tiny("workflows/inputs/init_64x64.png"));
+    job.mask = Some(tiny("workflows/inputs/mask_64x64.png"));
     job
 }
 
@@ -229,7 +229,7 @@ fn inpainting_model_needs_image_and_mask() {
         .err()
         .expect("refused");
     assert!(e.to_string().contains("inpainting model"), "{e}");
-    job.init_image = Some("init.png".into());
+    job.init_image = Some(tiny("workflows/inputs/init_64x64.png"));
     let no_mask = InitImage {
         mask: None,
         ..init_of(&common_t)
