@@ -9,7 +9,7 @@
 # $CAPS (default "512M"). The page cache is dropped before each run (when root). One line per run:
 # model, mode, cap, exit, OOM kills, cgroup peak MiB, sdcap's peak RSS MiB, the plan's predicted
 # peak MiB, wall seconds, PNG sha256 (must be the same for every cap of a mode). The prediction must
-# stay >= the measured peak. Results also go to benches/img2img-results.tsv.
+# stay >= the measured peak. Results also go to $RESULTS (default /tmp/img2img-results.tsv).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 shared=${SDCAP_SHARED:-$here/../shared}
@@ -27,7 +27,7 @@ fi
 
 echo "# load average at start: $(cut -d' ' -f1 /proc/loadavg) (timings on a busy machine are contended)"
 printf 'model\tmode\tcap\texit\toom_kills\tcgroup_peak_mib\trss_peak_mib\tplan_peak_mib\twall_s\tpng_sha256\n' |
-  tee "$here/benches/img2img-results.tsv"
+  tee "${RESULTS:=/tmp/img2img-results.tsv}"
 for model in "$@"; do
   for mode in img2img inpaint; do
     case $mode in
@@ -56,7 +56,7 @@ for model in "$@"; do
       sha=$([[ -f $png ]] && sha256sum "$png" | cut -c1-16 || echo -)
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(basename "$model")" "$mode" "$cap" "$code" "$kills" \
         "$cg_peak" "${rss:--}" "${planned:--}" "$wall" "$sha" |
-        tee -a "$here/benches/img2img-results.tsv"
+        tee -a "$RESULTS"
       if [[ $code -ne 0 ]]; then grep -h 'sdcap: error' <<<"$log" | sed 's/^/#   /' || true; fi
     done
   done

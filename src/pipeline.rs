@@ -662,44 +662,69 @@ fn describe(image: bool, mask: bool) -> &'static str {
     }
 }
 
-/// `vae.encode(image).latent_dist.sample(generator) * scaling_factor`: `mean + std * draw` with
-/// `std = exp(0.5 * logvar)` (logvar clamped to [-30, 20] by the encoder), in float32.
-fn encode_latents(
-    encoder: &Encoder,
-    image: &Tensor,
-    scaling: f32,
-    draws: &mut dyn Draws,
-    plan: &Plan,
-) -> Result<Vec<f32>> {
-    // Bands the plan chose, at the first scratch tier, which the encoder's memory model counts.
-    let dist = encoder.forward_planned(
-        image,
-        &VaePlan {
-            band_rows: plan.encode_band_rows,
-            scratch: Scratch::default(),
-        },
-    );
-    sampling::check_finite(
-        "VAE encoder",
-        || "encoding the init image".into(),
-        &dist.mean.data,
-    )?;
-    let draw = draws.encode(&dist.mean.shape);
-    Ok(dist
-        .mean
-        .data
-        .iter()
-        .zip(&dist.logvar.data)
-        .zip(&draw)
-        .map(|((m, lv), z)| scaling * (m + (0.5 * lv).exp() * z))
-        .collect())
+/// What encodes the init (and masked) image: the VAE, or TAESD when it decodes the job's image
+/// (`--taesd` without `--taesd-preview-only`, as stable-diffusion.cpp uses it for both).
+enum ImageEncoder<'a> {
+    /// `vae.encode(image).latent_dist.sample(generator) * scaling_factor`: `mean + std * draw`
+    /// with `std = exp(0.5 * logvar)` (logvar clamped to [-30, 20] by the encoder), in float32.
+    Vae(&'a Encoder, f32),
+    /// `AutoencoderTiny.encode(image).latents`: deterministic, in the sampler's scale (factor 1),
+    /// and, as diffusers' `retrieve_latents` takes `.latents`, no draw from the generator.
+    Taesd(&'a Taesd),
+}
+
+impl ImageEncoder<'_> {
+    fn latents(&self, image: &Tensor, draws: &mut dyn Draws, plan: &Plan) -> Result<Vec<f32>> {
+        let (encoder, scaling) = match self {
+            ImageEncoder::Taesd(taesd) => {
+                let z = taesd.encode(image)?;
+                sampling::check_finite(
+                    "TAESD encoder",
+                    || "encoding the init image".into(),
+                    &z.data,
+                )?;
+                return Ok(z.data);
+            }
+            ImageEncoder::Vae(encoder, scaling) => (encoder, *scaling),
+        };
+        // Bands the plan chose, at the first scratch tier, which the encoder's memory model counts.
+        let dist = encoder.forward_planned(
+            image,
+            &VaePlan {
+                band_rows: plan.encode_band_rows,
+                scratch: Scratch::default(),
+            },
+        );
+        sampling::check_finite(
+            "VAE encoder",
+            || "encoding the init image".into(),
+            &dist.mean.data,
+        )?;
+        let draw = draws.encode(&dist.mean.shape);
+        Ok(dist
+            .mean
+            .data
+            .iter()
+            .zip(&dist.logvar.data)
+            .zip(&draw)
+            .map(|((m, lv), z)| scaling * (m + (0.5 * lv).exp() * z))
+            .collect())
+    }
+
+    /// The draw an encoding takes without encoding (the masked image a 4-channel UNet never reads):
+    /// the VAE's sample draws, TAESD's takes none.
+    fn skip(&self, draws: &mut dyn Draws, shape: &[usize]) {
+        if let ImageEncoder::Vae(..) = self {
+            let _ = draws.encode(shape);
+        }
+    }
 }
 
 /// Encodes the init image (and for inpainting the masked image) and makes the start latent, with
 /// the draws in diffusers' order:
 /// img2img: image encode, noise. Inpaint, 4-channel UNet: image encode, noise, masked-image encode
 /// (drawn though unused: only the draw is taken, nothing is encoded). Inpaint, 9-channel UNet:
-/// image encode only below strength 1, noise, masked-image encode.
+/// image encode only below strength 1, noise, masked-image encode. A TAESD encode draws nothing.
 fn prepare_init(
     models: &Models,
     job: &Job,
@@ -709,11 +734,16 @@ fn prepare_init(
     draws: &mut dyn Draws,
     plan: &Plan,
 ) -> Result<Start> {
-    let encoder = models.encoder.as_ref().expect("checked by check_init");
-    let scaling = models.spec.vae_scaling_factor;
+    let encoder = match (job.final_taesd(), &models.taesd) {
+        (Some(_), Some(taesd)) => ImageEncoder::Taesd(taesd),
+        _ => ImageEncoder::Vae(
+            models.encoder.as_ref().expect("checked by check_init"),
+            models.spec.vae_scaling_factor,
+        ),
+    };
     let full_strength = img2img::t_start(job.steps, job.strength) == 0;
     let Some(mask) = &init.mask else {
-        let image_latents = encode_latents(encoder, &init.image, scaling, draws, plan)?;
+        let image_latents = encoder.latents(&init.image, draws, plan)?;
         let noise = draws.initial(shape);
         return Ok(Start {
             latent: schedule.add_noise(0, &image_latents, &noise),
@@ -725,7 +755,7 @@ fn prepare_init(
     let latent_mask = img2img::latent_mask(&mask).data;
     // diffusers encodes the image when it blends (4 channels) or starts from it (strength < 1).
     let image_latents = if !models.inpaint_unet || !full_strength {
-        Some(encode_latents(encoder, &init.image, scaling, draws, plan)?)
+        Some(encoder.latents(&init.image, draws, plan)?)
     } else {
         None
     };
@@ -740,7 +770,7 @@ fn prepare_init(
     };
     if models.inpaint_unet {
         let masked = img2img::masked_image(&init.image, &mask);
-        let masked_latents = encode_latents(encoder, &masked, scaling, draws, plan)?;
+        let masked_latents = encoder.latents(&masked, draws, plan)?;
         let extra = [latent_mask.as_slice(), masked_latents.as_slice()].concat();
         Ok(Start {
             latent,
@@ -749,7 +779,7 @@ fn prepare_init(
         })
     } else {
         // The masked image's encoding draw, which a 4-channel UNet never uses.
-        let _ = draws.encode(shape);
+        encoder.skip(draws, shape);
         Ok(Start {
             latent,
             blend: Some(Blend {

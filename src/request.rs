@@ -156,8 +156,8 @@ pub struct Request {
     #[arg(long, value_name = "PATH")]
     pub mask: Option<PathBuf>,
 
-    /// A TAESD file or folder (the tiny autoencoder): decodes instead of the VAE, in a fraction of
-    /// the time and memory (init images are still encoded by the VAE).
+    /// A TAESD file or folder (the tiny autoencoder): decodes (and encodes the init image) instead
+    /// of the VAE, in a fraction of the time and memory.
     #[arg(long, value_name = "PATH")]
     pub taesd: Option<PathBuf>,
 

@@ -39,23 +39,10 @@ fn pixels(path: &Path) -> Vec<u8> {
     buf
 }
 
-/// The PNG is diffusers' `image_uint8` within 1 level on ≥ 99.9% of values, the whole-run
-/// tolerance of the library tests (`common::assert_run_matches`: a value at a rounding boundary
-/// may round the other way after f32 reordering).
+/// The PNG against diffusers' `image_uint8`, with the library tests' whole-run tolerance.
 fn assert_image_matches(what: &str, png: &Path, golden: &Path) {
-    let got = pixels(png);
     let want = &read_tensors(golden)["image_uint8"].data;
-    assert_eq!(got.len(), want.len(), "{what}: image size");
-    let off = got
-        .iter()
-        .zip(want)
-        .filter(|(a, b)| (**a as f32 - **b).abs() > 1.0)
-        .count();
-    assert!(
-        off as f64 <= 0.001 * want.len() as f64,
-        "{what}: {off} of {} values differ by more than 1",
-        want.len()
-    );
+    common::assert_pixels_match(what, &pixels(png), want);
 }
 
 fn workflows(rel: &str) -> PathBuf {

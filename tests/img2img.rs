@@ -437,3 +437,63 @@ fn job_and_init_image_must_agree() {
     .expect("refused");
     assert!(e.to_string().contains("names no init image"), "{e}");
 }
+
+/// With `--taesd` (decoding the image) TAESD also encodes the init image, as stable-diffusion.cpp
+/// does: deterministic latents, so no encode draw is taken from the generator (diffusers'
+/// `retrieve_latents` reads `AutoencoderTiny`'s `.latents`), and the run differs from the VAE's.
+#[test]
+fn taesd_encodes_the_init_image_without_a_draw() {
+    struct NoEncodeDraw(sdcap::sampling::rng::TorchRng);
+    impl pipeline::Draws for NoEncodeDraw {
+        fn encode(&mut self, _: &[usize]) -> Vec<f32> {
+            panic!("a TAESD encoding draws nothing")
+        }
+        fn initial(&mut self, shape: &[usize]) -> Vec<f32> {
+            self.0.randn(shape)
+        }
+        fn step(&mut self, shape: &[usize]) -> Vec<f32> {
+            self.0.randn(shape)
+        }
+    }
+    let common_t = read_tensors(&tiny("workflows/img2img/common.safetensors"));
+    let case = cases()
+        .into_iter()
+        .find(|c| c["name"] == "euler_str0.6_64x64_e2e")
+        .unwrap();
+    let vae_job = case_job(&case);
+    let job = Job {
+        taesd: Some(common::fixtures().join("tiny-taesd/diffusers")),
+        ..vae_job.clone()
+    };
+    let models = Models::load(&job).unwrap();
+    let init = init_of(&common_t, &job);
+    let rng = || NoEncodeDraw(sdcap::sampling::rng::TorchRng::new(job.seed));
+    let run = |j: &Job| {
+        pipeline::generate_from_draws(&models, j, Some(&init), &mut rng(), &mut |_| {}).unwrap()
+    };
+    let with_taesd = run(&job);
+    // Only the encoder differs: TAESD-only previews keep the VAE for encode and decode.
+    let preview_only = Job {
+        preview: sdcap::job::Preview {
+            taesd_only: true,
+            ..job.preview.clone()
+        },
+        ..job.clone()
+    };
+    let vae_models = Models::load(&vae_job).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pipeline::generate_from_draws(
+            &vae_models,
+            &preview_only,
+            Some(&init),
+            &mut rng(),
+            &mut |_| {},
+        )
+    }));
+    assert!(caught.is_err(), "the VAE encode takes its draw");
+    assert!(with_taesd.latent.data.iter().all(|v| v.is_finite()));
+    let cancel = AtomicBool::new(false);
+    let with_vae =
+        pipeline::generate_from(&vae_models, &vae_job, Some(&init), &cancel, &mut |_| {});
+    assert_ne!(with_taesd.latent.data, with_vae.unwrap().latent.data);
+}

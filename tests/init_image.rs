@@ -5,66 +5,18 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use common::counting::{measured, serial, Counting};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 use sdcap::error::Error;
 use sdcap::init_image::{self, Channels};
 use sdcap::job::Job;
 use sdcap::Tensor;
 
-struct Counting;
-
-static LIVE: AtomicU64 = AtomicU64::new(0);
-static PEAK: AtomicU64 = AtomicU64::new(0);
-
-fn count(size: usize) {
-    let now = LIVE.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: defers every call to `System` unchanged; only counts the sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            count(layout.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            count(layout.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
-        LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = System.realloc(ptr, layout, new_size);
-        if !p.is_null() {
-            LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-            count(new_size);
-        }
-        p
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-/// The allocation counters are process-wide: every test of this file takes this lock.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn inputs() -> PathBuf {
     common::fixtures().join("tiny-sd/workflows/inputs")
@@ -302,11 +254,8 @@ fn jpeg_header(w: u16, h: u16) -> Vec<u8> {
 }
 
 fn refused(job: &Job) -> String {
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
-    let err = init_image::check(job).expect_err("refused");
+    let (err, peak) = measured(|| init_image::check(job).expect_err("refused"));
     // Nothing in proportion to a declared size is allocated to refuse it.
-    let peak = PEAK.load(Ordering::Relaxed) - before;
     assert!(peak < 4 << 20, "{peak} bytes to refuse: {err}");
     assert_eq!(err.exit_code(), 2, "{err}");
     let line = err.to_string();
@@ -416,10 +365,7 @@ fn load_peak_is_predicted() {
         job(Some(big.clone()), None, (512, 512)),
         job(Some(big.clone()), Some(mask.clone()), (256, 384)),
     ] {
-        let before = LIVE.load(Ordering::Relaxed);
-        PEAK.store(before, Ordering::Relaxed);
-        let loaded = init_image::load(&j).unwrap().unwrap();
-        let peak = PEAK.load(Ordering::Relaxed) - before;
+        let (loaded, peak) = measured(|| init_image::load(&j).unwrap().unwrap());
         let predicted = init_image::load_peak_bytes(&j);
         assert!(
             peak <= predicted,

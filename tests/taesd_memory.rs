@@ -6,72 +6,21 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use common::counting::{measured, serial, Counting};
 
 use sdcap::nn::taesd::{standard_decode_peak_bytes, Taesd};
 use sdcap::sampling::rng::TorchRng;
 use sdcap::Tensor;
 
-struct Counting;
-
-static LIVE: AtomicU64 = AtomicU64::new(0);
-static PEAK: AtomicU64 = AtomicU64::new(0);
-
-fn count(size: usize) {
-    let now = LIVE.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: defers every call to `System` unchanged; only counts the sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            count(layout.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            count(layout.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
-        LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = System.realloc(ptr, layout, new_size);
-        if !p.is_null() {
-            LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-            count(new_size);
-        }
-        p
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
-
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn measured<T>(f: impl FnOnce() -> T) -> (T, u64) {
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
-    let out = f();
-    (out, PEAK.load(Ordering::Relaxed) - before)
-}
 
 /// Decode and encode at one band (64²) and several (a 40×24 latent: 320×192, three decoder and
 /// three encoder bands): measured ≤ predicted, and predicted within a small multiple of measured
 /// plus the fixed allowances (so the model is not vacuous).
 #[test]
 fn the_memory_model_bounds_decode_and_encode() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = serial();
     common::compute_threads();
     let taesd = Taesd::open(&common::fixtures().join("tiny-taesd/diffusers")).unwrap();
     let threads = rayon::current_num_threads() as u64;

@@ -7,12 +7,12 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
+use common::counting::{measured, serial, Counting};
 use common::{assert_close, read_tensors, tiny, tiny_weights};
 use sdcap::family::SD1;
 use sdcap::kernels::scratch::{SMALLEST, TIERS};
@@ -20,62 +20,12 @@ use sdcap::nn::vae::{Decoder, Encoder, VaePlan};
 use sdcap::weights::{TensorStore, Weights};
 use sdcap::Tensor;
 
-struct Counting;
-
-static LIVE: AtomicU64 = AtomicU64::new(0);
-static PEAK: AtomicU64 = AtomicU64::new(0);
-
-// SAFETY: defers every call to `System` unchanged; only counts the sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc(layout);
-        if !p.is_null() {
-            let now =
-                LIVE.fetch_add(layout.size() as u64, Ordering::Relaxed) + layout.size() as u64;
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(layout);
-        if !p.is_null() {
-            let now =
-                LIVE.fetch_add(layout.size() as u64, Ordering::Relaxed) + layout.size() as u64;
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout);
-        LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let p = System.realloc(ptr, layout, new_size);
-        if !p.is_null() {
-            LIVE.fetch_sub(layout.size() as u64, Ordering::Relaxed);
-            let now = LIVE.fetch_add(new_size as u64, Ordering::Relaxed) + new_size as u64;
-            PEAK.fetch_max(now, Ordering::Relaxed);
-        }
-        p
-    }
-}
-
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Decodes and returns the image with the heap bytes the decode added at its peak.
 fn decode_measured(decoder: &Decoder, z: &Tensor, plan: &VaePlan) -> (Tensor, u64) {
-    let before = LIVE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
-    let image = decoder.forward_planned(z, plan);
-    let peak = PEAK.load(Ordering::Relaxed) - before;
-    (image, peak)
+    measured(|| decoder.forward_planned(z, plan))
 }
 
 fn golden_latent() -> (Tensor, Tensor) {
@@ -201,10 +151,7 @@ fn encoder_every_plan_matches_diffusers_and_gives_the_whole_map_bits() {
         for band_rows in PLANS {
             for scratch in [TIERS[0], SMALLEST] {
                 let plan = VaePlan { band_rows, scratch };
-                let before = LIVE.load(Ordering::Relaxed);
-                PEAK.store(before, Ordering::Relaxed);
-                let got = encoder.forward_planned(image, &plan);
-                let heap = PEAK.load(Ordering::Relaxed) - before;
+                let (got, heap) = measured(|| encoder.forward_planned(image, &plan));
                 assert!(
                     got.mean.data == whole.mean.data && got.logvar.data == whole.logvar.data,
                     "{w}x{h} plan {plan:?} differs from whole"
