@@ -32,6 +32,17 @@ fn model() -> std::path::PathBuf {
 
 /// The job of a manifest case (the init image path only marks the job as img2img: the pixels come
 /// as an `InitImage`).
+/// `pipeline::generate_from` with the job's one generator, no cancel, no events.
+fn from_init(models: &Models, job: &Job, init: &InitImage) -> sdcap::Result<pipeline::Generated> {
+    pipeline::generate_from(
+        models,
+        job,
+        Some(init),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+}
+
 fn case_job(case: &serde_json::Value) -> Job {
     let (sampler, scheduler) = sampler_of(case["sampler"].as_str().unwrap());
     let mut job = Job::new(model(), case["prompt"].as_str().unwrap());
@@ -121,14 +132,7 @@ fn seeded_cases_match_diffusers_end_to_end() {
         let job = case_job(case);
         assert_eq!(job.seed, 42);
         let refs = read_tensors(&tiny(&format!("workflows/img2img/{name}.safetensors")));
-        let got = pipeline::generate_from(
-            &models,
-            &job,
-            Some(&init_of(&common_t, &job)),
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap();
+        let got = from_init(&models, &job, &init_of(&common_t, &job)).unwrap();
         common::assert_run_matches(name, &got, &refs);
     }
 }
@@ -292,16 +296,7 @@ fn img2img_bits_do_not_depend_on_the_plan() {
         ram_cap: Some(limit),
         ..loose.clone()
     };
-    let run = |job: &Job| {
-        pipeline::generate_from(
-            &models,
-            job,
-            Some(&init_of(&common_t, job)),
-            &AtomicBool::new(false),
-            &mut |_| {},
-        )
-        .unwrap()
-    };
+    let run = |job: &Job| from_init(&models, job, &init_of(&common_t, job)).unwrap();
     let (a, b) = (run(&loose), run(&tight));
     assert_ne!(a.plan.scratch, b.plan.scratch, "the cap changes the plan");
     assert!(a.latent.data == b.latent.data, "latent differs");
@@ -324,29 +319,13 @@ fn mismatched_init_and_zero_step_strength_are_refused() {
         ..job.clone()
     };
     let init = init_of(&common_t, &job);
-    let e = pipeline::generate_from(
-        &models,
-        &wrong,
-        Some(&init),
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
-    .err()
-    .expect("refused");
+    let e = from_init(&models, &wrong, &init).err().expect("refused");
     assert!(matches!(e, sdcap::Error::BadRequest(_)), "{e}");
     let zero = Job {
         strength: 0.1,
         ..job.clone()
     };
-    let e = pipeline::generate_from(
-        &models,
-        &zero,
-        Some(&init),
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
-    .err()
-    .expect("refused");
+    let e = from_init(&models, &zero, &init).err().expect("refused");
     assert!(e.to_string().contains("runs no step"), "{e}");
 }
 
@@ -405,8 +384,7 @@ fn job_and_init_image_must_agree() {
     let models = Models::load(&job).unwrap();
     let by_job = pipeline::generate(&models, &job, &mut |_| {}).unwrap();
     let loaded = sdcap::init_image::load(&job).unwrap().unwrap();
-    let cancel = AtomicBool::new(false);
-    let by_value = pipeline::generate_from(&models, &job, Some(&loaded), &cancel, &mut |_| {});
+    let by_value = from_init(&models, &job, &loaded);
     assert_eq!(by_job.latent.data, by_value.unwrap().latent.data);
     let plain = pipeline::generate(
         &models,
@@ -426,15 +404,7 @@ fn job_and_init_image_must_agree() {
         ..job.clone()
     };
     let init = init_of(&common_t, &job);
-    let e = pipeline::generate_from(
-        &models,
-        &txt,
-        Some(&init),
-        &AtomicBool::new(false),
-        &mut |_| {},
-    )
-    .err()
-    .expect("refused");
+    let e = from_init(&models, &txt, &init).err().expect("refused");
     assert!(e.to_string().contains("names no init image"), "{e}");
 }
 
@@ -492,8 +462,6 @@ fn taesd_encodes_the_init_image_without_a_draw() {
     }));
     assert!(caught.is_err(), "the VAE encode takes its draw");
     assert!(with_taesd.latent.data.iter().all(|v| v.is_finite()));
-    let cancel = AtomicBool::new(false);
-    let with_vae =
-        pipeline::generate_from(&vae_models, &vae_job, Some(&init), &cancel, &mut |_| {});
+    let with_vae = from_init(&vae_models, &vae_job, &init);
     assert_ne!(with_taesd.latent.data, with_vae.unwrap().latent.data);
 }
