@@ -322,6 +322,13 @@ fn run(
 
     on_event(Event::Stage("denoise"));
     let precision = unet_precision(models, job);
+    if job.precision == crate::job::Precision::Int8 && precision.mode != Mode::Int8 {
+        on_event(Event::Notice(
+            "--precision int8 needs q8_0, q5_0 or q4_0 weights (`sdcap quantize`); this model's \
+             UNet products run in f32"
+                .into(),
+        ));
+    }
     let denoise_peak = plan
         .stages
         .iter()

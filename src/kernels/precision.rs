@@ -180,6 +180,9 @@ pub fn resolve(requested: Requested, unet_linear: Option<DType>, isa: Isa) -> Mo
     match requested {
         Requested::F32 => Mode::F32,
         Requested::Bf16 => Mode::Bf16,
+        // int8 products exist only for the block types it reads: other weights compute in f32,
+        // and the mode says so (the PNG and `plan` name what ran).
+        Requested::Int8 if unet_linear.is_some_and(|t| !int8_reads(t)) => Mode::F32,
         Requested::Int8 => Mode::Int8,
         Requested::Auto => {
             if unet_linear.is_some_and(int8_reads) && isa >= Isa::Avx512 {
@@ -229,5 +232,8 @@ mod tests {
             Mode::F32
         );
         assert_eq!(resolve(Requested::Bf16, None, Isa::Scalar), Mode::Bf16);
+        assert_eq!(resolve(Requested::Int8, q8, Isa::Scalar), Mode::Int8);
+        let f16 = Some(DType::F16);
+        assert_eq!(resolve(Requested::Int8, f16, Isa::Avx512), Mode::F32);
     }
 }
