@@ -346,6 +346,16 @@ impl Job {
 
     /// Checks everything that can be checked without opening the model.
     pub fn validate(&self) -> Result<()> {
+        self.validate_settings()?;
+        // The init picture and mask are read (a PNG to its end, a small JPEG whole): once, here.
+        crate::init_image::check(self)
+    }
+
+    /// `validate` without reading the init picture and mask: again after `apply_defaults` and in
+    /// the pipeline, once `validate` has checked those files. Each feature checks its own settings
+    /// (one line, exit 2): img2img/inpaint, TAESD and previews, the kernels, the prompts' syntax
+    /// and LoRAs (their headers).
+    pub fn validate_settings(&self) -> Result<()> {
         for (what, v) in [("width", self.width), ("height", self.height)] {
             if v % 8 != 0 {
                 return Err(Error::BadRequest(format!(
@@ -378,10 +388,7 @@ impl Job {
             ));
         }
         self.size_cond.validate()?;
-        // Each feature checks its own settings and files (one line, exit 2), before any model
-        // is opened: img2img/inpaint pictures, TAESD and previews, the kernels, the prompts'
-        // syntax and LoRAs.
-        crate::init_image::check(self)?;
+        crate::img2img::check(self)?;
         crate::preview::check(self)?;
         crate::kernels::precision::check(self)?;
         crate::conditioning::check_prompts(self)

@@ -251,7 +251,8 @@ fn run(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<Generated> {
     let cancelled = || cancel.is_some_and(|c| c.load(Ordering::Relaxed));
-    job.validate()?;
+    // The callers validated the job (files included); the picture itself is read below.
+    job.validate_settings()?;
     // The plan first: it counts the picture's decode, so one too large for the budget is refused
     // before it is read.
     let plan = plan(models, job)?;

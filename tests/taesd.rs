@@ -114,18 +114,8 @@ fn f32_files_load_like_f16_ones() {
     let dir = tempdir("f32");
     let src = taesd_dir().join("taesd_decoder.safetensors");
     let tensors = read_f16_as_f32(&src);
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            (
-                name.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                    .unwrap(),
-            )
-        })
-        .collect();
     let file = dir.join("taesd_decoder.safetensors");
-    safetensors::serialize_to_file(views, None, &file).unwrap();
+    write_f32(&file, &tensors);
     let refs = goldens("decode.safetensors");
     let taesd = Taesd::open(&file).unwrap();
     assert!(taesd.encoder.is_none(), "no encoder beside it");
@@ -178,16 +168,8 @@ fn files_that_are_not_taesd_are_refused_with_one_line() {
                 }
             })
             .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .unwrap();
-            (n.clone(), view)
-        })
-        .collect();
     let two_channel = dir.join("two_channel_decoder.safetensors");
-    safetensors::serialize_to_file(views, None, &two_channel).unwrap();
+    write_f32(&two_channel, &tensors);
     let err = Taesd::open(&two_channel).err().expect("refused");
     assert_eq!(err.exit_code(), 2);
     assert!(err.to_string().contains("not 3"), "{err}");
@@ -304,16 +286,8 @@ fn a_taesd_for_other_latents_is_refused() {
                 }
             })
             .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .unwrap();
-            (n.clone(), view)
-        })
-        .collect();
     let file = dir.join("taesd3_decoder.safetensors");
-    safetensors::serialize_to_file(views, None, &file).unwrap();
+    write_f32(&file, &tensors);
     let err = Models::load(&taesd_job(file)).err().expect("refused");
     assert_eq!(err.exit_code(), 2, "{err}");
     assert!(err.to_string().contains("3-channel"), "{err}");
@@ -514,4 +488,18 @@ fn the_refusal_offers_taesd_when_the_vae_decode_does_not_fit() {
         decode.activation_bytes,
         models.taesd.as_ref().unwrap().decode_peak_bytes(128, 128)
     );
+}
+
+/// Writes (name, shape, F32 bytes) tensors as a safetensors file.
+fn write_f32(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
 }

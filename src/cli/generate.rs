@@ -56,7 +56,8 @@ pub(super) fn resolve(
     given: Given,
 ) -> sdcap::Result<Option<String>> {
     job.apply_defaults(models.spec, models.prediction, given);
-    job.validate()?;
+    // The files were read by `to_job`; only what the defaults changed needs a look.
+    job.validate_settings()?;
     Ok(
         (job.size_cond.is_set() && !models.spec.size_conditioning).then(|| {
             format!(
