@@ -383,7 +383,7 @@ fn precision_cases() -> Vec<PrecisionCase> {
     let mut cases = Vec::new();
     for (name, shape) in shapes {
         for (ty, modes) in [
-            ("f16", &["f32", "bf16"][..]),
+            ("f16", &["f32", "bf16 avx512", "bf16 amx"][..]),
             (
                 "q8_0",
                 &["f32", "int8 scalar", "int8 avx2", "int8 avx512"][..],
@@ -456,7 +456,8 @@ fn precision_table(pn: f64) {
         }
         let (mode_v, isa) = match mode {
             "f32" => (Mode::F32, Isa::detected()),
-            "bf16" => (Mode::Bf16, Isa::detected()),
+            "bf16 avx512" => (Mode::Bf16, Isa::detected().min(Isa::Avx512)),
+            "bf16 amx" => (Mode::Bf16, Isa::Amx),
             "int8 scalar" => (Mode::Int8, Isa::Scalar),
             "int8 avx2" => (Mode::Int8, Isa::Avx2),
             _ => (Mode::Int8, Isa::Avx512),

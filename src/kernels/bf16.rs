@@ -36,7 +36,7 @@ pub fn round_in_place(x: &mut [f32], isa: Isa) {
     const VALUES_PER_TASK: usize = 1 << 14;
     x.par_chunks_mut(VALUES_PER_TASK).for_each(|x| match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 => {
+        Isa::Avx2 | Isa::Avx512 | Isa::Amx => {
             // SAFETY: `isa` is at or below what this CPU runs (`Isa::parse`/`Isa::detected`).
             unsafe { round_avx2(x) }
         }
@@ -84,6 +84,9 @@ pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usi
     if m == 0 || n == 0 {
         return;
     }
+    if isa == Isa::Amx {
+        return tiles(x, w, y, budget);
+    }
     let step = (budget / k.max(1)).clamp(1, n);
     let x_step = (budget / k.max(1)).max(1);
     let mut panel = zeroed(longest_piece(n, step, MIN_SPLIT) * k);
@@ -119,6 +122,22 @@ pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usi
                 false,
             );
         }
+    }
+}
+
+/// The same product on AMX tiles (`kernels::amx`): each f32 weight panel packed to bf16 tiles (half
+/// its size, within the second panel `Scratch::peak_bytes` counts), the activations converted in
+/// the tile tasks.
+fn tiles(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usize) {
+    let (n, k) = (w.rows(), w.row_len());
+    let m = x.len() / k;
+    let step = (budget / k.max(1)).clamp(1, n);
+    let mut panel = zeroed(longest_piece(n, step, MIN_SPLIT) * k);
+    for range in pieces(n, step, MIN_SPLIT) {
+        let panel = &mut panel[..range.len() * k];
+        w.read_rows(range.start, range.len(), panel);
+        let packed = super::amx::PackedB::from_rows(panel, range.len(), k);
+        super::amx::gemm(x, m, k, &packed, &mut y[range.start..], n);
     }
 }
 
@@ -191,10 +210,31 @@ mod tests {
                 assert!((want[r * n + c] as f64 - exact).abs() <= 1e-6 * mag);
             }
         }
+        let rounding = Isa::detected().min(Isa::Avx512);
         for budget in [1, 65 * k, 100 * k] {
             let mut got = vec![0.0; m * n];
-            matmul_weight_t(&x, &w, &mut got, budget, Isa::detected());
+            matmul_weight_t(&x, &w, &mut got, budget, rounding);
             assert!(got == want, "budget {budget}");
+        }
+        // AMX tiles: the same products added in another order (same 1e-6 bound), and the same
+        // bits under every panel budget.
+        if Isa::detected() == Isa::Amx {
+            let mut tiles = vec![0.0; m * n];
+            matmul_weight_t(&x, &w, &mut tiles, usize::MAX, Isa::Amx);
+            for r in 0..m {
+                for c in 0..n {
+                    let mag: f64 = (0..k)
+                        .map(|e| (x[r * k + e] * wv[c * k + e]).abs() as f64)
+                        .sum();
+                    let diff = (tiles[r * n + c] as f64 - want[r * n + c] as f64).abs();
+                    assert!(diff <= 2e-6 * mag, "tiles [{r},{c}]");
+                }
+            }
+            for budget in [1, 65 * k] {
+                let mut got = vec![0.0; m * n];
+                matmul_weight_t(&x, &w, &mut got, budget, Isa::Amx);
+                assert!(got == tiles, "tiles, budget {budget}");
+            }
         }
         assert!(scratch_bytes(m, k, n, 65 * k) <= 2 * 4 * (65 * k + 65 * k) as u64);
     }

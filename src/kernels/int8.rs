@@ -223,7 +223,7 @@ unsafe fn tile(
         let (m, ld) = (rows.len(), out.ld);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::Avx512 => simd::columns(isa, nr, xs, m, ws, nb, dst, ld),
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => simd::columns(isa, nr, xs, m, ws, nb, dst, ld),
             _ => {
                 for r in 0..m {
                     let xq = std::slice::from_raw_parts(xs.0.add(r * k), k);
@@ -264,8 +264,8 @@ mod simd {
         ld: usize,
     ) {
         match (isa, nr) {
-            (Isa::Avx512, 2) => columns_vnni::<2>(xs, m, ws, nb, dst, ld),
-            (Isa::Avx512, _) => columns_vnni::<1>(xs, m, ws, nb, dst, ld),
+            (Isa::Avx512 | Isa::Amx, 2) => columns_vnni::<2>(xs, m, ws, nb, dst, ld),
+            (Isa::Avx512 | Isa::Amx, _) => columns_vnni::<1>(xs, m, ws, nb, dst, ld),
             (_, 2) => columns_avx2::<2>(xs, m, ws, nb, dst, ld),
             _ => columns_avx2::<1>(xs, m, ws, nb, dst, ld),
         }

@@ -3,6 +3,7 @@
 //! Layout: activations are NCHW (images) or [batch, tokens, channels] (sequences), row-major.
 
 mod activation;
+pub mod amx;
 mod attention;
 pub mod bf16;
 mod conv;

@@ -52,6 +52,8 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F/BW/VL with VNNI (256-bit `vpdpbusd` in the int8 kernel).
     Avx512,
+    /// AVX-512 as above, plus AMX-BF16 tiles (`tdpbf16ps`, `kernels::amx`) for the bf16 products.
+    Amx,
 }
 
 /// The environment variable that forces an instruction set (tests, comparisons).
@@ -69,7 +71,11 @@ impl Isa {
                 && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                return Isa::Avx512;
+                return if super::amx::available() {
+                    Isa::Amx
+                } else {
+                    Isa::Avx512
+                };
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
@@ -85,6 +91,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
@@ -94,9 +101,10 @@ impl Isa {
             "scalar" => Isa::Scalar,
             "avx2" => Isa::Avx2,
             "avx512" => Isa::Avx512,
+            "amx" => Isa::Amx,
             other => {
                 return Err(Error::BadRequest(format!(
-                    "{KERNELS_ENV}=`{other}` is not one of scalar, avx2, avx512"
+                    "{KERNELS_ENV}=`{other}` is not one of scalar, avx2, avx512, amx"
                 )))
             }
         };
@@ -201,7 +209,7 @@ pub fn check(_job: &crate::job::Job) -> Result<()> {
         Ok(v) => Isa::parse(&v).map(|_| ()),
         Err(std::env::VarError::NotPresent) => Ok(()),
         Err(std::env::VarError::NotUnicode(_)) => Err(Error::BadRequest(format!(
-            "{KERNELS_ENV} is not one of scalar, avx2, avx512"
+            "{KERNELS_ENV} is not one of scalar, avx2, avx512, amx"
         ))),
     }
 }
