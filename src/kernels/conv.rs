@@ -281,6 +281,17 @@ impl<'w> RowConv<'w> {
         }
     }
 
+    /// The same convolution computing in `precision`: on AMX bf16 tiles when it says so
+    /// (`Precision::bf16_tiles`), where each patch is also packed to bf16 (half its f32 bytes), so
+    /// the f32 patch takes two thirds of the patch budget and the two together stay within it.
+    pub fn with_precision(mut self, precision: super::Precision) -> Self {
+        if precision.bf16_tiles() {
+            self.filters = self.filters.with_precision(precision);
+            self.patch_budget = self.patch_budget / 3 * 2;
+        }
+        self
+    }
+
     /// Output rows `rows` of the convolution of `input` read through `t`, bias added, into `out`
     /// [co, rows.len() · ow].
     pub fn rows(

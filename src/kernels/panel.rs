@@ -111,6 +111,10 @@ pub struct LhsPanels<'w> {
     resident: Option<Vec<f32>>,
     /// The whole weight on the GPU (--backend cuda), uploaded once for every tile.
     gpu: Option<crate::backend::DeviceWeight>,
+    /// Products on AMX bf16 tiles (`Precision::bf16_tiles`); `resident` is then None and the
+    /// whole weight, when it fits one panel, is held rounded here (half the f32 bytes).
+    tiles: bool,
+    resident_bf16: Option<super::amx::PackedA>,
 }
 
 impl<'w> LhsPanels<'w> {
@@ -127,6 +131,8 @@ impl<'w> LhsPanels<'w> {
                 step,
                 resident,
                 gpu: Some(gpu),
+                tiles: false,
+                resident_bf16: None,
             };
         }
         let step = panel_rows(w.rows(), w.row_len(), budget);
@@ -140,7 +146,23 @@ impl<'w> LhsPanels<'w> {
             step,
             resident,
             gpu: None,
+            tiles: false,
+            resident_bf16: None,
         }
+    }
+
+    /// The same panels computing on AMX bf16 tiles when `precision` says so
+    /// (`Precision::bf16_tiles`); unchanged otherwise. Panels are then rounded straight from the
+    /// stored rows (`amx::PackedA::from_weight`), half an f32 panel's bytes each.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        if precision.bf16_tiles() && self.gpu.is_none() {
+            self.tiles = true;
+            if self.resident.take().is_some() {
+                let all = super::amx::PackedA::from_weight(self.w, 0, self.w.rows());
+                self.resident_bf16 = Some(all);
+            }
+        }
+        self
     }
 
     /// `dst[i * ldc + j] = Σ_p W[i, p] · b[p * cols + j]` for i < rows, j < cols.
@@ -149,6 +171,9 @@ impl<'w> LhsPanels<'w> {
             return gpu.lhs_multiply(b, cols, dst, ldc);
         }
         let (n, k) = (self.w.rows(), self.w.row_len());
+        if self.tiles {
+            return self.multiply_tiles(b, cols, dst, ldc);
+        }
         if let Some(all) = &self.resident {
             matmul_strided(all, b, dst, ldc, n, k, cols, Transpose::No, false);
             return;
@@ -169,6 +194,20 @@ impl<'w> LhsPanels<'w> {
                 Transpose::No,
                 false,
             );
+        }
+    }
+}
+
+impl LhsPanels<'_> {
+    fn multiply_tiles(&self, b: &[f32], cols: usize, dst: &mut [f32], ldc: usize) {
+        use super::amx::{gemm_packed, PackedA, PackedB};
+        let packed = PackedB::from_cols(b, self.w.row_len(), cols);
+        if let Some(all) = &self.resident_bf16 {
+            return gemm_packed(all, &packed, dst, ldc);
+        }
+        for piece in pieces(self.w.rows(), self.step, MIN_SPLIT) {
+            let panel = PackedA::from_weight(self.w, piece.start, piece.len());
+            gemm_packed(&panel, &packed, &mut dst[piece.start * ldc..], ldc);
         }
     }
 }

@@ -157,6 +157,14 @@ impl Precision {
         }
     }
 
+    /// Whether the products run on AMX bf16 tiles (`kernels::amx`): linear layers and, since
+    /// the tiles outrun f32 Winograd, every UNet convolution as an implicit GEMM.
+    pub fn bf16_tiles(self) -> bool {
+        self.mode == Mode::Bf16
+            && self.isa == Isa::Amx
+            && crate::backend::active() == crate::backend::Backend::Cpu
+    }
+
     /// The same instructions in f32: for the products kept exact whatever the mode.
     pub fn exact(self) -> Self {
         Precision {

@@ -232,7 +232,9 @@ impl Conv2d {
     fn product_of(&self, weight: &dyn WeightRows, x: MapRef, read: &ReadAs, cx: &Ctx) -> Tensor {
         let (n, c, h, w) = x.nchw();
         assert_eq!(c, self.in_ch, "conv input channels");
-        if let (MapRef::One(x), None, Resize::None) = (x, &read.norm, read.resize) {
+        // On AMX bf16 tiles every convolution is an implicit GEMM (the tiles outrun f32 Winograd).
+        let tiles = cx.precision.bf16_tiles();
+        if let (MapRef::One(x), None, Resize::None, false) = (x, &read.norm, read.resize, tiles) {
             return kernels::conv2d(x, weight, None, self.geo, &cx.scratch);
         }
         let transform = |b: usize| InputTransform {
@@ -246,7 +248,8 @@ impl Conv2d {
         let images: Vec<ImageRows> = (0..n).map(|b| x.image(b)).collect();
         let (sh, sw) = read.resize.seen(h, w);
         let seen = (n, c, sh, sw);
-        if let Some(tile) = kernels::winograd_choice(self.geo, seen, weight.rows()) {
+        let winograd = kernels::winograd_choice(self.geo, seen, weight.rows()).filter(|_| !tiles);
+        if let Some(tile) = winograd {
             let inputs: Vec<WinogradInput> = images
                 .iter()
                 .enumerate()
@@ -257,7 +260,8 @@ impl Conv2d {
         let (oh, ow) = self.geo.out_size(sh, sw);
         let co = weight.rows();
         let mut out = Tensor::zeros(vec![n, co, oh, ow]);
-        let mut conv = RowConv::new(weight, None, self.geo, &cx.scratch);
+        let mut conv =
+            RowConv::new(weight, None, self.geo, &cx.scratch).with_precision(cx.precision);
         for (b, out) in out.data.chunks_mut(co * oh * ow).enumerate() {
             conv.rows(&images[b], transform(b), 0..oh, out);
         }

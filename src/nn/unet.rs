@@ -479,7 +479,9 @@ impl UNet {
             cx,
         };
 
-        let h = self.conv_in.forward(x, cx);
+        // conv_in and conv_out stay f32 too: they read and write the latent itself (4 channels, a
+        // sliver of the FLOPs), and in bf16 conv_out's rounding would land on the output as is.
+        let h = self.conv_in.forward(x, &exact);
         trace("input_blocks.0", &h);
         // Each input block's output is kept as the skip connection and read by the next block.
         let mut skips = vec![h];
@@ -523,7 +525,7 @@ impl UNet {
             silu: true,
             resize: Resize::None,
         };
-        let mut out = self.conv_out.product(MapRef::One(&h), &read, cx);
+        let mut out = self.conv_out.product(MapRef::One(&h), &read, &exact);
         add_channel_bias(&mut out, &self.conv_out.bias());
         out
     }
