@@ -211,28 +211,23 @@ fn golden_txt2img_in_each_mode() {
     );
 }
 
-/// `auto` resolves to int8 for a model whose linear weights the int8 products read (q8_0, q4_0)
-/// on a CPU with VNNI, and to f32 otherwise (`kernels::precision::resolve`); the run reports the
-/// mode it used.
+/// `auto` resolves to bf16 on a CPU with AMX-BF16 tiles, whatever the weights, and to f32
+/// otherwise (`kernels::precision::resolve`); the run reports the mode it used.
 #[test]
-fn auto_resolves_from_the_weights_and_the_cpu() {
+fn auto_resolves_from_the_cpu() {
     common::compute_threads();
-    let vnni = Isa::selected() >= Isa::Avx512;
-    for (file, quantized) in [
-        ("tiny-sd-fp32.safetensors", false),
-        ("gguf/tiny-sd-f16.gguf", false),
-        ("gguf/tiny-sd-q8_0.gguf", true),
-        ("gguf/tiny-sd-q4_0.gguf", true),
+    let tiles = Isa::selected() == Isa::Amx;
+    for file in [
+        "tiny-sd-fp32.safetensors",
+        "gguf/tiny-sd-f16.gguf",
+        "gguf/tiny-sd-q8_0.gguf",
+        "gguf/tiny-sd-q4_0.gguf",
     ] {
         let job = Job {
             steps: 1,
             ..golden_job(tiny(file), Requested::Auto, 7.5)
         };
-        let want = if quantized && vnni {
-            Mode::Int8
-        } else {
-            Mode::F32
-        };
+        let want = if tiles { Mode::Bf16 } else { Mode::F32 };
         let models = Models::load(&job).unwrap();
         assert_eq!(pipeline::unet_precision(&models, &job).mode, want, "{file}");
         let got = pipeline::txt2img(&job, &mut |_| {}).unwrap();

@@ -16,10 +16,10 @@
 
 use rayon::prelude::*;
 
-/// Queries per tile: two 8-lane vectors.
+/// Queries per tile: one 16-lane `Tile` (two AVX2 vectors, one AVX-512 vector).
 const QUERY_TILE: usize = 16;
 /// Keys per QKᵀ micro-tile and value columns per P·V micro-tile: 6 × 2 accumulators + 2 loads +
-/// 1 broadcast fit AVX2's 16 registers.
+/// 1 broadcast fit AVX2's 16 registers (AVX-512 needs half as many).
 const KEY_TILE: usize = 6;
 const VALUE_TILE: usize = 6;
 /// Keys per online-softmax step (fixed by the shape alone) × head width: the chunk's keys and
@@ -84,21 +84,28 @@ pub fn attention_scratch_bytes(s: AttentionShape, query_chunk: usize, threads: u
     per_thread.saturating_mul(threads.max(1) as u64)
 }
 
-/// Which lane implementation runs the kernel.
+/// Which lane implementation runs the kernel. All three give the same bits (each lane runs the
+/// same operations in the same order; the tests compare them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
 }
 
 impl Isa {
+    /// The kernels' instruction set (`precision::Isa::selected`, so `SDCAP_KERNELS` forces it).
     fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Isa::Avx2;
+        use super::precision::Isa as Level;
+        match Level::selected() {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 | Level::Amx => Isa::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => Isa::Avx2,
+            _ => Isa::Portable,
         }
-        Isa::Portable
     }
 }
 
@@ -133,7 +140,10 @@ fn attention_with(
             };
             let io = Io { q, k, v, dst };
             match isa {
-                // SAFETY: `Isa::Avx2` is only chosen after detecting AVX2 and FMA.
+                // SAFETY: `Isa::Avx512`/`Isa::Avx2` are only chosen when the CPU runs them
+                // (`precision::Isa::selected`).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { run_task_avx512(io, s, task, scratch) },
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => unsafe { run_task_avx2(io, s, task, scratch) },
                 Isa::Portable => run_task::<Portable>(io, s, task, scratch),
@@ -208,9 +218,15 @@ fn run_task_avx2(io: Io, s: AttentionShape, task: Task, scratch: &mut Scratch) {
     run_task::<Avx2>(io, s, task, scratch)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn run_task_avx512(io: Io, s: AttentionShape, task: Task, scratch: &mut Scratch) {
+    run_task::<Avx512>(io, s, task, scratch)
+}
+
 /// Computes `task.rows` queries of one head and writes them into the output.
 #[inline(always)]
-fn run_task<L: Lanes>(io: Io, s: AttentionShape, task: Task, scratch: &mut Scratch) {
+fn run_task<T: Tile>(io: Io, s: AttentionShape, task: Task, scratch: &mut Scratch) {
     let (lq, lk, c, d) = (s.q_len, s.kv_len, s.channels, s.head_width());
     let head = task.head * d;
     let tiles = task.rows.div_ceil(QUERY_TILE);
@@ -250,20 +266,19 @@ fn run_task<L: Lanes>(io: Io, s: AttentionShape, task: Task, scratch: &mut Scrat
             let qt = &scratch.queries[t * tile_len..(t + 1) * tile_len];
             let lane_range = t * QUERY_TILE..(t + 1) * QUERY_TILE;
             let max = &mut scratch.max[lane_range.clone()];
-            let mut new_max = [L::load_slice(&max[..8]), L::load_slice(&max[8..])];
+            let mut new_max = T::load_slice(max);
             if s.causal {
-                scores::<L>(qt, k_rows, c, d, keys, probs, &mut [L::splat(0.0); 2]);
+                scores::<T>(qt, k_rows, c, d, keys, probs, &mut T::splat(0.0));
                 mask_future(probs, j0, task.q0 + t * QUERY_TILE);
                 for row in probs.chunks_exact(QUERY_TILE) {
-                    new_max[0] = new_max[0].max(L::load_slice(&row[..8]));
-                    new_max[1] = new_max[1].max(L::load_slice(&row[8..]));
+                    new_max = new_max.max(T::load_slice(row));
                 }
             } else {
-                scores::<L>(qt, k_rows, c, d, keys, probs, &mut new_max);
+                scores::<T>(qt, k_rows, c, d, keys, probs, &mut new_max);
             }
-            let alpha = softmax_step::<L>(probs, max, new_max, &mut scratch.sum[lane_range]);
+            let alpha = softmax_step::<T>(probs, max, new_max, &mut scratch.sum[lane_range]);
             let ot = &mut scratch.outputs[t * tile_len..(t + 1) * tile_len];
-            accumulate_values::<L>(probs, v_rows, c, d, keys, alpha, ot);
+            accumulate_values::<T>(probs, v_rows, c, d, keys, alpha, ot);
         }
     }
 
@@ -288,64 +303,58 @@ fn run_task<L: Lanes>(io: Io, s: AttentionShape, task: Task, scratch: &mut Scrat
 /// `probs[j][lane] = Σ_e k[j][e] · qt[e][lane]` for the first `keys` key rows (`c` apart), and
 /// raises `max` to cover them.
 #[inline(always)]
-fn scores<L: Lanes>(
+fn scores<T: Tile>(
     qt: &[f32],
     k_rows: &[f32],
     c: usize,
     d: usize,
     keys: usize,
     probs: &mut [f32],
-    max: &mut [L; 2],
+    max: &mut T,
 ) {
     let mut j = 0;
     while j + KEY_TILE <= keys {
-        score_tile::<L, KEY_TILE>(qt, k_rows, c, d, j, probs, max);
+        score_tile::<T, KEY_TILE>(qt, k_rows, c, d, j, probs, max);
         j += KEY_TILE;
     }
     match keys - j {
         0 => {}
-        1 => score_tile::<L, 1>(qt, k_rows, c, d, j, probs, max),
-        2 => score_tile::<L, 2>(qt, k_rows, c, d, j, probs, max),
-        3 => score_tile::<L, 3>(qt, k_rows, c, d, j, probs, max),
-        4 => score_tile::<L, 4>(qt, k_rows, c, d, j, probs, max),
-        _ => score_tile::<L, 5>(qt, k_rows, c, d, j, probs, max),
+        1 => score_tile::<T, 1>(qt, k_rows, c, d, j, probs, max),
+        2 => score_tile::<T, 2>(qt, k_rows, c, d, j, probs, max),
+        3 => score_tile::<T, 3>(qt, k_rows, c, d, j, probs, max),
+        4 => score_tile::<T, 4>(qt, k_rows, c, d, j, probs, max),
+        _ => score_tile::<T, 5>(qt, k_rows, c, d, j, probs, max),
     }
 }
 
 /// Keys `j..j + J`: J × 2 accumulators over the head width.
 #[inline(always)]
-fn score_tile<L: Lanes, const J: usize>(
+fn score_tile<T: Tile, const J: usize>(
     qt: &[f32],
     k_rows: &[f32],
     c: usize,
     d: usize,
     j: usize,
     probs: &mut [f32],
-    max: &mut [L; 2],
+    max: &mut T,
 ) {
     assert!(qt.len() >= d * QUERY_TILE && k_rows.len() >= (j + J - 1) * c + d);
-    let mut acc = [[L::splat(0.0); 2]; J];
+    let mut acc = [T::splat(0.0); J];
     let (qp, kp) = (qt.as_ptr(), k_rows.as_ptr());
     // SAFETY: the loads stay in qt (d × 16 values) and in the rows j..j+J of k_rows (d values
     // each, `c` apart), as just asserted.
     unsafe {
         let rows: [*const f32; J] = std::array::from_fn(|i| kp.add((j + i) * c));
         for e in 0..d {
-            let q0 = L::load(qp.add(e * QUERY_TILE));
-            let q1 = L::load(qp.add(e * QUERY_TILE + 8));
+            let q = T::load(qp.add(e * QUERY_TILE));
             for (a, row) in acc.iter_mut().zip(&rows) {
-                let kv = L::splat(*row.add(e));
-                a[0] = kv.mul_add(q0, a[0]);
-                a[1] = kv.mul_add(q1, a[1]);
+                *a = T::splat(*row.add(e)).mul_add(q, *a);
             }
         }
     }
     for (i, a) in acc.iter().enumerate() {
-        let dst = &mut probs[(j + i) * QUERY_TILE..(j + i + 1) * QUERY_TILE];
-        a[0].store(&mut dst[..8]);
-        a[1].store(&mut dst[8..]);
-        max[0] = max[0].max(a[0]);
-        max[1] = max[1].max(a[1]);
+        a.store(&mut probs[(j + i) * QUERY_TILE..(j + i + 1) * QUERY_TILE]);
+        *max = max.max(*a);
     }
 }
 
@@ -364,78 +373,63 @@ fn mask_future(probs: &mut [f32], j0: usize, first: usize) {
 /// scores; turns the scores into exp2(score − new) in place, updates the running sums and maxima,
 /// and returns the factor the accumulated outputs must be rescaled by.
 #[inline(always)]
-fn softmax_step<L: Lanes>(
-    probs: &mut [f32],
-    max: &mut [f32],
-    new: [L; 2],
-    sum: &mut [f32],
-) -> [L; 2] {
-    let old = [L::load_slice(&max[..8]), L::load_slice(&max[8..])];
+fn softmax_step<T: Tile>(probs: &mut [f32], max: &mut [f32], new: T, sum: &mut [f32]) -> T {
+    let old = T::load_slice(max);
     // The first key chunk always has a visible key (causal masking hides only later keys), so
     // `new` is finite and old − new is −∞ (→ 0) or ≤ 0.
-    let alpha = [old[0].sub(new[0]).exp2(), old[1].sub(new[1]).exp2()];
-    let mut total = [L::splat(0.0); 2];
+    let alpha = old.sub(new).exp2();
+    let mut total = T::splat(0.0);
     for row in probs.chunks_exact_mut(QUERY_TILE) {
-        let (lo, hi) = row.split_at_mut(8);
-        let p0 = L::load_slice(lo).sub(new[0]).exp2();
-        let p1 = L::load_slice(hi).sub(new[1]).exp2();
-        p0.store(lo);
-        p1.store(hi);
-        total[0] = total[0].add(p0);
-        total[1] = total[1].add(p1);
+        let p = T::load_slice(row).sub(new).exp2();
+        p.store(row);
+        total = total.add(p);
     }
-    let (s0, s1) = sum.split_at_mut(8);
-    L::load_slice(s0).mul_add(alpha[0], total[0]).store(s0);
-    L::load_slice(s1).mul_add(alpha[1], total[1]).store(s1);
-    let (m0, m1) = max.split_at_mut(8);
-    new[0].store(m0);
-    new[1].store(m1);
+    T::load_slice(sum).mul_add(alpha, total).store(sum);
+    new.store(max);
     alpha
 }
 
 /// `ot[e][lane] = alpha · ot[e][lane] + Σ_j probs[j][lane] · v[j][e]` over the first `keys` value
 /// rows (`c` apart).
 #[inline(always)]
-fn accumulate_values<L: Lanes>(
+fn accumulate_values<T: Tile>(
     probs: &[f32],
     v_rows: &[f32],
     c: usize,
     d: usize,
     keys: usize,
-    alpha: [L; 2],
+    alpha: T,
     ot: &mut [f32],
 ) {
     let mut e = 0;
     while e + VALUE_TILE <= d {
-        value_tile::<L, VALUE_TILE>(probs, v_rows, c, keys, e, alpha, ot);
+        value_tile::<T, VALUE_TILE>(probs, v_rows, c, keys, e, alpha, ot);
         e += VALUE_TILE;
     }
     match d - e {
         0 => {}
-        1 => value_tile::<L, 1>(probs, v_rows, c, keys, e, alpha, ot),
-        2 => value_tile::<L, 2>(probs, v_rows, c, keys, e, alpha, ot),
-        3 => value_tile::<L, 3>(probs, v_rows, c, keys, e, alpha, ot),
-        4 => value_tile::<L, 4>(probs, v_rows, c, keys, e, alpha, ot),
-        _ => value_tile::<L, 5>(probs, v_rows, c, keys, e, alpha, ot),
+        1 => value_tile::<T, 1>(probs, v_rows, c, keys, e, alpha, ot),
+        2 => value_tile::<T, 2>(probs, v_rows, c, keys, e, alpha, ot),
+        3 => value_tile::<T, 3>(probs, v_rows, c, keys, e, alpha, ot),
+        4 => value_tile::<T, 4>(probs, v_rows, c, keys, e, alpha, ot),
+        _ => value_tile::<T, 5>(probs, v_rows, c, keys, e, alpha, ot),
     }
 }
 
 /// Value columns `e..e + E`: E × 2 accumulators over the chunk's keys.
 #[inline(always)]
-fn value_tile<L: Lanes, const E: usize>(
+fn value_tile<T: Tile, const E: usize>(
     probs: &[f32],
     v_rows: &[f32],
     c: usize,
     keys: usize,
     e: usize,
-    alpha: [L; 2],
+    alpha: T,
     ot: &mut [f32],
 ) {
-    let mut acc = [[L::splat(0.0); 2]; E];
+    let mut acc = [T::splat(0.0); E];
     for (i, a) in acc.iter_mut().enumerate() {
-        let col = &ot[(e + i) * QUERY_TILE..(e + i + 1) * QUERY_TILE];
-        a[0] = L::load_slice(&col[..8]).mul(alpha[0]);
-        a[1] = L::load_slice(&col[8..]).mul(alpha[1]);
+        *a = T::load_slice(&ot[(e + i) * QUERY_TILE..]).mul(alpha);
     }
     assert!(probs.len() >= keys * QUERY_TILE);
     assert!(keys == 0 || v_rows.len() >= (keys - 1) * c + e + E);
@@ -445,32 +439,27 @@ fn value_tile<L: Lanes, const E: usize>(
     unsafe {
         let mut row = vp.add(e);
         for j in 0..keys {
-            let p0 = L::load(pp.add(j * QUERY_TILE));
-            let p1 = L::load(pp.add(j * QUERY_TILE + 8));
+            let p = T::load(pp.add(j * QUERY_TILE));
             for (i, a) in acc.iter_mut().enumerate() {
-                let x = L::splat(*row.add(i));
-                a[0] = x.mul_add(p0, a[0]);
-                a[1] = x.mul_add(p1, a[1]);
+                *a = T::splat(*row.add(i)).mul_add(p, *a);
             }
             row = row.wrapping_add(c);
         }
     }
     for (i, a) in acc.iter().enumerate() {
-        let col = &mut ot[(e + i) * QUERY_TILE..(e + i + 1) * QUERY_TILE];
-        a[0].store(&mut col[..8]);
-        a[1].store(&mut col[8..]);
+        a.store(&mut ot[(e + i) * QUERY_TILE..(e + i + 1) * QUERY_TILE]);
     }
 }
 
-/// Eight f32 lanes. Every method is `#[inline(always)]` so that inside `run_task_avx2` the AVX2
-/// intrinsics compile with the features that function enables.
-trait Lanes: Copy {
+/// Sixteen f32 lanes, one query tile. Every method is `#[inline(always)]` so that inside
+/// `run_task_avx2`/`run_task_avx512` the intrinsics compile with the features those enable.
+trait Tile: Copy {
     fn splat(x: f32) -> Self;
     /// # Safety
-    /// `p` points to 8 readable f32.
+    /// `p` points to 16 readable f32.
     unsafe fn load(p: *const f32) -> Self;
     fn load_slice(x: &[f32]) -> Self {
-        assert!(x.len() >= 8);
+        assert!(x.len() >= QUERY_TILE);
         // SAFETY: just checked.
         unsafe { Self::load(x.as_ptr()) }
     }
@@ -503,7 +492,7 @@ const ROUND: f32 = 12_582_912.0;
 /// Plain arrays: the scalar fallback (the compiler may still vectorise it) that tests compare the
 /// SIMD path against.
 #[derive(Clone, Copy)]
-struct Portable([f32; 8]);
+struct Portable([f32; QUERY_TILE]);
 
 impl Portable {
     #[inline(always)]
@@ -517,18 +506,18 @@ impl Portable {
     }
 }
 
-impl Lanes for Portable {
+impl Tile for Portable {
     #[inline(always)]
     fn splat(x: f32) -> Self {
-        Portable([x; 8])
+        Portable([x; QUERY_TILE])
     }
     #[inline(always)]
     unsafe fn load(p: *const f32) -> Self {
-        Portable(std::ptr::read_unaligned(p as *const [f32; 8]))
+        Portable(std::ptr::read_unaligned(p as *const [f32; QUERY_TILE]))
     }
     #[inline(always)]
     fn store(self, x: &mut [f32]) {
-        x[..8].copy_from_slice(&self.0);
+        x[..QUERY_TILE].copy_from_slice(&self.0);
     }
     #[inline(always)]
     fn mul_add(self, b: Self, c: Self) -> Self {
@@ -564,70 +553,149 @@ impl Lanes for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-use avx2::Avx2;
+use simd::{Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use std::arch::x86_64::*;
 
-    use super::{Lanes, EXP2_POLY};
+    use super::{Tile, EXP2_POLY};
 
+    /// Two AVX2 vectors.
     #[derive(Clone, Copy)]
-    pub(super) struct Avx2(__m256);
+    pub(super) struct Avx2([__m256; 2]);
+
+    /// One AVX-512 vector.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512(__m512);
+
+    #[inline(always)]
+    unsafe fn exp2_8(x: __m256) -> __m256 {
+        // Only x ≤ 0 (or −∞) comes here, so one clamp; at −127 the scale is 0.
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-127.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        let r = _mm256_sub_ps(x, n);
+        let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+        for &k in &EXP2_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(k));
+        }
+        let y = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.0));
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(bits))
+    }
+
+    macro_rules! pairwise {
+        ($self:ident, $b:ident, $f:ident) => {
+            unsafe { Avx2([$f($self.0[0], $b.0[0]), $f($self.0[1], $b.0[1])]) }
+        };
+    }
 
     // SAFETY (every method): only called from inside `run_task_avx2`, which requires AVX2 and FMA;
     // the methods are inlined there.
-    impl Lanes for Avx2 {
+    impl Tile for Avx2 {
         #[inline(always)]
         fn splat(x: f32) -> Self {
-            unsafe { Avx2(_mm256_set1_ps(x)) }
+            unsafe { Avx2([_mm256_set1_ps(x); 2]) }
         }
         #[inline(always)]
         unsafe fn load(p: *const f32) -> Self {
-            Avx2(_mm256_loadu_ps(p))
+            Avx2([_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))])
         }
         #[inline(always)]
         fn store(self, x: &mut [f32]) {
-            assert!(x.len() >= 8);
-            unsafe { _mm256_storeu_ps(x.as_mut_ptr(), self.0) }
+            assert!(x.len() >= 16);
+            unsafe {
+                _mm256_storeu_ps(x.as_mut_ptr(), self.0[0]);
+                _mm256_storeu_ps(x.as_mut_ptr().add(8), self.0[1]);
+            }
         }
         #[inline(always)]
         fn mul_add(self, b: Self, c: Self) -> Self {
-            unsafe { Avx2(_mm256_fmadd_ps(self.0, b.0, c.0)) }
+            unsafe {
+                Avx2([
+                    _mm256_fmadd_ps(self.0[0], b.0[0], c.0[0]),
+                    _mm256_fmadd_ps(self.0[1], b.0[1], c.0[1]),
+                ])
+            }
         }
         #[inline(always)]
         fn add(self, b: Self) -> Self {
-            unsafe { Avx2(_mm256_add_ps(self.0, b.0)) }
+            pairwise!(self, b, _mm256_add_ps)
         }
         #[inline(always)]
         fn sub(self, b: Self) -> Self {
-            unsafe { Avx2(_mm256_sub_ps(self.0, b.0)) }
+            pairwise!(self, b, _mm256_sub_ps)
         }
         #[inline(always)]
         fn mul(self, b: Self) -> Self {
-            unsafe { Avx2(_mm256_mul_ps(self.0, b.0)) }
+            pairwise!(self, b, _mm256_mul_ps)
         }
         #[inline(always)]
         fn max(self, b: Self) -> Self {
-            unsafe { Avx2(_mm256_max_ps(self.0, b.0)) }
+            pairwise!(self, b, _mm256_max_ps)
+        }
+        #[inline(always)]
+        fn exp2(self) -> Self {
+            unsafe { Avx2([exp2_8(self.0[0]), exp2_8(self.0[1])]) }
+        }
+    }
+
+    // SAFETY (every method): only called from inside `run_task_avx512`, which requires AVX-512F
+    // (and AVX2, FMA); the methods are inlined there. The same operations as `Avx2`, lane by lane.
+    impl Tile for Avx512 {
+        #[inline(always)]
+        fn splat(x: f32) -> Self {
+            unsafe { Avx512(_mm512_set1_ps(x)) }
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Avx512(_mm512_loadu_ps(p))
+        }
+        #[inline(always)]
+        fn store(self, x: &mut [f32]) {
+            assert!(x.len() >= 16);
+            unsafe { _mm512_storeu_ps(x.as_mut_ptr(), self.0) }
+        }
+        #[inline(always)]
+        fn mul_add(self, b: Self, c: Self) -> Self {
+            unsafe { Avx512(_mm512_fmadd_ps(self.0, b.0, c.0)) }
+        }
+        #[inline(always)]
+        fn add(self, b: Self) -> Self {
+            unsafe { Avx512(_mm512_add_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        fn sub(self, b: Self) -> Self {
+            unsafe { Avx512(_mm512_sub_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        fn mul(self, b: Self) -> Self {
+            unsafe { Avx512(_mm512_mul_ps(self.0, b.0)) }
+        }
+        #[inline(always)]
+        fn max(self, b: Self) -> Self {
+            unsafe { Avx512(_mm512_max_ps(self.0, b.0)) }
         }
         #[inline(always)]
         fn exp2(self) -> Self {
             unsafe {
-                // Only x ≤ 0 (or −∞) comes here, so one clamp; at −127 the scale is 0.
-                let x = _mm256_max_ps(self.0, _mm256_set1_ps(-127.0));
-                let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-                let r = _mm256_sub_ps(x, n);
-                let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+                let x = _mm512_max_ps(self.0, _mm512_set1_ps(-127.0));
+                let n =
+                    _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                let r = _mm512_sub_ps(x, n);
+                let mut p = _mm512_set1_ps(EXP2_POLY[0]);
                 for &k in &EXP2_POLY[1..] {
-                    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(k));
+                    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k));
                 }
-                let y = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.0));
-                let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                    _mm256_cvtps_epi32(n),
-                    _mm256_set1_epi32(127),
+                let y = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0));
+                let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                    _mm512_cvtps_epi32(n),
+                    _mm512_set1_epi32(127),
                 ));
-                Avx2(_mm256_mul_ps(y, _mm256_castsi256_ps(bits)))
+                Avx512(_mm512_mul_ps(y, _mm512_castsi512_ps(bits)))
             }
         }
     }

@@ -182,16 +182,15 @@ pub fn int8_reads(dtype: DType) -> bool {
     )
 }
 
-/// The mode a request runs in. `auto` is meant to be the fastest mode whose accuracy bound is
-/// tested (tests/precision.rs) on this CPU:
-/// - int8 when the UNet's linear weights are blocks the int8 products read (`unet_linear`: the
-///   type of one of its attention projections) and the CPU has VNNI (`vpdpbusd` does the 4-way
-///   byte dot of a lane in one instruction). Not yet measured on such a CPU: to be confirmed with
-///   `benches/kernels.rs`'s precision table (`int8 avx512` against `f32`).
-/// - f32 otherwise. On AVX2 without VNNI the int8 products (`vpsignb` + `vpmaddubsw` + `vpmaddwd`,
-///   then a conversion and an FMA per block) measured slower than f32's gemm at SD1.5's shapes
-///   (about 0.6× the GFLOP per CPU-second, benches/PROFILE.md), and bf16 has no native kernel yet,
-///   so neither is ever faster than f32 there.
+/// The mode a request runs in. `auto` is the fastest mode whose accuracy bound is tested
+/// (tests/precision.rs) on this CPU, as measured (benches/PROFILE.md, SD1.5 512² CFG step):
+/// - bf16 where the CPU has AMX-BF16 tiles (`Isa::Amx`): every UNet product but the kept-exact
+///   ones on the tiles, 0.75× f32's step time on a Sapphire Rapids Xeon, per-call relative L2
+///   7e-3 against f32 (bound 1e-2).
+/// - f32 everywhere else. bf16 without tiles rounds operands for the same f32 GEMM (never
+///   faster), and int8 (`vpmaddubsw`, or VNNI's `vpdpbusd`) measured 0.35–0.6× f32's GEMM
+///   throughput at SD1.5's shapes on AVX2 and on AVX-512 VNNI alike: per-block scales cost a
+///   conversion and an FMA per 32 values where f32 needs 2 FMAs (16 lanes each).
 pub fn resolve(requested: Requested, unet_linear: Option<DType>, isa: Isa) -> Mode {
     match requested {
         Requested::F32 => Mode::F32,
@@ -200,13 +199,8 @@ pub fn resolve(requested: Requested, unet_linear: Option<DType>, isa: Isa) -> Mo
         // and the mode says so (the PNG and `plan` name what ran).
         Requested::Int8 if unet_linear.is_some_and(|t| !int8_reads(t)) => Mode::F32,
         Requested::Int8 => Mode::Int8,
-        Requested::Auto => {
-            if unet_linear.is_some_and(int8_reads) && isa >= Isa::Avx512 {
-                Mode::Int8
-            } else {
-                Mode::F32
-            }
-        }
+        Requested::Auto if isa == Isa::Amx => Mode::Bf16,
+        Requested::Auto => Mode::F32,
     }
 }
 
@@ -236,20 +230,17 @@ mod tests {
     }
 
     #[test]
-    fn auto_picks_int8_only_for_blocks_it_reads_with_vnni() {
+    fn auto_picks_bf16_on_tiles_only() {
         let q8 = Some(DType::Quant(quant::GgmlType::Q8_0));
-        let q4k = Some(DType::Quant(quant::GgmlType::Q4K));
-        assert_eq!(resolve(Requested::Auto, q8, Isa::Avx512), Mode::Int8);
-        assert_eq!(resolve(Requested::Auto, q8, Isa::Avx2), Mode::F32);
-        assert_eq!(resolve(Requested::Auto, q8, Isa::Scalar), Mode::F32);
-        assert_eq!(resolve(Requested::Auto, q4k, Isa::Avx512), Mode::F32);
-        assert_eq!(
-            resolve(Requested::Auto, Some(DType::F16), Isa::Avx512),
-            Mode::F32
-        );
+        let f16 = Some(DType::F16);
+        for weights in [q8, f16, None] {
+            assert_eq!(resolve(Requested::Auto, weights, Isa::Amx), Mode::Bf16);
+            for isa in [Isa::Avx512, Isa::Avx2, Isa::Scalar] {
+                assert_eq!(resolve(Requested::Auto, weights, isa), Mode::F32);
+            }
+        }
         assert_eq!(resolve(Requested::Bf16, None, Isa::Scalar), Mode::Bf16);
         assert_eq!(resolve(Requested::Int8, q8, Isa::Scalar), Mode::Int8);
-        let f16 = Some(DType::F16);
         assert_eq!(resolve(Requested::Int8, f16, Isa::Avx512), Mode::F32);
     }
 }

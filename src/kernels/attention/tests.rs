@@ -55,10 +55,17 @@ fn shape(
     }
 }
 
+/// Every lane implementation this CPU runs.
 fn isas() -> Vec<Isa> {
     let mut all = vec![Isa::Portable];
-    if Isa::detect() != Isa::Portable {
-        all.push(Isa::detect());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            all.push(Isa::Avx2);
+        }
+        if is_x86_feature_detected!("avx512f") {
+            all.push(Isa::Avx512);
+        }
     }
     all
 }
@@ -142,7 +149,7 @@ fn exp2_is_within_two_ulp_and_zero_below_range() {
         let mut worst = 0.0f64;
         let mut x = -126.0f32;
         while x <= 0.0 {
-            let lanes: [f32; 8] = std::array::from_fn(|i| x + i as f32 * 1.3e-4);
+            let lanes: [f32; 16] = std::array::from_fn(|i| x + i as f32 * 1.3e-4);
             let got = exp2_lanes(isa, lanes);
             for (g, l) in got.iter().zip(lanes) {
                 let want = (l as f64).exp2();
@@ -162,19 +169,30 @@ fn exp2_is_within_two_ulp_and_zero_below_range() {
                 -0.0,
                 -3.0,
                 -20.0,
+                f32::NEG_INFINITY,
+                -127.0,
+                -200.0,
+                0.0,
+                -1.0,
+                -0.0,
+                -3.0,
+                -20.0,
             ],
         );
         let want = [0.0, 0.0, 0.0, 1.0, 0.5, 1.0, 0.125, 2.0f32.powi(-20)];
+        let want: [f32; 16] = std::array::from_fn(|i| want[i % 8]);
         assert_eq!(edge, want, "{isa:?}");
     }
 }
 
-fn exp2_lanes(isa: Isa, x: [f32; 8]) -> [f32; 8] {
-    let mut out = [0.0; 8];
+fn exp2_lanes(isa: Isa, x: [f32; 16]) -> [f32; 16] {
+    let mut out = [0.0; 16];
     match isa {
+        // SAFETY: `isas` returns Avx2/Avx512 only when detected.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isas` returns Avx2 only when detected.
         Isa::Avx2 => unsafe { exp2_avx2(&x, &mut out) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { exp2_avx512(&x, &mut out) },
         Isa::Portable => Portable::load_slice(&x).exp2().store(&mut out),
     }
     out
@@ -182,8 +200,14 @@ fn exp2_lanes(isa: Isa, x: [f32; 8]) -> [f32; 8] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn exp2_avx2(x: &[f32; 8], out: &mut [f32; 8]) {
+fn exp2_avx2(x: &[f32; 16], out: &mut [f32; 16]) {
     Avx2::load_slice(x).exp2().store(out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn exp2_avx512(x: &[f32; 16], out: &mut [f32; 16]) {
+    Avx512::load_slice(x).exp2().store(out)
 }
 
 fn common_random(len: usize, seed: u64, amplitude: f32) -> Vec<f32> {
@@ -207,4 +231,24 @@ fn scratch_is_counted() {
         attention_scratch_bytes(s, 64, 2),
         2 * 4 * (64 * 82 + 102 * 16)
     );
+}
+
+/// AVX2 and AVX-512 run the same operations per lane in the same order: the same bits.
+#[test]
+fn simd_paths_give_the_same_bits() {
+    let dims = (2, 70, 300, 80, 2);
+    let (b, lq, lk, c, _) = dims;
+    let q = common_random(b * lq * c, 7, 3.0);
+    let k = common_random(b * lk * c, 8, 3.0);
+    let v = common_random(b * lk * c, 9, 1.0);
+    let simd: Vec<Isa> = isas().into_iter().filter(|&i| i != Isa::Portable).collect();
+    for causal in [false, true] {
+        let runs: Vec<Vec<f32>> = simd
+            .iter()
+            .map(|&isa| attention_with(&q, &k, &v, shape(dims, causal), 16, isa))
+            .collect();
+        for (isa, run) in simd.iter().zip(&runs).skip(1) {
+            assert!(run == &runs[0], "{isa:?} differs from {:?}", simd[0]);
+        }
+    }
 }
