@@ -386,9 +386,9 @@ fn precision_cases() -> Vec<PrecisionCase> {
             ("f16", &["f32", "bf16 avx512", "bf16 amx"][..]),
             (
                 "q8_0",
-                &["f32", "int8 scalar", "int8 avx2", "int8 avx512"][..],
+                &["f32", "int8 scalar", "int8 avx2", "int8 avx512", "int8 amx"][..],
             ),
-            ("q4_0", &["f32", "int8 avx2", "int8 avx512"][..]),
+            ("q4_0", &["f32", "int8 avx2", "int8 avx512", "int8 amx"][..]),
         ] {
             for &mode in modes {
                 // The scalar reference is for agreement, not speed: one shape is enough.
@@ -460,7 +460,8 @@ fn precision_table(pn: f64) {
             "bf16 amx" => (Mode::Bf16, Isa::Amx),
             "int8 scalar" => (Mode::Int8, Isa::Scalar),
             "int8 avx2" => (Mode::Int8, Isa::Avx2),
-            _ => (Mode::Int8, Isa::Avx512),
+            "int8 avx512" => (Mode::Int8, Isa::Avx512),
+            _ => (Mode::Int8, Isa::Amx),
         };
         if isa > Isa::detected() {
             println!("{name:<28} {ty:>5} {mode:>12}   (not run: this CPU lacks it)");

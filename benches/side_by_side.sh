@@ -7,7 +7,8 @@
 #
 # Environment: $SD15 (default /tmp/sd15.safetensors, made by benches/models.sh when absent; its
 # q8_0/q4_0 GGUF copies too), $VENV (default /tmp/sdcap-side-by-side-venv), $PIP_ARGS (extra pip
-# arguments, e.g. a local wheel index), $IDLE_WAIT/$IDLE_LOAD as benches/e2e.sh.
+# arguments, e.g. a local wheel index), $TORCH_INDEX (where torch comes from; default PyPI),
+# $IDLE_WAIT/$IDLE_LOAD as benches/e2e.sh.
 # What runs, each in its own process, CFG batch 2 at SIZE² (latent SIZE/8):
 #   sdcap   f16 file: f32, bf16; q8_0 and q4_0 files: f32, int8; and auto on each (benches/e2e.sh)
 #   torch   diffusers UNet2DConditionModel from the same single file: fp32, bf16 (weights and
@@ -32,8 +33,10 @@ q4=$(model_for q4_0 sd15)
 
 if [[ ! -x $VENV/bin/python ]]; then
   python3 -m venv "$VENV"
-  # CPU wheels of torch; diffusers reads the single file; openvino converts the torch model.
-  "$VENV/bin/pip" install --quiet ${PIP_ARGS:-} --index-url https://download.pytorch.org/whl/cpu torch
+  # torch from $TORCH_INDEX when set (e.g. https://download.pytorch.org/whl/cpu, CPU-only wheels),
+  # else PyPI's (it pulls CUDA libraries it does not use here); diffusers reads the single file;
+  # openvino converts the torch model.
+  "$VENV/bin/pip" install --quiet ${PIP_ARGS:-} ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} torch
   "$VENV/bin/pip" install --quiet ${PIP_ARGS:-} diffusers transformers accelerate safetensors openvino
 fi
 

@@ -22,6 +22,9 @@ use rayon::prelude::*;
 
 use super::panel::WeightRows;
 
+#[cfg(target_arch = "x86_64")]
+pub mod int8;
+
 /// Rows of a tile, and bf16 values in one tile row (64 bytes).
 const TR: usize = 16;
 const TK: usize = 32;
@@ -32,7 +35,8 @@ const NB: usize = 256;
 /// Weight rows a packing task reads into its f32 buffer at once.
 const READ_ROWS: usize = 8;
 
-/// Whether this CPU and kernel run AMX-BF16 tiles. Asks Linux for the tile data permission once.
+/// Whether this CPU and kernel run AMX tiles (BF16 and INT8) and AVX-512 BF16. Asks Linux for the
+/// tile data permission once.
 pub fn available() -> bool {
     use std::sync::OnceLock;
     static OK: OnceLock<bool> = OnceLock::new();
@@ -46,8 +50,8 @@ pub fn available() -> bool {
                 && std::arch::is_x86_feature_detected!("avx512bf16")
                 && {
                     let leaf = std::arch::x86_64::__cpuid_count(7, 0);
-                    let (bf16, tile) = (leaf.edx >> 22 & 1 == 1, leaf.edx >> 24 & 1 == 1);
-                    bf16 && tile
+                    let bit = |b: u32| leaf.edx >> b & 1 == 1;
+                    bit(22) && bit(24) && bit(25) // AMX-BF16, AMX-TILE, AMX-INT8
                 };
             const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
             const XFEATURE_XTILEDATA: libc::c_long = 18;

@@ -180,6 +180,10 @@ pub fn product(isa: Isa, x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: u
         return;
     }
     assert!(ldy >= n && y.len() >= (m - 1) * ldy + n, "output size");
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx {
+        return super::amx::int8::product(x, w, k, y, ldy);
+    }
     let out = Out {
         ptr: y.as_mut_ptr(),
         ld: ldy,

@@ -52,7 +52,8 @@ pub enum Isa {
     Avx2,
     /// AVX-512 F/BW/VL with VNNI (256-bit `vpdpbusd` in the int8 kernel).
     Avx512,
-    /// AVX-512 as above, plus AMX-BF16 tiles (`tdpbf16ps`, `kernels::amx`) for the bf16 products.
+    /// AVX-512 as above, plus AMX tiles (`kernels::amx`): `tdpbf16ps` for the bf16 products,
+    /// `tdpbssd` for the int8 ones.
     Amx,
 }
 
