@@ -1,16 +1,17 @@
 //! How the weight products of one network call compute (`--precision`), and which instruction set
 //! the kernels use (`SDCAP_KERNELS`, read here and nowhere else).
 //!
-//! Only the products of `Linear` layers (`kernels::weight_product`) change with the mode: attention
+//! The products of `Linear` layers (`kernels::weight_product`) change with the mode: attention
 //! projections, proj_in/proj_out, the feed-forward. The pipeline gives the mode to the UNet call
 //! only (text encoders and the VAE run in f32), and the UNet keeps in f32 what is known to be
 //! sensitive: the time (and SDXL label) embedding, the cross-attention keys and values of the text
-//! context (`Precision::exact`), softmax and attention probabilities (the attention kernel is f32
-//! whatever the mode), GroupNorm/LayerNorm statistics. Convolutions stay f32 in every mode: the
-//! 3×3 convolutions run as Winograd, whose transformed filters are no longer the file's blocks (an
-//! int8 product there would have to re-quantize the transformed filters and the transformed input
-//! tiles, both with a larger dynamic range than the originals), and the transforms are f32 by the
-//! issue's rule.
+//! context (`Precision::exact`), conv_in and conv_out, softmax and attention probabilities (the
+//! attention kernel is f32 whatever the mode), GroupNorm/LayerNorm statistics. Convolutions stay f32
+//! except in bf16 mode on AMX tiles (`Precision::bf16_tiles`): there they run as implicit GEMMs on
+//! the tiles, faster than f32 Winograd. Elsewhere the 3×3 convolutions run as Winograd, whose
+//! transformed filters are no longer the file's blocks (an int8 product there would have to
+//! re-quantize the transformed filters and input tiles, both with a larger dynamic range than the
+//! originals), and the transforms are f32 by the rule.
 
 use std::sync::OnceLock;
 
