@@ -5,10 +5,12 @@
 //! Layout: eight tile registers, all 16 rows × 64 bytes: tmm0..3 the 2×2 accumulators of a 32 × 32
 //! output block, tmm4/5 two 16-row slices of `a` (32 bf16 along k each), tmm6/7 two 16-column
 //! slices of `b` in the pair layout the instruction reads (row p holds, for 16 columns, the values
-//! at k = 2p and 2p + 1). `a` is converted per task, 64 rows at a time, into plain bf16 rows; `b`
-//! is packed once per call (`PackedB`), from either a row-major [n, k] weight (a linear layer's
-//! Wᵀ) or a row-major [k, n] matrix (a convolution's gathered patch). k is padded with zeros to a
-//! multiple of 32, n to a multiple of 32, and the rows of the last `a` block to 16.
+//! at k = 2p and 2p + 1). `a` is either converted per task, 64 rows at a time, into plain bf16
+//! rows (`gemm`: a linear layer's activations) or given rounded once (`PackedA`: a convolution's
+//! filters, read from the stored rows); `b` is packed once per call (`PackedB`), from a stored
+//! weight's rows (a linear layer's Wᵀ) or a row-major [k, n] matrix (a convolution's gathered
+//! patch). k, n and the rows of `a` are padded with zeros to multiples of 32. The rounding is AVX-512
+//! BF16's (`simd`), which every CPU with AMX has.
 //!
 //! Each output is accumulated along k in the same tile order whatever the threads, the row chunks
 //! or the weight panels, so the bits do not depend on them. They differ from the rounding path
@@ -94,11 +96,6 @@ impl PackedB {
             n,
             kp,
         }
-    }
-
-    /// Bytes `from_weight`/`from_cols` hold for an [n, k] product.
-    pub fn bytes(n: usize, k: usize) -> u64 {
-        (Self::blocks(n) * TR * round_up(k.max(1), TK)) as u64 * 2
     }
 
     /// From rows `first .. first + n` of a stored weight [_, k] whose rows are the product's
@@ -217,11 +214,6 @@ impl PackedA {
                 },
             );
         PackedA { data, rows, kp }
-    }
-
-    /// Bytes `from_weight` holds.
-    pub fn bytes(rows: usize, k: usize) -> u64 {
-        (round_up(rows, 2 * TR) * round_up(k.max(1), TK)) as u64 * 2
     }
 }
 

@@ -15,21 +15,13 @@ use std::arch::asm;
 
 use rayon::prelude::*;
 
+use super::TileConfig;
 use crate::kernels::int8::{Blocks, QK};
 
 /// Rows and columns of the output tile.
 const T: usize = 16;
 /// Rows and columns one task covers (its weight columns stay in L2 while its rows pass).
 const TASK: usize = 256;
-
-#[repr(C, align(64))]
-struct TileConfig {
-    palette: u8,
-    start_row: u8,
-    reserved: [u8; 14],
-    colsb: [u16; 16],
-    rows: [u8; 16],
-}
 
 /// tmm0: C, 16 rows × 16 i32; tmm1: A, 16 rows × 32 i8; tmm2: B, 8 rows × 64 i8.
 const CONFIG: TileConfig = {
