@@ -148,7 +148,7 @@ impl PackedB {
     }
 }
 
-/// The tile configuration (palette 1): eight 16-row × 64-byte tiles.
+/// A tile configuration (palette 1), as `ldtilecfg` reads it.
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -158,23 +158,29 @@ struct TileConfig {
     rows: [u8; 16],
 }
 
-const CONFIG: TileConfig = {
-    let mut colsb = [0u16; 16];
-    let mut rows = [0u8; 16];
-    let mut t = 0;
-    while t < 8 {
-        colsb[t] = 64;
-        rows[t] = TR as u8;
-        t += 1;
+impl TileConfig {
+    /// Tiles 0, 1, … of `(rows, bytes per row)`; the others unused.
+    const fn new(tiles: &[(u8, u16)]) -> Self {
+        let mut colsb = [0u16; 16];
+        let mut rows = [0u8; 16];
+        let mut t = 0;
+        while t < tiles.len() {
+            rows[t] = tiles[t].0;
+            colsb[t] = tiles[t].1;
+            t += 1;
+        }
+        TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb,
+            rows,
+        }
     }
-    TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb,
-        rows,
-    }
-};
+}
+
+/// The bf16 products' configuration: eight 16-row × 64-byte tiles.
+const CONFIG: TileConfig = TileConfig::new(&[(TR as u8, 64); 8]);
 
 /// The left operand rounded to bf16 once (a convolution's filters, reused for every patch):
 /// rows padded to a multiple of 32, k to a multiple of 32, zeros in the padding.

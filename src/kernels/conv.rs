@@ -261,35 +261,42 @@ pub struct RowConv<'w> {
 
 impl<'w> RowConv<'w> {
     /// `weight` [co, ci·k·k] (read in row panels, any storage format), `bias` [co]; patches and
-    /// weight panels within the budgets of `scratch`.
+    /// weight panels within the budgets of `scratch`; f32.
     pub fn new(
         weight: &'w dyn WeightRows,
         bias: Option<&'w [f32]>,
         geo: Conv2dGeometry,
         scratch: &Scratch,
     ) -> Self {
+        Self::new_in(weight, bias, geo, scratch, super::Precision::default())
+    }
+
+    /// As `new`, computing in `precision`: on AMX bf16 tiles when it says so
+    /// (`Precision::bf16_tiles`), where each patch is also packed to bf16 (half its f32 bytes), so
+    /// the f32 patch takes two thirds of the patch budget and the two together stay within it.
+    pub fn new_in(
+        weight: &'w dyn WeightRows,
+        bias: Option<&'w [f32]>,
+        geo: Conv2dGeometry,
+        scratch: &Scratch,
+        precision: super::Precision,
+    ) -> Self {
         if let Some(b) = bias {
             assert_eq!(b.len(), weight.rows(), "conv bias size");
         }
+        let patch_budget = if precision.bf16_tiles() {
+            scratch.conv_patch / 3 * 2
+        } else {
+            scratch.conv_patch
+        };
         RowConv {
-            filters: LhsPanels::new(weight, scratch),
+            filters: LhsPanels::new_in(weight, scratch, precision),
             weight,
             bias,
             geo,
-            patch_budget: scratch.conv_patch,
+            patch_budget,
             patch: Vec::new(),
         }
-    }
-
-    /// The same convolution computing in `precision`: on AMX bf16 tiles when it says so
-    /// (`Precision::bf16_tiles`), where each patch is also packed to bf16 (half its f32 bytes), so
-    /// the f32 patch takes two thirds of the patch budget and the two together stay within it.
-    pub fn with_precision(mut self, precision: super::Precision) -> Self {
-        if precision.bf16_tiles() {
-            self.filters = self.filters.with_precision(precision);
-            self.patch_budget = self.patch_budget / 3 * 2;
-        }
-        self
     }
 
     /// Output rows `rows` of the convolution of `input` read through `t`, bias added, into `out`

@@ -107,74 +107,63 @@ fn matmul_weight_t_budget(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: 
 pub struct LhsPanels<'w> {
     w: &'w dyn WeightRows,
     step: usize,
-    /// The whole weight when it fits in one panel (read once, reused for every tile).
-    resident: Option<Vec<f32>>,
+    form: Form,
+}
+
+/// How `LhsPanels` multiplies, and what it holds for it.
+enum Form {
+    /// f32 GEMM; the whole weight when it fits in one panel (read once, reused for every tile).
+    F32(Option<Vec<f32>>),
+    /// AMX bf16 tiles (`Precision::bf16_tiles`); the whole weight, when it fits one panel, held
+    /// rounded (half the f32 bytes). Panels are rounded straight from the stored rows.
+    Tiles(Option<super::amx::PackedA>),
     /// The whole weight on the GPU (--backend cuda), uploaded once for every tile.
-    gpu: Option<crate::backend::DeviceWeight>,
-    /// Products on AMX bf16 tiles (`Precision::bf16_tiles`); `resident` is then None and the
-    /// whole weight, when it fits one panel, is held rounded here (half the f32 bytes).
-    tiles: bool,
-    resident_bf16: Option<super::amx::PackedA>,
+    Gpu(crate::backend::DeviceWeight),
 }
 
 impl<'w> LhsPanels<'w> {
-    /// Panels within the weight panel budget of `scratch`.
+    /// Panels within the weight panel budget of `scratch`, in f32.
     pub fn new(w: &'w dyn WeightRows, scratch: &Scratch) -> Self {
-        Self::with_budget(w, scratch.weight_panel)
+        Self::with_budget(w, scratch.weight_panel, false)
     }
 
-    fn with_budget(w: &'w dyn WeightRows, budget: usize) -> Self {
+    /// As `new`, on AMX bf16 tiles when `precision` computes there (`Precision::bf16_tiles`).
+    pub fn new_in(w: &'w dyn WeightRows, scratch: &Scratch, precision: Precision) -> Self {
+        Self::with_budget(w, scratch.weight_panel, precision.bf16_tiles())
+    }
+
+    fn with_budget(w: &'w dyn WeightRows, budget: usize, tiles: bool) -> Self {
         if let Some(gpu) = crate::backend::DeviceWeight::upload(w) {
-            let (step, resident) = (w.rows(), None);
+            let step = w.rows();
             return LhsPanels {
                 w,
                 step,
-                resident,
-                gpu: Some(gpu),
-                tiles: false,
-                resident_bf16: None,
+                form: Form::Gpu(gpu),
             };
         }
         let step = panel_rows(w.rows(), w.row_len(), budget);
-        let resident = (longest_piece(w.rows(), step, MIN_SPLIT) >= w.rows()).then(|| {
-            let mut all = zeroed(w.rows() * w.row_len());
-            w.read_rows(0, w.rows(), &mut all);
-            all
-        });
-        LhsPanels {
-            w,
-            step,
-            resident,
-            gpu: None,
-            tiles: false,
-            resident_bf16: None,
-        }
-    }
-
-    /// The same panels computing on AMX bf16 tiles when `precision` says so
-    /// (`Precision::bf16_tiles`); unchanged otherwise. Panels are then rounded straight from the
-    /// stored rows (`amx::PackedA::from_weight`), half an f32 panel's bytes each.
-    pub fn with_precision(mut self, precision: Precision) -> Self {
-        if precision.bf16_tiles() && self.gpu.is_none() {
-            self.tiles = true;
-            if self.resident.take().is_some() {
-                let all = super::amx::PackedA::from_weight(self.w, 0, self.w.rows());
-                self.resident_bf16 = Some(all);
-            }
-        }
-        self
+        let whole = longest_piece(w.rows(), step, MIN_SPLIT) >= w.rows();
+        let form = if tiles {
+            Form::Tiles(whole.then(|| super::amx::PackedA::from_weight(w, 0, w.rows())))
+        } else {
+            Form::F32(whole.then(|| {
+                let mut all = zeroed(w.rows() * w.row_len());
+                w.read_rows(0, w.rows(), &mut all);
+                all
+            }))
+        };
+        LhsPanels { w, step, form }
     }
 
     /// `dst[i * ldc + j] = Σ_p W[i, p] · b[p * cols + j]` for i < rows, j < cols.
     pub fn multiply(&self, b: &[f32], cols: usize, dst: &mut [f32], ldc: usize) {
-        if let Some(gpu) = &self.gpu {
-            return gpu.lhs_multiply(b, cols, dst, ldc);
-        }
+        let resident = match &self.form {
+            Form::Gpu(gpu) => return gpu.lhs_multiply(b, cols, dst, ldc),
+            Form::Tiles(resident) => return self.multiply_tiles(resident, b, cols, dst, ldc),
+            Form::F32(resident) => resident,
+        };
         let (n, k) = (self.w.rows(), self.w.row_len());
-        if self.tiles {
-            return self.multiply_tiles(b, cols, dst, ldc);
-        }
-        if let Some(all) = &self.resident {
+        if let Some(all) = resident {
             matmul_strided(all, b, dst, ldc, n, k, cols, Transpose::No, false);
             return;
         }
@@ -199,10 +188,17 @@ impl<'w> LhsPanels<'w> {
 }
 
 impl LhsPanels<'_> {
-    fn multiply_tiles(&self, b: &[f32], cols: usize, dst: &mut [f32], ldc: usize) {
+    fn multiply_tiles(
+        &self,
+        resident: &Option<super::amx::PackedA>,
+        b: &[f32],
+        cols: usize,
+        dst: &mut [f32],
+        ldc: usize,
+    ) {
         use super::amx::{gemm_packed, PackedA, PackedB};
         let packed = PackedB::from_cols(b, self.w.row_len(), cols);
-        if let Some(all) = &self.resident_bf16 {
+        if let Some(all) = resident {
             return gemm_packed(all, &packed, dst, ldc);
         }
         for piece in pieces(self.w.rows(), self.step, MIN_SPLIT) {
@@ -252,7 +248,7 @@ mod tests {
         matmul(&wdata, &b, &mut want, n, k, m, Transpose::No, false);
         for budget in budgets {
             let mut dst = vec![0.0; n * m];
-            LhsPanels::with_budget(&w, budget).multiply(&b, m, &mut dst, m);
+            LhsPanels::with_budget(&w, budget, false).multiply(&b, m, &mut dst, m);
             assert!(dst == want, "lhs, budget {budget}");
         }
     }

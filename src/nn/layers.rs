@@ -260,8 +260,7 @@ impl Conv2d {
         let (oh, ow) = self.geo.out_size(sh, sw);
         let co = weight.rows();
         let mut out = Tensor::zeros(vec![n, co, oh, ow]);
-        let mut conv =
-            RowConv::new(weight, None, self.geo, &cx.scratch).with_precision(cx.precision);
+        let mut conv = RowConv::new_in(weight, None, self.geo, &cx.scratch, cx.precision);
         for (b, out) in out.data.chunks_mut(co * oh * ow).enumerate() {
             conv.rows(&images[b], transform(b), 0..oh, out);
         }

@@ -24,23 +24,7 @@ const T: usize = 16;
 const TASK: usize = 256;
 
 /// tmm0: C, 16 rows × 16 i32; tmm1: A, 16 rows × 32 i8; tmm2: B, 8 rows × 64 i8.
-const CONFIG: TileConfig = {
-    let mut colsb = [0u16; 16];
-    let mut rows = [0u8; 16];
-    colsb[0] = 64;
-    rows[0] = 16;
-    colsb[1] = 32;
-    rows[1] = 16;
-    colsb[2] = 64;
-    rows[2] = 8;
-    TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb,
-        rows,
-    }
-};
+const CONFIG: TileConfig = TileConfig::new(&[(16, 64), (16, 32), (8, 64)]);
 
 /// The weight blocks packed per 16-column block: values [k/4][16][4], scales [k/32][16].
 struct PackedW {
