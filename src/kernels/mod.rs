@@ -13,6 +13,7 @@ pub(crate) mod matmul;
 mod norm;
 mod panel;
 pub mod precision;
+mod rank_update;
 pub mod scratch;
 mod winograd;
 
@@ -29,6 +30,7 @@ pub use norm::{
 };
 pub use panel::{matmul_weight_t, panel_bytes, weight_product, DenseRows, LhsPanels, WeightRows};
 pub use precision::{Isa, Mode, Precision};
+pub use rank_update::add_product_rows;
 pub use winograd::{
     conv3x3_winograd, conv3x3_winograd_read, winograd_choice, winograd_scratch_bytes, WinogradConv,
     WinogradInput, WinogradTile,

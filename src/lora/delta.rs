@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::file::{Form, Matrix};
 use crate::kernels::matmul::matmul_strided;
-use crate::kernels::{matmul, DenseRows, Transpose, WeightRows};
+use crate::kernels::{add_product_rows, matmul, DenseRows, Transpose, WeightRows};
 use crate::tensor::Tensor;
 use crate::weights::Param;
 
@@ -71,46 +71,13 @@ impl Term {
     }
 }
 
-/// `rows[i] += left[row0 + i, j] · right[j, :]` for j in order, for the rows of `rows`.
+/// `rows[i] += left[row0 + i, j] · right[j, :]` for j in order, for the rows of `rows`: fused where
+/// the kernels' instruction set has FMA (`kernels::Isa::selected`), the same bits at every width.
 fn accumulate(rows: &mut [f32], row0: usize, left: &Matrix, right: &Matrix) {
-    let (r, len) = (right.rows, right.cols);
-    let fma = fma_available();
-    for j in 0..r {
-        let right_row = &right.data[j * len..(j + 1) * len];
-        for (i, row) in rows.chunks_mut(len).enumerate() {
-            let l = left.data[(row0 + i) * r + j];
-            axpy(row, l, right_row, fma);
-        }
-    }
-}
-
-/// Whether `axpy` runs its AVX2 + FMA loop: the CPU has it and `SDCAP_KERNELS` does not force the
-/// scalar kernels (`kernels::Isa::selected`).
-fn fma_available() -> bool {
-    crate::kernels::Isa::selected() >= crate::kernels::Isa::Avx2
-}
-
-/// `o += l · v`, element by element in order. With AVX2 + FMA, fused and 8 lanes wide (the generic
-/// build targets SSE2, which made the panel form 4–8× slower per value than the weight product it
-/// rides on); else a multiply and an add. Rows never interact either way.
-fn axpy(o: &mut [f32], l: f32, v: &[f32], fma: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if fma {
-        // SAFETY: `fma` is only true when the CPU has AVX2 and FMA (`fma_available`).
-        return unsafe { axpy_fma(o, l, v) };
-    }
-    let _ = fma;
-    for (o, &v) in o.iter_mut().zip(v) {
-        *o += l * v;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_fma(o: &mut [f32], l: f32, v: &[f32]) {
-    for (o, &v) in o.iter_mut().zip(v) {
-        *o = l.mul_add(v, *o);
-    }
+    let r = right.rows;
+    let count = rows.len() / right.cols;
+    let left = &left.data[row0 * r..(row0 + count) * r];
+    add_product_rows(rows, left, &right.data, r, crate::kernels::Isa::selected());
 }
 
 /// Weights of at most this many values (16 MiB of f32: one weight panel of the first scratch
@@ -338,22 +305,6 @@ impl WeightRows for WithLora<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fused_and_plain_axpy_agree() {
-        let v: Vec<f32> = (0..1003)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let base: Vec<f32> = (0..1003)
-            .map(|i| ((i * 13 % 89) as f32 - 44.0) / 3.0)
-            .collect();
-        let (mut plain, mut fused) = (base.clone(), base.clone());
-        axpy(&mut plain, 0.37, &v, false);
-        axpy(&mut fused, 0.37, &v, fma_available());
-        for (p, f) in plain.iter().zip(&fused) {
-            assert!((p - f).abs() <= 1e-6 * p.abs().max(1.0), "{p} vs {f}");
-        }
-    }
 
     fn matrix(rows: usize, cols: usize, seed: usize) -> Matrix {
         let data = (0..rows * cols)
