@@ -261,7 +261,8 @@ fn gemm_8192x320x2560(bencher: Bencher) {
 
 /// LoRA on a weight product at SD1.5 shapes (rank 32), three ways (the const): 0 = no LoRA, 1 = the
 /// panel form (ΔW rows = up·down added to each f32 weight panel as it is read, `lora::WithLora`),
-/// 2 = the low-rank form (`x·Wᵀ + (x·downᵀ)·upᵀ`; LoCon: a rank-32 conv, then 1×1). The panel form
+/// 2 = the low-rank form (`x·Wᵀ + (x·downᵀ)·upᵀ`; LoCon: the rank-32 conv's filters appended to the
+/// layer's, then 1×1). The panel form
 /// costs r·n·k per weight read, the low-rank one r·m·(k+n) per call; sdcap picks by weight size
 /// (`lora::PANEL_FORM_VALUES`, ARCHITECTURE.md). Counted in the base product's FLOPs, so item/s
 /// compares directly; quote CPU-seconds on a shared machine.
@@ -315,6 +316,7 @@ fn lora<const HOW: usize>(bencher: Bencher, name: &str) {
         ),
     );
     let base = DenseRows { data: &w, rows: n };
+    let w_and_down = [&w[..], &down.data[..]].concat();
     let scratch = Scratch::default();
     bencher
         .counter(ItemsCount::new((2 * m * k * n) as u64))
@@ -342,17 +344,30 @@ fn lora<const HOW: usize>(bencher: Bencher, name: &str) {
                         stride: 1,
                         pad: 1,
                     };
+                    // LoCon in the low-rank form: the rank-32 3×3 `down` filters appended to the
+                    // layer's own (one product, `LoraSet::conv_weight`), then a 1×1 `up` from those
+                    // channels into the first co.
+                    let with_down = DenseRows {
+                        data: &w_and_down,
+                        rows: co + RANK,
+                    };
+                    let weight = if HOW == 2 { &with_down } else { weight };
                     let mut y = conv2d(&x, weight, None, geo, &scratch);
                     if HOW == 2 {
-                        // LoCon: a rank-32 3×3 conv, then a 1×1 conv back to co channels.
-                        let d = DenseRows {
-                            data: &down.data,
-                            rows: RANK,
-                        };
-                        let t = conv2d(&x, &d, None, geo, &scratch);
-                        for (b, y) in y.data.chunks_mut(co * s * s).enumerate() {
-                            let t = &t.data[b * RANK * s * s..(b + 1) * RANK * s * s];
-                            matmul(&up.data, t, y, co, RANK, s * s, Transpose::No, true);
+                        let (hw, c) = (s * s, co + RANK);
+                        for b in 0..2 {
+                            let (head, tail) = y.data.split_at_mut((b * c + co) * hw);
+                            let y = &mut head[b * c * hw..(b * c + co) * hw];
+                            matmul(
+                                &up.data,
+                                &tail[..RANK * hw],
+                                y,
+                                co,
+                                RANK,
+                                hw,
+                                Transpose::No,
+                                true,
+                            );
                         }
                     }
                     divan::black_box(y);

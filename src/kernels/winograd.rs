@@ -191,8 +191,8 @@ impl Plan {
 
     /// f32 values held at once: transformed input, products, transformed filters (unless
     /// `resident`), and per thread the input lines (α raw + α column-transformed, each m phases)
-    /// and one transformed input row, an output tile buffer and one filter row (as read and by
-    /// tap).
+    /// and one transformed input row, an output tile buffer and `FILTER_ROWS_PER_TASK` filter rows
+    /// as read, one by tap.
     fn scratch_values(&self, ci: usize, threads: usize, resident: bool) -> u64 {
         let (xi, t, p) = (
             self.xi() as u64,
@@ -204,7 +204,8 @@ impl Plan {
         let shared = xi * ci * t + xi * p * t + filters;
         let (m, alpha) = (self.tile.m() as u64, self.tile.alpha() as u64);
         let line = m * self.phase_len() as u64;
-        let filter = 9 * (ci + ci.next_multiple_of(LANES as u64));
+        let filter =
+            9 * (tiles::FILTER_ROWS_PER_TASK as u64 * ci + ci.next_multiple_of(LANES as u64));
         let per_thread =
             2 * alpha * line + self.seen.1 as u64 + (alpha + m) * m * LANES as u64 + filter;
         shared.saturating_add(per_thread.saturating_mul(threads as u64))
@@ -213,7 +214,7 @@ impl Plan {
 
 /// Bytes of scratch the Winograd path of `conv2d` holds for `x` [n, ci, h, w] → `co` channels under
 /// the budgets of `scratch` on `threads` threads (0 when `conv2d` takes the implicit GEMM for this shape). It is
-/// 4 · (α²·ci·T + α²·P·T + α²·P·ci + threads · (2·α·m·L + 8·(α + m)·m + 9·(ci + ⌈ci/8⌉·8)))
+/// 4 · (α²·ci·T + α²·P·T + α²·P·ci + threads · (2·α·m·L + 8·(α + m)·m + 9·(8·ci + ⌈ci/8⌉·8)))
 /// where P = ⌈co / k⌉ is the largest filter panel for k = min(⌈α²·ci·co / panel budget⌉,
 /// ⌊co / 65⌋) panels (so α²·P·ci is at most the weight panel budget plus one row, or under
 /// 130 rows when the budget holds fewer than 65), T the tiles per block (whole tile rows of

@@ -2,7 +2,8 @@
 //! forms. Panel form: the term's rows of ΔW are added to the weight's f32 panel as the kernels
 //! read it (`WithLora`; LoHa, whose delta has no low-rank form, and the low-rank terms of weights
 //! up to `PANEL_FORM_VALUES`). Low-rank form: `scale·up(down(x))` added to the layer's product
-//! (`add_linear`, `add_conv`; the low-rank terms of larger weights). The base weight and its
+//! (`add_linear`; for a convolution the `down` filters ride along as extra output channels of the
+//! layer's own product, `conv_weight`, and `finish_conv` applies `up`). The base weight and its
 //! mapping are never touched, so a job without LoRA reads exactly what it read before, and the
 //! effect of a LoRA does not depend on the base weight's type (q4_0 or f16 alike).
 
@@ -13,7 +14,7 @@ use rayon::prelude::*;
 
 use super::file::{Form, Matrix};
 use crate::kernels::matmul::matmul_strided;
-use crate::kernels::{add_product_rows, matmul, DenseRows, Transpose, WeightRows};
+use crate::kernels::{add_product_rows, matmul, Transpose, WeightRows};
 use crate::tensor::Tensor;
 use crate::weights::Param;
 
@@ -159,6 +160,46 @@ impl LoraSet {
         with
     }
 
+    /// `w` as a convolution's product reads it under this set: as `weight`, followed by the
+    /// `down` filters of its low-rank-form terms as extra rows, so that one product also runs the
+    /// rank-r down convolutions and the input's patch (GroupNorm, SiLU, resize, concat) is
+    /// gathered once. `finish_conv` turns that product into the layer's.
+    pub fn conv_weight<'a>(&'a self, w: &'a Param) -> WithLora<'a> {
+        let mut with = self.weight(w);
+        with.appended = self.low_rank(w).map(|(_, down, ..)| down).collect();
+        with
+    }
+
+    /// The product of `conv_weight(w)`, `y` [n, out + appended, oh, ow] → [n, out, oh, ow]: each
+    /// low-rank term's 1×1 `up` applied to its down channels and added to the output channels it
+    /// covers, then the appended channels dropped (in place).
+    pub fn finish_conv(&self, w: &Param, mut y: Tensor) -> Tensor {
+        let (n, channels, oh, ow) = y.nchw();
+        let (co, hw) = (w.rows(), oh * ow);
+        let mut appended = co;
+        for (up, down, t_row, col, count) in self.low_rank(w) {
+            let r = down.rows;
+            let up = &up.data[t_row * r..(t_row + count) * r];
+            for b in 0..n {
+                let (head, tail) = y.data.split_at_mut((b * channels + appended) * hw);
+                let t = &tail[..r * hw];
+                let out = &mut head[(b * channels + col) * hw..(b * channels + col + count) * hw];
+                matmul(up, t, out, count, r, hw, Transpose::No, true);
+            }
+            appended += r;
+        }
+        assert_eq!(appended, channels, "LoRA conv channels");
+        if channels > co {
+            for b in 1..n {
+                let from = b * channels * hw;
+                y.data.copy_within(from..from + co * hw, b * co * hw);
+            }
+            y.data.truncate(n * co * hw);
+            y.shape[1] = co;
+        }
+        y
+    }
+
     /// The low-rank terms of `w` that overlap its rows, each with the overlap: (term, first row of
     /// the term, first output of `w`, count).
     fn low_rank<'a>(
@@ -199,33 +240,6 @@ impl LoraSet {
         }
     }
 
-    /// `y` [n, out, oh, ow] += the LoCon delta of `w`'s low-rank terms: `down_conv(down)` runs the
-    /// convolution with the rank-r filters `down` [r, in·kh·kw] (read as the layer reads its input)
-    /// → [n, r, oh, ow], then the 1×1 `up` maps it to the output channels.
-    pub fn add_conv(
-        &self,
-        w: &Param,
-        down_conv: impl Fn(&dyn WeightRows) -> Tensor,
-        y: &mut Tensor,
-    ) {
-        let (n, co, oh, ow) = y.nchw();
-        let hw = oh * ow;
-        for (up, down, t_row, col, count) in self.low_rank(w) {
-            let r = down.rows;
-            let filters = DenseRows {
-                data: &down.data,
-                rows: r,
-            };
-            let t = down_conv(&filters);
-            let up = &up.data[t_row * r..(t_row + count) * r];
-            for b in 0..n {
-                let t = &t.data[b * r * hw..(b + 1) * r * hw];
-                let y = &mut y.data[(b * co + col) * hw..(b * co + col + count) * hw];
-                matmul(up, t, y, count, r, hw, Transpose::No, true);
-            }
-        }
-    }
-
     /// Rows `first_row ..` of the stored weight `name` read from `base` plus every term's (with a
     /// zero `base`: the delta itself).
     pub fn over<'a>(
@@ -240,6 +254,7 @@ impl LoraSet {
             first_row,
             terms,
             loha_only: false,
+            appended: Vec::new(),
         }
     }
 
@@ -258,18 +273,13 @@ pub struct WithLora<'a> {
     terms: &'a [Term],
     /// Add only the LoHa terms' rows (the products add the low-rank ones themselves).
     loha_only: bool,
+    /// Rows read after the weight's own (`LoraSet::conv_weight`: the low-rank terms' `down`).
+    appended: Vec<&'a Matrix>,
 }
 
-impl WeightRows for WithLora<'_> {
-    fn rows(&self) -> usize {
-        self.base.rows()
-    }
-
-    fn row_len(&self) -> usize {
-        self.base.row_len()
-    }
-
-    fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+impl WithLora<'_> {
+    /// The weight's own rows `first .. first + count` (< `base.rows()`) with the terms added.
+    fn read_own(&self, first: usize, count: usize, out: &mut [f32]) {
         self.base.read_rows(first, count, out);
         let len = self.row_len();
         // Stored rows this read covers; each term adds the part it overlaps.
@@ -286,6 +296,37 @@ impl WeightRows for WithLora<'_> {
             }
         }
     }
+}
+
+impl WeightRows for WithLora<'_> {
+    fn rows(&self) -> usize {
+        self.base.rows() + self.appended.iter().map(|m| m.rows).sum::<usize>()
+    }
+
+    fn row_len(&self) -> usize {
+        self.base.row_len()
+    }
+
+    fn read_rows(&self, first: usize, count: usize, out: &mut [f32]) {
+        let (len, own_rows) = (self.row_len(), self.base.rows());
+        let own = count.min(own_rows.saturating_sub(first));
+        if own > 0 {
+            self.read_own(first, own, &mut out[..own * len]);
+        }
+        // The appended matrices' rows, each the part of it `first .. first + count` covers.
+        let mut start = own_rows;
+        for m in &self.appended {
+            let (a, b) = (
+                (first + own).max(start),
+                (first + count).min(start + m.rows),
+            );
+            if a < b {
+                let rows = &m.data[(a - start) * len..(b - start) * len];
+                out[(a - first) * len..(b - first) * len].copy_from_slice(rows);
+            }
+            start += m.rows;
+        }
+    }
 
     /// The stored blocks when no term changes the panel (no LoRA on this weight, or only
     /// low-rank terms, which the product adds to its output): an int8 product may read them.
@@ -294,7 +335,7 @@ impl WeightRows for WithLora<'_> {
             .terms
             .iter()
             .any(|t| !(self.loha_only && matches!(t.form, Form::LowRank { .. })));
-        if panel_terms {
+        if panel_terms || !self.appended.is_empty() {
             None
         } else {
             self.base.blocks(first, count)

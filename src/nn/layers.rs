@@ -217,13 +217,8 @@ impl Conv2d {
         match &cx.lora {
             None => self.product_of(&self.weight, x, read, cx),
             Some(set) => {
-                let mut y = self.product_of(&set.weight(&self.weight), x, read, cx);
-                set.add_conv(
-                    &self.weight,
-                    |down| self.product_of(down, x, read, cx),
-                    &mut y,
-                );
-                y
+                let y = self.product_of(&set.conv_weight(&self.weight), x, read, cx);
+                set.finish_conv(&self.weight, y)
             }
         }
     }

@@ -41,6 +41,10 @@ macro_rules! simd_variants {
     };
 }
 
+/// Output channels a filter-transform task reads together: a weight read with LoRA rows added
+/// (`lora::WithLora`) shares each pass over a term's `down` among them.
+pub(super) const FILTER_ROWS_PER_TASK: usize = 8;
+
 /// U for output channels `panel` into `u` [panel, ξ, ci]: `u[(o·α² + i·α + j)·ci + c]` =
 /// (G g Gᵀ)[i][j] for the filter g of (o, c). Each task reads its own rows: a weight row is read
 /// once, by the thread that transforms it.
@@ -50,14 +54,24 @@ pub(super) fn transform_filters<const M: usize, const A: usize, F: Transforms<M,
     u: &mut [f32],
 ) {
     let ci = weight.row_len() / 9;
-    u.par_chunks_mut(A * A * ci).zip(panel).for_each_init(
-        || vec![0.0f32; 9 * ci + 9 * ci.next_multiple_of(LANES)],
-        |buf, (dst, o)| {
-            let (row, taps) = buf.split_at_mut(9 * ci);
-            weight.read_rows(o, 1, row);
-            filter_row::<M, A, F>(row, taps, dst);
-        },
-    );
+    const ROWS: usize = FILTER_ROWS_PER_TASK;
+    let firsts = (0..panel.len().div_ceil(ROWS))
+        .into_par_iter()
+        .map(|t| panel.start + t * ROWS);
+    u.par_chunks_mut(ROWS * A * A * ci)
+        .zip(firsts)
+        .for_each_init(
+            || vec![0.0f32; ROWS * 9 * ci + 9 * ci.next_multiple_of(LANES)],
+            |buf, (dst, o)| {
+                let count = ROWS.min(panel.end - o);
+                let (rows, taps) = buf.split_at_mut(ROWS * 9 * ci);
+                let rows = &mut rows[..count * 9 * ci];
+                weight.read_rows(o, count, rows);
+                for (row, dst) in rows.chunks(9 * ci).zip(dst.chunks_mut(A * A * ci)) {
+                    filter_row::<M, A, F>(row, taps, dst);
+                }
+            },
+        );
 }
 
 /// One output channel's filters `row` [ci, 3, 3] → `dst` [ξ, ci], LANES input channels at a time;
