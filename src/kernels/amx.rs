@@ -75,6 +75,30 @@ fn round_up(v: usize, to: usize) -> usize {
     v.div_ceil(to) * to
 }
 
+/// `n` values, every one written by `fill` (padding zeros included) before anything reads them:
+/// no zeroing pass first. Zeroed allocations of the packed operands cost a serial `memset` on the
+/// calling thread per product (about 4% of a bf16 step's CPU, the other thread idle meanwhile).
+/// Test builds fill the memory with NaN bit patterns (0xFFFF) first, so a value `fill` misses
+/// turns a product's result into NaN and the kernel tests fail.
+fn filled(n: usize, fill: impl FnOnce(&mut [u16])) -> Vec<u16> {
+    let mut data: Vec<std::mem::MaybeUninit<u16>> = Vec::with_capacity(n);
+    // SAFETY: MaybeUninit values need no initialisation.
+    unsafe { data.set_len(n) };
+    if cfg!(test) {
+        data.fill(std::mem::MaybeUninit::new(0xFFFF));
+    }
+    let mut data = std::mem::ManuallyDrop::new(data);
+    // SAFETY: the buffer is `n` u16 slots, allocated as MaybeUninit<u16> (same layout); `fill`
+    // only writes before the values are read, and every caller's fill covers all `n` (each
+    // writes its padding explicitly). The Vec is rebuilt from the same pointer, length and
+    // capacity, and the MaybeUninit one is never dropped.
+    unsafe {
+        let ptr = data.as_mut_ptr().cast::<u16>();
+        fill(std::slice::from_raw_parts_mut(ptr, n));
+        Vec::from_raw_parts(ptr, n, data.capacity())
+    }
+}
+
 /// `b` packed for the tiles: for each 16-column block, kp/2 rows of 16 (value at 2p, value at
 /// 2p + 1) pairs.
 pub struct PackedB {
@@ -89,62 +113,71 @@ impl PackedB {
         round_up(n, 2 * TR) / TR
     }
 
-    fn zeroed(n: usize, k: usize) -> Self {
+    /// `n` columns of depth `k`, each 16-column block written by `fill(block, dst)`, which writes
+    /// every value of its block (`filled`); `init` makes a task's buffers.
+    fn packed<T>(
+        n: usize,
+        k: usize,
+        init: impl Fn() -> T + Sync + Send,
+        fill: impl Fn(&mut T, usize, &mut [u16]) + Sync + Send,
+    ) -> Self {
         let kp = round_up(k.max(1), TK);
-        PackedB {
-            data: vec![0; Self::blocks(n) * TR * kp],
-            n,
-            kp,
-        }
+        let data = filled(Self::blocks(n) * TR * kp, |data| {
+            data.par_chunks_mut(TR * kp)
+                .enumerate()
+                .for_each_init(init, |buf, (block, dst)| fill(buf, block, dst))
+        });
+        PackedB { data, n, kp }
     }
 
     /// From rows `first .. first + n` of a stored weight [_, k] whose rows are the product's
     /// columns (a linear layer's weight), read 16 rows at a time into a small f32 buffer per task.
     pub fn from_weight(w: &dyn WeightRows, first: usize, n: usize) -> Self {
         let k = w.row_len();
-        let mut out = Self::zeroed(n, k);
-        let kp = out.kp;
-        out.data.par_chunks_mut(TR * kp).enumerate().for_each_init(
-            || (vec![0f32; TR * k], vec![0u16; kp]),
-            |(buf, row16), (block, dst)| {
-                let count = TR.min(n.saturating_sub(block * TR));
-                if count == 0 {
-                    return; // the zero block that pads n to a multiple of 32
+        let kp = round_up(k.max(1), TK);
+        let init = || (vec![0f32; TR * k], vec![0u16; kp]);
+        Self::packed(n, k, init, |(buf, row16), block, dst| {
+            let count = TR.min(n.saturating_sub(block * TR));
+            if count < TR {
+                dst.fill(0); // columns past n (a whole block of them pads n to a multiple of 32)
+            }
+            if count == 0 {
+                return;
+            }
+            w.read_rows(first + block * TR, count, &mut buf[..count * k]);
+            for (c, src) in buf.chunks_exact(k.max(1)).take(count).enumerate() {
+                convert(src, row16);
+                for (p, pair) in row16.chunks_exact(2).enumerate() {
+                    dst[p * 2 * TR + c * 2..][..2].copy_from_slice(pair);
                 }
-                w.read_rows(first + block * TR, count, &mut buf[..count * k]);
-                for (c, src) in buf.chunks_exact(k.max(1)).take(count).enumerate() {
-                    convert(src, row16);
-                    for (p, pair) in row16.chunks_exact(2).enumerate() {
-                        dst[p * 2 * TR + c * 2..][..2].copy_from_slice(pair);
-                    }
-                }
-            },
-        );
-        out
+            }
+        })
     }
 
     /// From a row-major [k, n] matrix (a convolution's gathered patch, `n` columns): rows 2p and
     /// 2p + 1 interleaved 16 columns at a time.
     pub fn from_cols(b: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "rhs size");
-        let mut out = Self::zeroed(n, k);
-        let kp = out.kp;
-        out.data
-            .par_chunks_mut(TR * kp)
-            .enumerate()
-            .for_each(|(block, dst)| {
+        Self::packed(
+            n,
+            k,
+            || (),
+            |_, block, dst| {
                 let (c0, cols) = (block * TR, TR.min(n.saturating_sub(block * TR)));
                 if cols == 0 {
-                    return; // the zero block that pads n to a multiple of 32
+                    return dst.fill(0); // the zero block that pads n to a multiple of 32
                 }
-                for (p, dst) in dst.chunks_exact_mut(2 * TR).take(k.div_ceil(2)).enumerate() {
+                // Pairs of rows up to k (`pair_row` zeroes columns past `cols`), zeros to kp.
+                let (pairs, padding) = dst.split_at_mut(k.div_ceil(2) * 2 * TR);
+                for (p, dst) in pairs.chunks_exact_mut(2 * TR).enumerate() {
                     let lo = &b[2 * p * n + c0..][..cols];
                     let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * n + c0..][..cols]);
                     // SAFETY: `available` (checked by every product) saw AVX-512 BF16.
                     unsafe { simd::pair_row(lo, hi, dst) }
                 }
-            });
-        out
+                padding.fill(0);
+            },
+        )
     }
 }
 
@@ -196,29 +229,28 @@ impl PackedA {
     pub fn from_weight(w: &dyn WeightRows, first: usize, rows: usize) -> Self {
         let k = w.row_len();
         let kp = round_up(k.max(1), TK);
-        let mut data = vec![0u16; round_up(rows, 2 * TR) * kp];
-        data.par_chunks_mut(READ_ROWS * kp)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; READ_ROWS * k],
-                |buf, (i, dst)| {
-                    let (r0, count) = (
-                        i * READ_ROWS,
-                        READ_ROWS.min(rows.saturating_sub(i * READ_ROWS)),
-                    );
-                    if count == 0 {
-                        return; // padding rows
-                    }
-                    w.read_rows(first + r0, count, &mut buf[..count * k]);
-                    for (dst, src) in dst
-                        .chunks_exact_mut(kp)
-                        .zip(buf.chunks_exact(k.max(1)))
-                        .take(count)
-                    {
-                        convert(src, dst);
-                    }
-                },
-            );
+        let data = filled(round_up(rows, 2 * TR) * kp, |data| {
+            data.par_chunks_mut(READ_ROWS * kp)
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; READ_ROWS * k],
+                    |buf, (i, dst)| {
+                        let (r0, count) = (
+                            i * READ_ROWS,
+                            READ_ROWS.min(rows.saturating_sub(i * READ_ROWS)),
+                        );
+                        if count > 0 {
+                            w.read_rows(first + r0, count, &mut buf[..count * k]);
+                        }
+                        let (real, padding) = dst.split_at_mut(count * kp);
+                        for (dst, src) in real.chunks_exact_mut(kp).zip(buf.chunks_exact(k.max(1)))
+                        {
+                            convert(src, dst);
+                        }
+                        padding.fill(0); // rows past `rows`
+                    },
+                )
+        });
         PackedA { data, rows, kp }
     }
 }
