@@ -5,14 +5,14 @@ use rayon::prelude::*;
 use super::Isa;
 use crate::tensor::zeroed;
 
-#[inline]
+#[inline(always)]
 pub(crate) fn silu_scalar(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
 /// e^x in f32 within 2 ulp (Cephes `expf` polynomial), branch-free so loops over it vectorise —
 /// libm's `expf` is a call per value and dominated softmax and SiLU time.
-#[inline]
+#[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split so that n · LN2_HI is exact for |n| < 2^10.

@@ -225,3 +225,37 @@ fn row_bands_equal_whole_output() {
     let err = band.iter().zip(&want).map(|(a, b)| (a - b).abs());
     assert!(err.fold(0.0, f32::max) < 1e-5);
 }
+
+/// GroupNorm + SiLU (and the 2× resize) on a row give the baseline build's bits at every vector
+/// width (no FMA contraction).
+#[test]
+fn input_transform_is_the_same_at_every_width() {
+    let src: Vec<f32> = (0..203)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
+        .collect();
+    let (scale, shift) = (vec![0.7, -1.3], vec![0.25, 2.0]);
+    for resize in [Resize::None, Resize::Twice] {
+        for (affine, silu) in [(true, true), (true, false), (false, true)] {
+            let t = InputTransform {
+                affine: affine.then_some((&scale[..], &shift[..])),
+                silu,
+                resize,
+            };
+            let len = if resize == Resize::Twice { 406 } else { 203 };
+            let mut want = vec![0.0; len];
+            t.apply_with(1, &src, &mut want, Isa::Scalar);
+            for isa in [Isa::Avx2, Isa::Avx512] {
+                if isa > Isa::detected() {
+                    continue;
+                }
+                let mut got = vec![0.0; len];
+                t.apply_with(1, &src, &mut got, isa);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(same, "{isa:?} {resize:?} affine {affine} silu {silu}");
+            }
+        }
+    }
+}
