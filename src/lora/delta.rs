@@ -152,8 +152,8 @@ impl LoraSet {
     }
 
     /// `w` as the products read it under this set: its rows plus the rows of its LoHa terms, and of
-    /// its low-rank terms when it takes the panel form (else `add_linear` / `add_conv` add those to
-    /// the product).
+    /// its low-rank terms when it takes the panel form (else `add_linear` adds those to a linear
+    /// layer's product; a convolution reads `conv_weight` instead).
     pub fn weight<'a>(&'a self, w: &'a Param) -> WithLora<'a> {
         let mut with = self.over(&w.info().name, w.first_row(), w);
         with.loha_only = !self.panel_form(w);
