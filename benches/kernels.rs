@@ -262,8 +262,8 @@ fn gemm_8192x320x2560(bencher: Bencher) {
 /// LoRA on a weight product at SD1.5 shapes (rank 32), three ways (the const): 0 = no LoRA, 1 = the
 /// panel form (ΔW rows = up·down added to each f32 weight panel as it is read, `lora::WithLora`),
 /// 2 = the low-rank form (`x·Wᵀ + (x·downᵀ)·upᵀ`; LoCon: the rank-32 conv's filters appended to the
-/// layer's, then 1×1). The panel form
-/// costs r·n·k per weight read, the low-rank one r·m·(k+n) per call; sdcap picks by weight size
+/// layer's, then 1×1, as `LoraSet::conv_weight` / `finish_conv` do on a model's weight). The panel
+/// form costs r·n·k per weight read, the low-rank one r·m·(k+n) per call; sdcap picks by weight size
 /// (`lora::PANEL_FORM_VALUES`, ARCHITECTURE.md). Counted in the base product's FLOPs, so item/s
 /// compares directly; quote CPU-seconds on a shared machine.
 #[divan::bench(

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::precision::at_width;
 use super::Isa;
 use crate::tensor::zeroed;
 
@@ -80,42 +81,19 @@ pub fn geglu(x: &[f32], bias: Option<&[f32]>, inner: usize) -> Vec<f32> {
     out
 }
 
-/// `o = (a + bias_a) · gelu(gate + bias_gate)`, vectorised as wide as `isa` allows: the same
-/// code compiled for AVX-512 or AVX2 (no FMA contraction, so the same bits as the baseline build).
-fn gated_row(o: &mut [f32], a: (&[f32], &[f32]), gate: (&[f32], &[f32]), isa: Isa) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: `isa` is at most what the CPU runs (`Isa::selected`, or a test's level up to
-        // `Isa::detected`); Avx512 and up have AVX-512F, Avx2 has AVX2.
-        if isa >= Isa::Avx512 {
-            return unsafe { gated_row_avx512(o, a, gate) };
-        }
-        if isa >= Isa::Avx2 {
-            return unsafe { gated_row_avx2(o, a, gate) };
-        }
-    }
-    let _ = isa;
-    gated_row_body(o, a, gate)
-}
-
-#[inline(always)]
-fn gated_row_body(o: &mut [f32], (a, ba): (&[f32], &[f32]), (g, bg): (&[f32], &[f32])) {
-    let gated = a.iter().zip(ba).zip(g.iter().zip(bg));
-    for (o, ((&a, &ba), (&g, &bg))) in o.iter_mut().zip(gated) {
-        *o = (a + ba) * gelu_scalar(g + bg);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gated_row_avx512(o: &mut [f32], a: (&[f32], &[f32]), gate: (&[f32], &[f32])) {
-    gated_row_body(o, a, gate)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gated_row_avx2(o: &mut [f32], a: (&[f32], &[f32]), gate: (&[f32], &[f32])) {
-    gated_row_body(o, a, gate)
+/// `o = (a + bias_a) · gelu(gate + bias_gate)`, vectorised as wide as `isa` allows
+/// (`precision::at_width`: the same bits at every width).
+fn gated_row(o: &mut [f32], (a, ba): (&[f32], &[f32]), (g, bg): (&[f32], &[f32]), isa: Isa) {
+    at_width(
+        isa,
+        #[inline(always)]
+        || {
+            let gated = a.iter().zip(ba).zip(g.iter().zip(bg));
+            for (o, ((&a, &ba), (&g, &bg))) in o.iter_mut().zip(gated) {
+                *o = (a + ba) * gelu_scalar(g + bg);
+            }
+        },
+    )
 }
 
 /// Exact (erf) GELU, as `torch.nn.functional.gelu` with its default `approximate="none"`:

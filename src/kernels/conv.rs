@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::activation::silu_scalar;
 use super::panel::{LhsPanels, WeightRows};
-use super::precision::Isa;
+use super::precision::{at_width, Isa};
 use super::scratch::{longest_piece, pieces, Scratch, MIN_SPLIT};
 use super::winograd::{conv3x3_winograd, winograd_choice};
 use crate::tensor::Tensor;
@@ -148,40 +148,19 @@ impl InputTransform<'_> {
     }
 
     /// Transforms one input row of channel `c` into `dst` (a row of the seen map), vectorised as
-    /// wide as the kernels' instruction set allows: the same code built for AVX-512 or AVX2
-    /// (no FMA contraction, so the same bits as the baseline build; GroupNorm + SiLU took a tenth
-    /// of a VAE decode at SSE2 width).
+    /// wide as the kernels' instruction set allows (`precision::at_width`: the same bits at every
+    /// width; GroupNorm + SiLU took a tenth of a VAE decode at SSE2 width).
     pub(super) fn apply(&self, c: usize, src: &[f32], dst: &mut [f32]) {
         self.apply_with(c, src, dst, Isa::selected())
     }
 
     /// `apply` with the instructions of `isa` (at most `Isa::detected()`).
     fn apply_with(&self, c: usize, src: &[f32], dst: &mut [f32], isa: Isa) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: `isa` is at most what the CPU runs (`Isa::selected`, or a test's level up
-            // to `Isa::detected`); Avx512 and up have AVX-512F, Avx2 has AVX2.
-            if isa >= Isa::Avx512 {
-                return unsafe { self.apply_avx512(c, src, dst) };
-            }
-            if isa >= Isa::Avx2 {
-                return unsafe { self.apply_avx2(c, src, dst) };
-            }
-        }
-        let _ = isa;
-        self.apply_body(c, src, dst)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn apply_avx512(&self, c: usize, src: &[f32], dst: &mut [f32]) {
-        self.apply_body(c, src, dst)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn apply_avx2(&self, c: usize, src: &[f32], dst: &mut [f32]) {
-        self.apply_body(c, src, dst)
+        at_width(
+            isa,
+            #[inline(always)]
+            || self.apply_body(c, src, dst),
+        )
     }
 
     #[inline(always)]

@@ -133,6 +133,42 @@ impl Isa {
     }
 }
 
+/// `f()` compiled for the widest vectors `isa` allows (AVX-512F, else AVX2, else the baseline
+/// build): for plain loops the compiler vectorises. Without FMA contraction (Rust never fuses
+/// `a * b + c`), every width gives the baseline build's bits. `isa` is at most `Isa::detected()`
+/// (`Isa::selected`, or a test's level checked against it). `f` is inlined into the wide
+/// function, so mark a closure `#[inline(always)]`.
+pub(crate) fn at_width<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(isa <= Isa::detected(), "{isa:?} is not on this CPU");
+        // SAFETY: the CPU runs `isa` (asserted): Avx512 and up have AVX-512F, Avx2 has AVX2.
+        if isa >= Isa::Avx512 {
+            return unsafe { wide::avx512(f) };
+        }
+        if isa >= Isa::Avx2 {
+            return unsafe { wide::avx2(f) };
+        }
+    }
+    let _ = isa;
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+}
+
 /// What one network call's weight products compute in, and with which instructions. Part of
 /// `nn::Ctx`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
