@@ -23,7 +23,10 @@
 use rayon::prelude::*;
 
 use super::panel::WeightRows;
+use super::precision::Isa;
 
+#[cfg(target_arch = "x86_64")]
+mod dot;
 #[cfg(target_arch = "x86_64")]
 pub mod int8;
 
@@ -69,6 +72,26 @@ pub fn available() -> bool {
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
         false
     })
+}
+
+/// Whether `isa` multiplies packed bf16 operands on this CPU: on AMX tiles (`Isa::Amx`), or with
+/// AVX-512 BF16's `vdpbf16ps` (`Isa::Avx512` on a CPU that has it, `dot`).
+pub fn runs(isa: Isa) -> bool {
+    match isa {
+        Isa::Amx => available(),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => isa <= Isa::detected() && dot::available(),
+        _ => false,
+    }
+}
+
+/// Whether this CPU runs the bf16 conversions of the packing (AVX-512 BF16, which every CPU with
+/// AMX has). Every packing checks it: `simd` is unsound without it.
+fn converts() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return dot::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 fn round_up(v: usize, to: usize) -> usize {
@@ -121,6 +144,7 @@ impl PackedB {
         init: impl Fn() -> T + Sync + Send,
         fill: impl Fn(&mut T, usize, &mut [u16]) + Sync + Send,
     ) -> Self {
+        assert!(converts(), "no AVX-512 BF16 on this CPU");
         let kp = round_up(k.max(1), TK);
         let data = filled(Self::blocks(n) * TR * kp, |data| {
             data.par_chunks_mut(TR * kp)
@@ -172,7 +196,7 @@ impl PackedB {
                 for (p, dst) in pairs.chunks_exact_mut(2 * TR).enumerate() {
                     let lo = &b[2 * p * n + c0..][..cols];
                     let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * n + c0..][..cols]);
-                    // SAFETY: `available` (checked by every product) saw AVX-512 BF16.
+                    // SAFETY: `converts` (asserted by every packing) saw AVX-512 BF16.
                     unsafe { simd::pair_row(lo, hi, dst) }
                 }
                 padding.fill(0);
@@ -227,6 +251,7 @@ impl PackedA {
     /// Rows `first .. first + rows` of a stored weight, read a few rows at a time into a small
     /// f32 buffer per task and rounded from there (the f32 copy never leaves the cache).
     pub fn from_weight(w: &dyn WeightRows, first: usize, rows: usize) -> Self {
+        assert!(converts(), "no AVX-512 BF16 on this CPU");
         let k = w.row_len();
         let kp = round_up(k.max(1), TK);
         let data = filled(round_up(rows, 2 * TR) * kp, |data| {
@@ -257,7 +282,7 @@ impl PackedA {
 
 /// `src` rounded into the first values of `dst`, zeros after.
 fn convert(src: &[f32], dst: &mut [u16]) {
-    // SAFETY: `available` (checked by every product) saw AVX-512 BF16.
+    // SAFETY: `converts` (asserted by every packing) saw AVX-512 BF16.
     unsafe { simd::convert(src, &mut dst[..src.len()]) };
     dst[src.len()..].fill(0);
 }
@@ -322,10 +347,11 @@ mod simd {
     }
 }
 
-/// `c[i * ldc + j] = Σ_p bf16(a[i, p]) · bf16(b[p, j])` for i < m, j < b.n, in f32 (overwrites).
-/// Panics when the CPU lacks AMX-BF16 (`available`).
-pub fn gemm(a: &[f32], m: usize, k: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
-    check(m, b, c, ldc);
+/// `c[i * ldc + j] = Σ_p bf16(a[i, p]) · bf16(b[p, j])` for i < m, j < b.n, in f32 (overwrites),
+/// with `isa`'s kernel. Panics when `isa` does not run packed bf16 products here (`runs`).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(isa: Isa, a: &[f32], m: usize, k: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    check(isa, m, b, c, ldc);
     assert_eq!(a.len(), m * k, "lhs size");
     assert_eq!(b.kp, round_up(k.max(1), TK), "rhs depth");
     if m == 0 || b.n == 0 {
@@ -343,16 +369,16 @@ pub fn gemm(a: &[f32], m: usize, k: usize, b: &PackedB, c: &mut [f32], ldc: usiz
                 }
                 let padded = round_up(rows, 2 * TR);
                 a16[rows * kp..padded * kp].fill(0);
-                // SAFETY: `check` saw the CPU and the permission; the buffers hold `padded`
-                // rows of kp values and `b` every 32-column block it names.
-                unsafe { task(&a16[..padded * kp], rows, b, c, ldc) }
+                // SAFETY: `check` saw the CPU (and the tile permission); the buffers hold
+                // `padded` rows of kp values and `b` every 32-column block it names.
+                unsafe { run(isa, &a16[..padded * kp], rows, b, c, ldc) }
             },
         );
 }
 
 /// As `gemm`, with the left operand already rounded (`PackedA`).
-pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
-    check(a.rows, b, c, ldc);
+pub fn gemm_packed(isa: Isa, a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
+    check(isa, a.rows, b, c, ldc);
     assert_eq!(a.kp, b.kp, "depths");
     if a.rows == 0 || b.n == 0 {
         return;
@@ -364,19 +390,28 @@ pub fn gemm_packed(a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize) {
         .for_each(|(t, (c, a16))| {
             let rows = MB.min(a.rows - t * MB);
             // SAFETY: as in `gemm`; `a16` holds whole 32-row blocks (padded at construction).
-            unsafe { task(a16, rows, b, c, ldc) }
+            unsafe { run(isa, a16, rows, b, c, ldc) }
         });
 }
 
-fn check(m: usize, b: &PackedB, c: &[f32], ldc: usize) {
-    assert!(available(), "AMX-BF16 tiles are not available");
+fn check(isa: Isa, m: usize, b: &PackedB, c: &[f32], ldc: usize) {
+    assert!(runs(isa), "{isa:?} runs no packed bf16 products on this CPU");
     assert!(
         ldc >= b.n && (m == 0 || c.len() >= (m - 1) * ldc + b.n),
         "dst size"
     );
 }
 
-/// One task: rows `a16` (bf16, kp per row, a multiple of 32 rows) times all of `b`.
+/// One task with `isa`'s kernel (`check`ed).
+unsafe fn run(isa: Isa, a16: &[u16], rows: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Amx {
+        return dot::task(a16, rows, b, c, ldc);
+    }
+    task(a16, rows, b, c, ldc)
+}
+
+/// One task on the tiles: rows `a16` (bf16, kp per row, a multiple of 32 rows) times all of `b`.
 #[cfg(target_arch = "x86_64")]
 unsafe fn task(a16: &[u16], rows: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
     use std::arch::asm;
@@ -483,8 +518,8 @@ mod tests {
 
     #[test]
     fn rounding_matches_the_rounding_path() {
-        if !available() {
-            eprintln!("no AMX-BF16 on this CPU: its conversions are not run here");
+        if !converts() {
+            eprintln!("no AVX-512 BF16 on this CPU: its conversions are not run here");
             return;
         }
         // Normal values, ties, the extremes and NaN (denormals are read as zero, see `simd`).
@@ -508,13 +543,19 @@ mod tests {
     }
 
     #[test]
-    fn both_packings_multiply_like_f64_on_rounded_values() {
-        if !available() {
-            eprintln!("no AMX-BF16 on this CPU: the tile kernel is not run here");
+    fn both_packings_multiply_like_f64_on_rounded_values_with_each_kernel() {
+        let kernels: Vec<Isa> = [Isa::Amx, Isa::Avx512]
+            .into_iter()
+            .filter(|&isa| runs(isa))
+            .collect();
+        if kernels.is_empty() {
+            eprintln!("no AMX-BF16 or AVX-512 BF16 on this CPU: the kernels are not run here");
             return;
         }
-        // Odd sizes: edges in every dimension (m not a multiple of 16 or 64, k of 32, n of 32).
-        for (m, k, n) in [(1, 1, 1), (77, 45, 19), (130, 320, 70), (64, 64, 32)] {
+        // Odd sizes: edges in every dimension (m not a multiple of 8, 16 or 64, k of 32, n of 32),
+        // and k past `dot`'s slice (KC), with a slice that is not full.
+        let sizes = [(1, 1, 1), (77, 45, 19), (130, 320, 70), (64, 64, 32), (21, 600, 48)];
+        for (isa, (m, k, n)) in kernels.iter().flat_map(|&i| sizes.map(|s| (i, s))) {
             let a = data(m * k, 1);
             let b_kn = data(k * n, 2);
             let want = reference(&a, &b_kn, m, k, n);
@@ -543,9 +584,9 @@ mod tests {
                 let ldc = n + 3;
                 let mut c = vec![f32::NAN; m * ldc];
                 if pre {
-                    gemm_packed(&packed_a, &packed, &mut c, ldc);
+                    gemm_packed(isa, &packed_a, &packed, &mut c, ldc);
                 } else {
-                    gemm(&a, m, k, &packed, &mut c, ldc);
+                    gemm(isa, &a, m, k, &packed, &mut c, ldc);
                 }
                 for i in 0..m {
                     for j in 0..n {
@@ -555,7 +596,7 @@ mod tests {
                         let bound = (k * k) as f64 * 2f64.powi(-24) + 1e-30;
                         assert!(
                             (got - want).abs() <= bound,
-                            "({m},{k},{n}) [{i},{j}] {got} vs {want}"
+                            "{isa:?} ({m},{k},{n}) [{i},{j}] {got} vs {want}"
                         );
                     }
                     assert!(

@@ -3,9 +3,11 @@
 //!
 //! A product of two bf16 values (8-bit significands) is exact in f32 (24 bits), so rounding both
 //! operands and running the f32 GEMM computes the bf16 products with f32 accumulation, the
-//! arithmetic of `vdpbf16ps` up to the order of the f32 additions. This is the path on every CPU
-//! today (no `vdpbf16ps` kernel yet: it is not faster than f32 here, and `auto` never picks it).
-//! The rounding has a scalar and an AVX2 version with the same bits.
+//! arithmetic of `vdpbf16ps` up to the order of the f32 additions. This is the path on CPUs
+//! without AVX-512 BF16 (never faster than f32, and `auto` never picks it there); where the CPU
+//! multiplies bf16 itself (AMX tiles, or `vdpbf16ps`: `amx::runs`) the products run on packed bf16
+//! operands instead (`kernels::amx`). The rounding has a scalar and an AVX2 version with the same
+//! bits.
 //!
 //! Memory: the weight panel is rounded in place; the activations are rounded in row chunks of at
 //! most one panel budget, the second panel `Scratch::peak_bytes` counts, so the peak is no higher
@@ -84,8 +86,8 @@ pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usi
     if m == 0 || n == 0 {
         return;
     }
-    if isa == Isa::Amx {
-        return tiles(x, w, y, budget);
+    if super::amx::runs(isa) {
+        return packed(x, w, y, budget, isa);
     }
     let step = (budget / k.max(1)).clamp(1, n);
     let x_step = (budget / k.max(1)).max(1);
@@ -125,15 +127,16 @@ pub fn matmul_weight_t(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usi
     }
 }
 
-/// The same product on AMX tiles (`kernels::amx`): each weight panel packed to bf16 tiles (half an
-/// f32 panel's bytes) straight from the stored rows, the activations converted in the tile tasks.
-fn tiles(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usize) {
+/// The same product on packed bf16 operands (`kernels::amx`: AMX tiles, or AVX-512 BF16's
+/// `vdpbf16ps`): each weight panel packed to bf16 (half an f32 panel's bytes) straight from the
+/// stored rows, the activations converted in the product's tasks.
+fn packed(x: &[f32], w: &dyn WeightRows, y: &mut [f32], budget: usize, isa: Isa) {
     let (n, k) = (w.rows(), w.row_len());
     let m = x.len() / k;
     let step = (budget / k.max(1)).clamp(1, n);
     for range in pieces(n, step, MIN_SPLIT) {
         let packed = super::amx::PackedB::from_weight(w, range.start, range.len());
-        super::amx::gemm(x, m, k, &packed, &mut y[range.start..], n);
+        super::amx::gemm(isa, x, m, k, &packed, &mut y[range.start..], n);
     }
 }
 
@@ -206,30 +209,33 @@ mod tests {
                 assert!((want[r * n + c] as f64 - exact).abs() <= 1e-6 * mag);
             }
         }
-        let rounding = Isa::detected().min(Isa::Avx512);
+        let rounding = Isa::detected().min(Isa::Avx2);
         for budget in [1, 65 * k, 100 * k] {
             let mut got = vec![0.0; m * n];
             matmul_weight_t(&x, &w, &mut got, budget, rounding);
             assert!(got == want, "budget {budget}");
         }
-        // AMX tiles: the same products added in another order (same 1e-6 bound), and the same
-        // bits under every panel budget.
-        if Isa::detected() == Isa::Amx {
-            let mut tiles = vec![0.0; m * n];
-            matmul_weight_t(&x, &w, &mut tiles, usize::MAX, Isa::Amx);
+        // Packed bf16 kernels (AMX tiles, `vdpbf16ps`): the same products added in another order
+        // (same 1e-6 bound), and the same bits under every panel budget.
+        for isa in [Isa::Amx, Isa::Avx512] {
+            if !crate::kernels::amx::runs(isa) {
+                continue;
+            }
+            let mut packed = vec![0.0; m * n];
+            matmul_weight_t(&x, &w, &mut packed, usize::MAX, isa);
             for r in 0..m {
                 for c in 0..n {
                     let mag: f64 = (0..k)
                         .map(|e| (x[r * k + e] * wv[c * k + e]).abs() as f64)
                         .sum();
-                    let diff = (tiles[r * n + c] as f64 - want[r * n + c] as f64).abs();
-                    assert!(diff <= 2e-6 * mag, "tiles [{r},{c}]");
+                    let diff = (packed[r * n + c] as f64 - want[r * n + c] as f64).abs();
+                    assert!(diff <= 2e-6 * mag, "{isa:?} [{r},{c}]");
                 }
             }
             for budget in [1, 65 * k] {
                 let mut got = vec![0.0; m * n];
-                matmul_weight_t(&x, &w, &mut got, budget, Isa::Amx);
-                assert!(got == tiles, "tiles, budget {budget}");
+                matmul_weight_t(&x, &w, &mut got, budget, isa);
+                assert!(got == packed, "{isa:?}, budget {budget}");
             }
         }
         assert!(scratch_bytes(m, k, n, 65 * k) <= 2 * 4 * (65 * k + 65 * k) as u64);

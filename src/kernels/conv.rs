@@ -301,7 +301,7 @@ impl<'w> RowConv<'w> {
         if let Some(b) = bias {
             assert_eq!(b.len(), weight.rows(), "conv bias size");
         }
-        let patch_budget = if precision.bf16_tiles() {
+        let patch_budget = if precision.bf16_convs() {
             scratch.conv_patch / 3 * 2
         } else {
             scratch.conv_patch

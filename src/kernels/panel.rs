@@ -4,7 +4,7 @@
 //! this CPU, DESIGN.md).
 
 use super::matmul::{matmul_strided, Transpose};
-use super::precision::{Mode, Precision};
+use super::precision::{Isa, Mode, Precision};
 use super::scratch::{longest_piece, pieces, Scratch, MIN_SPLIT};
 use crate::tensor::zeroed;
 
@@ -114,9 +114,10 @@ pub struct LhsPanels<'w> {
 enum Form {
     /// f32 GEMM; the whole weight when it fits in one panel (read once, reused for every tile).
     F32(Option<Vec<f32>>),
-    /// AMX bf16 tiles (`Precision::bf16_tiles`); the whole weight, when it fits one panel, held
-    /// rounded (half the f32 bytes). Panels are rounded straight from the stored rows.
-    Tiles(Option<super::amx::PackedA>),
+    /// Packed bf16 products with this instruction set's kernel (`Precision::bf16_packed`: AMX
+    /// tiles or `vdpbf16ps`); the whole weight, when it fits one panel, held rounded (half the
+    /// f32 bytes). Panels are rounded straight from the stored rows.
+    Packed(Isa, Option<super::amx::PackedA>),
     /// The whole weight on the GPU (--backend cuda), uploaded once for every tile.
     Gpu(crate::backend::DeviceWeight),
 }
@@ -124,15 +125,17 @@ enum Form {
 impl<'w> LhsPanels<'w> {
     /// Panels within the weight panel budget of `scratch`, in f32.
     pub fn new(w: &'w dyn WeightRows, scratch: &Scratch) -> Self {
-        Self::with_budget(w, scratch.weight_panel, false)
+        Self::with_budget(w, scratch.weight_panel, None)
     }
 
-    /// As `new`, on AMX bf16 tiles when `precision` computes there (`Precision::bf16_tiles`).
+    /// As `new`, on packed bf16 operands when `precision` computes there
+    /// (`Precision::bf16_convs`).
     pub fn new_in(w: &'w dyn WeightRows, scratch: &Scratch, precision: Precision) -> Self {
-        Self::with_budget(w, scratch.weight_panel, precision.bf16_tiles())
+        let packed = precision.bf16_convs().then_some(precision.isa);
+        Self::with_budget(w, scratch.weight_panel, packed)
     }
 
-    fn with_budget(w: &'w dyn WeightRows, budget: usize, tiles: bool) -> Self {
+    fn with_budget(w: &'w dyn WeightRows, budget: usize, packed: Option<Isa>) -> Self {
         if let Some(gpu) = crate::backend::DeviceWeight::upload(w) {
             let step = w.rows();
             return LhsPanels {
@@ -143,8 +146,9 @@ impl<'w> LhsPanels<'w> {
         }
         let step = panel_rows(w.rows(), w.row_len(), budget);
         let whole = longest_piece(w.rows(), step, MIN_SPLIT) >= w.rows();
-        let form = if tiles {
-            Form::Tiles(whole.then(|| super::amx::PackedA::from_weight(w, 0, w.rows())))
+        let form = if let Some(isa) = packed {
+            let all = whole.then(|| super::amx::PackedA::from_weight(w, 0, w.rows()));
+            Form::Packed(isa, all)
         } else {
             Form::F32(whole.then(|| {
                 let mut all = zeroed(w.rows() * w.row_len());
@@ -159,7 +163,9 @@ impl<'w> LhsPanels<'w> {
     pub fn multiply(&self, b: &[f32], cols: usize, dst: &mut [f32], ldc: usize) {
         let resident = match &self.form {
             Form::Gpu(gpu) => return gpu.lhs_multiply(b, cols, dst, ldc),
-            Form::Tiles(resident) => return self.multiply_tiles(resident, b, cols, dst, ldc),
+            Form::Packed(isa, resident) => {
+                return self.multiply_packed(*isa, resident, b, cols, dst, ldc)
+            }
             Form::F32(resident) => resident,
         };
         let (n, k) = (self.w.rows(), self.w.row_len());
@@ -188,8 +194,9 @@ impl<'w> LhsPanels<'w> {
 }
 
 impl LhsPanels<'_> {
-    fn multiply_tiles(
+    fn multiply_packed(
         &self,
+        isa: Isa,
         resident: &Option<super::amx::PackedA>,
         b: &[f32],
         cols: usize,
@@ -199,11 +206,11 @@ impl LhsPanels<'_> {
         use super::amx::{gemm_packed, PackedA, PackedB};
         let packed = PackedB::from_cols(b, self.w.row_len(), cols);
         if let Some(all) = resident {
-            return gemm_packed(all, &packed, dst, ldc);
+            return gemm_packed(isa, all, &packed, dst, ldc);
         }
         for piece in pieces(self.w.rows(), self.step, MIN_SPLIT) {
             let panel = PackedA::from_weight(self.w, piece.start, piece.len());
-            gemm_packed(&panel, &packed, &mut dst[piece.start * ldc..], ldc);
+            gemm_packed(isa, &panel, &packed, &mut dst[piece.start * ldc..], ldc);
         }
     }
 }
@@ -248,7 +255,7 @@ mod tests {
         matmul(&wdata, &b, &mut want, n, k, m, Transpose::No, false);
         for budget in budgets {
             let mut dst = vec![0.0; n * m];
-            LhsPanels::with_budget(&w, budget, false).multiply(&b, m, &mut dst, m);
+            LhsPanels::with_budget(&w, budget, None).multiply(&b, m, &mut dst, m);
             assert!(dst == want, "lhs, budget {budget}");
         }
     }

@@ -195,12 +195,18 @@ impl Precision {
         }
     }
 
-    /// Whether the products run on AMX bf16 tiles (`kernels::amx`): linear layers and, since
-    /// the tiles outrun f32 Winograd, every UNet convolution as an implicit GEMM.
-    pub fn bf16_tiles(self) -> bool {
+    /// Whether the linear layers' products run on packed bf16 operands (`kernels::amx`): on
+    /// AMX tiles or with AVX-512 BF16's `vdpbf16ps` (`amx::runs`).
+    pub fn bf16_packed(self) -> bool {
         self.mode == Mode::Bf16
-            && self.isa == Isa::Amx
+            && super::amx::runs(self.isa)
             && crate::backend::active() == crate::backend::Backend::Cpu
+    }
+
+    /// Whether the UNet's convolutions run as implicit GEMMs on packed bf16 operands too, instead
+    /// of f32 Winograd: where that is faster.
+    pub fn bf16_convs(self) -> bool {
+        self.bf16_packed() && (self.isa == Isa::Amx || std::env::var_os("SDCAP_TRY_DOT_CONVS").is_some())
     }
 
     /// The same instructions in f32: for the products kept exact whatever the mode.

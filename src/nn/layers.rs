@@ -228,7 +228,7 @@ impl Conv2d {
         let (n, c, h, w) = x.nchw();
         assert_eq!(c, self.in_ch, "conv input channels");
         // On AMX bf16 tiles every convolution is an implicit GEMM (the tiles outrun f32 Winograd).
-        let tiles = cx.precision.bf16_tiles();
+        let tiles = cx.precision.bf16_convs();
         if let (MapRef::One(x), None, Resize::None, false) = (x, &read.norm, read.resize, tiles) {
             return kernels::conv2d(x, weight, None, self.geo, &cx.scratch);
         }
