@@ -186,23 +186,86 @@ impl PackedB {
             n,
             k,
             || (),
-            |_, block, dst| {
-                let (c0, cols) = (block * TR, TR.min(n.saturating_sub(block * TR)));
-                if cols == 0 {
-                    return dst.fill(0); // the zero block that pads n to a multiple of 32
-                }
-                // Pairs of rows up to k (`pair_row` zeroes columns past `cols`), zeros to kp.
-                let (pairs, padding) = dst.split_at_mut(k.div_ceil(2) * 2 * TR);
-                for (p, dst) in pairs.chunks_exact_mut(2 * TR).enumerate() {
-                    let lo = &b[2 * p * n + c0..][..cols];
-                    let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * n + c0..][..cols]);
-                    // SAFETY: `converts` (asserted by every packing) saw AVX-512 BF16.
-                    unsafe { simd::pair_row(lo, hi, dst) }
-                }
-                padding.fill(0);
-            },
+            |_, block, dst| pack_cols(b, n, k, n, block, dst),
         )
     }
+}
+
+/// Block `block` (16 columns) of a [k, n] matrix whose rows start at multiples of `ldb`, packed
+/// into `dst` (kp/2 rows of 16 pairs, every value written).
+fn pack_cols(b: &[f32], ldb: usize, k: usize, n: usize, block: usize, dst: &mut [u16]) {
+    let (c0, cols) = (block * TR, TR.min(n.saturating_sub(block * TR)));
+    if cols == 0 {
+        return dst.fill(0); // the zero block that pads n to a multiple of 32
+    }
+    // Pairs of rows up to k (`pair_row` zeroes columns past `cols`), zeros to kp.
+    let (pairs, padding) = dst.split_at_mut(k.div_ceil(2) * 2 * TR);
+    for (p, dst) in pairs.chunks_exact_mut(2 * TR).enumerate() {
+        let lo = &b[2 * p * ldb + c0..][..cols];
+        let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * ldb + c0..][..cols]);
+        // SAFETY: `converts` (asserted by every packing) saw AVX-512 BF16.
+        unsafe { simd::pair_row(lo, hi, dst) }
+    }
+    padding.fill(0);
+}
+
+/// The packed operands of `product_strided`, kept by the calling thread across products (they
+/// grow to the largest product's operands: `operand_bytes`).
+#[derive(Default)]
+pub struct Operands {
+    a: Vec<u16>,
+    b: Vec<u16>,
+}
+
+/// Bytes of `Operands` after products of at most `m × k × n`: the rounded rows of `a` (m and k
+/// padded to 32) and the packed `b` (k and n padded to 32).
+pub fn operand_bytes(m: usize, k: usize, n: usize) -> u64 {
+    let kp = round_up(k.max(1), TK) as u64;
+    2 * kp * (round_up(m, 2 * TR) + round_up(n, 2 * TR)) as u64
+}
+
+/// `c[i·ldc + j] = Σ_p bf16(a[i·lda + p]) · bf16(b[p·ldb + j])` for i < m, j < n, in f32
+/// (overwrites), on the calling thread with `isa`'s kernel: the same sums as `gemm` (each output
+/// the same sequence of steps, whatever the other sizes). For many small products in parallel
+/// (Winograd's per-point products).
+#[allow(clippy::too_many_arguments)]
+pub fn product_strided(
+    isa: Isa,
+    (a, lda): (&[f32], usize),
+    (b, ldb): (&[f32], usize),
+    (c, ldc): (&mut [f32], usize),
+    (m, k, n): (usize, usize, usize),
+    ops: &mut Operands,
+) {
+    assert!(converts(), "no AVX-512 BF16 on this CPU");
+    assert!(lda >= k && ldb >= n && ldc >= n, "row strides");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= (m - 1) * lda + k && (k == 0 || b.len() >= (k - 1) * ldb + n));
+    let kp = round_up(k.max(1), TK);
+    let rows = round_up(m, 2 * TR);
+    ops.a.resize(rows * kp, 0);
+    for (i, dst) in ops.a.chunks_exact_mut(kp).enumerate() {
+        match i < m {
+            true => convert(&a[i * lda..][..k], dst),
+            false => dst.fill(0),
+        }
+    }
+    let mut packed = PackedB {
+        data: std::mem::take(&mut ops.b),
+        n,
+        kp,
+    };
+    packed.data.resize(PackedB::blocks(n) * TR * kp, 0);
+    for (block, dst) in packed.data.chunks_exact_mut(TR * kp).enumerate() {
+        pack_cols(b, ldb, k, n, block, dst);
+    }
+    check(isa, m, &packed, c, ldc);
+    // SAFETY: `check` saw the CPU (and the tile permission); `ops.a` holds `rows` rows of kp
+    // values (zeros past m) and `packed` every 32-column block it names.
+    unsafe { run(isa, &ops.a, m, &packed, c, ldc) };
+    ops.b = packed.data;
 }
 
 /// A tile configuration (palette 1), as `ldtilecfg` reads it.
@@ -395,7 +458,10 @@ pub fn gemm_packed(isa: Isa, a: &PackedA, b: &PackedB, c: &mut [f32], ldc: usize
 }
 
 fn check(isa: Isa, m: usize, b: &PackedB, c: &[f32], ldc: usize) {
-    assert!(runs(isa), "{isa:?} runs no packed bf16 products on this CPU");
+    assert!(
+        runs(isa),
+        "{isa:?} runs no packed bf16 products on this CPU"
+    );
     assert!(
         ldc >= b.n && (m == 0 || c.len() >= (m - 1) * ldc + b.n),
         "dst size"
@@ -554,7 +620,13 @@ mod tests {
         }
         // Odd sizes: edges in every dimension (m not a multiple of 8, 16 or 64, k of 32, n of 32),
         // and k past `dot`'s slice (KC), with a slice that is not full.
-        let sizes = [(1, 1, 1), (77, 45, 19), (130, 320, 70), (64, 64, 32), (21, 600, 48)];
+        let sizes = [
+            (1, 1, 1),
+            (77, 45, 19),
+            (130, 320, 70),
+            (64, 64, 32),
+            (21, 600, 48),
+        ];
         for (isa, (m, k, n)) in kernels.iter().flat_map(|&i| sizes.map(|s| (i, s))) {
             let a = data(m * k, 1);
             let b_kn = data(k * n, 2);

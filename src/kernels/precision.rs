@@ -206,7 +206,8 @@ impl Precision {
     /// Whether the UNet's convolutions run as implicit GEMMs on packed bf16 operands too, instead
     /// of f32 Winograd: where that is faster.
     pub fn bf16_convs(self) -> bool {
-        self.bf16_packed() && (self.isa == Isa::Amx || std::env::var_os("SDCAP_TRY_DOT_CONVS").is_some())
+        self.bf16_packed()
+            && (self.isa == Isa::Amx || std::env::var_os("SDCAP_TRY_DOT_CONVS").is_some())
     }
 
     /// The same instructions in f32: for the products kept exact whatever the mode.

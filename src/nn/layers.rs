@@ -250,7 +250,15 @@ impl Conv2d {
                 .enumerate()
                 .map(|(b, image)| (image as &dyn FeatureRows, transform(b)))
                 .collect();
-            return kernels::conv3x3_winograd_read(&inputs, weight, None, tile, &cx.scratch);
+            let precision = cx.precision;
+            return kernels::conv3x3_winograd_read(
+                &inputs,
+                weight,
+                None,
+                tile,
+                &cx.scratch,
+                precision,
+            );
         }
         let (oh, ow) = self.geo.out_size(sh, sw);
         let co = weight.rows();
