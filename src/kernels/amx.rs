@@ -186,86 +186,19 @@ impl PackedB {
             n,
             k,
             || (),
-            |_, block, dst| pack_cols(b, n, k, n, block, dst),
+            |_, block, dst| {
+                let (c0, cols) = (block * TR, TR.min(n.saturating_sub(block * TR)));
+                if cols == 0 {
+                    return dst.fill(0); // the zero block that pads n to a multiple of 32
+                }
+                // Pairs of rows up to k (`pair_rows` zeroes columns past `cols`), zeros to kp.
+                let (pairs, padding) = dst.split_at_mut(k.div_ceil(2) * 2 * TR);
+                // SAFETY: `converts` (asserted by every packing) saw AVX-512 BF16.
+                unsafe { simd::pair_rows(&b[c0..], n, k, cols, pairs) }
+                padding.fill(0);
+            },
         )
     }
-}
-
-/// Block `block` (16 columns) of a [k, n] matrix whose rows start at multiples of `ldb`, packed
-/// into `dst` (kp/2 rows of 16 pairs, every value written).
-fn pack_cols(b: &[f32], ldb: usize, k: usize, n: usize, block: usize, dst: &mut [u16]) {
-    let (c0, cols) = (block * TR, TR.min(n.saturating_sub(block * TR)));
-    if cols == 0 {
-        return dst.fill(0); // the zero block that pads n to a multiple of 32
-    }
-    // Pairs of rows up to k (`pair_row` zeroes columns past `cols`), zeros to kp.
-    let (pairs, padding) = dst.split_at_mut(k.div_ceil(2) * 2 * TR);
-    for (p, dst) in pairs.chunks_exact_mut(2 * TR).enumerate() {
-        let lo = &b[2 * p * ldb + c0..][..cols];
-        let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * ldb + c0..][..cols]);
-        // SAFETY: `converts` (asserted by every packing) saw AVX-512 BF16.
-        unsafe { simd::pair_row(lo, hi, dst) }
-    }
-    padding.fill(0);
-}
-
-/// The packed operands of `product_strided`, kept by the calling thread across products (they
-/// grow to the largest product's operands: `operand_bytes`).
-#[derive(Default)]
-pub struct Operands {
-    a: Vec<u16>,
-    b: Vec<u16>,
-}
-
-/// Bytes of `Operands` after products of at most `m × k × n`: the rounded rows of `a` (m and k
-/// padded to 32) and the packed `b` (k and n padded to 32).
-pub fn operand_bytes(m: usize, k: usize, n: usize) -> u64 {
-    let kp = round_up(k.max(1), TK) as u64;
-    2 * kp * (round_up(m, 2 * TR) + round_up(n, 2 * TR)) as u64
-}
-
-/// `c[i·ldc + j] = Σ_p bf16(a[i·lda + p]) · bf16(b[p·ldb + j])` for i < m, j < n, in f32
-/// (overwrites), on the calling thread with `isa`'s kernel: the same sums as `gemm` (each output
-/// the same sequence of steps, whatever the other sizes). For many small products in parallel
-/// (Winograd's per-point products).
-#[allow(clippy::too_many_arguments)]
-pub fn product_strided(
-    isa: Isa,
-    (a, lda): (&[f32], usize),
-    (b, ldb): (&[f32], usize),
-    (c, ldc): (&mut [f32], usize),
-    (m, k, n): (usize, usize, usize),
-    ops: &mut Operands,
-) {
-    assert!(converts(), "no AVX-512 BF16 on this CPU");
-    assert!(lda >= k && ldb >= n && ldc >= n, "row strides");
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(a.len() >= (m - 1) * lda + k && (k == 0 || b.len() >= (k - 1) * ldb + n));
-    let kp = round_up(k.max(1), TK);
-    let rows = round_up(m, 2 * TR);
-    ops.a.resize(rows * kp, 0);
-    for (i, dst) in ops.a.chunks_exact_mut(kp).enumerate() {
-        match i < m {
-            true => convert(&a[i * lda..][..k], dst),
-            false => dst.fill(0),
-        }
-    }
-    let mut packed = PackedB {
-        data: std::mem::take(&mut ops.b),
-        n,
-        kp,
-    };
-    packed.data.resize(PackedB::blocks(n) * TR * kp, 0);
-    for (block, dst) in packed.data.chunks_exact_mut(TR * kp).enumerate() {
-        pack_cols(b, ldb, k, n, block, dst);
-    }
-    check(isa, m, &packed, c, ldc);
-    // SAFETY: `check` saw the CPU (and the tile permission); `ops.a` holds `rows` rows of kp
-    // values (zeros past m) and `packed` every 32-column block it names.
-    unsafe { run(isa, &ops.a, m, &packed, c, ldc) };
-    ops.b = packed.data;
 }
 
 /// A tile configuration (palette 1), as `ldtilecfg` reads it.
@@ -364,24 +297,32 @@ mod simd {
         }
     }
 
-    /// `dst[2c] = bf16(lo[c])`, `dst[2c + 1] = bf16(hi[c])` for c < 16 (missing values zero).
+    /// For each row pair p of the [k, cols] matrix `b` (rows at multiples of `ldb`, cols ≤ 16):
+    /// `dst[32p + 2c] = bf16(b[2p, c])`, `dst[32p + 2c + 1] = bf16(b[2p + 1, c])` (missing values
+    /// zero). One call per 16-column block, so the loop runs with the target features.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn pair_row(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u16]) {
-        assert!(lo.len() <= 16 && dst.len() == 32);
-        let a = _mm512_maskz_loadu_ps(mask(lo.len()), lo.as_ptr());
-        let b = match hi {
-            Some(hi) => _mm512_maskz_loadu_ps(mask(hi.len().min(16)), hi.as_ptr()),
-            None => _mm512_setzero_ps(),
-        };
+    pub unsafe fn pair_rows(b: &[f32], ldb: usize, k: usize, cols: usize, dst: &mut [u16]) {
+        assert!(cols <= 16 && dst.len() == k.div_ceil(2) * 32);
+        assert!(k == 0 || b.len() >= (k - 1) * ldb + cols, "rhs size");
+        let m = mask(cols);
         // [a0..a15, b0..b15] → [a0, b0, a1, b1, …].
-        let pairs = _mm512_cvtne2ps_pbh(b, a);
         let interleave = _mm512_set_epi16(
             31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
             4, 19, 3, 18, 2, 17, 1, 16, 0,
         );
-        let out =
-            _mm512_permutexvar_epi16(interleave, std::mem::transmute::<__m512bh, __m512i>(pairs));
-        _mm512_storeu_si512(dst.as_mut_ptr().cast(), out);
+        for (p, d) in dst.chunks_exact_mut(32).enumerate() {
+            let lo = _mm512_maskz_loadu_ps(m, b.as_ptr().add(2 * p * ldb));
+            let hi = match 2 * p + 1 < k {
+                true => _mm512_maskz_loadu_ps(m, b.as_ptr().add((2 * p + 1) * ldb)),
+                false => _mm512_setzero_ps(),
+            };
+            let pairs = _mm512_cvtne2ps_pbh(hi, lo);
+            let out = _mm512_permutexvar_epi16(
+                interleave,
+                std::mem::transmute::<__m512bh, __m512i>(pairs),
+            );
+            _mm512_storeu_si512(d.as_mut_ptr().cast(), out);
+        }
     }
 
     /// `dst[i] = bf16(src[i])`.
@@ -402,7 +343,7 @@ mod simd {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod simd {
-    pub unsafe fn pair_row(_: &[f32], _: Option<&[f32]>, _: &mut [u16]) {
+    pub unsafe fn pair_rows(_: &[f32], _: usize, _: usize, _: usize, _: &mut [u16]) {
         unreachable!("AMX is x86-64 only")
     }
     pub unsafe fn convert(_: &[f32], _: &mut [u16]) {

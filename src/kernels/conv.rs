@@ -289,7 +289,7 @@ impl<'w> RowConv<'w> {
     }
 
     /// As `new`, computing in `precision`: on AMX bf16 tiles when it says so
-    /// (`Precision::bf16_tiles`), where each patch is also packed to bf16 (half its f32 bytes), so
+    /// (`Precision::bf16_convs`), where each patch is also packed to bf16 (half its f32 bytes), so
     /// the f32 patch takes two thirds of the patch budget and the two together stay within it.
     pub fn new_in(
         weight: &'w dyn WeightRows,

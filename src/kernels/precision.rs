@@ -7,7 +7,7 @@
 //! sensitive: the time (and SDXL label) embedding, the cross-attention keys and values of the text
 //! context (`Precision::exact`), conv_in and conv_out, softmax and attention probabilities (the
 //! attention kernel is f32 whatever the mode), GroupNorm/LayerNorm statistics. Convolutions stay f32
-//! except in bf16 mode on AMX tiles (`Precision::bf16_tiles`): there they run as implicit GEMMs on
+//! except in bf16 mode on AMX tiles (`Precision::bf16_convs`): there they run as implicit GEMMs on
 //! the tiles, faster than f32 Winograd. Elsewhere the 3×3 convolutions run as Winograd, whose
 //! transformed filters are no longer the file's blocks (an int8 product there would have to
 //! re-quantize the transformed filters and input tiles, both with a larger dynamic range than the
@@ -204,10 +204,11 @@ impl Precision {
     }
 
     /// Whether the UNet's convolutions run as implicit GEMMs on packed bf16 operands too, instead
-    /// of f32 Winograd: where that is faster.
+    /// of f32 Winograd: on AMX tiles only. With `vdpbf16ps` (Zen 4) the implicit GEMM lost to f32
+    /// Winograd at every level of SD1.5 (benches/PROFILE.md), and Winograd's own per-point
+    /// products in bf16 break the bf16 error bound (F(4,3)'s transforms amplify the rounding).
     pub fn bf16_convs(self) -> bool {
-        self.bf16_packed()
-            && (self.isa == Isa::Amx || std::env::var_os("SDCAP_TRY_DOT_CONVS").is_some())
+        self.bf16_packed() && self.isa == Isa::Amx
     }
 
     /// The same instructions in f32: for the products kept exact whatever the mode.

@@ -25,11 +25,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::amx::{product_strided, Operands};
 use super::conv::{Conv2dGeometry, FeatureRows, InputTransform, Planes};
 use super::matmul::matmul_single_thread_strided;
 use super::panel::WeightRows;
-use super::precision::{Isa, Precision};
 use super::scratch::{Scratch, MIN_SPLIT};
 use crate::tensor::Tensor;
 use tiles::{transform_filters, transform_input, transform_output};
@@ -281,32 +279,20 @@ fn conv3x3(
         .iter()
         .map(|p| (p as &dyn FeatureRows, InputTransform::default()))
         .collect();
-    conv3x3_read(
-        &images,
-        weight,
-        bias,
-        tile,
-        (patch_budget, panel_budget),
-        None,
-    )
+    conv3x3_read(&images, weight, bias, tile, (patch_budget, panel_budget))
 }
 
 /// The Winograd convolution of every image of `images` (the map each convolution sees through its
-/// transform) → [n, co, h, w], as `conv3x3_winograd` (within the budgets of `scratch`). In bf16
-/// mode with packed bf16 products (`Precision::bf16_packed`) the per-point products round the
-/// transformed filters and tiles to bf16 and accumulate in f32 (`amx::product_strided`); the
-/// transforms stay f32.
+/// transform) → [n, co, h, w], as `conv3x3_winograd` (within the budgets of `scratch`).
 pub fn conv3x3_winograd_read(
     images: &[WinogradInput],
     weight: &dyn WeightRows,
     bias: Option<&[f32]>,
     tile: WinogradTile,
     scratch: &Scratch,
-    precision: Precision,
 ) -> Tensor {
     let budgets = (scratch.conv_patch, scratch.weight_panel);
-    let packed = precision.bf16_packed().then_some(precision.isa);
-    conv3x3_read(images, weight, bias, tile, budgets, packed)
+    conv3x3_read(images, weight, bias, tile, budgets)
 }
 
 fn conv3x3_read(
@@ -315,7 +301,6 @@ fn conv3x3_read(
     bias: Option<&[f32]>,
     tile: WinogradTile,
     (patch_budget, panel_budget): (usize, usize),
-    packed: Option<Isa>,
 ) -> Tensor {
     let Some(&(first, t)) = images.first() else {
         return Tensor::zeros(vec![0, weight.rows(), 0, 0]);
@@ -337,7 +322,6 @@ fn conv3x3_read(
         &plan,
         &mut planes,
         &mut Work::default(),
-        packed,
     );
     out
 }
@@ -474,14 +458,11 @@ impl<'w> WinogradConv<'w> {
             &plan,
             &mut planes,
             &mut self.work,
-            None,
         );
     }
 }
 
-/// `run` for the plan's tile; the per-point products on packed bf16 operands with `packed`'s
-/// kernel when given.
-#[allow(clippy::too_many_arguments)]
+/// `run` for the plan's tile.
 fn run_tile(
     images: &[WinogradInput],
     weight: &dyn WeightRows,
@@ -490,26 +471,20 @@ fn run_tile(
     plan: &Plan,
     planes: &mut [Vec<&mut [f32]>],
     work: &mut Work,
-    packed: Option<Isa>,
 ) {
     if let Some(b) = bias {
         assert_eq!(b.len(), weight.rows(), "conv bias size");
     }
     work.fit(plan, weight.row_len() / 9, filters.is_some());
     match plan.tile {
-        WinogradTile::F2 => {
-            run::<2, 4, F2>(images, weight, filters, bias, plan, planes, work, packed)
-        }
-        WinogradTile::F4 => {
-            run::<4, 6, F4>(images, weight, filters, bias, plan, planes, work, packed)
-        }
+        WinogradTile::F2 => run::<2, 4, F2>(images, weight, filters, bias, plan, planes, work),
+        WinogradTile::F4 => run::<4, 6, F4>(images, weight, filters, bias, plan, planes, work),
     }
 }
 
 /// The whole call as `plan` cuts it: blocks of tile rows × filter panels, each a transform of the
 /// input and of the filters (unless all are given transformed in `filters`), α² GEMMs (one per
 /// task) and the output transform into `planes[o][b]`.
-#[allow(clippy::too_many_arguments)]
 fn run<const M: usize, const A: usize, F: Transforms<M, A>>(
     images: &[WinogradInput],
     weight: &dyn WeightRows,
@@ -518,7 +493,6 @@ fn run<const M: usize, const A: usize, F: Transforms<M, A>>(
     plan: &Plan,
     planes: &mut [Vec<&mut [f32]>],
     Work { v, products, u }: &mut Work,
-    packed: Option<Isa>,
 ) {
     let (ci, co) = (weight.row_len() / 9, weight.rows());
     let xi = A * A;
@@ -528,25 +502,17 @@ fn run<const M: usize, const A: usize, F: Transforms<M, A>>(
     let mut multiply = |panel: &Range<usize>, rows: &Range<usize>, u: &[f32], v: &[f32]| {
         let (p, t) = (panel.len(), rows.len() * plan.tiles_x);
         let products = &mut products[..xi * p * t];
-        products.par_chunks_mut(p * t).enumerate().for_each_init(
-            Operands::default,
-            |ops, (e, dst)| match packed {
-                Some(isa) => product_strided(
-                    isa,
-                    (&u[e * ci..], xi * ci),
-                    (&v[e * t..], xi * t),
-                    (dst, t),
-                    (p, ci, t),
-                    ops,
-                ),
-                None => matmul_single_thread_strided(
+        products
+            .par_chunks_mut(p * t)
+            .enumerate()
+            .for_each(|(e, dst)| {
+                matmul_single_thread_strided(
                     (&u[e * ci..], xi * ci, 1),
                     (&v[e * t..], xi * t),
                     (dst, t),
                     (p, ci, t),
-                ),
-            },
-        );
+                );
+            });
         transform_output::<M, A, F>(
             products,
             &mut planes[panel.clone()],

@@ -250,15 +250,7 @@ impl Conv2d {
                 .enumerate()
                 .map(|(b, image)| (image as &dyn FeatureRows, transform(b)))
                 .collect();
-            let precision = cx.precision;
-            return kernels::conv3x3_winograd_read(
-                &inputs,
-                weight,
-                None,
-                tile,
-                &cx.scratch,
-                precision,
-            );
+            return kernels::conv3x3_winograd_read(&inputs, weight, None, tile, &cx.scratch);
         }
         let (oh, ow) = self.geo.out_size(sh, sw);
         let co = weight.rows();

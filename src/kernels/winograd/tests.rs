@@ -289,14 +289,7 @@ fn reads_through_input_transforms_as_the_materialised_map() {
         whole.shape[0] = n;
         whole.data.extend_from_slice(&seen[1].data);
         for tile in [WinogradTile::F2, WinogradTile::F4] {
-            let got = conv3x3_winograd_read(
-                &inputs,
-                &rows,
-                Some(&bias),
-                tile,
-                &TIERS[0],
-                Precision::default(),
-            );
+            let got = conv3x3_winograd_read(&inputs, &rows, Some(&bias), tile, &TIERS[0]);
             let want = conv3x3_winograd(&whole, &rows, Some(&bias), tile, &TIERS[0]);
             assert!(got.data == want.data, "{tile:?} norm {norm} {resize:?}");
         }
