@@ -219,12 +219,13 @@ fn golden_txt2img_in_each_mode() {
     );
 }
 
-/// `auto` resolves to bf16 on a CPU with AMX-BF16 tiles, whatever the weights, and to f32
-/// otherwise (`kernels::precision::resolve`); the run reports the mode it used.
+/// `auto` resolves to bf16 on a CPU that multiplies bf16 itself (AMX-BF16 tiles or AVX-512 BF16:
+/// `kernels::amx::runs`), whatever the weights, and to f32 otherwise
+/// (`kernels::precision::resolve`); the run reports the mode it used.
 #[test]
 fn auto_resolves_from_the_cpu() {
     common::compute_threads();
-    let tiles = Isa::selected() == Isa::Amx;
+    let tiles = sdcap::kernels::amx::runs(Isa::selected());
     for file in [
         "tiny-sd-fp32.safetensors",
         "gguf/tiny-sd-f16.gguf",
