@@ -51,9 +51,12 @@ fn rel_l2(got: &Tensor, want: &Tensor) -> f64 {
 }
 
 /// Whether `isa` computes `mode`'s products with its own kernel (another order of additions than
-/// the scalar path's): AMX tiles, and bf16 products with `vdpbf16ps` (`kernels::amx::runs`).
+/// the scalar path's): AMX tiles, bf16 products with `vdpbf16ps` (`kernels::amx::runs`), int8
+/// products with 512-bit VNNI (`kernels::int8::vnni`).
 fn reorders(mode: Mode, isa: Isa) -> bool {
-    isa == Isa::Amx || (mode == Mode::Bf16 && sdcap::kernels::amx::runs(isa))
+    isa == Isa::Amx
+        || (mode == Mode::Bf16 && sdcap::kernels::amx::runs(isa))
+        || (mode == Mode::Int8 && isa == Isa::Avx512)
 }
 
 /// The instruction sets this CPU runs (every one is compared with the scalar reference).
@@ -96,10 +99,10 @@ fn unet_call_errors_within_the_bounds_on_every_isa() {
             );
             match &first {
                 None => first = Some(got),
-                // AMX tiles and `vdpbf16ps` add the same products in another order (bf16:
-                // within 2e-6·Σ|terms| of the scalar path's, kernels::bf16's test; int8 on the
-                // tiles: whole-block integer sums scaled once instead of per lane,
-                // kernels::amx::int8's test). This random tiny UNet amplifies such reorderings
+                // AMX tiles, `vdpbf16ps` and 512-bit VNNI add the same products in another order
+                // (bf16: within 2e-6·Σ|terms| of the scalar path's, kernels::bf16's test; int8:
+                // whole-block integer sums scaled once instead of per lane, kernels::int8's and
+                // kernels::amx::int8's tests). This random tiny UNet amplifies such reorderings
                 // (bf16: ~2e-3 at its output, near-one-hot softmaxes flip), so here such a
                 // kernel meets the mode's bound vs f32 (above) and must not be the scalar path's
                 // bits (it ran).

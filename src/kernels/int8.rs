@@ -13,8 +13,12 @@
 //!   Integer sums are exact (no saturation: |w| ≤ 128, |x| ≤ 127, pairs ≤ 32512), so the paths
 //!   agree bit for bit, and the bits do not depend on threads, panels or row chunks.
 //! - AVX2: `vpsignb` moves w's sign onto x, `vpmaddubsw(|w|, ±x)` + `vpmaddwd(·, 1)` give the
-//!   lane sums; AVX-512 VNNI does both in one `vpdpbusd`. Register tiles of 4 activation rows × 2
-//!   weight rows, parallel over 64 × 64 output tiles.
+//!   lane sums. Register tiles of 4 activation rows × 2 weight rows, parallel over 64 × 64 output
+//!   tiles.
+//! - AVX-512 VNNI (`Isa::Avx512`) runs its own outer-product kernel (`vnni`: 512-bit `vpdpbusd`,
+//!   16 output columns per register, each block's integer sum whole before its scale): the same
+//!   products in another order, whose bits its own scalar twin (`vnni::dot_scalar`) gives; AMX
+//!   tiles (`amx::int8`) another.
 //!
 //! Memory: the quantized activations of a row chunk (≤ the weight panel budget in values, 1.125
 //! bytes each) and the unpacked panel (same bound) together stay under one f32 panel, which the
@@ -26,6 +30,9 @@ use rayon::prelude::*;
 
 use super::panel::WeightRows;
 use super::precision::Isa;
+
+#[cfg(target_arch = "x86_64")]
+pub mod vnni;
 use super::scratch::{pieces, MIN_SPLIT};
 use crate::weights::DType;
 use quant::GgmlType;
@@ -54,8 +61,9 @@ impl Blocks {
 
 /// Quantizes rows of activations per 32-value block into `out` (`x.len()` a multiple of 32). A
 /// block holding a non-finite value gets a NaN scale, so the product stays non-finite and the run
-/// stops (`sampling::check_finite`) instead of going on with garbage.
-pub fn quantize_activations(x: &[f32], out: &mut Blocks) {
+/// stops (`sampling::check_finite`) instead of going on with garbage. With AVX-512 (`isa`) the
+/// blocks are quantized in registers, with the scalar path's bits.
+pub fn quantize_activations(x: &[f32], out: &mut Blocks, isa: Isa) {
     assert_eq!(x.len() % QK, 0, "activations in whole blocks");
     out.resize(x.len());
     const BLOCKS_PER_TASK: usize = 512;
@@ -64,7 +72,12 @@ pub fn quantize_activations(x: &[f32], out: &mut Blocks) {
         .zip(out.d.par_chunks_mut(BLOCKS_PER_TASK))
         .for_each(|((x, q), d)| {
             for ((x, q), d) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(d) {
-                *d = quantize_block(x, q);
+                *d = match isa {
+                    // SAFETY: `isa` is at or below what this CPU runs (AVX-512 F/BW from Avx512).
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 | Isa::Amx => unsafe { quantize_block_avx512(x, q) },
+                    _ => quantize_block(x, q),
+                };
             }
         });
 }
@@ -86,6 +99,50 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
         // |v·id| ≤ 127 up to rounding; the clamp keeps a rounding excess out of -128.
         *q = (v * id).round().clamp(-127.0, 127.0) as i8;
     }
+    d
+}
+
+/// `quantize_block` in registers: the same maximum, scale and products; `round` (half away from
+/// zero) as trunc(v) ± 1 where |v − trunc(v)| ≥ ½ (the difference is exact).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_block_avx512(x: &[f32], q: &mut [i8]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(x.len() == QK && q.len() == QK);
+    let (a, b) = (
+        _mm512_loadu_ps(x.as_ptr()),
+        _mm512_loadu_ps(x.as_ptr().add(16)),
+    );
+    let abs = |v: __m512| _mm512_abs_ps(v);
+    let inf = _mm512_set1_ps(f32::INFINITY);
+    // Finite: |v| < ∞ (false for NaN too).
+    let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs(a), inf)
+        & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(abs(b), inf);
+    if finite != 0xFFFF {
+        q.fill(0);
+        return f32::NAN;
+    }
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(a), abs(b)));
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+    let round = |v: __m512| {
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+        let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(abs(_mm512_sub_ps(v, t)), _mm512_set1_ps(0.5));
+        let step = _mm512_or_ps(
+            _mm512_set1_ps(1.0),
+            _mm512_and_ps(v, _mm512_set1_ps(-0.0)), // ±1 with v's sign
+        );
+        let r = _mm512_mask_add_ps(t, away, t, step);
+        let r = _mm512_min_ps(
+            _mm512_max_ps(r, _mm512_set1_ps(-127.0)),
+            _mm512_set1_ps(127.0),
+        );
+        _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r))
+    };
+    let lo = round(_mm512_mul_ps(a, id));
+    let hi = round(_mm512_mul_ps(b, id));
+    _mm_storeu_si128(q.as_mut_ptr().cast(), lo);
+    _mm_storeu_si128(q.as_mut_ptr().add(16).cast(), hi);
     d
 }
 
@@ -181,8 +238,12 @@ pub fn product(isa: Isa, x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: u
     }
     assert!(ldy >= n && y.len() >= (m - 1) * ldy + n, "output size");
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Amx {
-        return super::amx::int8::product(x, w, k, y, ldy);
+    match isa {
+        Isa::Amx => return super::amx::int8::product(x, w, k, y, ldy),
+        // SAFETY: `Isa::Avx512` is at or below what this CPU runs (`Isa::parse`/`detected`),
+        // and that level includes AVX-512 VNNI.
+        Isa::Avx512 => return unsafe { vnni::product(x, w, k, y, ldy) },
+        _ => {}
     }
     let out = Out {
         ptr: y.as_mut_ptr(),
@@ -268,8 +329,6 @@ mod simd {
         ld: usize,
     ) {
         match (isa, nr) {
-            (Isa::Avx512 | Isa::Amx, 2) => columns_vnni::<2>(xs, m, ws, nb, dst, ld),
-            (Isa::Avx512 | Isa::Amx, _) => columns_vnni::<1>(xs, m, ws, nb, dst, ld),
             (_, 2) => columns_avx2::<2>(xs, m, ws, nb, dst, ld),
             _ => columns_avx2::<1>(xs, m, ws, nb, dst, ld),
         }
@@ -375,11 +434,6 @@ mod simd {
         _mm256_maddubs_epi16(a, b),
         _mm256_set1_epi16(1)
     ));
-    kernel!(
-        columns_vnni,
-        "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni",
-        |a, b| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
-    );
 }
 
 /// `y[m, n] = x[m, k] · Wᵀ` through the int8 products when W's type has them; false (nothing
@@ -413,7 +467,7 @@ pub fn matmul_weight_t(
     }
     let mut xq = Blocks::default();
     for chunk in pieces(m, rows_per(budget), MIN_SPLIT) {
-        quantize_activations(&x[chunk.start * k..chunk.end * k], &mut xq);
+        quantize_activations(&x[chunk.start * k..chunk.end * k], &mut xq, isa);
         for range in &panels {
             if panels.len() > 1 {
                 read(range, &mut panel);
@@ -478,7 +532,7 @@ mod tests {
         x[40] = 0.0;
         x[32..64].iter_mut().for_each(|v| *v = 0.0);
         let mut b = Blocks::default();
-        quantize_activations(&x, &mut b);
+        quantize_activations(&x, &mut b, Isa::Scalar);
         assert_eq!(b.d[1], 0.0);
         assert!(b.q[32..].iter().all(|&q| q == 0));
         let amax = x[..32].iter().fold(0.0f32, |a, v| a.max(v.abs()));
@@ -487,18 +541,56 @@ mod tests {
             assert!((*q as f32 * b.d[0] - v).abs() <= 0.5 * b.d[0] * 1.0001);
         }
         x[3] = f32::INFINITY;
-        quantize_activations(&x, &mut b);
+        quantize_activations(&x, &mut b, Isa::Scalar);
         assert!(b.d[0].is_nan());
     }
 
-    /// Every instruction set this CPU runs gives the scalar reference's bits, at register-tile
-    /// tails too (m, n not multiples of 4, 2, 64), with extreme levels (±127 activations, -128
-    /// weights) that would saturate a wrong pairing.
+    /// The AVX-512 quantization gives the scalar bits: ties (x.5 at scale 1, both signs), values
+    /// just below and above them, zero blocks, non-finite blocks, random blocks.
+    #[test]
+    fn activation_quantization_is_the_same_on_every_isa() {
+        let mut x = data(32 * 200, 17);
+        for (i, v) in x[..32 * 8].iter_mut().enumerate() {
+            // Blocks whose largest |value| is 127, so d = 1 and v · id = v exactly.
+            let t = (i % 32) as f32 * 4.0 - 63.5;
+            *v = match i / 32 {
+                0 => t,
+                1 => -t,
+                2 => f32::from_bits(t.to_bits() - 1),
+                3 => f32::from_bits(t.to_bits() + 1),
+                _ => t * 0.25,
+            };
+            if i % 32 == 31 {
+                *v = 127.0;
+            }
+        }
+        x[32 * 8..32 * 9].fill(0.0);
+        x[32 * 9 + 5] = f32::NAN;
+        x[32 * 10 + 7] = f32::NEG_INFINITY;
+        let mut want = Blocks::default();
+        quantize_activations(&x, &mut want, Isa::Scalar);
+        for isa in [Isa::Avx2, Isa::Avx512] {
+            if isa > Isa::detected() {
+                eprintln!("{isa:?} not run: this CPU lacks it");
+                continue;
+            }
+            let mut got = Blocks::default();
+            quantize_activations(&x, &mut got, isa);
+            assert_eq!(got.q, want.q, "{isa:?} values");
+            let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.d), bits(&want.d), "{isa:?} scales");
+        }
+    }
+
+    /// Every instruction set this CPU runs gives its scalar reference's bits (AVX2: `dot_scalar`,
+    /// VNNI: `vnni::dot_scalar`), at register-tile tails too (m, n not multiples of 4, 2, 6, 32,
+    /// 64, 96), with extreme levels (±127 activations, -128 weights) that would saturate a wrong
+    /// pairing or offset.
     #[test]
     fn every_isa_gives_the_scalar_bits() {
-        let (m, k, n) = (70, 96, 131);
+        let (m, k, n) = (101, 96, 131);
         let mut x = Blocks::default();
-        quantize_activations(&data(m * k, 7), &mut x);
+        quantize_activations(&data(m * k, 7), &mut x, Isa::Scalar);
         let mut w = Blocks::default();
         unpack_weights(
             GgmlType::Q8_0,
@@ -531,14 +623,36 @@ mod tests {
                 assert!((reference as f64 - exact).abs() <= 1e-4 * (1.0 + exact.abs()));
             }
         }
-        for isa in [Isa::Avx2, Isa::Avx512] {
-            if isa > Isa::detected() {
-                eprintln!("{isa:?} not run: this CPU lacks it");
-                continue;
-            }
+        if Isa::detected() >= Isa::Avx2 {
             let mut got = vec![0.0; m * n];
-            product(isa, &x, &w, k, &mut got, n);
-            assert!(got == want, "{isa:?} differs from scalar");
+            product(Isa::Avx2, &x, &w, k, &mut got, n);
+            assert!(got == want, "AVX2 differs from scalar");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detected() >= Isa::Avx512 {
+            let mut got = vec![0.0; m * n];
+            product(Isa::Avx512, &x, &w, k, &mut got, n);
+            let nb = k / QK;
+            for r in 0..m {
+                for c in 0..n {
+                    let want = vnni::dot_scalar(
+                        &x.q[r * k..(r + 1) * k],
+                        &x.d[r * nb..(r + 1) * nb],
+                        &w.q[c * k..(c + 1) * k],
+                        &w.d[c * nb..(c + 1) * nb],
+                    );
+                    assert_eq!(got[r * n + c].to_bits(), want.to_bits(), "VNNI [{r},{c}]");
+                }
+            }
+            // The same exact block sums, scaled and added in another order: f32 rounding apart.
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "VNNI {a} vs lanes {b}"
+                );
+            }
+        } else {
+            eprintln!("AVX-512 VNNI not run: this CPU lacks it");
         }
     }
 
