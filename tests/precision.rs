@@ -222,24 +222,31 @@ fn golden_txt2img_in_each_mode() {
     );
 }
 
-/// `auto` resolves to bf16 on a CPU that multiplies bf16 itself (AMX-BF16 tiles or AVX-512 BF16:
-/// `kernels::amx::runs`), whatever the weights, and to f32 otherwise
-/// (`kernels::precision::resolve`); the run reports the mode it used.
+/// `auto` resolves to int8 on AVX-512 VNNI without AMX (`Isa::Avx512`) for weights the int8
+/// products read, else to bf16 on a CPU that multiplies bf16 itself (AMX-BF16 tiles or AVX-512
+/// BF16: `kernels::amx::runs`), else to f32 (`kernels::precision::resolve`); the run reports the
+/// mode it used.
 #[test]
 fn auto_resolves_from_the_cpu() {
     common::compute_threads();
-    let tiles = sdcap::kernels::amx::runs(Isa::selected());
-    for file in [
-        "tiny-sd-fp32.safetensors",
-        "gguf/tiny-sd-f16.gguf",
-        "gguf/tiny-sd-q8_0.gguf",
-        "gguf/tiny-sd-q4_0.gguf",
+    let isa = Isa::selected();
+    for (file, int8_weights) in [
+        ("tiny-sd-fp32.safetensors", false),
+        ("gguf/tiny-sd-f16.gguf", false),
+        ("gguf/tiny-sd-q8_0.gguf", true),
+        ("gguf/tiny-sd-q4_0.gguf", true),
     ] {
         let job = Job {
             steps: 1,
             ..golden_job(tiny(file), Requested::Auto, 7.5)
         };
-        let want = if tiles { Mode::Bf16 } else { Mode::F32 };
+        let want = if isa == Isa::Avx512 && int8_weights {
+            Mode::Int8
+        } else if sdcap::kernels::amx::runs(isa) {
+            Mode::Bf16
+        } else {
+            Mode::F32
+        };
         let models = Models::load(&job).unwrap();
         assert_eq!(pipeline::unet_precision(&models, &job).mode, want, "{file}");
         let got = pipeline::txt2img(&job, &mut |_| {}).unwrap();

@@ -230,15 +230,18 @@ pub fn int8_reads(dtype: DType) -> bool {
 
 /// The mode a request runs in. `auto` is the fastest mode whose accuracy bound is tested
 /// (tests/precision.rs) on this CPU, as measured (benches/PROFILE.md, SD1.5 512² CFG step):
+/// - int8 with AVX-512 VNNI and no AMX (`Isa::Avx512`, `int8::vnni`) on weights it reads
+///   (q8_0/q5_0/q4_0): on AMD Zen 4 0.95× bf16's step time (0.75× f32's), per-call relative L2
+///   against f32 1.1e-2 at full size (bound 3e-2).
 /// - bf16 where the CPU multiplies bf16 itself (`amx::runs`): on AMX-BF16 tiles (`Isa::Amx`)
 ///   every UNet product but the kept-exact ones, 0.75× f32's step time on a Sapphire Rapids Xeon;
 ///   with AVX-512 BF16's `vdpbf16ps` (`Isa::Avx512`, e.g. AMD Zen 4) the linear layers, 0.8× f32's
 ///   step time (convolutions stay f32 Winograd there). Per-call relative L2 against f32 at full
 ///   size 4e-3 to 7e-3 (bound 1e-2).
 /// - f32 everywhere else. bf16 without such instructions rounds operands for the same f32 GEMM
-///   (never faster), and int8 (`vpmaddubsw`, or VNNI's `vpdpbusd`) measured 0.35–0.8× f32's GEMM
-///   throughput at SD1.5's shapes on AVX2 and on AVX-512 VNNI alike: per-block scales cost a
-///   conversion and an FMA per 32 values where f32 needs 2 FMAs (16 lanes each).
+///   (never faster), and the AVX2 int8 products (`vpmaddubsw`) run at 0.45–0.6× f32's GEMM
+///   throughput at SD1.5's shapes: per-block scales cost a conversion and an FMA per 32 values
+///   where f32 needs 4 FMAs (8 lanes each).
 pub fn resolve(requested: Requested, unet_linear: Option<DType>, isa: Isa) -> Mode {
     match requested {
         Requested::F32 => Mode::F32,
@@ -247,6 +250,7 @@ pub fn resolve(requested: Requested, unet_linear: Option<DType>, isa: Isa) -> Mo
         // and the mode says so (the PNG and `plan` name what ran).
         Requested::Int8 if unet_linear.is_some_and(|t| !int8_reads(t)) => Mode::F32,
         Requested::Int8 => Mode::Int8,
+        Requested::Auto if isa == Isa::Avx512 && unet_linear.is_some_and(int8_reads) => Mode::Int8,
         Requested::Auto if super::amx::runs(isa) => Mode::Bf16,
         Requested::Auto => Mode::F32,
     }
@@ -278,18 +282,21 @@ mod tests {
     }
 
     #[test]
-    fn auto_picks_bf16_where_the_cpu_multiplies_bf16() {
+    fn auto_picks_int8_on_vnni_then_bf16_where_the_cpu_multiplies_bf16() {
         let q8 = Some(DType::Quant(quant::GgmlType::Q8_0));
         let f16 = Some(DType::F16);
         for weights in [q8, f16, None] {
             for isa in [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Scalar] {
-                let want = match super::super::amx::runs(isa) {
-                    true => Mode::Bf16,
-                    false => Mode::F32,
+                let want = if isa == Isa::Avx512 && weights == q8 {
+                    Mode::Int8
+                } else if super::super::amx::runs(isa) {
+                    Mode::Bf16
+                } else {
+                    Mode::F32
                 };
                 assert_eq!(resolve(Requested::Auto, weights, isa), want, "{isa:?}");
             }
-            // Below AVX-512 nothing multiplies bf16, whatever the CPU.
+            // Below AVX-512 nothing multiplies bf16 or runs the fast int8 kernel.
             assert_eq!(resolve(Requested::Auto, weights, Isa::Avx2), Mode::F32);
         }
         assert_eq!(resolve(Requested::Bf16, None, Isa::Scalar), Mode::Bf16);
