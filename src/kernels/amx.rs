@@ -1,6 +1,8 @@
-//! bf16 products on AMX tiles (`tdpbf16ps`, Intel Sapphire Rapids and later): `c[m, n] = a[m, k] ·
-//! b[k, n]` with both operands rounded to bf16 (round to nearest even, as `bf16::round_scalar`)
-//! and the products accumulated in f32 inside the tile unit.
+//! bf16 products on packed operands: `c[m, n] = a[m, k] · b[k, n]` with both operands rounded to
+//! bf16 (round to nearest even, as `bf16::round_scalar`) and the products accumulated in f32, on
+//! AMX tiles (`tdpbf16ps`, Intel Sapphire Rapids and later; `Isa::Amx`) or, where there are no
+//! tiles, with AVX-512 BF16's `vdpbf16ps` (`dot`: AMD Zen 4/5, Intel Cooper Lake; `Isa::Avx512`),
+//! which reads the same packed layout. `runs` says which instruction sets do it on this CPU.
 //!
 //! Layout: eight tile registers, all 16 rows × 64 bytes: tmm0..3 the 2×2 accumulators of a 32 × 32
 //! output block, tmm4/5 two 16-row slices of `a` (32 bf16 along k each), tmm6/7 two 16-column
@@ -12,9 +14,10 @@
 //! patch). k, n and the rows of `a` are padded with zeros to multiples of 32. The rounding is AVX-512
 //! BF16's (`simd`), which every CPU with AMX has.
 //!
-//! Each output is accumulated along k in the same tile order whatever the threads, the row chunks
-//! or the weight panels, so the bits do not depend on them. They differ from the rounding path
-//! (`kernels::bf16`, f32 GEMM on rounded values) only in the order of the f32 additions.
+//! Each output is accumulated along k in the same order (per kernel) whatever the threads, the row
+//! chunks or the weight panels, so the bits do not depend on them. They differ from the rounding
+//! path (`kernels::bf16`, f32 GEMM on rounded values) and from each other only in the order of the
+//! f32 additions.
 //!
 //! The tiles are the thread's state: every task loads the configuration and releases the tiles
 //! itself. Linux hands the tile data state to a process only when asked
@@ -353,7 +356,6 @@ mod simd {
 
 /// `c[i * ldc + j] = Σ_p bf16(a[i, p]) · bf16(b[p, j])` for i < m, j < b.n, in f32 (overwrites),
 /// with `isa`'s kernel. Panics when `isa` does not run packed bf16 products here (`runs`).
-#[allow(clippy::too_many_arguments)]
 pub fn gemm(isa: Isa, a: &[f32], m: usize, k: usize, b: &PackedB, c: &mut [f32], ldc: usize) {
     check(isa, m, b, c, ldc);
     assert_eq!(a.len(), m * k, "lhs size");

@@ -51,7 +51,8 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA.
     Avx2,
-    /// AVX-512 F/BW/VL with VNNI (256-bit `vpdpbusd` in the int8 kernel).
+    /// AVX-512 F/BW/VL with VNNI (`int8::vnni`), and `vdpbf16ps` for bf16 where the CPU has
+    /// AVX-512 BF16 (`amx::runs`).
     Avx512,
     /// AVX-512 as above, plus AMX tiles (`kernels::amx`): `tdpbf16ps` for the bf16 products,
     /// `tdpbssd` for the int8 ones.
