@@ -32,7 +32,7 @@ use super::panel::WeightRows;
 use super::precision::Isa;
 
 #[cfg(target_arch = "x86_64")]
-pub mod vnni;
+mod vnni;
 use super::scratch::{pieces, MIN_SPLIT};
 use crate::weights::DType;
 use quant::GgmlType;

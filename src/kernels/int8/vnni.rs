@@ -30,15 +30,9 @@ const TASK_ROWS: usize = 96;
 /// Columns of one parallel task (a multiple of NC · NB).
 const TASK_COLS: usize = 128;
 
-/// Whether this CPU runs the kernel.
-pub fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vnni")
-}
-
 /// One output: the operations the kernel performs for it, one at a time (the reference its bits
 /// are tested against).
+#[cfg(test)]
 pub fn dot_scalar(xq: &[i8], xd: &[f32], wq: &[i8], wd: &[f32]) -> f32 {
     let mut acc = 0.0f32;
     for (b, (&dx, &dw)) in xd.iter().zip(wd).enumerate() {
@@ -100,7 +94,7 @@ impl Packed {
 /// with row stride `ldy`.
 ///
 /// # Safety
-/// The CPU runs AVX-512 F/BW with VNNI (`available`).
+/// The CPU runs AVX-512 F/BW with VNNI (every CPU at `Isa::Avx512` or above).
 pub unsafe fn product(x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: usize) {
     let (m, nb) = (x.q.len() / k, k / QK);
     let packed = Packed::new(w, k);
