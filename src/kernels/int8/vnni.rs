@@ -69,17 +69,18 @@ impl Packed {
             .for_each(|(block, (q, d))| {
                 for c in 0..NC {
                     let col = block * NC + c;
-                    for quad in 0..k / 4 {
-                        let dst = &mut q[(quad * NC + c) * 4..][..4];
-                        match col < n {
+                    // Four values at a time: w + 128 on each byte is w's bits with the top bit
+                    // flipped; a column past n is zero weights (128) with zero scales.
+                    for (quad, dst) in q.chunks_exact_mut(4).skip(c).step_by(NC).enumerate() {
+                        let four = match col < n {
                             true => {
-                                let src = &w.q[col * k + quad * 4..][..4];
-                                for (d, &s) in dst.iter_mut().zip(src) {
-                                    *d = (s as i16 + 128) as u8;
-                                }
+                                let src: [i8; 4] =
+                                    w.q[col * k + quad * 4..][..4].try_into().unwrap();
+                                u32::from_ne_bytes(src.map(|v| v as u8)) ^ 0x8080_8080
                             }
-                            false => dst.fill(128), // a zero weight
-                        }
+                            false => 0x8080_8080,
+                        };
+                        dst.copy_from_slice(&four.to_ne_bytes());
                     }
                     for b in 0..nb {
                         d[b * NC + c] = if col < n { w.d[col * nb + b] } else { 0.0 };
