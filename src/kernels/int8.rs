@@ -59,6 +59,60 @@ impl Blocks {
     }
 }
 
+/// A panel's weight blocks packed per 16 columns for the kernels that give 16 output columns at
+/// once (AVX-512 VNNI's `vpdpbusd`, AMX's `tdpbssd`): values [column block][k/4][16][4] bytes,
+/// each `w as u8 ^ flip` (`flip` 0x80 stores w + 128, what `vpdpbusd` reads unsigned), scales
+/// [column block][k/32][16]. The blocks are padded to a multiple of `group`; padding columns are
+/// zero weights (stored `flip`) with zero scales.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct ColumnBlocks {
+    pub q: Vec<u8>,
+    pub d: Vec<f32>,
+    /// Real columns and row length.
+    pub n: usize,
+    pub k: usize,
+}
+
+/// Columns per packed block of `ColumnBlocks`.
+pub(crate) const BLOCK_COLS: usize = 16;
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl ColumnBlocks {
+    pub fn new(w: &Blocks, k: usize, group: usize, flip: u8) -> Self {
+        const NC: usize = BLOCK_COLS;
+        let n = w.q.len() / k;
+        let nb = k / QK;
+        let blocks = n.div_ceil(NC * group) * group;
+        let mut q = vec![0u8; blocks * NC * k];
+        let mut d = vec![0f32; blocks * NC * nb];
+        let flip4 = u32::from_ne_bytes([flip; 4]);
+        q.par_chunks_mut(NC * k)
+            .zip(d.par_chunks_mut(NC * nb))
+            .enumerate()
+            .for_each(|(block, (q, d))| {
+                for c in 0..NC {
+                    let col = block * NC + c;
+                    // Four values at a time.
+                    for (quad, dst) in q.chunks_exact_mut(4).skip(c).step_by(NC).enumerate() {
+                        let four = match col < n {
+                            true => {
+                                let src: [i8; 4] =
+                                    w.q[col * k + quad * 4..][..4].try_into().unwrap();
+                                u32::from_ne_bytes(src.map(|v| v as u8)) ^ flip4
+                            }
+                            false => flip4,
+                        };
+                        dst.copy_from_slice(&four.to_ne_bytes());
+                    }
+                    for b in 0..nb {
+                        d[b * NC + c] = if col < n { w.d[col * nb + b] } else { 0.0 };
+                    }
+                }
+            });
+        ColumnBlocks { q, d, n, k }
+    }
+}
+
 /// Quantizes rows of activations per 32-value block into `out` (`x.len()` a multiple of 32). A
 /// block holding a non-finite value gets a NaN scale, so the product stays non-finite and the run
 /// stops (`sampling::check_finite`) instead of going on with garbage. With AVX-512 (`isa`) the
@@ -227,6 +281,14 @@ struct Out {
 // SAFETY: tasks write disjoint output tiles (`product` hands each task its own rows × columns).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+
+impl Out {
+    /// Where output row `i`, column `j` goes (a method, so closures capture the `Sync` wrapper,
+    /// not the raw pointer).
+    fn at(self, i: usize, j: usize) -> *mut f32 {
+        self.ptr.wrapping_add(i * self.ld + j)
+    }
+}
 
 /// `y[r, c] = Σ x[r] · w[c]` for every activation row of `x` and weight row of `w` (both as
 /// blocks of row length `k`), `y` row-major with row stride `ldy`, column `c` at offset `c`.

@@ -16,47 +16,17 @@ use std::arch::asm;
 use rayon::prelude::*;
 
 use super::TileConfig;
-use crate::kernels::int8::{Blocks, QK};
+use crate::kernels::int8::{Blocks, ColumnBlocks, QK};
 
 /// Rows and columns of the output tile.
 const T: usize = 16;
+// The packed weight blocks (`ColumnBlocks`) are one tile's columns wide.
+const _: () = assert!(T == crate::kernels::int8::BLOCK_COLS);
 /// Rows and columns one task covers (its weight columns stay in L2 while its rows pass).
 const TASK: usize = 256;
 
 /// tmm0: C, 16 rows × 16 i32; tmm1: A, 16 rows × 32 i8; tmm2: B, 8 rows × 64 i8.
 const CONFIG: TileConfig = TileConfig::new(&[(16, 64), (16, 32), (8, 64)]);
-
-/// The weight blocks packed per 16-column block: values [k/4][16][4], scales [k/32][16].
-struct PackedW {
-    q: Vec<i8>,
-    d: Vec<f32>,
-    n: usize,
-    k: usize,
-}
-
-impl PackedW {
-    fn new(w: &Blocks, k: usize) -> Self {
-        let n = w.q.len() / k;
-        let (blocks, nb) = (n.div_ceil(T), k / QK);
-        let mut q = vec![0i8; blocks * T * k];
-        let mut d = vec![0f32; blocks * T * nb];
-        q.par_chunks_mut(T * k)
-            .zip(d.par_chunks_mut(T * nb))
-            .enumerate()
-            .for_each(|(j, (q, d))| {
-                for c in 0..T.min(n - j * T) {
-                    let row = &w.q[(j * T + c) * k..][..k];
-                    for (r, quad) in row.chunks_exact(4).enumerate() {
-                        q[(r * T + c) * 4..][..4].copy_from_slice(quad);
-                    }
-                    for (b, &s) in w.d[(j * T + c) * nb..][..nb].iter().enumerate() {
-                        d[b * T + c] = s;
-                    }
-                }
-            });
-        PackedW { q, d, n, k }
-    }
-}
 
 /// `y[r, c] = Σ_b dx[r, b] · dw[c, b] · Σ_e xq[r, e] · wq[c, e]` (e over block b), `y` row-major
 /// with row stride `ldy`. Panics when the CPU lacks AMX (`super::available` covers AMX-INT8 too).
@@ -68,7 +38,7 @@ pub fn product(x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: usize) {
         return;
     }
     assert!(ldy >= n && y.len() >= (m - 1) * ldy + n, "output size");
-    let w = PackedW::new(w, k);
+    let w = ColumnBlocks::new(w, k, 1, 0); // values as stored: `tdpbssd` reads them signed
     let col_tasks = n.div_ceil(TASK);
     y.par_chunks_mut(TASK * ldy)
         .enumerate()
@@ -87,7 +57,7 @@ pub fn product(x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: usize) {
 #[target_feature(enable = "avx512f")]
 unsafe fn task(
     x: &Blocks,
-    w: &PackedW,
+    w: &ColumnBlocks,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
     y: *mut f32,

@@ -10,18 +10,17 @@
 //! output). They differ from `int8::dot_scalar`'s eight-lane split: the same products, other
 //! roundings.
 //!
-//! Layout: the weights of a panel are packed per 16-column block as [k/4][16][4] bytes (one
-//! 64-byte row per 4 k) with the scales as [k/32][16]; columns past n are zero weights with zero
-//! scales. Register tile: 6 activation rows × 32 columns (12 i32 block sums + 12 f32 accumulators).
+//! Layout: the weights of a panel are packed per 16-column block (`int8::ColumnBlocks`, the layout
+//! AMX's `tdpbssd` reads too) as [k/4][16][4] bytes (one 64-byte row per 4 k) with the scales as
+//! [k/32][16]; columns past n are zero weights with zero scales. Register tile: 6 activation rows × 32 columns (12 i32 block sums + 12 f32 accumulators).
 
 use std::arch::x86_64::*;
 
 use rayon::prelude::*;
 
-use super::{Blocks, QK};
+use super::{Blocks, ColumnBlocks, Out, BLOCK_COLS as NC, QK};
 
-/// Columns per packed block (one register), and blocks per register tile.
-const NC: usize = 16;
+/// Packed 16-column blocks (one register each) per register tile.
 const NB: usize = 2;
 /// Activation rows per register tile.
 const MR: usize = 6;
@@ -47,50 +46,6 @@ pub fn dot_scalar(xq: &[i8], xd: &[f32], wq: &[i8], wd: &[f32]) -> f32 {
     acc
 }
 
-/// A weight panel packed for the kernel.
-struct Packed {
-    /// [column block][k/4][16][4], offset by 128.
-    q: Vec<u8>,
-    /// [column block][k/32][16].
-    d: Vec<f32>,
-    n: usize,
-}
-
-impl Packed {
-    fn new(w: &Blocks, k: usize) -> Self {
-        let n = w.q.len() / k;
-        let nb = k / QK;
-        let blocks = n.div_ceil(NC * NB) * NB;
-        let mut q = vec![0u8; blocks * NC * k];
-        let mut d = vec![0f32; blocks * NC * nb];
-        q.par_chunks_mut(NC * k)
-            .zip(d.par_chunks_mut(NC * nb))
-            .enumerate()
-            .for_each(|(block, (q, d))| {
-                for c in 0..NC {
-                    let col = block * NC + c;
-                    // Four values at a time: w + 128 on each byte is w's bits with the top bit
-                    // flipped; a column past n is zero weights (128) with zero scales.
-                    for (quad, dst) in q.chunks_exact_mut(4).skip(c).step_by(NC).enumerate() {
-                        let four = match col < n {
-                            true => {
-                                let src: [i8; 4] =
-                                    w.q[col * k + quad * 4..][..4].try_into().unwrap();
-                                u32::from_ne_bytes(src.map(|v| v as u8)) ^ 0x8080_8080
-                            }
-                            false => 0x8080_8080,
-                        };
-                        dst.copy_from_slice(&four.to_ne_bytes());
-                    }
-                    for b in 0..nb {
-                        d[b * NC + c] = if col < n { w.d[col * nb + b] } else { 0.0 };
-                    }
-                }
-            });
-        Packed { q, d, n }
-    }
-}
-
 /// `y[r, c] = Σ x[r] · w[c]` as `int8::product` (both as blocks of row length `k`), `y` row-major
 /// with row stride `ldy`.
 ///
@@ -98,7 +53,8 @@ impl Packed {
 /// The CPU runs AVX-512 F/BW with VNNI (every CPU at `Isa::Avx512` or above).
 pub unsafe fn product(x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: usize) {
     let (m, nb) = (x.q.len() / k, k / QK);
-    let packed = Packed::new(w, k);
+    // w + 128: `vpdpbusd` reads the weights unsigned.
+    let packed = ColumnBlocks::new(w, k, NB, 0x80);
     let n = packed.n;
     assert!(x.d.len() >= m * nb && y.len() >= (m - 1) * ldy + n);
     // −128 · Σx per activation block: where each block sum starts.
@@ -111,7 +67,10 @@ pub unsafe fn product(x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: usiz
                 *s = -128 * block.iter().map(|&v| v as i32).sum::<i32>();
             }
         });
-    let out = Out(y.as_mut_ptr());
+    let out = Out {
+        ptr: y.as_mut_ptr(),
+        ld: ldy,
+    };
     let (row_tasks, col_tasks) = (m.div_ceil(TASK_ROWS), n.div_ceil(TASK_COLS));
     (0..row_tasks * col_tasks).into_par_iter().for_each(|t| {
         let r0 = t / col_tasks * TASK_ROWS;
@@ -130,7 +89,7 @@ pub unsafe fn product(x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: usiz
                     k,
                 };
                 // SAFETY (of the writes): this task alone writes rows r0.. × columns c0.. of y.
-                let dst = out.at(i * ldy + j);
+                let dst = out.at(i, j);
                 if mr == MR && live == NC * NB {
                     tile::<MR>(xs, wq, wd, nb, dst, ldy);
                     continue;
@@ -150,20 +109,6 @@ pub unsafe fn product(x: &Blocks, w: &Blocks, k: usize, y: &mut [f32], ldy: usiz
             }
         }
     });
-}
-
-/// The output, written by tasks at disjoint tiles.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: every task writes its own rows × columns of y (see `product`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Element `i` (a method, so closures capture the `Sync` wrapper, not the raw pointer).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
 }
 
 /// Activation rows from one row on: values (k apart), scales and block sum starts (k/32 apart).
